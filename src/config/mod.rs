@@ -1,0 +1,448 @@
+//! Configuration: the TOML file, environment overrides and command-line flags,
+//! merged in that order (flags win), then validated with messages that name the
+//! file and the field.
+//!
+//! Every option and its default lives here, in the `Default` impls; the
+//! shipped `config.toml` documents the same values and a test keeps the two in
+//! step.
+
+mod units;
+mod upstream_url;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use units::{ByteSize, Duration};
+pub use upstream_url::RedisUrl;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The client-facing side.
+    pub server: ServerConfig,
+    /// The Redis behind the proxy.
+    pub upstream: UpstreamConfig,
+    /// Metrics and health endpoints (HTTP).
+    pub admin: AdminConfig,
+    /// Invalidation bus between instances.
+    pub coherence: CoherenceConfig,
+}
+
+/// The client-facing side: listener, limits, client authentication.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to accept clients on.
+    pub listen: String,
+    /// Clients beyond this many are refused with an error.
+    pub max_clients: usize,
+    /// Close a client connection idle this long (0 = never, as Redis's `timeout 0`).
+    pub idle_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    pub shutdown_timeout: Duration,
+    /// If set, clients must `AUTH <password>` (or `HELLO … AUTH default <password>`)
+    /// before anything else. Checked by the proxy; unrelated to the upstream password.
+    pub password: Option<String>,
+    /// Largest number of arguments in one command.
+    pub max_args: usize,
+    /// Largest single argument.
+    pub max_bulk_bytes: ByteSize,
+    /// Largest whole command.
+    pub max_request_bytes: ByteSize,
+    /// Largest inline (telnet-style) command line.
+    pub max_inline_bytes: ByteSize,
+    /// Replies a client may have outstanding before the proxy stops reading its
+    /// pipeline (backpressure against clients that never read).
+    pub max_pending_replies: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:6380".into(),
+            max_clients: 10_000,
+            idle_timeout: Duration::default(),
+            shutdown_timeout: Duration(std::time::Duration::from_secs(10)),
+            password: None,
+            max_args: 1024 * 1024,
+            max_bulk_bytes: ByteSize(512 << 20),
+            max_request_bytes: ByteSize(512 << 20),
+            max_inline_bytes: ByteSize(64 << 10),
+            max_pending_replies: 1024,
+        }
+    }
+}
+
+/// The upstream Redis.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// Shared, pipelined connections per (database, protocol) in use.
+    pub pool_size: usize,
+    /// Idle dedicated connections kept per (database, protocol) for
+    /// transactions and blocking commands.
+    pub max_idle_dedicated: usize,
+    /// Time allowed to connect and authenticate.
+    pub connect_timeout: Duration,
+    /// A shared connection whose oldest request has waited this long is
+    /// considered dead: its requests fail and it reconnects.
+    pub command_timeout: Duration,
+    /// First reconnect delay; doubles on each failure up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            pool_size: 2,
+            max_idle_dedicated: 16,
+            connect_timeout: Duration(std::time::Duration::from_secs(2)),
+            command_timeout: Duration(std::time::Duration::from_secs(10)),
+            reconnect_min: Duration(std::time::Duration::from_millis(50)),
+            reconnect_max: Duration(std::time::Duration::from_secs(2)),
+        }
+    }
+}
+
+/// HTTP endpoints for metrics and health (not served yet).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address for `/metrics`, `/healthz`…; empty = disabled.
+    pub listen: String,
+}
+
+/// The NATS invalidation bus (not connected yet).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoherenceConfig {
+    /// `nats://host:port`; empty = a single instance with no bus.
+    pub nats_url: String,
+    /// This instance's name on the bus; empty = hostname + pid.
+    pub instance_id: String,
+}
+
+/// A configuration problem, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `server.listen`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown or mistyped field.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the field, line and column.
+        message: String,
+    },
+    /// Fields have values that cannot work; every problem is listed.
+    #[error("{origin}: invalid configuration:\n{}", list(.errors))]
+    Invalid {
+        /// The file, or "command line/environment".
+        origin: String,
+        /// Every problem found.
+        errors: Vec<FieldError>,
+    },
+}
+
+fn list(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Values that override the file: from the environment, then from flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `server.listen`.
+    pub listen: Option<String>,
+    /// `upstream.url`.
+    pub upstream: Option<String>,
+    /// `admin.listen`.
+    pub admin: Option<String>,
+    /// `coherence.nats_url`.
+    pub nats: Option<String>,
+    /// `coherence.instance_id`.
+    pub instance_id: Option<String>,
+}
+
+impl Overrides {
+    /// Reads `NEARCACHE_LISTEN`, `NEARCACHE_UPSTREAM` (else `REDIS_URL`),
+    /// `NEARCACHE_ADMIN`, `NATS_URL` and `NEARCACHE_INSTANCE_ID`.
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self {
+            listen: var("NEARCACHE_LISTEN"),
+            upstream: var("NEARCACHE_UPSTREAM").or_else(|| var("REDIS_URL")),
+            admin: var("NEARCACHE_ADMIN"),
+            nats: var("NATS_URL"),
+            instance_id: var("NEARCACHE_INSTANCE_ID"),
+        }
+    }
+
+    /// `self`, with every value `other` sets taking precedence.
+    pub fn then(self, other: Overrides) -> Self {
+        Self {
+            listen: other.listen.or(self.listen),
+            upstream: other.upstream.or(self.upstream),
+            admin: other.admin.or(self.admin),
+            nats: other.nats.or(self.nats),
+            instance_id: other.instance_id.or(self.instance_id),
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text; `path` is used in messages only.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Reads and parses a file (not yet validated).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Applies overrides from the environment or the command line.
+    pub fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.listen {
+            self.server.listen = v;
+        }
+        if let Some(v) = o.upstream {
+            self.upstream.url = v;
+        }
+        if let Some(v) = o.admin {
+            self.admin.listen = v;
+        }
+        if let Some(v) = o.nats {
+            self.coherence.nats_url = v;
+        }
+        if let Some(v) = o.instance_id {
+            self.coherence.instance_id = v;
+        }
+    }
+
+    /// Checks every field and reports all problems at once; `origin` (the file
+    /// name) prefixes the message.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: field.into(),
+                message,
+            })
+        };
+        if let Err(e) = self.server.listen.parse::<SocketAddr>() {
+            bad(
+                "server.listen",
+                format!(
+                    "'{}' is not an address ({e}); use e.g. \"127.0.0.1:6380\"",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.max_clients == 0 {
+            bad("server.max_clients", "must be at least 1".into());
+        }
+        if self.server.max_args == 0 {
+            bad("server.max_args", "must be at least 1".into());
+        }
+        if self.server.max_pending_replies == 0 {
+            bad("server.max_pending_replies", "must be at least 1".into());
+        }
+        for (field, size) in [
+            ("server.max_bulk_bytes", self.server.max_bulk_bytes),
+            ("server.max_request_bytes", self.server.max_request_bytes),
+            ("server.max_inline_bytes", self.server.max_inline_bytes),
+        ] {
+            if size.0 < 16 {
+                bad(field, format!("{size} is too small (at least 16B)"));
+            }
+        }
+        if self.server.password.as_deref() == Some("") {
+            bad(
+                "server.password",
+                "is empty; remove it to disable client authentication".into(),
+            );
+        }
+        if let Err(e) = RedisUrl::parse(&self.upstream.url) {
+            bad("upstream.url", e);
+        }
+        if self.upstream.pool_size == 0 || self.upstream.pool_size > 64 {
+            bad(
+                "upstream.pool_size",
+                format!("{} is out of range (1 to 64)", self.upstream.pool_size),
+            );
+        }
+        for (field, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.command_timeout", self.upstream.command_timeout),
+            ("upstream.reconnect_min", self.upstream.reconnect_min),
+        ] {
+            if d.0.is_zero() {
+                bad(field, "must be more than 0".into());
+            }
+        }
+        if self.upstream.reconnect_max < self.upstream.reconnect_min {
+            bad(
+                "upstream.reconnect_max",
+                format!(
+                    "{} is less than upstream.reconnect_min",
+                    self.upstream.reconnect_max
+                ),
+            );
+        }
+        if !self.admin.listen.is_empty() {
+            if let Err(e) = self.admin.listen.parse::<SocketAddr>() {
+                bad(
+                    "admin.listen",
+                    format!("'{}' is not an address ({e})", self.admin.listen),
+                );
+            }
+        }
+        let nats = &self.coherence.nats_url;
+        if !nats.is_empty() && !(nats.starts_with("nats://") || nats.starts_with("tls://")) {
+            bad(
+                "coherence.nats_url",
+                format!("'{nats}' is not a nats:// URL"),
+            );
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.into(),
+                errors,
+            })
+        }
+    }
+
+    /// The parsed upstream URL; call after [`validate`](Self::validate).
+    pub fn upstream_url(&self) -> Result<RedisUrl, ConfigError> {
+        RedisUrl::parse(&self.upstream.url).map_err(|message| ConfigError::Invalid {
+            origin: "configuration".into(),
+            errors: vec![FieldError {
+                field: "upstream.url".into(),
+                message,
+            }],
+        })
+    }
+
+    /// The client input limits.
+    pub fn limits(&self) -> crate::protocol::Limits {
+        crate::protocol::Limits {
+            max_args: self.server.max_args,
+            max_bulk: self.server.max_bulk_bytes.as_usize(),
+            max_inline: self.server.max_inline_bytes.as_usize(),
+            max_request: self.server.max_request_bytes.as_usize(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn shipped_config_toml_parses_validates_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let cfg = Config::from_file(&path).unwrap();
+        cfg.validate("config.toml").unwrap();
+        // Every value in the shipped file is the default, so the file is a
+        // faithful reference for operators.
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = Config::from_toml("[server]\nlisten_addr = \"x\"\n", Path::new("my.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("my.toml:"), "{err}");
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn mistyped_values_are_named() {
+        let err = Config::from_toml(
+            "[upstream]\ncommand_timeout = \"fast\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("command_timeout") && err.contains("fast"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn validation_lists_every_problem_with_its_field() {
+        let cfg = Config::from_toml(
+            "[server]\nlisten = \"nowhere\"\nmax_clients = 0\n[upstream]\nurl = \"http://x\"\npool_size = 0\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let err = cfg.validate("c.toml").unwrap_err().to_string();
+        for field in [
+            "server.listen",
+            "server.max_clients",
+            "upstream.url",
+            "upstream.pool_size",
+        ] {
+            assert!(err.contains(field), "{field} missing from: {err}");
+        }
+        assert!(err.starts_with("c.toml:"), "{err}");
+    }
+
+    #[test]
+    fn overrides_take_precedence_in_order() {
+        let mut cfg = Config::default();
+        let env = Overrides {
+            listen: Some("127.0.0.1:1".into()),
+            upstream: Some("redis://env:1".into()),
+            ..Default::default()
+        };
+        let flags = Overrides {
+            upstream: Some("redis://flag:2".into()),
+            ..Default::default()
+        };
+        cfg.apply(env.then(flags));
+        assert_eq!(cfg.server.listen, "127.0.0.1:1");
+        assert_eq!(cfg.upstream.url, "redis://flag:2");
+    }
+}

@@ -1,0 +1,161 @@
+//! The upstream address as a `redis://[user:password@]host:port[/db]` URL.
+
+use std::fmt;
+
+/// A parsed upstream URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// ACL user name, if any.
+    pub username: Option<String>,
+    /// Password, if any (`AUTH`).
+    pub password: Option<String>,
+    /// Database selected on every upstream connection by default.
+    pub db: u32,
+}
+
+impl RedisUrl {
+    /// Parses a `redis://` URL. `rediss://` (TLS) is refused with a message
+    /// saying so, rather than silently connecting in clear text.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = if let Some(rest) = url.strip_prefix("redis://") {
+            rest
+        } else if url.starts_with("rediss://") {
+            return Err(format!(
+                "'{url}': TLS upstreams (rediss://) are not supported yet"
+            ));
+        } else {
+            return Err(format!("'{url}' is not a redis:// URL"));
+        };
+        let (auth, hostpart) = match rest.rsplit_once('@') {
+            Some((auth, host)) => (Some(auth), host),
+            None => (None, rest),
+        };
+        let (hostport, db) = match hostpart.split_once('/') {
+            Some((hp, "")) => (hp, 0),
+            Some((hp, db)) => (
+                hp,
+                db.parse()
+                    .map_err(|_| format!("'{url}': database '{db}' is not a number"))?,
+            ),
+            None => (hostpart, 0),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse()
+                    .map_err(|_| format!("'{url}': port '{p}' is not a number"))?,
+            ),
+            _ => (hostport, 6379),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("'{url}' has no host"));
+        }
+        let (username, password) = match auth {
+            None => (None, None),
+            Some(auth) => match auth.split_once(':') {
+                Some((u, p)) => (
+                    (!u.is_empty()).then(|| percent_decode(u)),
+                    Some(percent_decode(p)),
+                ),
+                None => (None, Some(percent_decode(auth))),
+            },
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            username,
+            password,
+            db,
+        })
+    }
+
+    /// `host:port`, ready for `TcpStream::connect`.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Never prints the password: URLs end up in logs and `PROXY` replies.
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("redis://")?;
+        match (&self.username, &self.password) {
+            (Some(u), Some(_)) => write!(f, "{u}:***@")?,
+            (None, Some(_)) => f.write_str(":***@")?,
+            _ => {}
+        }
+        write!(f, "{}/{}", self.addr(), self.db)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            // Byte-wise: slicing the str could split a multi-byte character.
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_part() {
+        let u = RedisUrl::parse("redis://app:p%40ss@10.0.0.1:6390/3").expect("valid");
+        assert_eq!(u.host, "10.0.0.1");
+        assert_eq!(u.port, 6390);
+        assert_eq!(u.username.as_deref(), Some("app"));
+        assert_eq!(u.password.as_deref(), Some("p@ss"));
+        assert_eq!(u.db, 3);
+        assert_eq!(u.to_string(), "redis://app:***@10.0.0.1:6390/3");
+    }
+
+    #[test]
+    fn defaults_port_and_db() {
+        let u = RedisUrl::parse("redis://localhost").expect("valid");
+        assert_eq!((u.port, u.db, u.password), (6379, 0, None));
+        let u = RedisUrl::parse("redis://:secret@[::1]:7000/").expect("valid");
+        assert_eq!(
+            (u.host.as_str(), u.port, u.password.as_deref()),
+            ("::1", 7000, Some("secret"))
+        );
+        assert_eq!(u.addr(), "[::1]:7000");
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_serve() {
+        assert!(RedisUrl::parse("rediss://h:1").is_err());
+        assert!(RedisUrl::parse("http://h").is_err());
+        assert!(RedisUrl::parse("redis://h:port").is_err());
+        assert!(RedisUrl::parse("redis://h:1/x").is_err());
+        assert!(RedisUrl::parse("redis://").is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! The `nearcache` binary: parse flags, load and validate the configuration,
+//! run the proxy until SIGTERM/SIGINT, then shut down gracefully.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use nearcache::config::{Config, Overrides};
+
+/// A Redis-protocol caching proxy.
+#[derive(Debug, Parser)]
+#[command(name = "nearcache", version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without it, defaults apply.
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    /// Address to accept clients on [env: NEARCACHE_LISTEN] (default 127.0.0.1:6380).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Upstream Redis, redis://[user:pass@]host:port[/db] [env: NEARCACHE_UPSTREAM, REDIS_URL].
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Address for metrics and health endpoints [env: NEARCACHE_ADMIN] (not served yet).
+    #[arg(long)]
+    admin: Option<String>,
+    /// NATS URL for the invalidation bus [env: NATS_URL] (not used yet).
+    #[arg(long)]
+    nats: Option<String>,
+    /// This instance's id on the bus [env: NEARCACHE_INSTANCE_ID].
+    #[arg(long)]
+    instance_id: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration file and exit (non-zero, naming the field, if invalid).
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NEARCACHE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("nearcache: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        let cfg = Config::from_file(file)?;
+        cfg.validate(&file.display().to_string())?;
+        #[allow(clippy::print_stdout)]
+        {
+            println!("{}: ok", file.display());
+        }
+        return Ok(());
+    }
+    let (mut cfg, origin) = match &cli.config {
+        Some(path) => (Config::from_file(path)?, path.display().to_string()),
+        None => (Config::default(), "defaults".to_owned()),
+    };
+    let flags = Overrides {
+        listen: cli.listen,
+        upstream: cli.upstream,
+        admin: cli.admin,
+        nats: cli.nats,
+        instance_id: cli.instance_id,
+    };
+    cfg.apply(Overrides::from_env().then(flags));
+    cfg.validate(&format!("{origin} (with environment and flags)"))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let proxy = nearcache::Proxy::start(cfg).await?;
+        wait_for_signal().await?;
+        tracing::info!("shutting down: finishing in-flight requests");
+        proxy.shutdown().await;
+        tracing::info!("bye");
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Routing: what the proxy does with each command.
+//!
+//! Most commands are forwarded over a shared connection. The ones listed here
+//! change connection state, and Redis ties that state to a connection: they
+//! are answered by the proxy itself (the session's state lives here), or they
+//! pin the client to a dedicated upstream connection for as long as the state
+//! lasts (transactions, blocking commands, pub/sub, MONITOR…).
+
+use bytes::Bytes;
+
+use crate::command::{self, flag};
+
+/// What to do with one command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Forward over the shared connection (or the pinned one, if pinned).
+    Forward,
+    /// `QUIT`: reply `+OK` and close.
+    Quit,
+    /// `AUTH`: checked against `server.password`.
+    Auth,
+    /// `HELLO`: protocol switch, answered by the proxy.
+    Hello,
+    /// `SELECT`: moves the session to another database's pool.
+    Select,
+    /// `RESET`: back to a fresh connection's state.
+    Reset,
+    /// `CLIENT SETNAME`.
+    ClientSetName,
+    /// `CLIENT GETNAME`.
+    ClientGetName,
+    /// `CLIENT ID`: the proxy's id for this client.
+    ClientId,
+    /// `MULTI`: pins a dedicated connection.
+    Multi,
+    /// `WATCH`: pins a dedicated connection.
+    Watch,
+    /// `EXEC` / `DISCARD`: ends the transaction (and the watch).
+    EndTransaction,
+    /// `UNWATCH`.
+    Unwatch,
+    /// A command that may block its connection: runs on a dedicated one.
+    Blocking,
+    /// Commands after which replies stop pairing with commands (pub/sub,
+    /// MONITOR, CLIENT REPLY OFF|SKIP, CLIENT TRACKING): the client gets a
+    /// dedicated connection whose every frame is relayed.
+    Relay,
+    /// Not possible through a proxy; the text is the error reply.
+    Refuse(&'static str),
+    /// A known command with the wrong number of arguments (its name).
+    WrongArity(&'static str),
+}
+
+/// Routes a command (`argv[0]` is its name; `argv` is never empty).
+pub fn route(argv: &[Bytes]) -> Route {
+    let Some(spec) = command::resolve(argv) else {
+        // Unknown here (a module command, or a newer Redis): Redis decides.
+        return Route::Forward;
+    };
+    let is_sub = spec.name.contains('|');
+    if !is_sub && spec.subcommands.is_empty() && !spec.arity_ok(argv.len()) {
+        return Route::WrongArity(spec.name);
+    }
+    // Fast path: plain data commands carry none of these flags.
+    const STATEFUL: u32 =
+        flag::CONNECTION | flag::TRANSACTION | flag::BLOCKING | flag::PUBSUB | flag::ADMIN;
+    if spec.flags & STATEFUL == 0 {
+        return Route::Forward;
+    }
+    match spec.name {
+        "quit" => Route::Quit,
+        "auth" => Route::Auth,
+        "hello" => Route::Hello,
+        "select" => Route::Select,
+        "reset" => Route::Reset,
+        "client|setname" => Route::ClientSetName,
+        "client|getname" => Route::ClientGetName,
+        "client|id" => Route::ClientId,
+        "client|reply" => match argv.get(2) {
+            Some(mode) if mode.eq_ignore_ascii_case(b"on") => Route::Forward,
+            _ => Route::Relay,
+        },
+        "client|tracking" => match argv.get(2) {
+            Some(mode) if mode.eq_ignore_ascii_case(b"off") => Route::Forward,
+            _ => Route::Relay,
+        },
+        "multi" => Route::Multi,
+        "watch" => Route::Watch,
+        "exec" | "discard" => Route::EndTransaction,
+        "unwatch" => Route::Unwatch,
+        "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe"
+        | "sunsubscribe" | "monitor" => Route::Relay,
+        "sync" | "psync" | "replconf" => Route::Refuse(
+            "ERR replication through nearcache is not supported; connect replicas to Redis directly",
+        ),
+        "xread" | "xreadgroup" => {
+            if argv
+                .iter()
+                .skip(1)
+                .any(|a| a.eq_ignore_ascii_case(b"block"))
+            {
+                Route::Blocking
+            } else {
+                Route::Forward
+            }
+        }
+        _ if spec.has(flag::BLOCKING) => Route::Blocking,
+        _ => Route::Forward,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(args: &[&str]) -> Route {
+        let argv: Vec<Bytes> = args
+            .iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        route(&argv)
+    }
+
+    #[test]
+    fn data_commands_are_forwarded() {
+        assert_eq!(r(&["GET", "k"]), Route::Forward);
+        assert_eq!(r(&["set", "k", "v", "EX", "10"]), Route::Forward);
+        assert_eq!(r(&["FT.SEARCH", "idx", "q"]), Route::Forward);
+        assert_eq!(r(&["XREAD", "STREAMS", "s", "0"]), Route::Forward);
+    }
+
+    #[test]
+    fn stateful_commands_are_routed() {
+        assert_eq!(r(&["MULTI"]), Route::Multi);
+        assert_eq!(r(&["exec"]), Route::EndTransaction);
+        assert_eq!(r(&["WATCH", "a", "b"]), Route::Watch);
+        assert_eq!(r(&["BLPOP", "q", "0"]), Route::Blocking);
+        assert_eq!(
+            r(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]),
+            Route::Blocking
+        );
+        assert_eq!(r(&["SUBSCRIBE", "ch"]), Route::Relay);
+        assert_eq!(r(&["MONITOR"]), Route::Relay);
+        assert_eq!(r(&["CLIENT", "REPLY", "OFF"]), Route::Relay);
+        assert_eq!(r(&["CLIENT", "REPLY", "ON"]), Route::Forward);
+        assert_eq!(r(&["CLIENT", "SETNAME", "x"]), Route::ClientSetName);
+        assert_eq!(r(&["select", "2"]), Route::Select);
+        assert!(matches!(r(&["PSYNC", "?", "-1"]), Route::Refuse(_)));
+    }
+
+    #[test]
+    fn wrong_arity_is_caught_locally() {
+        assert_eq!(r(&["GET"]), Route::WrongArity("get"));
+        assert_eq!(r(&["GET", "a", "b"]), Route::WrongArity("get"));
+        assert_eq!(r(&["SET", "k"]), Route::WrongArity("set"));
+    }
+}

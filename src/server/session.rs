@@ -1,0 +1,767 @@
+//! One client connection: read commands, route each, queue its reply slot.
+//!
+//! The request path, in order, for every command of a read:
+//! 1. **parse** (bounded, incremental) — a protocol error answers and closes;
+//! 2. **route** ([`route`](super::route)) — forward, answer locally, or pin;
+//! 3. **forward** — consecutive forwarded commands of one read go upstream as
+//!    one run: one message to the connection task, the client's own bytes
+//!    untouched, one reply slot for all of them;
+//! 4. **respond** — the [`writer`](super::writer) writes slots in order.
+//!
+//! Connection state that Redis keeps per connection is kept here instead
+//! (database, protocol, name, authentication) so that shared upstream
+//! connections stay stateless; state that only Redis can keep (MULTI, WATCH,
+//! subscriptions, a blocked command) pins the session to a dedicated upstream
+//! connection until it ends.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::Context;
+use super::route::{Route, route};
+use super::writer::{Slot, write_loop};
+use crate::protocol::parser::parse_i64;
+use crate::protocol::reply::{self, OK, Protocol, Reply};
+use crate::protocol::{Parsed, Parser};
+use crate::upstream::{Conn, Op, Pool, PoolKey, UpstreamError, encode_command};
+
+/// One parsed command of the current read.
+enum Cmd {
+    /// A RESP command: its frame and argument ranges in the read chunk.
+    Resp {
+        frame: Range<usize>,
+        args: Range<usize>,
+    },
+    /// An inline command, already split.
+    Inline(Vec<Bytes>),
+}
+
+/// Consecutive forwarded commands not yet sent.
+#[derive(Clone)]
+struct Run {
+    frames: Range<usize>,
+    count: u32,
+    pinned: bool,
+}
+
+/// A dedicated upstream connection held by this session.
+struct Pin {
+    conn: Conn,
+    /// Every frame is relayed (pub/sub, MONITOR…): replies do not pair with commands.
+    relay: bool,
+    in_multi: bool,
+    watching: bool,
+    /// The connection's own state no longer matches its pool (SELECT or HELLO
+    /// inside the pin), so it must be closed rather than reused.
+    dirty: bool,
+}
+
+/// Whether the session goes on reading.
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Per-connection state and the request path.
+pub struct Session {
+    ctx: Arc<Context>,
+    id: u64,
+    db: u32,
+    proto: Protocol,
+    name: Option<Bytes>,
+    authed: bool,
+    pool: Arc<Pool>,
+    /// The shared connection this session pipelines through (sticky, so a
+    /// client's commands stay ordered relative to each other).
+    conn: Option<Conn>,
+    pin: Option<Pin>,
+    slots: mpsc::Sender<Slot>,
+    argv: Vec<Bytes>,
+    run: Option<Run>,
+}
+
+/// Longest run of commands sent upstream as one request, so that replies to a
+/// huge pipeline start flowing back before all of it is answered.
+const MAX_RUN: u32 = 256;
+
+/// Serves one client until it disconnects, sends QUIT, breaks the protocol,
+/// idles out, or the server shuts down.
+pub async fn serve(
+    stream: TcpStream,
+    ctx: Arc<Context>,
+    id: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, wr) = stream.into_split();
+    let (slot_tx, slot_rx) = mpsc::channel(ctx.cfg.server.max_pending_replies);
+    let writer = tokio::spawn(write_loop(wr, slot_rx));
+    let mut session = Session {
+        pool: ctx.default_pool.clone(),
+        db: ctx.upstream.default_db(),
+        proto: Protocol::Resp2,
+        name: None,
+        authed: ctx.cfg.server.password.is_none(),
+        conn: None,
+        pin: None,
+        slots: slot_tx,
+        argv: Vec::with_capacity(8),
+        run: None,
+        id,
+        ctx: ctx.clone(),
+    };
+
+    let mut parser = Parser::new(ctx.limits);
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut cmds: Vec<Cmd> = Vec::new();
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let idle = ctx.cfg.server.idle_timeout.0;
+    loop {
+        let read = tokio::select! {
+            r = rd.read_buf(&mut rbuf) => r,
+            _ = idle_expired(idle, session.pin.as_ref().is_some_and(|p| p.relay)) => break,
+            _ = shutdown.changed() => {
+                // A relaying client would never finish on its own.
+                if session.pin.as_ref().is_some_and(|p| p.relay) {
+                    session.pin = None;
+                }
+                break;
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+
+        cmds.clear();
+        ranges.clear();
+        let mut consumed = 0;
+        let mut error = None;
+        loop {
+            match parser.next(&rbuf) {
+                Ok(Some(parsed)) => {
+                    consumed = parsed.frame().end;
+                    match parsed {
+                        Parsed::Resp { frame } => {
+                            let first = ranges.len();
+                            ranges.extend_from_slice(parser.args());
+                            cmds.push(Cmd::Resp {
+                                frame,
+                                args: first..ranges.len(),
+                            });
+                        }
+                        Parsed::Inline { args, .. } => cmds.push(Cmd::Inline(args)),
+                        Parsed::Empty { .. } => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let chunk = rbuf.split_to(consumed).freeze();
+        parser.consume(consumed);
+        let flow = session.process(&chunk, &cmds, &ranges).await;
+        if let Some(e) = error {
+            tracing::debug!(client = id, error = %e, "protocol error; closing");
+            session.push(Slot::Ready(e.to_reply())).await;
+            session.push(Slot::Close).await;
+            break;
+        }
+        if flow == Flow::Stop {
+            break;
+        }
+        let wanted = parser.bytes_wanted(rbuf.len());
+        rbuf.reserve(wanted.max(4096));
+    }
+    // Let in-flight replies drain before the pinned connection goes away.
+    let Session { slots, pin, .. } = session;
+    drop(slots);
+    let _ = writer.await;
+    drop(pin);
+}
+
+/// Resolves when the client has been idle too long (never when disabled or
+/// while relaying, as Redis exempts subscribers from `timeout`).
+async fn idle_expired(idle: std::time::Duration, relaying: bool) {
+    if idle.is_zero() || relaying {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(idle).await;
+}
+
+impl Session {
+    async fn process(&mut self, chunk: &Bytes, cmds: &[Cmd], ranges: &[Range<usize>]) -> Flow {
+        for cmd in cmds {
+            self.argv.clear();
+            let frame = match cmd {
+                Cmd::Resp { frame, args } => {
+                    self.argv
+                        .extend(ranges[args.clone()].iter().map(|r| chunk.slice(r.clone())));
+                    Some(frame.clone())
+                }
+                Cmd::Inline(args) => {
+                    self.argv.extend_from_slice(args);
+                    None
+                }
+            };
+            if self.handle(chunk, frame).await == Flow::Stop {
+                self.flush_run(chunk).await;
+                return Flow::Stop;
+            }
+        }
+        self.flush_run(chunk).await;
+        Flow::Continue
+    }
+
+    /// Routes and handles the command in `self.argv`; `frame` is its range in
+    /// `chunk` (None for inline commands, which are re-encoded).
+    async fn handle(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) -> Flow {
+        let route = route(&self.argv);
+        if !self.authed
+            && !matches!(
+                route,
+                Route::Auth | Route::Hello | Route::Quit | Route::Reset
+            )
+        {
+            self.reply(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"))
+                .await;
+            return Flow::Continue;
+        }
+        if self.pin.as_ref().is_some_and(|p| p.relay) {
+            return self.handle_relaying(chunk, frame, route).await;
+        }
+        match route {
+            Route::Forward => self.forward(chunk, frame, self.pin.is_some()).await,
+            Route::Quit => {
+                self.reply(Bytes::from_static(OK)).await;
+                self.push(Slot::Close).await;
+                return Flow::Stop;
+            }
+            Route::Auth => {
+                let r = self.auth();
+                self.reply(r).await;
+            }
+            Route::Hello => {
+                if let Some(pin) = &mut self.pin {
+                    // The pinned connection's replies must switch protocol too,
+                    // so Redis itself answers.
+                    pin.dirty = true;
+                    if let Some(p) = requested_protocol(&self.argv) {
+                        self.proto = p;
+                    }
+                    self.forward(chunk, frame, true).await;
+                } else {
+                    let r = self.hello().await;
+                    self.reply(r).await;
+                }
+            }
+            Route::Select => self.select(chunk, frame).await,
+            Route::Reset => {
+                self.flush_run(chunk).await;
+                self.pin = None;
+                self.reset_state().await;
+                self.reply(Bytes::from_static(b"+RESET\r\n")).await;
+            }
+            Route::ClientSetName => {
+                let r = self.set_name();
+                self.reply(r).await;
+            }
+            Route::ClientGetName => {
+                let mut r = Reply::new(self.proto);
+                match &self.name {
+                    Some(name) => r.bulk(name),
+                    None => r.null(),
+                };
+                self.reply(r.finish()).await;
+            }
+            Route::ClientId => {
+                let mut r = Reply::new(self.proto);
+                r.int(self.id as i64);
+                self.reply(r.finish()).await;
+            }
+            Route::Multi | Route::Watch => {
+                if self.pin.is_none() && !self.pin_dedicated().await {
+                    return Flow::Continue;
+                }
+                if let Some(pin) = &mut self.pin {
+                    match route {
+                        Route::Multi => pin.in_multi = true,
+                        _ if !pin.in_multi => pin.watching = true,
+                        _ => {}
+                    }
+                }
+                self.forward(chunk, frame, true).await;
+            }
+            Route::EndTransaction | Route::Unwatch => {
+                let Some(pin) = &mut self.pin else {
+                    // Not in a transaction here: Redis gives its own error.
+                    self.forward(chunk, frame, false).await;
+                    return Flow::Continue;
+                };
+                match route {
+                    Route::EndTransaction if pin.in_multi => {
+                        pin.in_multi = false;
+                        pin.watching = false;
+                    }
+                    Route::Unwatch if !pin.in_multi => pin.watching = false,
+                    _ => {}
+                }
+                self.forward(chunk, frame, true).await;
+                self.maybe_unpin(chunk).await;
+            }
+            Route::Blocking => {
+                if self.pin.is_some() {
+                    self.forward(chunk, frame, true).await;
+                } else {
+                    self.blocking(chunk, frame).await;
+                }
+            }
+            Route::Relay => self.start_relay(chunk, frame).await,
+            Route::Refuse(msg) => self.reply(reply::error(msg)).await,
+            Route::WrongArity(name) => {
+                let msg = format!("ERR wrong number of arguments for '{name}' command");
+                self.reply(reply::error(&msg)).await;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// In relay mode everything goes to the pinned connection and comes back
+    /// as relayed frames, except what only the proxy can answer.
+    async fn handle_relaying(
+        &mut self,
+        chunk: &Bytes,
+        frame: Option<Range<usize>>,
+        route: Route,
+    ) -> Flow {
+        match route {
+            Route::Auth
+            | Route::ClientId
+            | Route::ClientGetName
+            | Route::Refuse(_)
+            | Route::WrongArity(_) => {
+                let r = match route {
+                    Route::Auth => self.auth(),
+                    Route::Refuse(msg) => reply::error(msg),
+                    Route::WrongArity(name) => reply::error(&format!(
+                        "ERR wrong number of arguments for '{name}' command"
+                    )),
+                    Route::ClientId => {
+                        let mut r = Reply::new(self.proto);
+                        r.int(self.id as i64);
+                        r.finish()
+                    }
+                    _ => {
+                        let mut r = Reply::new(self.proto);
+                        match &self.name {
+                            Some(name) => r.bulk(name),
+                            None => r.null(),
+                        };
+                        r.finish()
+                    }
+                };
+                self.flush_run(chunk).await;
+                if let Some(pin) = &self.pin {
+                    let _ = pin.conn.send(Op::Inject(r));
+                }
+                Flow::Continue
+            }
+            _ => {
+                match route {
+                    Route::Select => {
+                        if let Some(db) = self.argv.get(1).and_then(|a| parse_i64(a)) {
+                            self.db = u32::try_from(db).unwrap_or(self.db);
+                        }
+                    }
+                    Route::Hello => {
+                        if let Some(p) = requested_protocol(&self.argv) {
+                            self.proto = p;
+                        }
+                    }
+                    Route::ClientSetName => self.name = self.argv.get(2).cloned(),
+                    _ => {}
+                }
+                self.forward(chunk, frame, true).await;
+                match route {
+                    Route::Quit => Flow::Stop,
+                    Route::Reset => {
+                        // The relay ends with Redis's +RESET; the connection
+                        // closes after it, and the session starts afresh.
+                        self.flush_run(chunk).await;
+                        self.pin = None;
+                        self.reset_state().await;
+                        Flow::Continue
+                    }
+                    _ => Flow::Continue,
+                }
+            }
+        }
+    }
+
+    /// Adds the current command to the pending run (or sends an inline one).
+    async fn forward(&mut self, chunk: &Bytes, frame: Option<Range<usize>>, pinned: bool) {
+        let Some(frame) = frame else {
+            self.flush_run(chunk).await;
+            let bytes = encode_command(&self.argv);
+            self.send_upstream(bytes, 1, pinned).await;
+            return;
+        };
+        if let Some(run) = &mut self.run {
+            if run.pinned == pinned && run.frames.end == frame.start && run.count < MAX_RUN {
+                run.frames.end = frame.end;
+                run.count += 1;
+                return;
+            }
+        }
+        self.flush_run(chunk).await;
+        self.run = Some(Run {
+            frames: frame,
+            count: 1,
+            pinned,
+        });
+    }
+
+    async fn flush_run(&mut self, chunk: &Bytes) {
+        if let Some(run) = self.run.take() {
+            self.send_upstream(chunk.slice(run.frames), run.count, run.pinned)
+                .await;
+        }
+    }
+
+    /// Sends `count` commands upstream and queues the slot for their replies.
+    async fn send_upstream(&mut self, frames: Bytes, count: u32, pinned: bool) {
+        if pinned {
+            let Some(pin) = &self.pin else {
+                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize))
+                    .await;
+                return;
+            };
+            if pin.relay {
+                if pin.conn.send(Op::Write { frames }).is_err() {
+                    self.pin = None;
+                }
+                return;
+            }
+            let (tx, rx) = oneshot::channel();
+            if pin
+                .conn
+                .send(Op::Send {
+                    frames,
+                    replies: count,
+                    tx,
+                })
+                .is_err()
+            {
+                // The dedicated connection died: its state (MULTI, WATCH) is
+                // gone, so the client must hear about it.
+                self.pin = None;
+                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize))
+                    .await;
+                return;
+            }
+            self.push(Slot::Upstream { rx, count }).await;
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut op = Op::Send {
+            frames,
+            replies: count,
+            tx,
+        };
+        // The sticky connection first; if it died, one fresh one from the pool.
+        for _ in 0..2 {
+            let conn = match &self.conn {
+                Some(conn) => conn.clone(),
+                None => match self.pool.shared().await {
+                    Ok(conn) => {
+                        self.conn = Some(conn.clone());
+                        conn
+                    }
+                    Err(e) => {
+                        self.reply(e.to_replies(count as usize)).await;
+                        return;
+                    }
+                },
+            };
+            match conn.send(op) {
+                Ok(()) => {
+                    self.push(Slot::Upstream { rx, count }).await;
+                    return;
+                }
+                Err(back) => {
+                    op = back;
+                    self.conn = None;
+                }
+            }
+        }
+        self.reply(UpstreamError::ConnectionLost.to_replies(count as usize))
+            .await;
+    }
+
+    /// Runs a blocking command on a dedicated connection that goes back to the
+    /// idle list once it answers (or is closed if the client leaves first).
+    async fn blocking(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) {
+        self.flush_run(chunk).await;
+        let frames = match frame {
+            Some(f) => chunk.slice(f),
+            None => encode_command(&self.argv),
+        };
+        let conn = match self.pool.dedicated().await {
+            Ok(conn) => conn,
+            Err(e) => return self.reply(e.to_reply()).await,
+        };
+        let (tx, rx) = oneshot::channel();
+        if conn
+            .send(Op::Send {
+                frames,
+                replies: 1,
+                tx,
+            })
+            .is_err()
+        {
+            return self.reply(UpstreamError::ConnectionLost.to_reply()).await;
+        }
+        let _ = conn.send(Op::Release(conn.clone()));
+        self.push(Slot::Upstream { rx, count: 1 }).await;
+    }
+
+    /// Pins a dedicated connection; on failure the client has its error reply.
+    async fn pin_dedicated(&mut self) -> bool {
+        match self.pool.dedicated().await {
+            Ok(conn) => {
+                self.pin = Some(Pin {
+                    conn,
+                    relay: false,
+                    in_multi: false,
+                    watching: false,
+                    dirty: false,
+                });
+                true
+            }
+            Err(e) => {
+                self.reply(e.to_reply()).await;
+                false
+            }
+        }
+    }
+
+    /// Releases the pin once no transaction state is left on it.
+    async fn maybe_unpin(&mut self, chunk: &Bytes) {
+        let done = self
+            .pin
+            .as_ref()
+            .is_some_and(|p| !p.relay && !p.in_multi && !p.watching);
+        if !done {
+            return;
+        }
+        self.flush_run(chunk).await;
+        if let Some(pin) = self.pin.take() {
+            if !pin.dirty {
+                let _ = pin.conn.send(Op::Release(pin.conn.clone()));
+            }
+        }
+    }
+
+    /// Switches to relay mode with the current command as the first relayed one.
+    async fn start_relay(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) {
+        self.flush_run(chunk).await;
+        if self.pin.is_none() && !self.pin_dedicated().await {
+            return;
+        }
+        let frames = match frame {
+            Some(f) => chunk.slice(f),
+            None => encode_command(&self.argv),
+        };
+        let (tx, rx) = mpsc::channel(1024);
+        let Some(pin) = &mut self.pin else { return };
+        if pin.conn.send(Op::Relay { frames, tx }).is_err() {
+            self.pin = None;
+            return self.reply(UpstreamError::ConnectionLost.to_reply()).await;
+        }
+        pin.relay = true;
+        pin.dirty = true;
+        self.push(Slot::Relay(rx)).await;
+    }
+
+    async fn select(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) {
+        let Some(db) = self.argv.get(1).and_then(|a| parse_i64(a)) else {
+            return self
+                .reply(reply::error("ERR value is not an integer or out of range"))
+                .await;
+        };
+        let Ok(db) = u32::try_from(db) else {
+            return self
+                .reply(reply::error("ERR DB index is out of range"))
+                .await;
+        };
+        if let Some(pin) = &mut self.pin {
+            pin.dirty = true;
+            self.db = db;
+            return self.forward(chunk, frame, true).await;
+        }
+        match self.switch_pool(db, self.proto).await {
+            Ok(()) => self.reply(Bytes::from_static(OK)).await,
+            Err(UpstreamError::Rejected(msg)) => self.reply(reply::error(&msg)).await,
+            Err(e) => self.reply(e.to_reply()).await,
+        }
+    }
+
+    async fn switch_pool(&mut self, db: u32, proto: Protocol) -> Result<(), UpstreamError> {
+        if self.pool.key() != (PoolKey { db, proto }) {
+            self.pool = self.ctx.upstream.pool(PoolKey { db, proto }).await?;
+            self.conn = None;
+        }
+        self.db = db;
+        self.proto = proto;
+        Ok(())
+    }
+
+    fn auth(&mut self) -> Bytes {
+        let (user, pass) = match &self.argv[1..] {
+            [pass] => (None, pass),
+            [user, pass] => (Some(user), pass),
+            _ => return reply::error("ERR syntax error"),
+        };
+        let Some(expected) = &self.ctx.cfg.server.password else {
+            return reply::error(
+                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            );
+        };
+        if user.is_some_and(|u| &u[..] != b"default")
+            || !constant_time_eq(pass, expected.as_bytes())
+        {
+            return reply::error("WRONGPASS invalid username-password pair or user is disabled.");
+        }
+        self.authed = true;
+        Bytes::from_static(OK)
+    }
+
+    async fn hello(&mut self) -> Bytes {
+        let mut proto = self.proto;
+        let args = &self.argv[1..];
+        if let Some(v) = args.first() {
+            match parse_i64(v) {
+                Some(2) => proto = Protocol::Resp2,
+                Some(3) => proto = Protocol::Resp3,
+                Some(_) => return reply::error("NOPROTO unsupported protocol version"),
+                None => {
+                    return reply::error("ERR Protocol version is not an integer or out of range");
+                }
+            }
+        }
+        let mut i = 1;
+        let mut auth = None;
+        let mut name = None;
+        while i < args.len() {
+            let opt = &args[i];
+            if opt.eq_ignore_ascii_case(b"auth") && args.len() > i + 2 {
+                auth = Some((args[i + 1].clone(), args[i + 2].clone()));
+                i += 3;
+            } else if opt.eq_ignore_ascii_case(b"setname") && args.len() > i + 1 {
+                name = Some(args[i + 1].clone());
+                i += 2;
+            } else {
+                return reply::error(&format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(opt)
+                ));
+            }
+        }
+        if let Some((user, pass)) = auth {
+            self.argv.truncate(1);
+            self.argv.push(user);
+            self.argv.push(pass);
+            let r = self.auth();
+            if &r[..] != OK {
+                return r;
+            }
+        }
+        if !self.authed {
+            return reply::error(
+                "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+            );
+        }
+        if let Some(name) = name {
+            if !valid_client_name(&name) {
+                return reply::error(
+                    "ERR Client names cannot contain spaces, newlines or special characters.",
+                );
+            }
+            self.name = (!name.is_empty()).then_some(name);
+        }
+        if let Err(e) = self.switch_pool(self.db, proto).await {
+            return e.to_reply();
+        }
+        let version = self.ctx.upstream.server_version();
+        let mut r = Reply::new(proto);
+        r.map(7);
+        r.bulk(b"server").bulk(b"redis");
+        r.bulk(b"version").bulk(version.as_bytes());
+        r.bulk(b"proto").int(proto.version());
+        r.bulk(b"id").int(self.id as i64);
+        r.bulk(b"mode").bulk(b"standalone");
+        r.bulk(b"role").bulk(b"master");
+        r.bulk(b"modules").array(0);
+        r.finish()
+    }
+
+    fn set_name(&mut self) -> Bytes {
+        let Some(name) = self.argv.get(2) else {
+            return reply::error("ERR wrong number of arguments for 'client|setname' command");
+        };
+        if !valid_client_name(name) {
+            return reply::error(
+                "ERR Client names cannot contain spaces, newlines or special characters.",
+            );
+        }
+        self.name = (!name.is_empty()).then(|| name.clone());
+        Bytes::from_static(OK)
+    }
+
+    async fn reset_state(&mut self) {
+        self.name = None;
+        self.authed = self.ctx.cfg.server.password.is_none();
+        self.pool = self.ctx.default_pool.clone();
+        self.db = self.ctx.upstream.default_db();
+        self.proto = Protocol::Resp2;
+        self.conn = None;
+    }
+
+    /// Queues a reply the proxy produced, after everything already queued.
+    async fn reply(&mut self, bytes: Bytes) {
+        self.push(Slot::Ready(bytes)).await;
+    }
+
+    async fn push(&mut self, slot: Slot) {
+        // Fails only when the writer is gone (client stopped reading and the
+        // connection broke); the read side notices on its next read.
+        let _ = self.slots.send(slot).await;
+    }
+}
+
+/// The protocol a HELLO asks for, if it names a valid one.
+fn requested_protocol(argv: &[Bytes]) -> Option<Protocol> {
+    match argv.get(1).and_then(|v| parse_i64(v)) {
+        Some(2) => Some(Protocol::Resp2),
+        Some(3) => Some(Protocol::Resp3),
+        _ => None,
+    }
+}
+
+/// Redis's rule: printable ASCII without spaces.
+fn valid_client_name(name: &[u8]) -> bool {
+    name.iter().all(|&c| (b'!'..=b'~').contains(&c))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,381 @@
+//! One upstream connection, driven by one task.
+//!
+//! The task owns the socket. It writes whatever requests are queued in one
+//! batch (requests from many clients share one write) and reads replies,
+//! handing each request exactly as many reply frames as it announced, in the
+//! order the requests were written — Redis answers in order, so that is all the
+//! matching there is. RESP3 pushes that arrive on a connection that is not
+//! relaying are not replies and are dropped.
+//!
+//! A connection can switch to *relay* mode (pub/sub, MONITOR, CLIENT REPLY OFF,
+//! CLIENT TRACKING): from that point every frame goes to the client as it
+//! arrives, because replies no longer pair one-to-one with commands.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::UpstreamError;
+use crate::protocol::scanner::{FrameKind, ReplyScanner, frame_kind};
+
+/// What a request's sender receives: the reply frames back to back, or the
+/// frames that did arrive before the failure.
+pub type Replies = Result<Bytes, Failed>;
+
+/// A request that did not get all its replies.
+#[derive(Debug)]
+pub struct Failed {
+    /// The complete reply frames received before the failure.
+    pub partial: Bytes,
+    /// How many frames `partial` holds.
+    pub got: u32,
+    /// What went wrong.
+    pub error: UpstreamError,
+}
+
+/// Where a request's replies go.
+pub type ReplyTx = oneshot::Sender<Replies>;
+
+/// An instruction to a connection task.
+#[derive(Debug)]
+pub enum Op {
+    /// Write `frames` (one or more commands) and collect `replies` reply frames.
+    Send {
+        /// The commands, RESP-encoded back to back.
+        frames: Bytes,
+        /// How many reply frames answer them.
+        replies: u32,
+        /// Receives the frames.
+        tx: ReplyTx,
+    },
+    /// Write `frames`, then relay every frame from here on to `tx`.
+    Relay {
+        /// The commands that start relaying (e.g. SUBSCRIBE).
+        frames: Bytes,
+        /// Receives every frame, in arrival order.
+        tx: mpsc::Sender<Bytes>,
+    },
+    /// Write `frames` and expect nothing back (relay mode: replies are relayed).
+    Write {
+        /// The commands.
+        frames: Bytes,
+    },
+    /// Relay mode only: hand `bytes` to the client as if Redis had sent them,
+    /// after every frame received so far (replies the proxy makes itself).
+    Inject(Bytes),
+    /// Once every earlier request is answered, return this connection to its
+    /// pool's idle list (dedicated connections only). Carries a sender so the
+    /// connection stays open until then.
+    Release(Conn),
+}
+
+/// A handle to a connection task; cheap to clone. When every handle is gone
+/// the task closes the connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    tx: mpsc::UnboundedSender<Op>,
+}
+
+impl Conn {
+    /// Queues an op; gives it back if the connection is closed.
+    #[inline]
+    pub fn send(&self, op: Op) -> Result<(), Op> {
+        self.tx.send(op).map_err(|e| e.0)
+    }
+
+    /// True once the connection task has ended.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Resolves when the connection task has ended.
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// How a connection behaves.
+#[derive(Debug, Clone)]
+pub struct ConnOptions {
+    /// Fail and close when the oldest request has waited this long; `None`
+    /// for dedicated connections, whose blocking commands may wait forever.
+    pub command_timeout: Option<Duration>,
+    /// Where a dedicated connection goes when released; `None` for shared ones.
+    pub idle: Option<Arc<IdleList>>,
+}
+
+/// Idle dedicated connections of one pool.
+#[derive(Debug)]
+pub struct IdleList {
+    conns: std::sync::Mutex<Vec<Conn>>,
+    max: usize,
+}
+
+impl IdleList {
+    /// An empty list that keeps at most `max` connections.
+    pub fn new(max: usize) -> Self {
+        Self {
+            conns: std::sync::Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    /// An idle, still-open connection, if any.
+    pub fn take(&self) -> Option<Conn> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(conn) = conns.pop() {
+            if !conn.is_closed() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps `conn` for reuse, or drops it (closing it) when the list is full.
+    pub(super) fn put(&self, conn: Conn) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| !c.is_closed());
+        if conns.len() < self.max {
+            conns.push(conn);
+        }
+    }
+
+    /// Number of idle connections (for stats).
+    pub fn len(&self) -> usize {
+        self.conns.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// True when no connection is idle.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the task is waiting for, in write order.
+enum Pending {
+    Replies {
+        want: u32,
+        tx: ReplyTx,
+        since: Instant,
+    },
+    Relay(mpsc::Sender<Bytes>),
+    Release(Conn),
+}
+
+/// Starts the task for an established (already handshaken) connection.
+/// `leftover` holds bytes the handshake read past its own replies.
+pub fn spawn(stream: TcpStream, leftover: BytesMut, opts: ConnOptions) -> Conn {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(stream, leftover, rx, opts));
+    Conn { tx }
+}
+
+/// Bytes of queued requests written in one batch, at most.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+async fn run(
+    mut stream: TcpStream,
+    mut rbuf: BytesMut,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    opts: ConnOptions,
+) {
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut scanner = ReplyScanner::new();
+    // Frames already collected for the request at the head of `pending`.
+    let mut got: u32 = 0;
+    let mut got_bytes: usize = 0;
+    let tick_every = opts
+        .command_timeout
+        .map_or(Duration::from_millis(200), |t| {
+            (t / 4).max(Duration::from_millis(5))
+        });
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut relaying = false;
+
+    let error = loop {
+        tokio::select! {
+            biased;
+            read = stream.read_buf(&mut rbuf) => {
+                match read {
+                    Ok(0) => break UpstreamError::ConnectionLost,
+                    Ok(_) => {}
+                    Err(_) => break UpstreamError::ConnectionLost,
+                }
+                if let Err(e) = deliver(&mut rbuf, &mut scanner, &mut pending, &mut got, &mut got_bytes, &mut relaying, &opts).await {
+                    break e;
+                }
+                if rbuf.capacity() - rbuf.len() < 4096 {
+                    rbuf.reserve(64 * 1024);
+                }
+            }
+            op = rx.recv() => {
+                let Some(op) = op else {
+                    // Every handle is gone: nobody wants what is in flight.
+                    return;
+                };
+                let mut next = Some(op);
+                while let Some(op) = next.take() {
+                    match op {
+                        Op::Send { frames, replies, tx } => {
+                            wbuf.extend_from_slice(&frames);
+                            if replies == 0 {
+                                let _ = tx.send(Ok(Bytes::new()));
+                            } else {
+                                pending.push_back(Pending::Replies { want: replies, tx, since: Instant::now() });
+                            }
+                        }
+                        Op::Relay { frames, tx } => {
+                            wbuf.extend_from_slice(&frames);
+                            pending.push_back(Pending::Relay(tx));
+                        }
+                        Op::Write { frames } => wbuf.extend_from_slice(&frames),
+                        Op::Release(conn) => pending.push_back(Pending::Release(conn)),
+                        Op::Inject(bytes) => {
+                            if let Some(Pending::Relay(tx)) = pending.back() {
+                                let _ = tx.send(bytes).await;
+                            }
+                        }
+                    }
+                    if wbuf.len() < MAX_BATCH_BYTES {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                release_ready(&mut pending, &opts);
+                if !wbuf.is_empty() {
+                    if stream.write_all(&wbuf).await.is_err() {
+                        break UpstreamError::ConnectionLost;
+                    }
+                    wbuf.clear();
+                }
+            }
+            _ = tick.tick(), if !pending.is_empty() => {
+                if let Some(e) = check_head(&pending, &opts) {
+                    break e;
+                }
+            }
+        }
+    };
+    // Fail everything in flight; the head keeps what did arrive.
+    let mut first = true;
+    for p in pending.drain(..) {
+        if let Pending::Replies { tx, .. } = p {
+            let (partial, n) = if first && got > 0 {
+                (rbuf.split_to(got_bytes).freeze(), got)
+            } else {
+                (Bytes::new(), 0)
+            };
+            let _ = tx.send(Err(Failed {
+                partial,
+                got: n,
+                error: error.clone(),
+            }));
+        }
+        first = false;
+    }
+}
+
+/// Hands complete frames in `rbuf` to the requests waiting for them.
+async fn deliver(
+    rbuf: &mut BytesMut,
+    scanner: &mut ReplyScanner,
+    pending: &mut VecDeque<Pending>,
+    got: &mut u32,
+    got_bytes: &mut usize,
+    relaying: &mut bool,
+    opts: &ConnOptions,
+) -> Result<(), UpstreamError> {
+    loop {
+        let Some(len) = scanner
+            .scan(&rbuf[*got_bytes..])
+            .map_err(|_| UpstreamError::InvalidReply)?
+        else {
+            return Ok(());
+        };
+        let start = *got_bytes;
+        if *relaying {
+            let frame = rbuf.split_to(len).freeze();
+            // Only RESET answers `+RESET`: after it the connection's state is
+            // gone and so is the reason to relay; the session starts afresh.
+            let reset = &frame[..] == b"+RESET\r\n";
+            if let Some(Pending::Relay(tx)) = pending.front() {
+                if tx.send(frame).await.is_err() {
+                    // The client is gone; so is the point of this connection.
+                    return Err(UpstreamError::ConnectionLost);
+                }
+            }
+            if reset {
+                return Err(UpstreamError::ConnectionLost);
+            }
+            continue;
+        }
+        match pending.front_mut() {
+            Some(Pending::Relay(_)) => {
+                *relaying = true;
+                // Re-scan this frame in relay mode.
+                *scanner = ReplyScanner::new();
+                continue;
+            }
+            Some(Pending::Replies { want, .. })
+                if frame_kind(&rbuf[start..]) == FrameKind::Reply =>
+            {
+                *got += 1;
+                *got_bytes += len;
+                if *got == *want {
+                    let frames = rbuf.split_to(*got_bytes).freeze();
+                    *got = 0;
+                    *got_bytes = 0;
+                    if let Some(Pending::Replies { tx, .. }) = pending.pop_front() {
+                        let _ = tx.send(Ok(frames));
+                    }
+                    release_ready(pending, opts);
+                }
+            }
+            _ => {
+                // A push, or a frame nobody asked for: not a reply. Cut it out
+                // without disturbing frames already collected before it.
+                let mut tail = rbuf.split_off(start);
+                tail.advance(len);
+                rbuf.unsplit(tail);
+            }
+        }
+    }
+}
+
+/// Returns released connections whose earlier replies have all arrived.
+fn release_ready(pending: &mut VecDeque<Pending>, opts: &ConnOptions) {
+    while let Some(Pending::Release(_)) = pending.front() {
+        if let Some(Pending::Release(conn)) = pending.pop_front() {
+            if let Some(idle) = &opts.idle {
+                idle.put(conn);
+            }
+        }
+    }
+}
+
+/// Whether the oldest request has waited too long, or (on a dedicated
+/// connection) nobody is waiting for it any more.
+fn check_head(pending: &VecDeque<Pending>, opts: &ConnOptions) -> Option<UpstreamError> {
+    match pending.front()? {
+        Pending::Replies { since, tx, .. } => {
+            if let Some(limit) = opts.command_timeout {
+                if since.elapsed() > limit {
+                    return Some(UpstreamError::Timeout(limit));
+                }
+            } else if tx.is_closed() {
+                // A blocked command whose client left: the only way to unblock
+                // it is to close the connection.
+                return Some(UpstreamError::ConnectionLost);
+            }
+            None
+        }
+        Pending::Relay(tx) if tx.is_closed() => Some(UpstreamError::ConnectionLost),
+        _ => None,
+    }
+}

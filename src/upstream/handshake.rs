@@ -1,0 +1,159 @@
+//! Opening an upstream connection: TCP connect, then `HELLO <proto> [AUTH …]
+//! SETNAME nearcache` and `SELECT <db>` in one round trip.
+//!
+//! HELLO both authenticates and fixes the reply protocol of the connection,
+//! which must match the clients it serves: RESP2 and RESP3 replies differ, so
+//! the pools are per protocol. This is a control path, so the replies are
+//! decoded with redis-protocol rather than scanned.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp3::decode::complete::decode;
+use redis_protocol::resp3::types::OwnedFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{UpstreamError, encode_command};
+use crate::config::RedisUrl;
+use crate::protocol::Protocol;
+
+/// A connected, authenticated connection, ready to be driven.
+#[derive(Debug)]
+pub struct Handshaken {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read past the handshake replies (normally none).
+    pub leftover: BytesMut,
+    /// The server's `version` from the HELLO reply.
+    pub server_version: String,
+}
+
+/// Connects to `url` and prepares the connection for `db` and `proto`.
+pub async fn connect(
+    url: &RedisUrl,
+    db: u32,
+    proto: Protocol,
+    timeout: Duration,
+) -> Result<Handshaken, UpstreamError> {
+    tokio::time::timeout(timeout, connect_inner(url, db, proto))
+        .await
+        .map_err(|_| {
+            unavailable(format!(
+                "connect to {} timed out after {timeout:?}",
+                url.addr()
+            ))
+        })?
+}
+
+async fn connect_inner(
+    url: &RedisUrl,
+    db: u32,
+    proto: Protocol,
+) -> Result<Handshaken, UpstreamError> {
+    let addr = url.addr();
+    let mut stream = TcpStream::connect(&addr)
+        .await
+        .map_err(|e| unavailable(format!("connect to {addr}: {e}")))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| unavailable(format!("set TCP_NODELAY on {addr}: {e}")))?;
+
+    let version = proto.version().to_string();
+    let mut hello: Vec<&[u8]> = vec![b"HELLO", version.as_bytes()];
+    if let Some(password) = &url.password {
+        hello.push(b"AUTH");
+        hello.push(url.username.as_deref().unwrap_or("default").as_bytes());
+        hello.push(password.as_bytes());
+    }
+    hello.extend_from_slice(&[b"SETNAME", b"nearcache"]);
+    let mut out = BytesMut::from(&encode_command(&hello)[..]);
+    let db_arg = db.to_string();
+    if db != 0 {
+        out.extend_from_slice(&encode_command(&[&b"SELECT"[..], db_arg.as_bytes()]));
+    }
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| unavailable(format!("write to {addr}: {e}")))?;
+
+    let mut buf = BytesMut::with_capacity(1024);
+    let hello_reply = read_frame(&mut stream, &mut buf, &addr).await?;
+    let server_version = match &hello_reply {
+        OwnedFrame::SimpleError { data, .. } => return Err(rejected(data)),
+        OwnedFrame::BlobError { data, .. } => return Err(rejected(&String::from_utf8_lossy(data))),
+        other => field(other, "version").unwrap_or_default(),
+    };
+    if db != 0 {
+        match read_frame(&mut stream, &mut buf, &addr).await? {
+            OwnedFrame::SimpleError { data, .. } => return Err(rejected(&data)),
+            _ => {}
+        }
+    }
+    Ok(Handshaken {
+        stream,
+        leftover: buf,
+        server_version,
+    })
+}
+
+async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    addr: &str,
+) -> Result<OwnedFrame, UpstreamError> {
+    loop {
+        match decode(buf) {
+            Ok(Some((frame, used))) => {
+                let _ = buf.split_to(used);
+                return Ok(frame);
+            }
+            Ok(None) => {}
+            Err(_) => return Err(UpstreamError::InvalidReply),
+        }
+        let n = stream
+            .read_buf(buf)
+            .await
+            .map_err(|e| unavailable(format!("read from {addr}: {e}")))?;
+        if n == 0 {
+            return Err(unavailable(format!(
+                "{addr} closed the connection during setup"
+            )));
+        }
+    }
+}
+
+/// The string value for `key` in a HELLO reply (a map in RESP3, a flat
+/// key/value array in RESP2).
+fn field(frame: &OwnedFrame, key: &str) -> Option<String> {
+    let text = |f: &OwnedFrame| match f {
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
+            Some(String::from_utf8_lossy(data).into_owned())
+        }
+        _ => None,
+    };
+    match frame {
+        OwnedFrame::Map { data, .. } => data
+            .iter()
+            .find(|(k, _)| text(k).as_deref() == Some(key))
+            .and_then(|(_, v)| text(v)),
+        OwnedFrame::Array { data, .. } => data
+            .chunks(2)
+            .find(|kv| text(&kv[0]).as_deref() == Some(key))
+            .and_then(|kv| kv.get(1).and_then(text)),
+        _ => None,
+    }
+}
+
+fn unavailable(msg: String) -> UpstreamError {
+    UpstreamError::Unavailable(msg.into())
+}
+
+fn rejected(msg: &str) -> UpstreamError {
+    UpstreamError::Rejected(msg.into())
+}
+
+/// Bytes of a `PING` command, for health checks.
+pub fn ping() -> Bytes {
+    Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")
+}

@@ -1,0 +1,82 @@
+//! Connections to the upstream Redis.
+//!
+//! - [`connection`]: one TCP connection driven by one task that writes batched
+//!   requests and matches replies to them in order (or relays every frame, for
+//!   pub/sub and MONITOR).
+//! - [`handshake`]: what every new connection sends first (HELLO, AUTH, SELECT).
+//! - [`pool`]: per (database, protocol), a few shared connections that many
+//!   clients pipeline through, kept alive by supervisors that reconnect with
+//!   backoff, plus dedicated connections for stateful commands.
+
+pub mod connection;
+pub mod handshake;
+pub mod pool;
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+pub use connection::{Conn, Op, Replies, ReplyTx};
+pub use pool::{Pool, PoolKey, Upstream};
+
+/// Why an upstream request failed. Each kind becomes an `-ERR upstream …`
+/// reply to the client; none of them ends the client's connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made (refused, unreachable, timed out, or the
+    /// pool is between reconnect attempts). Answered at once.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(Arc<str>),
+    /// The connection closed or failed with this request in flight; whether a
+    /// write took effect is unknown.
+    #[error("upstream connection lost")]
+    ConnectionLost,
+    /// The request waited longer than `upstream.command_timeout`.
+    #[error("upstream timeout: no reply within {0:?}")]
+    Timeout(std::time::Duration),
+    /// Redis refused the connection setup (bad password, database out of range…).
+    #[error("upstream rejected the connection: {0}")]
+    Rejected(Arc<str>),
+    /// Upstream sent bytes that are not RESP.
+    #[error("upstream sent an invalid reply")]
+    InvalidReply,
+}
+
+impl UpstreamError {
+    /// The RESP error reply for this failure.
+    pub fn to_reply(&self) -> Bytes {
+        crate::protocol::reply::error(&format!("ERR {self}"))
+    }
+
+    /// `n` copies of the error reply, one per command that gets no answer.
+    pub fn to_replies(&self, n: usize) -> Bytes {
+        let one = self.to_reply();
+        if n == 1 {
+            return one;
+        }
+        let mut buf = BytesMut::with_capacity(one.len() * n);
+        for _ in 0..n {
+            buf.put_slice(&one);
+        }
+        buf.freeze()
+    }
+}
+
+/// Encodes arguments as a RESP array of bulk strings (for commands that did
+/// not arrive in that form: inline commands, and the proxy's own requests).
+pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Bytes {
+    let mut buf =
+        BytesMut::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
+    buf.put_u8(b'*');
+    buf.put_slice(args.len().to_string().as_bytes());
+    buf.put_slice(b"\r\n");
+    for arg in args {
+        let arg = arg.as_ref();
+        buf.put_u8(b'$');
+        buf.put_slice(arg.len().to_string().as_bytes());
+        buf.put_slice(b"\r\n");
+        buf.put_slice(arg);
+        buf.put_slice(b"\r\n");
+    }
+    buf.freeze()
+}

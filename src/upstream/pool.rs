@@ -1,0 +1,260 @@
+//! Upstream pools: per (database, protocol), a few shared pipelined
+//! connections and a list of idle dedicated ones.
+//!
+//! Each shared connection has a supervisor task that connects, waits for the
+//! connection to die, and reconnects with exponential backoff and jitter. While
+//! no shared connection is up, requests fail at once with the last connect
+//! error (the pool acts as its own circuit breaker) instead of queueing behind
+//! a dead server.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::UpstreamError;
+use super::connection::{self, Conn, ConnOptions, IdleList};
+use super::handshake;
+use crate::config::{RedisUrl, UpstreamConfig};
+use crate::protocol::Protocol;
+
+/// Which pool: upstream connections are bound to a database and a protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Selected database.
+    pub db: u32,
+    /// Reply protocol.
+    pub proto: Protocol,
+}
+
+/// All pools to one upstream Redis, created on first use.
+#[derive(Debug)]
+pub struct Upstream {
+    url: RedisUrl,
+    cfg: UpstreamConfig,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    version: Mutex<String>,
+}
+
+impl Upstream {
+    /// An upstream with no connections yet.
+    pub fn new(url: RedisUrl, cfg: UpstreamConfig) -> Arc<Self> {
+        Arc::new(Self {
+            url,
+            cfg,
+            pools: Mutex::new(HashMap::new()),
+            version: Mutex::new(String::new()),
+        })
+    }
+
+    /// The upstream's URL (its Display hides the password).
+    pub fn url(&self) -> &RedisUrl {
+        &self.url
+    }
+
+    /// The database a client starts in (the URL's `/db`).
+    pub fn default_db(&self) -> u32 {
+        self.url.db
+    }
+
+    /// The upstream's version as its last HELLO reported it ("" before any).
+    pub fn server_version(&self) -> String {
+        self.version.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The pool for `key`, created (and its first connection tried) on first
+    /// use. Fails only when Redis rejects the setup itself (e.g. `SELECT 99`
+    /// on a server with 16 databases); an unreachable server still yields a
+    /// pool, which keeps reconnecting.
+    pub async fn pool(self: &Arc<Self>, key: PoolKey) -> Result<Arc<Pool>, UpstreamError> {
+        if let Some(pool) = self.lock_pools().get(&key) {
+            return Ok(pool.clone());
+        }
+        let idle = Arc::new(IdleList::new(self.cfg.max_idle_dedicated));
+        // One handshake first, so a rejected database is reported to the client
+        // that asked for it instead of becoming a pool that retries forever.
+        // The connection is kept as the pool's first idle dedicated one.
+        match self.connect(key, dedicated_options(&idle)).await {
+            Ok(conn) => idle.put(conn),
+            Err(e @ UpstreamError::Rejected(_)) => return Err(e),
+            Err(_) => {}
+        }
+        let mut pools = self.lock_pools();
+        if let Some(pool) = pools.get(&key) {
+            return Ok(pool.clone());
+        }
+        let pool = Arc::new(Pool::start(self.clone(), key, idle));
+        pools.insert(key, pool.clone());
+        Ok(pool)
+    }
+
+    fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens one connection for `key` and starts its task.
+    async fn connect(&self, key: PoolKey, opts: ConnOptions) -> Result<Conn, UpstreamError> {
+        let h =
+            handshake::connect(&self.url, key.db, key.proto, self.cfg.connect_timeout.0).await?;
+        if !h.server_version.is_empty() {
+            if let Ok(mut v) = self.version.lock() {
+                v.clone_from(&h.server_version);
+            }
+        }
+        Ok(connection::spawn(h.stream, h.leftover, opts))
+    }
+}
+
+fn dedicated_options(idle: &Arc<IdleList>) -> ConnOptions {
+    ConnOptions {
+        command_timeout: None,
+        idle: Some(idle.clone()),
+    }
+}
+
+/// State of one shared connection slot.
+#[derive(Debug, Clone)]
+enum SlotState {
+    Connecting,
+    Up(Conn),
+    Down(Arc<str>),
+}
+
+/// The connections for one (database, protocol).
+#[derive(Debug)]
+pub struct Pool {
+    upstream: Arc<Upstream>,
+    key: PoolKey,
+    slots: Vec<watch::Receiver<SlotState>>,
+    next: AtomicUsize,
+    idle: Arc<IdleList>,
+    supervisors: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    fn start(upstream: Arc<Upstream>, key: PoolKey, idle: Arc<IdleList>) -> Self {
+        let mut slots = Vec::new();
+        let mut supervisors = Vec::new();
+        for _ in 0..upstream.cfg.pool_size {
+            let (tx, rx) = watch::channel(SlotState::Connecting);
+            supervisors.push(tokio::spawn(supervise(upstream.clone(), key, tx)));
+            slots.push(rx);
+        }
+        Self {
+            upstream,
+            key,
+            slots,
+            next: AtomicUsize::new(0),
+            idle,
+            supervisors,
+        }
+    }
+
+    /// This pool's database and protocol.
+    pub fn key(&self) -> PoolKey {
+        self.key
+    }
+
+    /// A live shared connection (round-robin). Waits for a connection being
+    /// established, up to the connect timeout; fails at once when every slot
+    /// is down.
+    pub async fn shared(&self) -> Result<Conn, UpstreamError> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut waited = false;
+        loop {
+            let mut connecting = None;
+            let mut last_error: Option<Arc<str>> = None;
+            for i in 0..n {
+                let slot = &self.slots[(start + i) % n];
+                match &*slot.borrow() {
+                    SlotState::Up(conn) if !conn.is_closed() => return Ok(conn.clone()),
+                    SlotState::Up(_) | SlotState::Connecting => connecting = Some(slot.clone()),
+                    SlotState::Down(e) => last_error = Some(e.clone()),
+                }
+            }
+            match connecting {
+                Some(mut rx) if !waited => {
+                    waited = true;
+                    let _ = tokio::time::timeout(self.upstream.cfg.connect_timeout.0, rx.changed())
+                        .await;
+                }
+                _ => {
+                    return Err(UpstreamError::Unavailable(
+                        last_error.unwrap_or_else(|| "still connecting".into()),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// A dedicated connection for a stateful client (transaction, blocking
+    /// command, pub/sub): an idle one or a new one. Release it with
+    /// [`Op::Release`](super::Op::Release) when its state is clean, or drop
+    /// every handle to close it.
+    pub async fn dedicated(&self) -> Result<Conn, UpstreamError> {
+        if let Some(conn) = self.idle.take() {
+            return Ok(conn);
+        }
+        self.upstream
+            .connect(self.key, dedicated_options(&self.idle))
+            .await
+    }
+
+    /// Idle dedicated connections right now.
+    pub fn idle_dedicated(&self) -> usize {
+        self.idle.len()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for s in &self.supervisors {
+            s.abort();
+        }
+    }
+}
+
+/// Keeps one shared slot connected for the life of the pool.
+async fn supervise(upstream: Arc<Upstream>, key: PoolKey, state: watch::Sender<SlotState>) {
+    let min = upstream.cfg.reconnect_min.0;
+    let max = upstream.cfg.reconnect_max.0;
+    let mut delay = min;
+    let opts = ConnOptions {
+        command_timeout: Some(upstream.cfg.command_timeout.0),
+        idle: None,
+    };
+    loop {
+        match upstream.connect(key, opts.clone()).await {
+            Ok(conn) => {
+                tracing::debug!(db = key.db, proto = ?key.proto, "upstream connection up");
+                state.send_replace(SlotState::Up(conn.clone()));
+                delay = min;
+                conn.closed().await;
+                tracing::warn!(db = key.db, "upstream connection lost; reconnecting");
+                state.send_replace(SlotState::Connecting);
+                // Reconnect at once the first time: a lost connection is often
+                // a single event (a killed client, a failover), not an outage.
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(db = key.db, error = %e, retry_in = ?delay, "upstream connect failed");
+                state.send_replace(SlotState::Down(e.to_string().into()));
+                tokio::time::sleep(jitter(delay)).await;
+                delay = (delay * 2).min(max);
+            }
+        }
+    }
+}
+
+/// `d` ± 25 %, so that many proxies do not reconnect in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let r = RandomState::new().build_hasher().finish();
+    let frac = (r % 1000) as f64 / 1000.0; // 0.0..1.0
+    d.mul_f64(0.75 + frac * 0.5)
+}

@@ -1,0 +1,3 @@
+//! Integration tests (run against real redis-server processes).
+
+mod command_keys;
