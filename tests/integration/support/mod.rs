@@ -1,0 +1,460 @@
+//! Test support: real `redis-server` / `nats-server` processes on free
+//! loopback ports, and nearcache itself, in-process or as the built binary.
+//!
+//! Every server is killed on drop. When a test panics, the servers' logs are
+//! printed so the failure can be read without re-running.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::print_stderr)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nearcache::Config;
+
+/// A free loopback port. Bind-and-release: the window before the server binds
+/// it is tiny, and a clash shows up as a failed start, which is retried.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("free loopback port")
+        .port()
+}
+
+/// Polls `ready` every 10 ms until it holds or `limit` passes. For waiting on
+/// an external process to reach a state we cannot subscribe to (a server
+/// accepting connections); never a stand-in for an event we can await.
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sends one inline command over a fresh TCP connection and returns the first
+/// reply line (enough to check a server is up).
+pub fn raw_roundtrip(port: u16, line: &str) -> Option<String> {
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("{line}\r\n").as_bytes()).ok()?;
+    let mut reader = BufReader::new(s);
+    let mut out = String::new();
+    reader.read_line(&mut out).ok()?;
+    Some(out.trim_end().to_owned())
+}
+
+/// A redis-server on a free loopback port with its own temp dir.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it answers PING.
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `--option value` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for redis-server");
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                child: None,
+                port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+            };
+            server.dir = tempfile::tempdir_in(dir.path()).expect("temp dir");
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server after 5 attempts");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let log = self.dir.path().join("redis.log");
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (install it: apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if raw_roundtrip(self.port, "PING")
+                .is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
+            {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false; // port clash or bad option: caller retries
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A sync connection straight to this server (bypassing the proxy).
+    pub fn direct(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (after [`kill`](Self::kill)).
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    /// Sends SIGSTOP / SIGCONT (a hung server).
+    pub fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// Calls of `cmd` so far, from `INFO commandstats` (0 if never called).
+    pub fn calls(&self, cmd: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.direct())
+            .unwrap();
+        let prefix = format!("cmdstat_{}:calls=", cmd.to_lowercase());
+        info.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- redis-server log (port {}) ---\n{}",
+                self.port,
+                self.log()
+            );
+        }
+        self.kill();
+    }
+}
+
+/// A nats-server on a free loopback port.
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts nats-server and waits until it accepts connections.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir for nats-server");
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let log = self.dir.path().join("nats.log");
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-l")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server (install it: apt-get install nats-server)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("nats-server to accept", Duration::from_secs(5), || {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+        });
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
+            eprintln!("--- nats-server log (port {}) ---\n{log}", self.port);
+        }
+        self.kill();
+    }
+}
+
+/// A configuration pointing at `upstream`, listening on a free port.
+pub fn config_for(upstream: &RedisServer) -> Config {
+    let mut cfg = Config::default();
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.upstream.url = upstream.url();
+    cfg
+}
+
+/// nearcache running inside the test process.
+pub struct TestProxy {
+    proxy: Option<nearcache::Proxy>,
+    addr: SocketAddr,
+}
+
+impl TestProxy {
+    /// Starts a proxy in front of `upstream` with default settings.
+    pub async fn start(upstream: &RedisServer) -> Self {
+        Self::start_with(config_for(upstream)).await
+    }
+
+    /// Starts a proxy with `cfg` (use [`config_for`] as the base).
+    pub async fn start_with(cfg: Config) -> Self {
+        let proxy = nearcache::Proxy::start(cfg).await.expect("proxy starts");
+        let addr = proxy.local_addr();
+        TestProxy {
+            proxy: Some(proxy),
+            addr,
+        }
+    }
+
+    /// The proxy's port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// A redis-rs client for the proxy (RESP2).
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    /// A redis-rs client for the proxy speaking RESP3.
+    pub fn client_resp3(&self) -> redis::Client {
+        redis::Client::open(format!("{}?protocol=resp3", self.url())).unwrap()
+    }
+
+    /// An async multiplexed connection to the proxy.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Graceful shutdown.
+    pub async fn shutdown(mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.shutdown().await;
+        }
+    }
+}
+
+/// The built `nearcache` binary, run as a child process.
+pub struct ProxyProcess {
+    child: Option<Child>,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Path of the binary Cargo built for this test run.
+    pub fn binary() -> &'static Path {
+        Path::new(env!("CARGO_BIN_EXE_nearcache"))
+    }
+
+    /// Runs `nearcache --listen 127.0.0.1:<free> --upstream <url> <extra…>` and
+    /// waits until it answers PING.
+    pub fn start(upstream: &RedisServer, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("nearcache.log");
+        let port = free_port();
+        let child = Command::new(Self::binary())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--upstream")
+            .arg(upstream.url())
+            .args(extra)
+            .env("NEARCACHE_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut p = ProxyProcess {
+            child: Some(child),
+            port,
+            log,
+            _dir: dir,
+        };
+        wait_until("nearcache to answer PING", Duration::from_secs(10), || {
+            if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
+                panic!("nearcache exited at startup ({status}):\n{}", p.log());
+            }
+            raw_roundtrip(port, "PING").as_deref() == Some("+PONG")
+        });
+        p
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Sends a signal by name (TERM, INT, STOP, CONT).
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut status = None;
+        let child = self.child.as_mut().expect("running");
+        wait_until("nearcache to exit", limit, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        self.child = None;
+        status.unwrap()
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- nearcache log (port {}) ---\n{}", self.port, self.log());
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `redis-cli -p PORT <args…>` and returns its stdout (stdin optional).
+pub fn redis_cli(port: u16, args: &[&str], stdin: Option<&str>) -> String {
+    let mut child = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("redis-cli (install it: apt-get install redis-tools)");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
