@@ -5,9 +5,9 @@
 //! bind port 0); [`Proxy::shutdown`] stops accepting, lets every session finish
 //! what it has in flight, and returns when all are done or the deadline passes.
 
+pub mod outbox;
 pub mod route;
 pub mod session;
-pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -18,13 +18,13 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Context;
+use super::outbox::{Outbox, Slot};
 use super::route::{Route, route};
-use super::writer::{Slot, write_loop};
 use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::{self, OK, Protocol, Reply};
 use crate::protocol::{Parsed, Parser};
@@ -81,7 +81,7 @@ pub struct Session {
     /// client's commands stay ordered relative to each other).
     conn: Option<Conn>,
     pin: Option<Pin>,
-    slots: mpsc::Sender<Slot>,
+    out: Outbox,
     argv: Vec<Bytes>,
     run: Option<Run>,
 }
@@ -92,16 +92,18 @@ const MAX_RUN: u32 = 256;
 
 /// Serves one client until it disconnects, sends QUIT, breaks the protocol,
 /// idles out, or the server shuts down.
+///
+/// One task does both directions: it writes whatever replies are ready, then
+/// waits for the next of (a reply arriving, more input, shutdown, idleness).
+/// Reading stops while `max_pending_replies` slots are unanswered, which is
+/// the backpressure on clients that pipeline without reading.
 pub async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     ctx: Arc<Context>,
     id: u64,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
-    let (slot_tx, slot_rx) = mpsc::channel(ctx.cfg.server.max_pending_replies);
-    let writer = tokio::spawn(write_loop(wr, slot_rx));
     let mut session = Session {
         pool: ctx.default_pool.clone(),
         db: ctx.upstream.default_db(),
@@ -110,33 +112,57 @@ pub async fn serve(
         authed: ctx.cfg.server.password.is_none(),
         conn: None,
         pin: None,
-        slots: slot_tx,
+        out: Outbox::new(),
         argv: Vec::with_capacity(8),
         run: None,
         id,
         ctx: ctx.clone(),
     };
-
     let mut parser = Parser::new(ctx.limits);
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
     let mut cmds: Vec<Cmd> = Vec::new();
     let mut ranges: Vec<Range<usize>> = Vec::new();
     let idle = ctx.cfg.server.idle_timeout.0;
+    let max_pending = ctx.cfg.server.max_pending_replies;
+    let mut shutdown = std::pin::pin!(shutdown_requested(shutdown));
+    let mut reading = true;
     loop {
-        let read = tokio::select! {
-            r = rd.read_buf(&mut rbuf) => r,
-            _ = idle_expired(idle, session.pin.as_ref().is_some_and(|p| p.relay)) => break,
-            _ = shutdown.changed() => {
-                // A relaying client would never finish on its own.
-                if session.pin.as_ref().is_some_and(|p| p.relay) {
-                    session.pin = None;
-                }
+        if session.out.collect() {
+            let _ = stream.write_all(&session.out.buf).await;
+            break;
+        }
+        if !session.out.buf.is_empty() {
+            if stream.write_all(&session.out.buf).await.is_err() {
                 break;
             }
-        };
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+            session.out.buf.clear();
+        }
+        let can_read = reading && session.out.len() < max_pending;
+        if !reading && session.out.is_empty() {
+            break;
+        }
+        let relaying = session.out.relaying();
+        tokio::select! {
+            biased;
+            _ = session.out.ready(), if !session.out.is_empty() => continue,
+            read = stream.read_buf(&mut rbuf), if can_read => match read {
+                Ok(0) | Err(_) => {
+                    // Half-closed clients (`nc -q`, piped redis-cli) still get
+                    // every reply: stop reading, keep writing.
+                    reading = false;
+                    continue;
+                }
+                Ok(_) => {}
+            },
+            _ = &mut shutdown, if reading => {
+                reading = false;
+                // A relaying client would never finish on its own.
+                if relaying {
+                    session.pin = None;
+                }
+                continue;
+            }
+            _ = idle_expired(idle), if can_read && !relaying && session.out.is_empty() => break,
         }
 
         cmds.clear();
@@ -172,27 +198,32 @@ pub async fn serve(
         let flow = session.process(&chunk, &cmds, &ranges).await;
         if let Some(e) = error {
             tracing::debug!(client = id, error = %e, "protocol error; closing");
-            session.push(Slot::Ready(e.to_reply())).await;
-            session.push(Slot::Close).await;
-            break;
+            session.reply(e.to_reply());
+            session.out.push(Slot::Close);
+            reading = false;
         }
         if flow == Flow::Stop {
-            break;
+            reading = false;
         }
         let wanted = parser.bytes_wanted(rbuf.len());
         rbuf.reserve(wanted.max(4096));
     }
-    // Let in-flight replies drain before the pinned connection goes away.
-    let Session { slots, pin, .. } = session;
-    drop(slots);
-    let _ = writer.await;
-    drop(pin);
+    let _ = stream.shutdown().await;
 }
 
-/// Resolves when the client has been idle too long (never when disabled or
-/// while relaying, as Redis exempts subscribers from `timeout`).
-async fn idle_expired(idle: std::time::Duration, relaying: bool) {
-    if idle.is_zero() || relaying {
+/// Resolves once the server asks sessions to stop.
+async fn shutdown_requested(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            // The server is gone without a signal: nothing to wait for.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Resolves when the client has been idle too long (never when disabled).
+async fn idle_expired(idle: std::time::Duration) {
+    if idle.is_zero() {
         std::future::pending::<()>().await;
     }
     tokio::time::sleep(idle).await;
@@ -232,8 +263,7 @@ impl Session {
                 Route::Auth | Route::Hello | Route::Quit | Route::Reset
             )
         {
-            self.reply(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"))
-                .await;
+            self.reply(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
             return Flow::Continue;
         }
         if self.pin.as_ref().is_some_and(|p| p.relay) {
@@ -242,13 +272,13 @@ impl Session {
         match route {
             Route::Forward => self.forward(chunk, frame, self.pin.is_some()).await,
             Route::Quit => {
-                self.reply(Bytes::from_static(OK)).await;
-                self.push(Slot::Close).await;
+                self.reply(Bytes::from_static(OK));
+                self.push(Slot::Close);
                 return Flow::Stop;
             }
             Route::Auth => {
                 let r = self.auth();
-                self.reply(r).await;
+                self.reply(r);
             }
             Route::Hello => {
                 if let Some(pin) = &mut self.pin {
@@ -261,7 +291,7 @@ impl Session {
                     self.forward(chunk, frame, true).await;
                 } else {
                     let r = self.hello().await;
-                    self.reply(r).await;
+                    self.reply(r);
                 }
             }
             Route::Select => self.select(chunk, frame).await,
@@ -269,11 +299,11 @@ impl Session {
                 self.flush_run(chunk).await;
                 self.pin = None;
                 self.reset_state().await;
-                self.reply(Bytes::from_static(b"+RESET\r\n")).await;
+                self.reply(Bytes::from_static(b"+RESET\r\n"));
             }
             Route::ClientSetName => {
                 let r = self.set_name();
-                self.reply(r).await;
+                self.reply(r);
             }
             Route::ClientGetName => {
                 let mut r = Reply::new(self.proto);
@@ -281,12 +311,12 @@ impl Session {
                     Some(name) => r.bulk(name),
                     None => r.null(),
                 };
-                self.reply(r.finish()).await;
+                self.reply(r.finish());
             }
             Route::ClientId => {
                 let mut r = Reply::new(self.proto);
                 r.int(self.id as i64);
-                self.reply(r.finish()).await;
+                self.reply(r.finish());
             }
             Route::Multi | Route::Watch => {
                 if self.pin.is_none() && !self.pin_dedicated().await {
@@ -326,10 +356,10 @@ impl Session {
                 }
             }
             Route::Relay => self.start_relay(chunk, frame).await,
-            Route::Refuse(msg) => self.reply(reply::error(msg)).await,
+            Route::Refuse(msg) => self.reply(reply::error(msg)),
             Route::WrongArity(name) => {
                 let msg = format!("ERR wrong number of arguments for '{name}' command");
-                self.reply(reply::error(&msg)).await;
+                self.reply(reply::error(&msg));
             }
         }
         Flow::Continue
@@ -441,8 +471,7 @@ impl Session {
     async fn send_upstream(&mut self, frames: Bytes, count: u32, pinned: bool) {
         if pinned {
             let Some(pin) = &self.pin else {
-                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize))
-                    .await;
+                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
                 return;
             };
             if pin.relay {
@@ -464,11 +493,10 @@ impl Session {
                 // The dedicated connection died: its state (MULTI, WATCH) is
                 // gone, so the client must hear about it.
                 self.pin = None;
-                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize))
-                    .await;
+                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
                 return;
             }
-            self.push(Slot::Upstream { rx, count }).await;
+            self.push(Slot::Upstream { rx, count });
             return;
         }
         let (tx, rx) = oneshot::channel();
@@ -487,14 +515,14 @@ impl Session {
                         conn
                     }
                     Err(e) => {
-                        self.reply(e.to_replies(count as usize)).await;
+                        self.reply(e.to_replies(count as usize));
                         return;
                     }
                 },
             };
             match conn.send(op) {
                 Ok(()) => {
-                    self.push(Slot::Upstream { rx, count }).await;
+                    self.push(Slot::Upstream { rx, count });
                     return;
                 }
                 Err(back) => {
@@ -503,8 +531,7 @@ impl Session {
                 }
             }
         }
-        self.reply(UpstreamError::ConnectionLost.to_replies(count as usize))
-            .await;
+        self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
     }
 
     /// Runs a blocking command on a dedicated connection that goes back to the
@@ -517,7 +544,7 @@ impl Session {
         };
         let conn = match self.pool.dedicated().await {
             Ok(conn) => conn,
-            Err(e) => return self.reply(e.to_reply()).await,
+            Err(e) => return self.reply(e.to_reply()),
         };
         let (tx, rx) = oneshot::channel();
         if conn
@@ -528,10 +555,10 @@ impl Session {
             })
             .is_err()
         {
-            return self.reply(UpstreamError::ConnectionLost.to_reply()).await;
+            return self.reply(UpstreamError::ConnectionLost.to_reply());
         }
         let _ = conn.send(Op::Release(conn.clone()));
-        self.push(Slot::Upstream { rx, count: 1 }).await;
+        self.push(Slot::Upstream { rx, count: 1 });
     }
 
     /// Pins a dedicated connection; on failure the client has its error reply.
@@ -548,7 +575,7 @@ impl Session {
                 true
             }
             Err(e) => {
-                self.reply(e.to_reply()).await;
+                self.reply(e.to_reply());
                 false
             }
         }
@@ -585,23 +612,19 @@ impl Session {
         let Some(pin) = &mut self.pin else { return };
         if pin.conn.send(Op::Relay { frames, tx }).is_err() {
             self.pin = None;
-            return self.reply(UpstreamError::ConnectionLost.to_reply()).await;
+            return self.reply(UpstreamError::ConnectionLost.to_reply());
         }
         pin.relay = true;
         pin.dirty = true;
-        self.push(Slot::Relay(rx)).await;
+        self.push(Slot::Relay(rx));
     }
 
     async fn select(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) {
         let Some(db) = self.argv.get(1).and_then(|a| parse_i64(a)) else {
-            return self
-                .reply(reply::error("ERR value is not an integer or out of range"))
-                .await;
+            return self.reply(reply::error("ERR value is not an integer or out of range"));
         };
         let Ok(db) = u32::try_from(db) else {
-            return self
-                .reply(reply::error("ERR DB index is out of range"))
-                .await;
+            return self.reply(reply::error("ERR DB index is out of range"));
         };
         if let Some(pin) = &mut self.pin {
             pin.dirty = true;
@@ -609,9 +632,9 @@ impl Session {
             return self.forward(chunk, frame, true).await;
         }
         match self.switch_pool(db, self.proto).await {
-            Ok(()) => self.reply(Bytes::from_static(OK)).await,
-            Err(UpstreamError::Rejected(msg)) => self.reply(reply::error(&msg)).await,
-            Err(e) => self.reply(e.to_reply()).await,
+            Ok(()) => self.reply(Bytes::from_static(OK)),
+            Err(UpstreamError::Rejected(msg)) => self.reply(reply::error(&msg)),
+            Err(e) => self.reply(e.to_reply()),
         }
     }
 
@@ -737,14 +760,12 @@ impl Session {
     }
 
     /// Queues a reply the proxy produced, after everything already queued.
-    async fn reply(&mut self, bytes: Bytes) {
-        self.push(Slot::Ready(bytes)).await;
+    fn reply(&mut self, bytes: Bytes) {
+        self.out.push(Slot::Ready(bytes));
     }
 
-    async fn push(&mut self, slot: Slot) {
-        // Fails only when the writer is gone (client stopped reading and the
-        // connection broke); the read side notices on its next read.
-        let _ = self.slots.send(slot).await;
+    fn push(&mut self, slot: Slot) {
+        self.out.push(slot);
     }
 }
 

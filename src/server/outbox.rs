@@ -1,0 +1,211 @@
+//! Replies waiting to be written to one client, in command order.
+//!
+//! The session queues one [`Slot`] per reply (or per run of pipelined replies)
+//! and writes from the same task that reads, so a request costs no hand-off
+//! between tasks. [`Outbox::collect`] moves every slot that is already answered
+//! into one buffer, so a pipeline whose replies arrive together leaves in one
+//! `write`; [`Outbox::ready`] waits for the first one that is not.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::upstream::connection::Failed;
+use crate::upstream::{Replies, UpstreamError};
+
+/// One reply, or a run of replies, in command order.
+#[derive(Debug)]
+pub enum Slot {
+    /// Answered by the proxy (or already arrived).
+    Ready(Bytes),
+    /// `count` replies from upstream, arriving together.
+    Upstream {
+        /// Where they arrive.
+        rx: oneshot::Receiver<Replies>,
+        /// How many commands they answer (for error replies).
+        count: u32,
+    },
+    /// Every frame from a relaying connection, until it ends.
+    Relay(mpsc::Receiver<Bytes>),
+    /// Close the connection once everything before is written.
+    Close,
+}
+
+/// The queue of slots and the bytes ready to be written.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    slots: VecDeque<Slot>,
+    /// Bytes ready for the next write.
+    pub buf: BytesMut,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new() -> Self {
+        Self {
+            slots: VecDeque::with_capacity(16),
+            buf: BytesMut::with_capacity(16 * 1024),
+        }
+    }
+
+    /// Queues a slot after every other.
+    #[inline]
+    pub fn push(&mut self, slot: Slot) {
+        self.slots.push_back(slot);
+    }
+
+    /// Slots not yet written.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when every slot has been written.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// True while the head slot is a relay (the client is subscribed or
+    /// monitoring), which exempts it from the idle timeout.
+    pub fn relaying(&self) -> bool {
+        matches!(self.slots.front(), Some(Slot::Relay(_)))
+    }
+
+    /// Moves every slot that can be written now into `buf`, stopping at the
+    /// first that is still waiting. Returns true when a `Close` slot is reached.
+    pub fn collect(&mut self) -> bool {
+        while let Some(head) = self.slots.front_mut() {
+            match head {
+                Slot::Ready(bytes) => {
+                    self.buf.extend_from_slice(bytes);
+                    self.slots.pop_front();
+                }
+                Slot::Upstream { rx, count } => {
+                    let replies = match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(oneshot::error::TryRecvError::Empty) => return false,
+                        Err(oneshot::error::TryRecvError::Closed) => Err(lost()),
+                    };
+                    let count = *count;
+                    self.slots.pop_front();
+                    self.append(replies, count);
+                }
+                Slot::Relay(rx) => match rx.try_recv() {
+                    Ok(frame) => self.buf.extend_from_slice(&frame),
+                    Err(TryRecvError::Empty) => return false,
+                    Err(TryRecvError::Disconnected) => {
+                        self.slots.pop_front();
+                    }
+                },
+                Slot::Close => return true,
+            }
+        }
+        false
+    }
+
+    /// Waits until the head slot has something to write (never resolves when
+    /// empty). Cancel-safe: whatever arrived is kept in the queue.
+    pub async fn ready(&mut self) {
+        match self.slots.front_mut() {
+            None => std::future::pending().await,
+            Some(Slot::Ready(_) | Slot::Close) => {}
+            Some(Slot::Upstream { rx, count }) => {
+                let count = *count;
+                let replies = rx.await.unwrap_or_else(|_| Err(lost()));
+                self.slots.pop_front();
+                self.append(replies, count);
+            }
+            Some(Slot::Relay(rx)) => match rx.recv().await {
+                Some(frame) => self.buf.extend_from_slice(&frame),
+                None => {
+                    self.slots.pop_front();
+                }
+            },
+        }
+    }
+
+    /// Appends a run's replies; a failure still yields one reply per command.
+    fn append(&mut self, replies: Replies, count: u32) {
+        match replies {
+            Ok(frames) => self.buf.extend_from_slice(&frames),
+            Err(failed) => {
+                self.buf.extend_from_slice(&failed.partial);
+                let missing = count.saturating_sub(failed.got) as usize;
+                self.buf
+                    .extend_from_slice(&failed.error.to_replies(missing));
+            }
+        }
+    }
+}
+
+fn lost() -> Failed {
+    Failed {
+        partial: Bytes::new(),
+        got: 0,
+        error: UpstreamError::ConnectionLost,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn replies_leave_in_slot_order_and_batch_when_ready() {
+        let mut out = Outbox::new();
+        let (tx1, rx1) = oneshot::channel();
+        let (tx2, rx2) = oneshot::channel();
+        out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
+        out.push(Slot::Upstream { rx: rx1, count: 1 });
+        out.push(Slot::Upstream { rx: rx2, count: 1 });
+        // The second reply arrives first: it must wait behind the first.
+        tx2.send(Ok(Bytes::from_static(b"+C\r\n"))).unwrap();
+        assert!(!out.collect());
+        assert_eq!(&out.buf[..], b"+A\r\n");
+        tx1.send(Ok(Bytes::from_static(b"+B\r\n"))).unwrap();
+        assert!(!out.collect());
+        assert_eq!(&out.buf[..], b"+A\r\n+B\r\n+C\r\n");
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_run_still_answers_every_command() {
+        let mut out = Outbox::new();
+        let (tx, rx) = oneshot::channel();
+        out.push(Slot::Upstream { rx, count: 3 });
+        tx.send(Err(Failed {
+            partial: Bytes::from_static(b":1\r\n"),
+            got: 1,
+            error: UpstreamError::ConnectionLost,
+        }))
+        .unwrap();
+        out.ready().await;
+        assert_eq!(
+            &out.buf[..],
+            b":1\r\n-ERR upstream connection lost\r\n-ERR upstream connection lost\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dropped_sender_is_a_lost_connection_not_a_hang() {
+        let mut out = Outbox::new();
+        let (tx, rx) = oneshot::channel::<Replies>();
+        out.push(Slot::Upstream { rx, count: 1 });
+        drop(tx);
+        assert!(!out.collect());
+        assert_eq!(&out.buf[..], b"-ERR upstream connection lost\r\n");
+    }
+
+    #[tokio::test]
+    async fn close_stops_collection() {
+        let mut out = Outbox::new();
+        out.push(Slot::Ready(Bytes::from_static(b"+OK\r\n")));
+        out.push(Slot::Close);
+        assert!(out.collect());
+        assert_eq!(&out.buf[..], b"+OK\r\n");
+    }
+}
