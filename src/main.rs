@@ -88,7 +88,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.apply(Overrides::from_env().then(flags));
     cfg.validate(&format!("{origin} (with environment and flags)"))?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.server.threads > 0 {
+        builder.worker_threads(cfg.server.threads);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -37,6 +37,8 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to accept clients on.
     pub listen: String,
+    /// Worker threads; 0 = one per available core.
+    pub threads: usize,
     /// Clients beyond this many are refused with an error.
     pub max_clients: usize,
     /// Close a client connection idle this long (0 = never, as Redis's `timeout 0`).
@@ -63,6 +65,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:6380".into(),
+            threads: 0,
             max_clients: 10_000,
             idle_timeout: Duration::default(),
             shutdown_timeout: Duration(std::time::Duration::from_secs(10)),
@@ -271,6 +274,15 @@ impl Config {
                 format!(
                     "'{}' is not an address ({e}); use e.g. \"127.0.0.1:6380\"",
                     self.server.listen
+                ),
+            );
+        }
+        if self.server.threads > 256 {
+            bad(
+                "server.threads",
+                format!(
+                    "{} is out of range (0 = one per core, up to 256)",
+                    self.server.threads
                 ),
             );
         }

@@ -74,6 +74,12 @@ impl Outbox {
         matches!(self.slots.front(), Some(Slot::Relay(_)))
     }
 
+    /// Drops any relay (the server is shutting down: a subscriber would never
+    /// finish on its own). Its connection notices and closes.
+    pub fn end_relays(&mut self) {
+        self.slots.retain(|s| !matches!(s, Slot::Relay(_)));
+    }
+
     /// Moves every slot that can be written now into `buf`, stopping at the
     /// first that is still waiting. Returns true when a `Close` slot is reached.
     pub fn collect(&mut self) -> bool {

@@ -157,7 +157,8 @@ pub async fn serve(
             _ = &mut shutdown, if reading => {
                 reading = false;
                 // A relaying client would never finish on its own.
-                if relaying {
+                session.out.end_relays();
+                if session.pin.as_ref().is_some_and(|p| p.relay) {
                     session.pin = None;
                 }
                 continue;

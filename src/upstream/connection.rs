@@ -198,6 +198,8 @@ async fn run(
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut relaying = false;
+    // Every handle is gone but a relay is still being delivered.
+    let mut orphaned = false;
 
     let error = loop {
         tokio::select! {
@@ -215,9 +217,15 @@ async fn run(
                     rbuf.reserve(64 * 1024);
                 }
             }
-            op = rx.recv() => {
+            op = rx.recv(), if !orphaned => {
                 let Some(op) = op else {
-                    // Every handle is gone: nobody wants what is in flight.
+                    // Every handle is gone. A relay still being read (the last
+                    // command was RESET, whose +RESET is on its way) runs to its
+                    // end; anything else is wanted by nobody.
+                    if matches!(pending.front(), Some(Pending::Relay(tx)) if !tx.is_closed()) {
+                        orphaned = true;
+                        continue;
+                    }
                     return;
                 };
                 let mut next = Some(op);

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one entry point for checks; developers and CI (.ci/run) both run it.
+# Installs what the tests need on Debian when missing, then: rustfmt check,
+# clippy with warnings as errors, and every test (unit, integration against
+# real redis-server/nats-server processes, end-to-end with the built binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+missing=()
+need redis-server || missing+=(redis-server)
+need redis-cli || missing+=(redis-tools)
+need redis-benchmark || missing+=(redis-tools)
+need nats-server || missing+=(nats-server)
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ] && need apt-get; then
+    echo "== installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "missing: ${missing[*]} — install with: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+need cargo || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo test"
+cargo test --quiet
