@@ -346,7 +346,7 @@ impl Config {
             }
         }
         let nats = &self.coherence.nats_url;
-        if !nats.is_empty() && !(nats.starts_with("nats://") || nats.starts_with("tls://")) {
+        if !(nats.is_empty() || nats.starts_with("nats://") || nats.starts_with("tls://")) {
             bad(
                 "coherence.nats_url",
                 format!("'{nats}' is not a nats:// URL"),

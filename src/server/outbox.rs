@@ -26,6 +26,8 @@ pub enum Slot {
         rx: oneshot::Receiver<Replies>,
         /// How many commands they answer (for error replies).
         count: u32,
+        /// A blocking command: abandoned, not awaited, when the client leaves.
+        blocking: bool,
     },
     /// Every frame from a relaying connection, until it ends.
     Relay(mpsc::Receiver<Bytes>),
@@ -74,10 +76,13 @@ impl Outbox {
         matches!(self.slots.front(), Some(Slot::Relay(_)))
     }
 
-    /// Drops any relay (the server is shutting down: a subscriber would never
-    /// finish on its own). Its connection notices and closes.
-    pub fn end_relays(&mut self) {
-        self.slots.retain(|s| !matches!(s, Slot::Relay(_)));
+    /// Drops what would never finish without the client: relays (a subscriber
+    /// or MONITOR) and blocking commands. Their dedicated connections notice
+    /// nobody is waiting and close, which is what Redis does for a client that
+    /// disconnects: a blocked pop that nobody will read must not take an item.
+    pub fn abandon_unbounded(&mut self) {
+        self.slots
+            .retain(|s| !matches!(s, Slot::Relay(_) | Slot::Upstream { blocking: true, .. }));
     }
 
     /// Moves every slot that can be written now into `buf`, stopping at the
@@ -89,7 +94,7 @@ impl Outbox {
                     self.buf.extend_from_slice(bytes);
                     self.slots.pop_front();
                 }
-                Slot::Upstream { rx, count } => {
+                Slot::Upstream { rx, count, .. } => {
                     let replies = match rx.try_recv() {
                         Ok(r) => r,
                         Err(oneshot::error::TryRecvError::Empty) => return false,
@@ -118,7 +123,7 @@ impl Outbox {
         match self.slots.front_mut() {
             None => std::future::pending().await,
             Some(Slot::Ready(_) | Slot::Close) => {}
-            Some(Slot::Upstream { rx, count }) => {
+            Some(Slot::Upstream { rx, count, .. }) => {
                 let count = *count;
                 let replies = rx.await.unwrap_or_else(|_| Err(lost()));
                 self.slots.pop_front();
@@ -166,8 +171,16 @@ mod tests {
         let (tx1, rx1) = oneshot::channel();
         let (tx2, rx2) = oneshot::channel();
         out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
-        out.push(Slot::Upstream { rx: rx1, count: 1 });
-        out.push(Slot::Upstream { rx: rx2, count: 1 });
+        out.push(Slot::Upstream {
+            rx: rx1,
+            count: 1,
+            blocking: false,
+        });
+        out.push(Slot::Upstream {
+            rx: rx2,
+            count: 1,
+            blocking: false,
+        });
         // The second reply arrives first: it must wait behind the first.
         tx2.send(Ok(Bytes::from_static(b"+C\r\n"))).unwrap();
         assert!(!out.collect());
@@ -182,7 +195,11 @@ mod tests {
     async fn a_failed_run_still_answers_every_command() {
         let mut out = Outbox::new();
         let (tx, rx) = oneshot::channel();
-        out.push(Slot::Upstream { rx, count: 3 });
+        out.push(Slot::Upstream {
+            rx,
+            count: 3,
+            blocking: false,
+        });
         tx.send(Err(Failed {
             partial: Bytes::from_static(b":1\r\n"),
             got: 1,
@@ -200,7 +217,11 @@ mod tests {
     async fn a_dropped_sender_is_a_lost_connection_not_a_hang() {
         let mut out = Outbox::new();
         let (tx, rx) = oneshot::channel::<Replies>();
-        out.push(Slot::Upstream { rx, count: 1 });
+        out.push(Slot::Upstream {
+            rx,
+            count: 1,
+            blocking: false,
+        });
         drop(tx);
         assert!(!out.collect());
         assert_eq!(&out.buf[..], b"-ERR upstream connection lost\r\n");

@@ -57,8 +57,9 @@ pub fn route(argv: &[Bytes]) -> Route {
         // Unknown here (a module command, or a newer Redis): Redis decides.
         return Route::Forward;
     };
-    let is_sub = spec.name.contains('|');
-    if !is_sub && spec.subcommands.is_empty() && !spec.arity_ok(argv.len()) {
+    // Subcommands too (`CLIENT GETNAME x`); a container whose subcommand is
+    // unknown resolves to the container, whose loose arity lets Redis answer.
+    if !spec.arity_ok(argv.len()) {
         return Route::WrongArity(spec.name);
     }
     // Fast path: plain data commands carry none of these flags.
@@ -153,5 +154,15 @@ mod tests {
         assert_eq!(r(&["GET"]), Route::WrongArity("get"));
         assert_eq!(r(&["GET", "a", "b"]), Route::WrongArity("get"));
         assert_eq!(r(&["SET", "k"]), Route::WrongArity("set"));
+        assert_eq!(
+            r(&["CLIENT", "GETNAME", "x"]),
+            Route::WrongArity("client|getname")
+        );
+        assert_eq!(
+            r(&["CLIENT", "SETNAME", "a", "b"]),
+            Route::WrongArity("client|setname")
+        );
+        assert_eq!(r(&["CLIENT"]), Route::WrongArity("client"));
+        assert_eq!(r(&["CLIENT", "NOSUCH"]), Route::Forward);
     }
 }

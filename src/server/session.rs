@@ -148,16 +148,21 @@ pub async fn serve(
             read = stream.read_buf(&mut rbuf), if can_read => match read {
                 Ok(0) | Err(_) => {
                     // Half-closed clients (`nc -q`, piped redis-cli) still get
-                    // every reply: stop reading, keep writing.
+                    // every reply: stop reading, keep writing. What would never
+                    // end without the client is dropped, as Redis drops it.
                     reading = false;
+                    session.out.abandon_unbounded();
+                    if session.pin.as_ref().is_some_and(|p| p.relay) {
+                        session.pin = None;
+                    }
                     continue;
                 }
                 Ok(_) => {}
             },
             _ = &mut shutdown, if reading => {
                 reading = false;
-                // A relaying client would never finish on its own.
-                session.out.end_relays();
+                // A relaying or blocked client would never finish on its own.
+                session.out.abandon_unbounded();
                 if session.pin.as_ref().is_some_and(|p| p.relay) {
                     session.pin = None;
                 }
@@ -351,13 +356,24 @@ impl Session {
             }
             Route::Blocking => {
                 if self.pin.is_some() {
-                    self.forward(chunk, frame, true).await;
+                    // Alone, so its slot can be abandoned without the others.
+                    self.flush_run(chunk).await;
+                    let frames = match frame {
+                        Some(f) => chunk.slice(f),
+                        None => encode_command(&self.argv),
+                    };
+                    self.send_pinned(frames, 1, true);
                 } else {
                     self.blocking(chunk, frame).await;
                 }
             }
             Route::Relay => self.start_relay(chunk, frame).await,
             Route::Refuse(msg) => self.reply(reply::error(msg)),
+            Route::WrongArity(_) if self.pin.as_ref().is_some_and(|p| p.in_multi) => {
+                // Redis must see it: a queuing error makes EXEC fail with
+                // EXECABORT, and answering here would let the rest commit.
+                self.forward(chunk, frame, true).await;
+            }
             Route::WrongArity(name) => {
                 let msg = format!("ERR wrong number of arguments for '{name}' command");
                 self.reply(reply::error(&msg));
@@ -471,34 +487,7 @@ impl Session {
     /// Sends `count` commands upstream and queues the slot for their replies.
     async fn send_upstream(&mut self, frames: Bytes, count: u32, pinned: bool) {
         if pinned {
-            let Some(pin) = &self.pin else {
-                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
-                return;
-            };
-            if pin.relay {
-                if pin.conn.send(Op::Write { frames }).is_err() {
-                    self.pin = None;
-                }
-                return;
-            }
-            let (tx, rx) = oneshot::channel();
-            if pin
-                .conn
-                .send(Op::Send {
-                    frames,
-                    replies: count,
-                    tx,
-                })
-                .is_err()
-            {
-                // The dedicated connection died: its state (MULTI, WATCH) is
-                // gone, so the client must hear about it.
-                self.pin = None;
-                self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
-                return;
-            }
-            self.push(Slot::Upstream { rx, count });
-            return;
+            return self.send_pinned(frames, count, false);
         }
         let (tx, rx) = oneshot::channel();
         let mut op = Op::Send {
@@ -515,16 +504,16 @@ impl Session {
                         self.conn = Some(conn.clone());
                         conn
                     }
-                    Err(e) => {
-                        self.reply(e.to_replies(count as usize));
-                        return;
-                    }
+                    Err(e) => return self.reply(e.to_replies(count as usize)),
                 },
             };
             match conn.send(op) {
                 Ok(()) => {
-                    self.push(Slot::Upstream { rx, count });
-                    return;
+                    return self.push(Slot::Upstream {
+                        rx,
+                        count,
+                        blocking: false,
+                    });
                 }
                 Err(back) => {
                     op = back;
@@ -533,6 +522,36 @@ impl Session {
             }
         }
         self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
+    }
+
+    /// Sends commands over the pinned connection (written only, when relaying).
+    fn send_pinned(&mut self, frames: Bytes, count: u32, blocking: bool) {
+        let Some(pin) = &self.pin else {
+            return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
+        };
+        if pin.relay {
+            if pin.conn.send(Op::Write { frames }).is_err() {
+                self.pin = None;
+            }
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Send {
+            frames,
+            replies: count,
+            tx,
+        };
+        if pin.conn.send(op).is_err() {
+            // The dedicated connection died: its state (MULTI, WATCH) is gone,
+            // so the client must hear about it.
+            self.pin = None;
+            return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
+        }
+        self.push(Slot::Upstream {
+            rx,
+            count,
+            blocking,
+        });
     }
 
     /// Runs a blocking command on a dedicated connection that goes back to the
@@ -559,7 +578,11 @@ impl Session {
             return self.reply(UpstreamError::ConnectionLost.to_reply());
         }
         let _ = conn.send(Op::Release(conn.clone()));
-        self.push(Slot::Upstream { rx, count: 1 });
+        self.push(Slot::Upstream {
+            rx,
+            count: 1,
+            blocking: true,
+        });
     }
 
     /// Pins a dedicated connection; on failure the client has its error reply.

@@ -85,9 +85,10 @@ async fn connect_inner(
         other => field(other, "version").unwrap_or_default(),
     };
     if db != 0 {
-        match read_frame(&mut stream, &mut buf, &addr).await? {
-            OwnedFrame::SimpleError { data, .. } => return Err(rejected(&data)),
-            _ => {}
+        if let OwnedFrame::SimpleError { data, .. } =
+            read_frame(&mut stream, &mut buf, &addr).await?
+        {
+            return Err(rejected(&data));
         }
     }
     Ok(Handshaken {

@@ -1,6 +1,5 @@
 //! The harness itself works: a proxy in front of a real server forwards.
 
-#[allow(clippy::unwrap_used)]
 use crate::support::{RedisServer, TestProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

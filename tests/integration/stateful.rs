@@ -1,0 +1,807 @@
+//! Stateful commands through the proxy: transactions, WATCH, pub/sub (RESP2
+//! and RESP3), blocking commands, MONITOR, CLIENT REPLY, RESET and QUIT, and
+//! that a client leaving in the middle of any of them leaves no state behind.
+//!
+//! Mostly raw sockets ([`Raw`]): the exact frames (and their order) are what
+//! is under test. Waiting is always on an event or a bounded poll of what
+//! Redis itself reports (`INFO clients`, `CLIENT LIST`, `PUBSUB NUMSUB`).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis_protocol::resp3::types::OwnedFrame;
+
+use crate::compat::{Raw, blob, direct_async};
+use crate::support::{RedisServer, TestProxy};
+
+const OK: &[u8] = b"+OK\r\n";
+const QUEUED: &[u8] = b"+QUEUED\r\n";
+
+async fn q<T: redis::FromRedisValue>(conn: &mut MultiplexedConnection, args: &[&str]) -> T {
+    let mut c = redis::cmd(args[0]);
+    for a in &args[1..] {
+        c.arg(*a);
+    }
+    c.query_async(conn).await.unwrap()
+}
+
+/// RESP2 bulk string.
+fn bulk(s: &str) -> String {
+    format!("${}\r\n{s}\r\n", s.len())
+}
+
+/// RESP2 array of bulk strings and integers (`:n` items pass through).
+fn array(kind: char, items: &[&str]) -> Vec<u8> {
+    let mut out = format!("{kind}{}\r\n", items.len());
+    for i in items {
+        if i.starts_with(':') {
+            out.push_str(i);
+            out.push_str("\r\n");
+        } else {
+            out.push_str(&bulk(i));
+        }
+    }
+    out.into_bytes()
+}
+
+/// Polls `probe` every 10 ms until it returns true; fails after 10 s.
+async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !probe().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after 10 s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `blocked_clients` from Redis's `INFO clients`.
+async fn blocked_clients(d: &mut MultiplexedConnection) -> u64 {
+    let info: String = q(d, &["INFO", "clients"]).await;
+    info.lines()
+        .find_map(|l| l.strip_prefix("blocked_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("blocked_clients in INFO clients")
+}
+
+/// Waits until Redis reports exactly `n` blocked clients.
+async fn wait_blocked(d: &mut MultiplexedConnection, n: u64) {
+    let what = format!("{n} blocked client(s) on Redis");
+    eventually(&what, || {
+        let mut d = d.clone();
+        async move { blocked_clients(&mut d).await == n }
+    })
+    .await;
+}
+
+/// Redis's `CLIENT LIST`, one map of fields per client.
+async fn client_list(d: &mut MultiplexedConnection) -> Vec<Vec<(String, String)>> {
+    let list: String = q(d, &["CLIENT", "LIST"]).await;
+    list.lines()
+        .map(|l| {
+            l.split(' ')
+                .filter_map(|f| f.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
+fn field<'a>(client: &'a [(String, String)], name: &str) -> &'a str {
+    client
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+// ---------------------------------------------------------------- MULTI/EXEC
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_exec_queues_then_runs_atomically() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut other = proxy.conn().await;
+    let mut a = Raw::connect(proxy.port()).await;
+
+    assert_eq!(a.cmd(&["MULTI"]).await, OK);
+    assert_eq!(a.cmd(&["SET", "tx", "1"]).await, QUEUED);
+    assert_eq!(a.cmd(&["INCR", "tx"]).await, QUEUED);
+    assert_eq!(a.cmd(&["GET", "tx"]).await, QUEUED);
+    let before: Option<String> = q(&mut other, &["GET", "tx"]).await;
+    assert_eq!(before, None, "queued commands have not run yet");
+    assert_eq!(
+        a.cmd(&["EXEC"]).await,
+        b"*3\r\n+OK\r\n:2\r\n$1\r\n2\r\n"[..]
+    );
+    let after: Option<String> = q(&mut other, &["GET", "tx"]).await;
+    assert_eq!(after.as_deref(), Some("2"));
+    // Out of the transaction: commands run immediately again.
+    assert_eq!(a.cmd(&["SET", "tx2", "x"]).await, OK);
+    // And a second transaction on the same connection works.
+    assert_eq!(a.cmd(&["MULTI"]).await, OK);
+    assert_eq!(a.cmd(&["INCR", "tx"]).await, QUEUED);
+    assert_eq!(a.cmd(&["EXEC"]).await, b"*1\r\n:3\r\n"[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_discard_drops_the_queued_commands() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut a = Raw::connect(proxy.port()).await;
+
+    assert_eq!(a.cmd(&["MULTI"]).await, OK);
+    assert_eq!(a.cmd(&["SET", "d", "1"]).await, QUEUED);
+    assert_eq!(a.cmd(&["DISCARD"]).await, OK);
+    assert_eq!(
+        a.cmd(&["GET", "d"]).await,
+        b"$-1\r\n"[..],
+        "the queued SET never ran"
+    );
+    assert_eq!(a.cmd(&["SET", "d", "2"]).await, OK, "not queued any more");
+    let mut d = direct_async(&redis, 0).await;
+    let v: Option<String> = q(&mut d, &["GET", "d"]).await;
+    assert_eq!(v.as_deref(), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_aborts_exec_when_another_client_writes_the_key() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut a = Raw::connect(proxy.port()).await;
+    let mut b = proxy.conn().await;
+
+    let _: () = q(&mut b, &["SET", "w", "start"]).await;
+    assert_eq!(a.cmd(&["WATCH", "w"]).await, OK);
+    assert_eq!(a.cmd(&["GET", "w"]).await, bulk("start").as_bytes()[..]);
+    let _: () = q(&mut b, &["SET", "w", "by-b"]).await;
+    assert_eq!(a.cmd(&["MULTI"]).await, OK);
+    assert_eq!(a.cmd(&["SET", "w", "by-a"]).await, QUEUED);
+    assert_eq!(a.cmd(&["EXEC"]).await, b"*-1\r\n"[..], "EXEC aborted (nil)");
+    let v: String = q(&mut b, &["GET", "w"]).await;
+    assert_eq!(v, "by-b", "the aborted transaction wrote nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_lets_exec_run_when_nobody_touched_the_key() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut a = Raw::connect(proxy.port()).await;
+    let mut b = proxy.conn().await;
+
+    let _: () = q(&mut b, &["SET", "w", "start"]).await;
+    assert_eq!(a.cmd(&["WATCH", "w"]).await, OK);
+    // Another client writing a different key does not matter.
+    let _: () = q(&mut b, &["SET", "unrelated", "x"]).await;
+    assert_eq!(a.cmd(&["MULTI"]).await, OK);
+    assert_eq!(a.cmd(&["SET", "w", "by-a"]).await, QUEUED);
+    assert_eq!(a.cmd(&["EXEC"]).await, b"*1\r\n+OK\r\n"[..]);
+    let v: String = q(&mut b, &["GET", "w"]).await;
+    assert_eq!(v, "by-a");
+    // The watch ended with EXEC: a later write by B does not affect A.
+    assert_eq!(a.cmd(&["MULTI"]).await, OK);
+    let _: () = q(&mut b, &["SET", "w", "by-b"]).await;
+    assert_eq!(a.cmd(&["SET", "w", "by-a-again"]).await, QUEUED);
+    assert_eq!(a.cmd(&["EXEC"]).await, b"*1\r\n+OK\r\n"[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_discard_without_multi_are_redis_errors() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let mut d = Raw::connect(redis.port()).await;
+    for cmd in ["EXEC", "DISCARD"] {
+        let from_redis = d.cmd(&[cmd]).await;
+        assert_eq!(
+            from_redis,
+            format!("-ERR {cmd} without MULTI\r\n").as_bytes()[..]
+        );
+        assert_eq!(p.cmd(&[cmd]).await, from_redis);
+    }
+    assert_eq!(p.cmd(&["PING"]).await, b"+PONG\r\n"[..]);
+}
+
+/// Runs `MULTI; SET ok 1; <bad>; EXEC` on `conn` and returns the four replies.
+async fn transaction_with_bad_command(conn: &mut Raw, bad: &[&str]) -> Vec<Vec<u8>> {
+    let mut replies = Vec::new();
+    for args in [&["MULTI"][..], &["SET", "ok", "1"], bad, &["EXEC"]] {
+        replies.push(conn.cmd(args).await.to_vec());
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_wrong_arity_command_aborts_exec_with_execabort() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let direct = transaction_with_bad_command(&mut d, &["SET", "k"]).await;
+    assert!(
+        direct[3].starts_with(b"-EXECABORT"),
+        "Redis: {:?}",
+        direct[3]
+    );
+    assert_eq!(d.cmd(&["EXISTS", "ok"]).await, b":0\r\n"[..]);
+
+    let mut p = Raw::connect(proxy.port()).await;
+    let proxied = transaction_with_bad_command(&mut p, &["SET", "k"]).await;
+    assert_eq!(
+        proxied
+            .iter()
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .collect::<Vec<_>>(),
+        direct
+            .iter()
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        d.cmd(&["EXISTS", "ok"]).await,
+        b":0\r\n"[..],
+        "the aborted transaction's SET must not have run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_unknown_command_aborts_exec_with_execabort() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let direct = transaction_with_bad_command(&mut d, &["NOSUCHCMD", "x"]).await;
+    assert!(
+        direct[3].starts_with(b"-EXECABORT"),
+        "Redis: {:?}",
+        direct[3]
+    );
+
+    let mut p = Raw::connect(proxy.port()).await;
+    let proxied = transaction_with_bad_command(&mut p, &["NOSUCHCMD", "x"]).await;
+    assert_eq!(proxied, direct);
+    assert_eq!(d.cmd(&["EXISTS", "ok"]).await, b":0\r\n"[..]);
+    assert_eq!(
+        p.cmd(&["SET", "after", "1"]).await,
+        OK,
+        "no transaction left open"
+    );
+}
+
+// ------------------------------------------------------------------ pub/sub
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp2_pubsub_subscribe_publish_psubscribe_unsubscribe() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut publisher = proxy.conn().await;
+    let mut s = Raw::connect(proxy.port()).await;
+
+    assert_eq!(
+        s.cmd(&["SUBSCRIBE", "ch"]).await,
+        array('*', &["subscribe", "ch", ":1"])[..]
+    );
+    let receivers: i64 = q(&mut publisher, &["PUBLISH", "ch", "hello"]).await;
+    assert_eq!(receivers, 1);
+    assert_eq!(s.frame().await, array('*', &["message", "ch", "hello"])[..]);
+
+    assert_eq!(
+        s.cmd(&["PSUBSCRIBE", "news.*"]).await,
+        array('*', &["psubscribe", "news.*", ":2"])[..]
+    );
+    let receivers: i64 = q(&mut publisher, &["PUBLISH", "news.tech", "chips"]).await;
+    assert_eq!(receivers, 1);
+    assert_eq!(
+        s.frame().await,
+        array('*', &["pmessage", "news.*", "news.tech", "chips"])[..]
+    );
+    let receivers: i64 = q(&mut publisher, &["PUBLISH", "other", "x"]).await;
+    assert_eq!(receivers, 0);
+
+    // PING in subscribe mode answers with the pub/sub form.
+    assert_eq!(s.cmd(&["PING"]).await, array('*', &["pong", ""])[..]);
+    assert_eq!(
+        s.cmd(&["PING", "hi"]).await,
+        array('*', &["pong", "hi"])[..]
+    );
+    // Other commands are refused by Redis while subscribed in RESP2.
+    let refused = s.cmd(&["GET", "k"]).await;
+    assert!(
+        refused.starts_with(b"-ERR"),
+        "GET while subscribed: {refused:?}"
+    );
+
+    assert_eq!(
+        s.cmd(&["UNSUBSCRIBE", "ch"]).await,
+        array('*', &["unsubscribe", "ch", ":1"])[..]
+    );
+    assert_eq!(
+        s.cmd(&["PUNSUBSCRIBE", "news.*"]).await,
+        array('*', &["punsubscribe", "news.*", ":0"])[..]
+    );
+    let receivers: i64 = q(&mut publisher, &["PUBLISH", "ch", "gone"]).await;
+    assert_eq!(receivers, 0, "nobody subscribed any more");
+
+    // Normal commands work again on the same connection.
+    assert_eq!(s.cmd(&["SET", "k", "v"]).await, OK);
+    assert_eq!(s.cmd(&["GET", "k"]).await, bulk("v").as_bytes()[..]);
+    assert_eq!(s.cmd(&["PING"]).await, b"+PONG\r\n"[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp3_pubsub_uses_push_frames_and_still_answers_commands() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut publisher = proxy.conn().await;
+    let _: () = q(&mut publisher, &["SET", "k", "v"]).await;
+
+    let mut s = Raw::connect(proxy.port()).await;
+    s.resp3 = true;
+    let hello = s.cmd(&["HELLO", "3"]).await;
+    assert_eq!(hello[0], b'%');
+
+    let confirm = s.cmd(&["SUBSCRIBE", "ch"]).await;
+    assert_eq!(confirm, array('>', &["subscribe", "ch", ":1"])[..]);
+    let receivers: i64 = q(&mut publisher, &["PUBLISH", "ch", "hello"]).await;
+    assert_eq!(receivers, 1);
+    match s.frame3().await {
+        OwnedFrame::Push { data, .. } => {
+            assert_eq!(data, vec![blob("message"), blob("ch"), blob("hello")]);
+        }
+        other => panic!("a published message is a push frame, got {other:?}"),
+    }
+    // A normal command while subscribed gets its normal reply.
+    assert_eq!(s.cmd(&["GET", "k"]).await, bulk("v").as_bytes()[..]);
+    assert_eq!(s.cmd(&["GET", "missing"]).await, b"_\r\n"[..]);
+    let receivers: i64 = q(&mut publisher, &["PUBLISH", "ch", "again"]).await;
+    assert_eq!(receivers, 1);
+    assert_eq!(s.frame().await, array('>', &["message", "ch", "again"])[..]);
+    assert_eq!(
+        s.cmd(&["UNSUBSCRIBE", "ch"]).await,
+        array('>', &["unsubscribe", "ch", ":0"])[..]
+    );
+}
+
+// ---------------------------------------------------------------- blocking
+
+/// Sends a blocking command on a fresh proxy connection, waits until Redis
+/// reports it blocked, runs `release` through another client, and returns
+/// the blocked client's reply.
+async fn blocked_then_released(
+    redis: &RedisServer,
+    proxy: &TestProxy,
+    blocking: &[&str],
+    release: &[&str],
+) -> bytes::Bytes {
+    let mut d = direct_async(redis, 0).await;
+    let mut other = proxy.conn().await;
+    let mut a = Raw::connect(proxy.port()).await;
+    a.send_str(blocking).await;
+    wait_blocked(&mut d, 1).await;
+    let _: redis::Value = q(&mut other, release).await;
+    let reply = a.frame().await;
+    wait_blocked(&mut d, 0).await;
+    assert_eq!(
+        a.cmd(&["PING"]).await,
+        b"+PONG\r\n"[..],
+        "the client goes on normally"
+    );
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blpop_is_released_by_another_clients_push() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let reply =
+        blocked_then_released(&redis, &proxy, &["BLPOP", "q", "0"], &["RPUSH", "q", "x"]).await;
+    assert_eq!(reply, array('*', &["q", "x"])[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brpop_is_released_by_another_clients_push() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let reply = blocked_then_released(
+        &redis,
+        &proxy,
+        &["BRPOP", "q1", "q2", "0"],
+        &["LPUSH", "q2", "a", "b"],
+    )
+    .await;
+    assert_eq!(reply, array('*', &["q2", "a"])[..]);
+    let mut d = direct_async(&redis, 0).await;
+    let left: Vec<String> = q(&mut d, &["LRANGE", "q2", "0", "-1"]).await;
+    assert_eq!(left, ["b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blmove_is_released_by_another_clients_push() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let reply = blocked_then_released(
+        &redis,
+        &proxy,
+        &["BLMOVE", "src", "dst", "LEFT", "RIGHT", "0"],
+        &["RPUSH", "src", "item"],
+    )
+    .await;
+    assert_eq!(reply, bulk("item").as_bytes()[..]);
+    let mut d = direct_async(&redis, 0).await;
+    let dst: Vec<String> = q(&mut d, &["LRANGE", "dst", "0", "-1"]).await;
+    assert_eq!(dst, ["item"]);
+    let src: i64 = q(&mut d, &["LLEN", "src"]).await;
+    assert_eq!(src, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bzpopmin_is_released_by_another_clients_zadd() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let reply = blocked_then_released(
+        &redis,
+        &proxy,
+        &["BZPOPMIN", "zq", "0"],
+        &["ZADD", "zq", "2", "two", "1", "one"],
+    )
+    .await;
+    assert_eq!(reply, array('*', &["zq", "one", "1"])[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xread_block_is_released_by_another_clients_xadd() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+    let _: String = q(&mut d, &["XADD", "xs", "1-1", "old", "entry"]).await;
+    let reply = blocked_then_released(
+        &redis,
+        &proxy,
+        &["XREAD", "BLOCK", "0", "STREAMS", "xs", "$"],
+        &["XADD", "xs", "5-1", "f", "v"],
+    )
+    .await;
+    let want = b"*1\r\n*2\r\n$2\r\nxs\r\n*1\r\n*2\r\n$3\r\n5-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n";
+    assert_eq!(reply, want[..], "only the entry added after blocking");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_commands_with_a_timeout_return_nil() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let mut d = Raw::connect(redis.port()).await;
+    for args in [
+        &["BLPOP", "empty", "0.05"][..],
+        &["BRPOP", "empty", "0.05"],
+        &["BLMOVE", "empty", "dst", "LEFT", "LEFT", "0.05"],
+        &["BZPOPMIN", "emptyz", "0.05"],
+        &["XREAD", "BLOCK", "50", "STREAMS", "emptys", "$"],
+    ] {
+        let from_redis = d.cmd(args).await;
+        assert!(
+            from_redis[..] == b"*-1\r\n"[..] || from_redis[..] == b"$-1\r\n"[..],
+            "{args:?}: Redis said {from_redis:?}"
+        );
+        assert_eq!(p.cmd(args).await, from_redis, "{args:?}");
+    }
+    assert_eq!(p.cmd(&["PING"]).await, b"+PONG\r\n"[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_client_does_not_block_other_clients() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+    let mut other = proxy.conn().await;
+    let _: () = q(&mut other, &["SET", "k", "v"]).await;
+
+    let mut a = Raw::connect(proxy.port()).await;
+    a.send_str(&["BLPOP", "q", "0"]).await;
+    wait_blocked(&mut d, 1).await;
+    let gets = async {
+        for _ in 0..100 {
+            let v: String = q(&mut other, &["GET", "k"]).await;
+            assert_eq!(v, "v");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gets)
+        .await
+        .expect("100 GETs complete while another client is blocked");
+    assert_eq!(
+        blocked_clients(&mut d).await,
+        1,
+        "the BLPOP is still blocked"
+    );
+    let _: i64 = q(&mut other, &["RPUSH", "q", "done"]).await;
+    assert_eq!(a.frame().await, array('*', &["q", "done"])[..]);
+}
+
+// ------------------------------------------------ clients that leave midway
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_multi_leaves_no_queued_transaction() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+
+    let mut a = Raw::connect(proxy.port()).await;
+    assert_eq!(a.cmd(&["MULTI"]).await, OK);
+    assert_eq!(a.cmd(&["SET", "abandoned", "1"]).await, QUEUED);
+    let in_multi = client_list(&mut d)
+        .await
+        .iter()
+        .filter(|c| field(c, "flags").contains('x'))
+        .count();
+    assert_eq!(in_multi, 1, "Redis sees one connection inside MULTI");
+    drop(a);
+
+    eventually("no upstream connection left inside MULTI", || {
+        let mut d = d.clone();
+        async move {
+            client_list(&mut d)
+                .await
+                .iter()
+                .all(|c| !field(c, "flags").contains('x'))
+        }
+    })
+    .await;
+    // The next transactions start from nothing.
+    for _ in 0..3 {
+        let mut b = Raw::connect(proxy.port()).await;
+        assert_eq!(b.cmd(&["MULTI"]).await, OK, "not a nested MULTI");
+        assert_eq!(b.cmd(&["EXEC"]).await, b"*0\r\n"[..], "nothing queued by A");
+    }
+    let v: Option<String> = q(&mut d, &["GET", "abandoned"]).await;
+    assert_eq!(v, None, "A's queued SET never ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_watch_leaves_no_watch() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+
+    let mut a = Raw::connect(proxy.port()).await;
+    assert_eq!(a.cmd(&["WATCH", "wk"]).await, OK);
+    let watching = client_list(&mut d)
+        .await
+        .iter()
+        .filter(|c| field(c, "cmd") == "watch")
+        .count();
+    assert_eq!(watching, 1);
+    drop(a);
+    // Closed, or at least reset (UNWATCH/RESET), before anyone reuses it.
+    eventually(
+        "the abandoned WATCH connection to be closed or reset",
+        || {
+            let mut d = d.clone();
+            async move {
+                client_list(&mut d)
+                    .await
+                    .iter()
+                    .all(|c| field(c, "cmd") != "watch")
+            }
+        },
+    )
+    .await;
+
+    // Whatever connection the next clients get, a write to wk does not abort
+    // their transactions.
+    for i in 0..3 {
+        let mut b = Raw::connect(proxy.port()).await;
+        assert_eq!(b.cmd(&["MULTI"]).await, OK);
+        let _: () = q(&mut d, &["SET", "wk", &format!("changed{i}")]).await;
+        assert_eq!(b.cmd(&["SET", "other", "1"]).await, QUEUED);
+        assert_eq!(b.cmd(&["EXEC"]).await, b"*1\r\n+OK\r\n"[..], "round {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_blpop_leaves_no_blocked_upstream() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+
+    let mut a = Raw::connect(proxy.port()).await;
+    a.send_str(&["BLPOP", "abq", "0"]).await;
+    wait_blocked(&mut d, 1).await;
+    let blocked_on_blpop = |list: &[Vec<(String, String)>]| {
+        list.iter()
+            .filter(|c| field(c, "cmd") == "blpop" && field(c, "flags").contains('b'))
+            .count()
+    };
+    assert_eq!(blocked_on_blpop(&client_list(&mut d).await), 1);
+    drop(a);
+
+    eventually("the abandoned BLPOP's upstream connection to close", || {
+        let mut d = d.clone();
+        async move { blocked_on_blpop(&client_list(&mut d).await) == 0 }
+    })
+    .await;
+    assert_eq!(blocked_clients(&mut d).await, 0);
+
+    let mut b = proxy.conn().await;
+    let len: i64 = q(&mut b, &["RPUSH", "abq", "precious"]).await;
+    assert_eq!(len, 1);
+    let items: Vec<String> = q(&mut d, &["LRANGE", "abq", "0", "-1"]).await;
+    assert_eq!(
+        items,
+        ["precious"],
+        "the push was not eaten by the abandoned BLPOP"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_subscribe_leaves_no_subscription() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+
+    let mut a = Raw::connect(proxy.port()).await;
+    assert_eq!(
+        a.cmd(&["SUBSCRIBE", "gone"]).await,
+        array('*', &["subscribe", "gone", ":1"])[..]
+    );
+    let numsub = |d: MultiplexedConnection| async move {
+        let mut d = d;
+        let r: (String, i64) = q(&mut d, &["PUBSUB", "NUMSUB", "gone"]).await;
+        r.1
+    };
+    assert_eq!(numsub(d.clone()).await, 1);
+    drop(a);
+    eventually("the abandoned subscription to go", || {
+        let d = d.clone();
+        async move { numsub(d).await == 0 }
+    })
+    .await;
+    let mut b = Raw::connect(proxy.port()).await;
+    assert_eq!(
+        b.cmd(&["PING"]).await,
+        b"+PONG\r\n"[..],
+        "a new client is not in subscribe mode"
+    );
+    assert_eq!(b.cmd(&["PUBLISH", "gone", "x"]).await, b":0\r\n"[..]);
+    let _: () = q(&mut d, &["SET", "k", "v"]).await;
+    assert_eq!(b.cmd(&["GET", "k"]).await, bulk("v").as_bytes()[..]);
+}
+
+// ------------------------------------------------- MONITOR, REPLY, RESET, QUIT
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_shows_commands_of_other_clients() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut m = Raw::connect(proxy.port()).await;
+    assert_eq!(m.cmd(&["MONITOR"]).await, OK);
+
+    let mut other = proxy.conn().await;
+    let _: () = q(&mut other, &["SET", "monitored-key", "seen"]).await;
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let line = m.frame().await;
+        let text = String::from_utf8_lossy(&line).into_owned();
+        lines.push(text.clone());
+        if text.starts_with('+') && text.contains(r#""SET" "monitored-key" "seen""#) {
+            return;
+        }
+    }
+    panic!("MONITOR never showed the SET; saw {lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_silences_until_on() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut c = Raw::connect(proxy.port()).await;
+
+    c.send_str(&["CLIENT", "REPLY", "OFF"]).await;
+    c.send_str(&["SET", "silent", "1"]).await;
+    c.send_str(&["INCR", "silent"]).await;
+    c.send_str(&["CLIENT", "REPLY", "ON"]).await;
+    c.send_str(&["GET", "silent"]).await;
+    c.send_str(&["PING"]).await;
+    // The first reply is ON's: nothing for OFF, SET or INCR.
+    assert_eq!(c.frame().await, OK);
+    assert_eq!(
+        c.frame().await,
+        bulk("2").as_bytes()[..],
+        "the silenced commands ran"
+    );
+    assert_eq!(c.frame().await, b"+PONG\r\n"[..]);
+
+    c.send_str(&["CLIENT", "REPLY", "SKIP"]).await;
+    c.send_str(&["SET", "skipped", "1"]).await;
+    c.send_str(&["GET", "skipped"]).await;
+    assert_eq!(
+        c.frame().await,
+        bulk("1").as_bytes()[..],
+        "only the skipped reply is missing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_inside_multi_returns_to_normal() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut c = Raw::connect(proxy.port()).await;
+
+    assert_eq!(c.cmd(&["SELECT", "4"]).await, OK);
+    assert_eq!(c.cmd(&["CLIENT", "SETNAME", "before"]).await, OK);
+    assert_eq!(c.cmd(&["MULTI"]).await, OK);
+    assert_eq!(c.cmd(&["SET", "rk", "queued"]).await, QUEUED);
+    assert_eq!(c.cmd(&["RESET"]).await, b"+RESET\r\n"[..]);
+    assert_eq!(
+        c.cmd(&["SET", "rk2", "now"]).await,
+        OK,
+        "not queued any more"
+    );
+    assert_eq!(c.cmd(&["EXEC"]).await, b"-ERR EXEC without MULTI\r\n"[..]);
+    assert_eq!(
+        c.cmd(&["CLIENT", "GETNAME"]).await,
+        b"$-1\r\n"[..],
+        "RESET clears the name"
+    );
+
+    let mut d0 = direct_async(&redis, 0).await;
+    let mut d4 = direct_async(&redis, 4).await;
+    let v: Vec<Option<String>> = q(&mut d0, &["MGET", "rk", "rk2"]).await;
+    assert_eq!(v, vec![None, Some("now".into())], "RESET went back to db 0");
+    let n: i64 = q(&mut d4, &["DBSIZE"]).await;
+    assert_eq!(n, 0, "the queued SET was discarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_inside_subscribe_mode_returns_to_normal() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+    let mut c = Raw::connect(proxy.port()).await;
+
+    assert_eq!(
+        c.cmd(&["SUBSCRIBE", "rch"]).await,
+        array('*', &["subscribe", "rch", ":1"])[..]
+    );
+    assert_eq!(c.cmd(&["RESET"]).await, b"+RESET\r\n"[..]);
+    assert_eq!(
+        c.cmd(&["PING"]).await,
+        b"+PONG\r\n"[..],
+        "no longer in subscribe mode"
+    );
+    assert_eq!(c.cmd(&["SET", "k", "v"]).await, OK);
+    assert_eq!(c.cmd(&["GET", "k"]).await, bulk("v").as_bytes()[..]);
+    let r: (String, i64) = q(&mut d, &["PUBSUB", "NUMSUB", "rch"]).await;
+    assert_eq!(r.1, 0, "the subscription is gone");
+    let receivers: i64 = q(&mut d, &["PUBLISH", "rch", "late"]).await;
+    assert_eq!(receivers, 0);
+    assert_eq!(
+        c.cmd(&["PING"]).await,
+        b"+PONG\r\n"[..],
+        "no message arrived after RESET"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_answers_ok_and_closes() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut c = Raw::connect(proxy.port()).await;
+    assert_eq!(c.cmd(&["SET", "k", "v"]).await, OK);
+    assert_eq!(c.cmd(&["QUIT"]).await, OK);
+    c.expect_eof().await;
+
+    // Commands pipelined after QUIT are not run.
+    let mut c = Raw::connect(proxy.port()).await;
+    c.send_str(&["QUIT"]).await;
+    c.send_str(&["SET", "after-quit", "1"]).await;
+    assert_eq!(c.frame().await, OK);
+    c.expect_eof().await;
+    let mut d = direct_async(&redis, 0).await;
+    let v: Option<String> = q(&mut d, &["GET", "after-quit"]).await;
+    assert_eq!(v, None);
+}
