@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod command;
 pub mod config;
 pub mod protocol;

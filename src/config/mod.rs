@@ -25,6 +25,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// The Redis behind the proxy.
     pub upstream: UpstreamConfig,
+    /// The in-process L1 cache and its key-prefix rules.
+    pub cache: CacheConfig,
     /// Metrics and health endpoints (HTTP).
     pub admin: AdminConfig,
     /// Invalidation bus between instances.
@@ -113,6 +115,55 @@ impl Default for UpstreamConfig {
             reconnect_max: Duration(std::time::Duration::from_secs(2)),
         }
     }
+}
+
+/// The L1 cache: a memory budget and the rules that decide what is cached.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// L1 budget in bytes (keys, requests and replies), enforced by weight.
+    pub max_memory: ByteSize,
+    /// Key-prefix rules; the longest matching prefix wins. A rule with
+    /// prefix `""` is the default for every other key; without one, keys no
+    /// rule names are not cached.
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_memory: ByteSize(256 << 20),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One key-prefix rule.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Keys starting with this are governed by the rule.
+    pub prefix: String,
+    /// How long L1 may keep a reply (never longer than the key's own TTL).
+    #[serde(default)]
+    pub ttl: Duration,
+    /// `false`: never cache matching keys (to exempt a sub-prefix).
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Cache "key does not exist" answers this long; unset = don't.
+    #[serde(default)]
+    pub negative_ttl: Option<Duration>,
+    /// Replies larger than this pass through uncached.
+    #[serde(default = "default_max_value_size")]
+    pub max_value_size: ByteSize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_value_size() -> ByteSize {
+    ByteSize(1 << 20)
 }
 
 /// HTTP endpoints for metrics and health (not served yet).
@@ -345,6 +396,32 @@ impl Config {
                 );
             }
         }
+        if self.cache.max_memory.0 < 1024 {
+            bad(
+                "cache.max_memory",
+                format!("{} is too small (at least 1KiB)", self.cache.max_memory),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, rule) in self.cache.rules.iter().enumerate() {
+            let field =
+                |name: &str| format!("cache.rules[{i}] (prefix \"{}\").{name}", rule.prefix);
+            if !seen.insert(rule.prefix.as_str()) {
+                bad(&field("prefix"), "another rule has the same prefix".into());
+            }
+            if rule.cache && rule.ttl.0.is_zero() {
+                bad(
+                    &field("ttl"),
+                    "must be more than 0 for a rule that caches (or set cache = false)".into(),
+                );
+            }
+            if rule.negative_ttl.is_some_and(|d| d.0.is_zero()) {
+                bad(
+                    &field("negative_ttl"),
+                    "must be more than 0 (remove it to disable)".into(),
+                );
+            }
+        }
         let nats = &self.coherence.nats_url;
         if !(nats.is_empty() || nats.starts_with("nats://") || nats.starts_with("tls://")) {
             bad(
@@ -439,6 +516,35 @@ mod tests {
             assert!(err.contains(field), "{field} missing from: {err}");
         }
         assert!(err.starts_with("c.toml:"), "{err}");
+    }
+
+    #[test]
+    fn cache_rules_parse_and_bad_rules_are_named() {
+        let cfg = Config::from_toml(
+            "[cache]\nmax_memory = \"64MiB\"\n[[cache.rules]]\nprefix = \"ticker:\"\nttl = \"2s\"\n\
+             [[cache.rules]]\nprefix = \"orderbook:\"\nttl = \"500ms\"\nnegative_ttl = \"100ms\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        cfg.validate("c.toml").unwrap();
+        assert_eq!(cfg.cache.rules.len(), 2);
+        assert_eq!(
+            cfg.cache.rules[1].ttl.0,
+            std::time::Duration::from_millis(500)
+        );
+        assert!(cfg.cache.rules[0].cache);
+
+        let bad = Config::from_toml(
+            "[[cache.rules]]\nprefix = \"a:\"\n[[cache.rules]]\nprefix = \"a:\"\nttl = \"1s\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let err = bad.validate("c.toml").unwrap_err().to_string();
+        assert!(err.contains("cache.rules[0] (prefix \"a:\").ttl"), "{err}");
+        assert!(
+            err.contains("cache.rules[1] (prefix \"a:\").prefix"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub enum Slot {
 #[derive(Debug, Default)]
 pub struct Outbox {
     slots: VecDeque<Slot>,
+    /// Replies the queued slots stand for (a run counts each of its commands).
+    replies: usize,
     /// Bytes ready for the next write.
     pub buf: BytesMut,
 }
@@ -47,6 +49,7 @@ impl Outbox {
     /// An empty outbox.
     pub fn new() -> Self {
         Self {
+            replies: 0,
             slots: VecDeque::with_capacity(16),
             buf: BytesMut::with_capacity(16 * 1024),
         }
@@ -55,7 +58,20 @@ impl Outbox {
     /// Queues a slot after every other.
     #[inline]
     pub fn push(&mut self, slot: Slot) {
+        self.replies += weight(&slot);
         self.slots.push_back(slot);
+    }
+
+    /// Replies not yet written (the backpressure measure).
+    #[inline]
+    pub fn pending_replies(&self) -> usize {
+        self.replies
+    }
+
+    fn pop(&mut self) {
+        if let Some(slot) = self.slots.pop_front() {
+            self.replies -= weight(&slot);
+        }
     }
 
     /// Slots not yet written.
@@ -83,6 +99,13 @@ impl Outbox {
     pub fn abandon_unbounded(&mut self) {
         self.slots
             .retain(|s| !matches!(s, Slot::Relay(_) | Slot::Upstream { blocking: true, .. }));
+        self.replies = self.slots.iter().map(weight).sum();
+    }
+
+    /// Drops relays only (shutdown: a subscriber never finishes on its own,
+    /// while a blocked command is in flight and may finish within the deadline).
+    pub fn end_relays(&mut self) {
+        self.slots.retain(|s| !matches!(s, Slot::Relay(_)));
     }
 
     /// Moves every slot that can be written now into `buf`, stopping at the
@@ -92,7 +115,7 @@ impl Outbox {
             match head {
                 Slot::Ready(bytes) => {
                     self.buf.extend_from_slice(bytes);
-                    self.slots.pop_front();
+                    self.pop();
                 }
                 Slot::Upstream { rx, count, .. } => {
                     let replies = match rx.try_recv() {
@@ -101,14 +124,14 @@ impl Outbox {
                         Err(oneshot::error::TryRecvError::Closed) => Err(lost()),
                     };
                     let count = *count;
-                    self.slots.pop_front();
+                    self.pop();
                     self.append(replies, count);
                 }
                 Slot::Relay(rx) => match rx.try_recv() {
                     Ok(frame) => self.buf.extend_from_slice(&frame),
                     Err(TryRecvError::Empty) => return false,
                     Err(TryRecvError::Disconnected) => {
-                        self.slots.pop_front();
+                        self.pop();
                     }
                 },
                 Slot::Close => return true,
@@ -126,13 +149,13 @@ impl Outbox {
             Some(Slot::Upstream { rx, count, .. }) => {
                 let count = *count;
                 let replies = rx.await.unwrap_or_else(|_| Err(lost()));
-                self.slots.pop_front();
+                self.pop();
                 self.append(replies, count);
             }
             Some(Slot::Relay(rx)) => match rx.recv().await {
                 Some(frame) => self.buf.extend_from_slice(&frame),
                 None => {
-                    self.slots.pop_front();
+                    self.pop();
                 }
             },
         }
@@ -149,6 +172,14 @@ impl Outbox {
                     .extend_from_slice(&failed.error.to_replies(missing));
             }
         }
+    }
+}
+
+fn weight(slot: &Slot) -> usize {
+    match slot {
+        Slot::Ready(_) => 1,
+        Slot::Upstream { count, .. } => *count as usize,
+        Slot::Relay(_) | Slot::Close => 0,
     }
 }
 

@@ -118,14 +118,18 @@ pub async fn serve(
         id,
         ctx: ctx.clone(),
     };
-    let mut parser = Parser::new(ctx.limits);
-    let mut rbuf = BytesMut::with_capacity(16 * 1024);
-    let mut cmds: Vec<Cmd> = Vec::new();
-    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let mut input = Input {
+        parser: Parser::new(ctx.limits),
+        buf: BytesMut::with_capacity(16 * 1024),
+        cmds: Vec::new(),
+        ranges: Vec::new(),
+    };
     let idle = ctx.cfg.server.idle_timeout.0;
     let max_pending = ctx.cfg.server.max_pending_replies;
     let mut shutdown = std::pin::pin!(shutdown_requested(shutdown));
     let mut reading = true;
+    // Complete commands may be buffered but unparsed (the reply budget ran out).
+    let mut backlog = false;
     loop {
         if session.out.collect() {
             let _ = stream.write_all(&session.out.buf).await;
@@ -137,15 +141,23 @@ pub async fn serve(
             }
             session.out.buf.clear();
         }
-        let can_read = reading && session.out.len() < max_pending;
+        let room = max_pending.saturating_sub(session.out.pending_replies());
+        if backlog && room > 0 {
+            match input.dispatch(&mut session, room).await {
+                Ok(more) => backlog = more,
+                Err(()) => reading = false,
+            }
+            continue;
+        }
         if !reading && session.out.is_empty() {
             break;
         }
+        let can_read = reading && room > 0 && !backlog;
         let relaying = session.out.relaying();
         tokio::select! {
             biased;
             _ = session.out.ready(), if !session.out.is_empty() => continue,
-            read = stream.read_buf(&mut rbuf), if can_read => match read {
+            read = stream.read_buf(&mut input.buf), if can_read => match read {
                 Ok(0) | Err(_) => {
                     // Half-closed clients (`nc -q`, piped redis-cli) still get
                     // every reply: stop reading, keep writing. What would never
@@ -157,12 +169,16 @@ pub async fn serve(
                     }
                     continue;
                 }
-                Ok(_) => {}
+                Ok(_) => match input.dispatch(&mut session, room).await {
+                    Ok(more) => backlog = more,
+                    Err(()) => reading = false,
+                },
             },
             _ = &mut shutdown, if reading => {
+                // In-flight requests finish (within shutdown_timeout); a
+                // subscriber would never finish on its own.
                 reading = false;
-                // A relaying or blocked client would never finish on its own.
-                session.out.abandon_unbounded();
+                session.out.end_relays();
                 if session.pin.as_ref().is_some_and(|p| p.relay) {
                     session.pin = None;
                 }
@@ -170,25 +186,49 @@ pub async fn serve(
             }
             _ = idle_expired(idle), if can_read && !relaying && session.out.is_empty() => break,
         }
+        let wanted = input.parser.bytes_wanted(input.buf.len());
+        input.buf.reserve(wanted.max(4096));
+    }
+    let _ = stream.shutdown().await;
+}
 
-        cmds.clear();
-        ranges.clear();
+/// A client's unparsed input and the per-read scratch vectors (reused, so a
+/// read allocates nothing).
+struct Input {
+    parser: Parser,
+    buf: BytesMut,
+    cmds: Vec<Cmd>,
+    ranges: Vec<Range<usize>>,
+}
+
+impl Input {
+    /// Parses up to `room` commands from the buffer and runs them through the
+    /// session. `Ok(true)`: complete commands remain (budget exhausted);
+    /// `Err(())`: the client is finished (protocol error or QUIT).
+    async fn dispatch(&mut self, session: &mut Session, room: usize) -> Result<bool, ()> {
+        self.cmds.clear();
+        self.ranges.clear();
         let mut consumed = 0;
         let mut error = None;
+        let mut more = false;
         loop {
-            match parser.next(&rbuf) {
+            if self.cmds.len() >= room {
+                more = true;
+                break;
+            }
+            match self.parser.next(&self.buf) {
                 Ok(Some(parsed)) => {
                     consumed = parsed.frame().end;
                     match parsed {
                         Parsed::Resp { frame } => {
-                            let first = ranges.len();
-                            ranges.extend_from_slice(parser.args());
-                            cmds.push(Cmd::Resp {
+                            let first = self.ranges.len();
+                            self.ranges.extend_from_slice(self.parser.args());
+                            self.cmds.push(Cmd::Resp {
                                 frame,
-                                args: first..ranges.len(),
+                                args: first..self.ranges.len(),
                             });
                         }
-                        Parsed::Inline { args, .. } => cmds.push(Cmd::Inline(args)),
+                        Parsed::Inline { args, .. } => self.cmds.push(Cmd::Inline(args)),
                         Parsed::Empty { .. } => {}
                     }
                 }
@@ -199,22 +239,20 @@ pub async fn serve(
                 }
             }
         }
-        let chunk = rbuf.split_to(consumed).freeze();
-        parser.consume(consumed);
-        let flow = session.process(&chunk, &cmds, &ranges).await;
+        let chunk = self.buf.split_to(consumed).freeze();
+        self.parser.consume(consumed);
+        let flow = session.process(&chunk, &self.cmds, &self.ranges).await;
         if let Some(e) = error {
-            tracing::debug!(client = id, error = %e, "protocol error; closing");
+            tracing::debug!(client = session.id, error = %e, "protocol error; closing");
             session.reply(e.to_reply());
             session.out.push(Slot::Close);
-            reading = false;
+            return Err(());
         }
         if flow == Flow::Stop {
-            reading = false;
+            return Err(());
         }
-        let wanted = parser.bytes_wanted(rbuf.len());
-        rbuf.reserve(wanted.max(4096));
+        Ok(more)
     }
-    let _ = stream.shutdown().await;
 }
 
 /// Resolves once the server asks sessions to stop.
@@ -493,6 +531,7 @@ impl Session {
         let mut op = Op::Send {
             frames,
             replies: count,
+            blocking: false,
             tx,
         };
         // The sticky connection first; if it died, one fresh one from the pool.
@@ -539,6 +578,7 @@ impl Session {
         let op = Op::Send {
             frames,
             replies: count,
+            blocking,
             tx,
         };
         if pin.conn.send(op).is_err() {
@@ -567,14 +607,13 @@ impl Session {
             Err(e) => return self.reply(e.to_reply()),
         };
         let (tx, rx) = oneshot::channel();
-        if conn
-            .send(Op::Send {
-                frames,
-                replies: 1,
-                tx,
-            })
-            .is_err()
-        {
+        let op = Op::Send {
+            frames,
+            replies: 1,
+            blocking: true,
+            tx,
+        };
+        if conn.send(op).is_err() {
             return self.reply(UpstreamError::ConnectionLost.to_reply());
         }
         let _ = conn.send(Op::Release(conn.clone()));

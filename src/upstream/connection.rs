@@ -50,6 +50,9 @@ pub enum Op {
         frames: Bytes,
         /// How many reply frames answer them.
         replies: u32,
+        /// A blocking command (BLPOP…): exempt from the command timeout, and
+        /// the connection closes if its client stops waiting.
+        blocking: bool,
         /// Receives the frames.
         tx: ReplyTx,
     },
@@ -102,9 +105,8 @@ impl Conn {
 /// How a connection behaves.
 #[derive(Debug, Clone)]
 pub struct ConnOptions {
-    /// Fail and close when the oldest request has waited this long; `None`
-    /// for dedicated connections, whose blocking commands may wait forever.
-    pub command_timeout: Option<Duration>,
+    /// Fail and close when the oldest (non-blocking) request has waited this long.
+    pub command_timeout: Duration,
     /// Where a dedicated connection goes when released; `None` for shared ones.
     pub idle: Option<Arc<IdleList>>,
 }
@@ -162,6 +164,7 @@ enum Pending {
         want: u32,
         tx: ReplyTx,
         since: Instant,
+        blocking: bool,
     },
     Relay(mpsc::Sender<Bytes>),
     Release(Conn),
@@ -190,11 +193,10 @@ async fn run(
     // Frames already collected for the request at the head of `pending`.
     let mut got: u32 = 0;
     let mut got_bytes: usize = 0;
-    let tick_every = opts
-        .command_timeout
-        .map_or(Duration::from_millis(200), |t| {
-            (t / 4).max(Duration::from_millis(5))
-        });
+    // Often enough to notice a timeout within a quarter of it, and a blocked
+    // command's client leaving within 200 ms.
+    let tick_every =
+        (opts.command_timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(200));
     let mut tick = tokio::time::interval(tick_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut relaying = false;
@@ -231,12 +233,12 @@ async fn run(
                 let mut next = Some(op);
                 while let Some(op) = next.take() {
                     match op {
-                        Op::Send { frames, replies, tx } => {
+                        Op::Send { frames, replies, blocking, tx } => {
                             wbuf.extend_from_slice(&frames);
                             if replies == 0 {
                                 let _ = tx.send(Ok(Bytes::new()));
                             } else {
-                                pending.push_back(Pending::Replies { want: replies, tx, since: Instant::now() });
+                                pending.push_back(Pending::Replies { want: replies, tx, since: Instant::now(), blocking });
                             }
                         }
                         Op::Relay { frames, tx } => {
@@ -367,22 +369,19 @@ fn release_ready(pending: &mut VecDeque<Pending>, opts: &ConnOptions) {
     }
 }
 
-/// Whether the oldest request has waited too long, or (on a dedicated
-/// connection) nobody is waiting for it any more.
+/// Whether the oldest request has waited too long, or a blocked one has
+/// nobody waiting for it any more.
 fn check_head(pending: &VecDeque<Pending>, opts: &ConnOptions) -> Option<UpstreamError> {
     match pending.front()? {
-        Pending::Replies { since, tx, .. } => {
-            if let Some(limit) = opts.command_timeout {
-                if since.elapsed() > limit {
-                    return Some(UpstreamError::Timeout(limit));
-                }
-            } else if tx.is_closed() {
-                // A blocked command whose client left: the only way to unblock
-                // it is to close the connection.
-                return Some(UpstreamError::ConnectionLost);
-            }
-            None
+        Pending::Replies {
+            tx, blocking: true, ..
+        } => {
+            // A blocked command whose client left: the only way to unblock it
+            // is to close the connection.
+            tx.is_closed().then_some(UpstreamError::ConnectionLost)
         }
+        Pending::Replies { since, .. } => (since.elapsed() > opts.command_timeout)
+            .then_some(UpstreamError::Timeout(opts.command_timeout)),
         Pending::Relay(tx) if tx.is_closed() => Some(UpstreamError::ConnectionLost),
         _ => None,
     }

@@ -79,7 +79,7 @@ impl Upstream {
         // One handshake first, so a rejected database is reported to the client
         // that asked for it instead of becoming a pool that retries forever.
         // The connection is kept as the pool's first idle dedicated one.
-        match self.connect(key, dedicated_options(&idle)).await {
+        match self.connect(key, self.dedicated_options(&idle)).await {
             Ok(conn) => idle.put(conn),
             Err(e @ UpstreamError::Rejected(_)) => return Err(e),
             Err(_) => {}
@@ -91,6 +91,13 @@ impl Upstream {
         let pool = Arc::new(Pool::start(self.clone(), key, idle));
         pools.insert(key, pool.clone());
         Ok(pool)
+    }
+
+    fn dedicated_options(&self, idle: &Arc<IdleList>) -> ConnOptions {
+        ConnOptions {
+            command_timeout: self.cfg.command_timeout.0,
+            idle: Some(idle.clone()),
+        }
     }
 
     fn lock_pools(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Arc<Pool>>> {
@@ -107,13 +114,6 @@ impl Upstream {
             }
         }
         Ok(connection::spawn(h.stream, h.leftover, opts))
-    }
-}
-
-fn dedicated_options(idle: &Arc<IdleList>) -> ConnOptions {
-    ConnOptions {
-        command_timeout: None,
-        idle: Some(idle.clone()),
     }
 }
 
@@ -202,7 +202,7 @@ impl Pool {
             return Ok(conn);
         }
         self.upstream
-            .connect(self.key, dedicated_options(&self.idle))
+            .connect(self.key, self.upstream.dedicated_options(&self.idle))
             .await
     }
 
@@ -226,7 +226,7 @@ async fn supervise(upstream: Arc<Upstream>, key: PoolKey, state: watch::Sender<S
     let max = upstream.cfg.reconnect_max.0;
     let mut delay = min;
     let opts = ConnOptions {
-        command_timeout: Some(upstream.cfg.command_timeout.0),
+        command_timeout: upstream.cfg.command_timeout.0,
         idle: None,
     };
     loop {

@@ -2,7 +2,16 @@
 //! loopback ports, nearcache in-process or as the built binary, and real
 //! clients (redis-rs, redis-cli, raw sockets).
 
+// A failed unwrap in a test is a failed test with its reason: exactly right.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod command_keys;
+mod faults;
+mod lifecycle;
 mod smoke;
+
+mod cli;
+mod compat;
+mod stateful;

@@ -65,15 +65,13 @@ impl RedisServer {
 
     /// Starts a server with extra `--option value` arguments.
     pub fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir for redis-server");
         for _ in 0..5 {
             let mut server = RedisServer {
                 child: None,
                 port: free_port(),
-                dir: tempfile::tempdir().expect("temp dir"),
+                dir: tempfile::tempdir().expect("temp dir for redis-server"),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
             };
-            server.dir = tempfile::tempdir_in(dir.path()).expect("temp dir");
             if server.spawn() {
                 return server;
             }

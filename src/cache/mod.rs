@@ -1,0 +1,517 @@
+//! The L1 cache: replies to hot reads, held in process and served without a
+//! round trip to Redis.
+//!
+//! - **Shape.** One moka entry per (database, key), holding every cached reply
+//!   for that key (each a *variant*: protocol + the exact request, e.g.
+//!   `GET k` in RESP3, `HGET k f` in RESP2). A write drops the whole entry at
+//!   once, and RESP2 and RESP3 replies are never confused.
+//! - **Lifetime.** A variant lives for min(rule ttl, the key's remaining TTL in
+//!   Redis), so L1 never outlives Redis's own expiry; memory is bounded by
+//!   weight (`cache.max_memory`).
+//! - **No stale fill.** Invalidations bump a generation (a stripe of atomic
+//!   counters hashed by key, plus an epoch for whole flushes). A miss records
+//!   the generation when it starts; its fill is discarded if the generation
+//!   moved, and re-checked after inserting, so an invalidation that races the
+//!   insert removes it either way.
+//! - **Single flight.** Concurrent misses for the same variant share one
+//!   upstream fetch.
+
+pub mod rules;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moka::notification::RemovalCause;
+use moka::sync::Cache;
+use tokio::sync::oneshot;
+
+pub use rules::{Rule, Rules};
+pub use stats::RuleStats;
+
+use crate::config::CacheConfig;
+use crate::protocol::Protocol;
+use crate::upstream::Replies;
+
+/// Generation stripes: more stripes, fewer fills rejected because another
+/// key sharing the stripe was written.
+const STRIPES: usize = 4096;
+
+/// One cached reply.
+#[derive(Debug, Clone)]
+struct Variant {
+    proto: Protocol,
+    request: Bytes,
+    reply: Bytes,
+    expires: Instant,
+}
+
+/// Every cached reply for one key.
+#[derive(Debug)]
+struct KeyEntry {
+    rule: usize,
+    variants: Vec<Variant>,
+    weight: u32,
+}
+
+impl KeyEntry {
+    fn new(rule: usize, key_len: usize, variants: Vec<Variant>) -> Self {
+        let bytes = key_len
+            + 64
+            + variants
+                .iter()
+                .map(|v| v.request.len() + v.reply.len() + 64)
+                .sum::<usize>();
+        Self {
+            rule,
+            variants,
+            weight: u32::try_from(bytes).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn last_expiry(&self) -> Option<Instant> {
+        self.variants.iter().map(|v| v.expires).max()
+    }
+}
+
+/// Expire a key's entry when its last variant expires.
+struct EntryExpiry;
+
+impl moka::Expiry<Bytes, Arc<KeyEntry>> for EntryExpiry {
+    fn expire_after_create(&self, _: &Bytes, v: &Arc<KeyEntry>, now: Instant) -> Option<Duration> {
+        v.last_expiry().map(|t| t.saturating_duration_since(now))
+    }
+
+    // Without this, an overwrite would keep the old entry's expiry.
+    fn expire_after_update(
+        &self,
+        _: &Bytes,
+        v: &Arc<KeyEntry>,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        v.last_expiry().map(|t| t.saturating_duration_since(now))
+    }
+}
+
+/// Proof of where the generation stood when a miss began.
+#[derive(Debug, Clone, Copy)]
+pub struct FillToken {
+    stripe: usize,
+    generation: u64,
+    epoch: u64,
+}
+
+/// Whether this request leads an upstream fetch or waits for one.
+#[derive(Debug)]
+pub enum Flight {
+    /// Fetch, then [`L1::land`] to hand the reply to the followers.
+    Leader,
+    /// Another request is fetching the same thing; its reply arrives here.
+    Follower(oneshot::Receiver<Replies>),
+}
+
+/// The cache.
+pub struct L1 {
+    rules: Rules,
+    stats: Arc<Vec<RuleStats>>,
+    entries: Cache<Bytes, Arc<KeyEntry>>,
+    stripes: Box<[AtomicU64]>,
+    epoch: AtomicU64,
+    inflight: Mutex<HashMap<Bytes, Vec<oneshot::Sender<Replies>>>>,
+}
+
+impl std::fmt::Debug for L1 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("L1")
+            .field("rules", &self.rules.len())
+            .field("entries", &self.entries.entry_count())
+            .finish()
+    }
+}
+
+impl L1 {
+    /// The cache for `cfg`, or `None` when no rule caches anything (then the
+    /// request path skips L1 entirely).
+    pub fn new(cfg: &CacheConfig) -> Option<Arc<Self>> {
+        let rules = Rules::new(&cfg.rules);
+        if rules.caches_nothing() {
+            return None;
+        }
+        let stats: Arc<Vec<RuleStats>> =
+            Arc::new((0..rules.len()).map(|_| RuleStats::default()).collect());
+        let listener_stats = stats.clone();
+        let entries = Cache::builder()
+            .max_capacity(cfg.max_memory.0)
+            .weigher(|_: &Bytes, v: &Arc<KeyEntry>| v.weight)
+            .expire_after(EntryExpiry)
+            .eviction_listener(move |_, v: Arc<KeyEntry>, cause| {
+                if let Some(s) = listener_stats.get(v.rule) {
+                    s.bytes.fetch_sub(i64::from(v.weight), SeqCst);
+                    if cause == RemovalCause::Size {
+                        RuleStats::inc(&s.evictions);
+                    }
+                }
+            })
+            .build();
+        Some(Arc::new(Self {
+            rules,
+            stats,
+            entries,
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+            inflight: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The caching rule for `key` and its index, if one matches and caches.
+    #[inline]
+    pub fn rule_for(&self, key: &[u8]) -> Option<(usize, &Rule)> {
+        self.rules.lookup(key).filter(|(_, r)| r.cache)
+    }
+
+    /// Counters of rule `index`.
+    #[inline]
+    pub fn stats(&self, index: usize) -> &RuleStats {
+        &self.stats[index]
+    }
+
+    /// Rules and their counters, in match order.
+    pub fn rule_stats(&self) -> impl Iterator<Item = (&Rule, &RuleStats)> {
+        self.rules.iter().zip(self.stats.iter())
+    }
+
+    /// Keys and bytes held now (after pending maintenance).
+    pub fn usage(&self) -> (u64, u64) {
+        self.entries.run_pending_tasks();
+        (self.entries.entry_count(), self.entries.weighted_size())
+    }
+
+    /// A cached reply for `request` on `key`, if fresh. The hot path: no
+    /// allocation (the id is built in the caller's `scratch`).
+    #[inline]
+    pub fn get(
+        &self,
+        db: u32,
+        key: &[u8],
+        proto: Protocol,
+        request: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> Option<Bytes> {
+        key_id(db, key, scratch);
+        let entry = self.entries.get(&scratch[..])?;
+        let now = Instant::now();
+        entry
+            .variants
+            .iter()
+            .find(|v| v.proto == proto && v.expires > now && v.request[..] == *request)
+            .map(|v| v.reply.clone())
+    }
+
+    /// Records where the key's generation stands as a miss begins.
+    pub fn begin_fill(&self, db: u32, key: &[u8]) -> FillToken {
+        let stripe = stripe(db, key);
+        FillToken {
+            stripe,
+            generation: self.stripes[stripe].load(SeqCst),
+            epoch: self.epoch.load(SeqCst),
+        }
+    }
+
+    fn moved(&self, t: &FillToken) -> bool {
+        self.stripes[t.stripe].load(SeqCst) != t.generation || self.epoch.load(SeqCst) != t.epoch
+    }
+
+    /// Stores `reply` unless the key was invalidated since `token` was taken.
+    /// Returns whether it was stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill(
+        &self,
+        token: FillToken,
+        db: u32,
+        key: &[u8],
+        rule: usize,
+        proto: Protocol,
+        request: &[u8],
+        reply: &[u8],
+        ttl: Duration,
+    ) -> bool {
+        let stats = &self.stats[rule];
+        if self.moved(&token) {
+            RuleStats::inc(&stats.stale_fills_rejected);
+            return false;
+        }
+        let mut id = Vec::new();
+        key_id(db, key, &mut id);
+        let id = Bytes::from(id);
+        let now = Instant::now();
+        // Copies: the request and reply must not pin the (much larger) read
+        // buffers they were sliced from.
+        let variant = Variant {
+            proto,
+            request: Bytes::copy_from_slice(request),
+            reply: Bytes::copy_from_slice(reply),
+            expires: now + ttl,
+        };
+        let mut variants: Vec<Variant> = match self.entries.get(&id) {
+            Some(old) => old
+                .variants
+                .iter()
+                .filter(|v| v.expires > now && !(v.proto == proto && v.request == variant.request))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        variants.push(variant);
+        let entry = Arc::new(KeyEntry::new(rule, key.len(), variants));
+        stats.bytes.fetch_add(i64::from(entry.weight), SeqCst);
+        self.entries.insert(id.clone(), entry);
+        // An invalidation may have run between the check above and the
+        // insert; if so, it may have missed what we just inserted.
+        if self.moved(&token) {
+            self.entries.invalidate(&id);
+            RuleStats::inc(&stats.stale_fills_rejected);
+            return false;
+        }
+        RuleStats::inc(&stats.fills);
+        true
+    }
+
+    /// Drops every cached reply for `key` and moves its generation, so fills
+    /// already in flight are discarded.
+    pub fn invalidate(&self, db: u32, key: &[u8], scratch: &mut Vec<u8>) {
+        self.stripes[stripe(db, key)].fetch_add(1, SeqCst);
+        key_id(db, key, scratch);
+        if let Some(old) = self.entries.remove(&scratch[..]) {
+            RuleStats::inc(&self.stats[old.rule].invalidations);
+        }
+    }
+
+    /// Drops everything (FLUSHDB, FLUSHALL, SWAPDB, scripts with undeclared keys).
+    pub fn flush(&self) {
+        self.epoch.fetch_add(1, SeqCst);
+        self.entries.invalidate_all();
+    }
+
+    /// Joins the fetch for `flight_id` (db, protocol and request), or leads it.
+    pub fn join(&self, flight_id: &[u8]) -> Flight {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        match inflight.get_mut(flight_id) {
+            Some(waiters) => {
+                let (tx, rx) = oneshot::channel();
+                waiters.push(tx);
+                Flight::Follower(rx)
+            }
+            None => {
+                inflight.insert(Bytes::copy_from_slice(flight_id), Vec::new());
+                Flight::Leader
+            }
+        }
+    }
+
+    /// Ends the fetch for `flight_id`, returning who waited for it.
+    pub fn land(&self, flight_id: &[u8]) -> Vec<oneshot::Sender<Replies>> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        inflight.remove(flight_id).unwrap_or_default()
+    }
+}
+
+/// The cache id of (db, key): db as 4 bytes, then the key.
+#[inline]
+fn key_id(db: u32, key: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&db.to_le_bytes());
+    out.extend_from_slice(key);
+}
+
+/// The id of a single-flight fetch: db, protocol, then the request bytes.
+pub fn flight_id(db: u32, proto: Protocol, request: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&db.to_le_bytes());
+    out.push(proto.version() as u8);
+    out.extend_from_slice(request);
+}
+
+/// FNV-1a over (db, key): cheap, and only needs to spread keys over stripes.
+#[inline]
+fn stripe(db: u32, key: &[u8]) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in db.to_le_bytes().iter().chain(key) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h as usize) % STRIPES
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::{ByteSize, Duration as Dur, RuleConfig};
+
+    fn l1(max: u64) -> Arc<L1> {
+        L1::new(&CacheConfig {
+            max_memory: ByteSize(max),
+            rules: vec![RuleConfig {
+                prefix: "t:".into(),
+                ttl: Dur(Duration::from_secs(60)),
+                cache: true,
+                negative_ttl: None,
+                max_value_size: ByteSize(1 << 20),
+            }],
+        })
+        .unwrap()
+    }
+
+    const REQ: &[u8] = b"*2\r\n$3\r\nGET\r\n$3\r\nt:a\r\n";
+
+    #[test]
+    fn a_fill_is_served_for_the_same_request_and_protocol_only() {
+        let c = l1(1 << 20);
+        let mut s = Vec::new();
+        let t = c.begin_fill(0, b"t:a");
+        assert!(c.fill(
+            t,
+            0,
+            b"t:a",
+            0,
+            Protocol::Resp2,
+            REQ,
+            b"$1\r\nx\r\n",
+            Duration::from_secs(5)
+        ));
+        assert_eq!(
+            c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).as_deref(),
+            Some(&b"$1\r\nx\r\n"[..])
+        );
+        assert_eq!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s), None);
+        assert_eq!(c.get(1, b"t:a", Protocol::Resp2, REQ, &mut s), None);
+        assert_eq!(
+            c.get(
+                0,
+                b"t:a",
+                Protocol::Resp2,
+                b"*2\r\n$6\r\nSTRLEN\r\n$3\r\nt:a\r\n",
+                &mut s
+            ),
+            None
+        );
+    }
+
+    /// The race from DESIGN.md: a miss starts, the key is written and
+    /// invalidated, then the (old) reply arrives. It must not be cached.
+    #[test]
+    fn no_stale_fill_after_an_invalidation_during_the_miss() {
+        let c = l1(1 << 20);
+        let mut s = Vec::new();
+        let t = c.begin_fill(0, b"t:a");
+        c.invalidate(0, b"t:a", &mut s);
+        assert!(!c.fill(
+            t,
+            0,
+            b"t:a",
+            0,
+            Protocol::Resp2,
+            REQ,
+            b"$3\r\nold\r\n",
+            Duration::from_secs(5)
+        ));
+        assert_eq!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s), None);
+        assert_eq!(c.stats(0).stale_fills_rejected.load(SeqCst), 1);
+        // A flush moves every generation.
+        let t = c.begin_fill(0, b"t:a");
+        c.flush();
+        assert!(!c.fill(
+            t,
+            0,
+            b"t:a",
+            0,
+            Protocol::Resp2,
+            REQ,
+            b"$3\r\nold\r\n",
+            Duration::from_secs(5)
+        ));
+    }
+
+    #[test]
+    fn invalidation_drops_every_variant_of_the_key() {
+        let c = l1(1 << 20);
+        let mut s = Vec::new();
+        for proto in [Protocol::Resp2, Protocol::Resp3] {
+            let t = c.begin_fill(0, b"t:a");
+            assert!(c.fill(
+                t,
+                0,
+                b"t:a",
+                0,
+                proto,
+                REQ,
+                b":1\r\n",
+                Duration::from_secs(5)
+            ));
+        }
+        assert!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).is_some());
+        assert!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s).is_some());
+        c.invalidate(0, b"t:a", &mut s);
+        assert!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).is_none());
+        assert!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s).is_none());
+        assert_eq!(c.stats(0).invalidations.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn expired_variants_are_not_served() {
+        let c = l1(1 << 20);
+        let mut s = Vec::new();
+        let t = c.begin_fill(0, b"t:a");
+        assert!(c.fill(
+            t,
+            0,
+            b"t:a",
+            0,
+            Protocol::Resp2,
+            REQ,
+            b":1\r\n",
+            Duration::ZERO
+        ));
+        assert_eq!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s), None);
+    }
+
+    #[test]
+    fn memory_stays_within_the_budget() {
+        let budget = 256 * 1024;
+        let c = l1(budget);
+        let value = vec![b'x'; 1000];
+        for i in 0..5000 {
+            let key = format!("t:{i}");
+            let t = c.begin_fill(0, key.as_bytes());
+            c.fill(
+                t,
+                0,
+                key.as_bytes(),
+                0,
+                Protocol::Resp2,
+                REQ,
+                &value,
+                Duration::from_secs(60),
+            );
+        }
+        let (entries, bytes) = c.usage();
+        assert!(bytes <= budget, "{bytes} > {budget}");
+        assert!(entries > 0 && entries < 5000);
+        assert!(c.stats(0).evictions.load(SeqCst) > 0);
+        assert_eq!(c.stats(0).bytes.load(SeqCst), bytes as i64);
+    }
+
+    #[test]
+    fn one_leader_per_flight() {
+        let c = l1(1 << 20);
+        assert!(matches!(c.join(b"id"), Flight::Leader));
+        assert!(matches!(c.join(b"id"), Flight::Follower(_)));
+        assert!(matches!(c.join(b"id"), Flight::Follower(_)));
+        assert_eq!(c.land(b"id").len(), 2);
+        assert!(matches!(c.join(b"id"), Flight::Leader));
+    }
+}
