@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cache;
 pub mod command;
 pub mod config;

@@ -114,6 +114,56 @@ pub enum Flight {
     Follower(oneshot::Receiver<Replies>),
 }
 
+/// Read-only single-key commands whose reply depends only on the key's value
+/// (so it can be cached until the key is written or expires). TTL and PTTL are
+/// left out: their answers change with time alone.
+pub fn cacheable(command: &str) -> bool {
+    matches!(
+        command,
+        "get"
+            | "getrange"
+            | "substr"
+            | "strlen"
+            | "exists"
+            | "getbit"
+            | "bitcount"
+            | "bitpos"
+            | "hget"
+            | "hmget"
+            | "hgetall"
+            | "hlen"
+            | "hexists"
+            | "hkeys"
+            | "hvals"
+            | "hstrlen"
+            | "lrange"
+            | "llen"
+            | "lindex"
+            | "lpos"
+            | "smembers"
+            | "sismember"
+            | "smismember"
+            | "scard"
+            | "zrange"
+            | "zrangebyscore"
+            | "zrevrange"
+            | "zrevrangebyscore"
+            | "zrangebylex"
+            | "zrevrangebylex"
+            | "zscore"
+            | "zmscore"
+            | "zcard"
+            | "zrank"
+            | "zrevrank"
+            | "zcount"
+            | "zlexcount"
+            | "xrange"
+            | "xrevrange"
+            | "xlen"
+            | "type"
+    )
+}
+
 /// The cache.
 pub struct L1 {
     rules: Rules,
@@ -316,6 +366,44 @@ impl L1 {
     pub fn land(&self, flight_id: &[u8]) -> Vec<oneshot::Sender<Replies>> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         inflight.remove(flight_id).unwrap_or_default()
+    }
+}
+
+/// Keys a write touched, dropped from L1 when the write is dispatched and
+/// again when Redis acknowledges it (see `server::session`).
+#[derive(Debug, Default)]
+pub struct Invalidation {
+    /// (database, key) pairs.
+    pub keys: Vec<(u32, Bytes)>,
+    /// Drop everything (FLUSHDB, FLUSHALL, SWAPDB, undeclared script keys).
+    pub flush: bool,
+}
+
+impl Invalidation {
+    /// Nothing to drop.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        !self.flush && self.keys.is_empty()
+    }
+
+    /// Adds `other`'s keys.
+    pub fn extend(&mut self, other: Invalidation) {
+        self.flush |= other.flush;
+        if self.keys.is_empty() {
+            self.keys = other.keys;
+        } else {
+            self.keys.extend(other.keys);
+        }
+    }
+
+    /// Drops the keys (or everything) from `l1`.
+    pub fn apply(&self, l1: &L1, scratch: &mut Vec<u8>) {
+        if self.flush {
+            l1.flush();
+        }
+        for (db, key) in &self.keys {
+            l1.invalidate(*db, key, scratch);
+        }
     }
 }
 

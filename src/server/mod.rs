@@ -32,6 +32,8 @@ pub struct Context {
     pub upstream: Arc<Upstream>,
     /// The pool new clients start on (the URL's database, RESP2).
     pub default_pool: Arc<Pool>,
+    /// The L1 cache, if any rule caches.
+    pub l1: Option<Arc<crate::cache::L1>>,
 }
 
 /// Why the proxy could not start.
@@ -96,6 +98,7 @@ impl Proxy {
             source,
         })?;
         let ctx = Arc::new(Context {
+            l1: crate::cache::L1::new(&cfg.cache),
             limits: cfg.limits(),
             cfg,
             upstream,

@@ -7,11 +7,13 @@
 //! `write`; [`Outbox::ready`] waits for the first one that is not.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cache::{Invalidation, L1};
 use crate::upstream::connection::Failed;
 use crate::upstream::{Replies, UpstreamError};
 
@@ -28,6 +30,9 @@ pub enum Slot {
         count: u32,
         /// A blocking command: abandoned, not awaited, when the client leaves.
         blocking: bool,
+        /// Keys the commands wrote: dropped from L1 when the replies arrive,
+        /// before the client can see them.
+        inv: Invalidation,
     },
     /// Every frame from a relaying connection, until it ends.
     Relay(mpsc::Receiver<Bytes>),
@@ -36,8 +41,10 @@ pub enum Slot {
 }
 
 /// The queue of slots and the bytes ready to be written.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Outbox {
+    l1: Option<Arc<L1>>,
+    scratch: Vec<u8>,
     slots: VecDeque<Slot>,
     /// Replies the queued slots stand for (a run counts each of its commands).
     replies: usize,
@@ -46,9 +53,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox.
-    pub fn new() -> Self {
+    /// An empty outbox; `l1` receives the invalidations of acknowledged writes.
+    pub fn new(l1: Option<Arc<L1>>) -> Self {
         Self {
+            l1,
+            scratch: Vec::new(),
             replies: 0,
             slots: VecDeque::with_capacity(16),
             buf: BytesMut::with_capacity(16 * 1024),
@@ -117,15 +126,13 @@ impl Outbox {
                     self.buf.extend_from_slice(bytes);
                     self.pop();
                 }
-                Slot::Upstream { rx, count, .. } => {
+                Slot::Upstream { rx, .. } => {
                     let replies = match rx.try_recv() {
                         Ok(r) => r,
                         Err(oneshot::error::TryRecvError::Empty) => return false,
                         Err(oneshot::error::TryRecvError::Closed) => Err(lost()),
                     };
-                    let count = *count;
-                    self.pop();
-                    self.append(replies, count);
+                    self.answered(replies);
                 }
                 Slot::Relay(rx) => match rx.try_recv() {
                     Ok(frame) => self.buf.extend_from_slice(&frame),
@@ -146,11 +153,9 @@ impl Outbox {
         match self.slots.front_mut() {
             None => std::future::pending().await,
             Some(Slot::Ready(_) | Slot::Close) => {}
-            Some(Slot::Upstream { rx, count, .. }) => {
-                let count = *count;
+            Some(Slot::Upstream { rx, .. }) => {
                 let replies = rx.await.unwrap_or_else(|_| Err(lost()));
-                self.pop();
-                self.append(replies, count);
+                self.answered(replies);
             }
             Some(Slot::Relay(rx)) => match rx.recv().await {
                 Some(frame) => self.buf.extend_from_slice(&frame),
@@ -159,6 +164,22 @@ impl Outbox {
                 }
             },
         }
+    }
+
+    /// The head slot is answered: drop what its writes touched from L1, then
+    /// take its replies.
+    fn answered(&mut self, replies: Replies) {
+        let Some(Slot::Upstream { count, inv, .. }) = self.slots.front() else {
+            return;
+        };
+        let count = *count;
+        if let Some(l1) = &self.l1 {
+            if !inv.is_empty() {
+                inv.apply(l1, &mut self.scratch);
+            }
+        }
+        self.pop();
+        self.append(replies, count);
     }
 
     /// Appends a run's replies; a failure still yields one reply per command.
@@ -198,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn replies_leave_in_slot_order_and_batch_when_ready() {
-        let mut out = Outbox::new();
+        let mut out = Outbox::new(None);
         let (tx1, rx1) = oneshot::channel();
         let (tx2, rx2) = oneshot::channel();
         out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
@@ -206,11 +227,13 @@ mod tests {
             rx: rx1,
             count: 1,
             blocking: false,
+            inv: Invalidation::default(),
         });
         out.push(Slot::Upstream {
             rx: rx2,
             count: 1,
             blocking: false,
+            inv: Invalidation::default(),
         });
         // The second reply arrives first: it must wait behind the first.
         tx2.send(Ok(Bytes::from_static(b"+C\r\n"))).unwrap();
@@ -224,12 +247,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_run_still_answers_every_command() {
-        let mut out = Outbox::new();
+        let mut out = Outbox::new(None);
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
             rx,
             count: 3,
             blocking: false,
+            inv: Invalidation::default(),
         });
         tx.send(Err(Failed {
             partial: Bytes::from_static(b":1\r\n"),
@@ -246,12 +270,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_sender_is_a_lost_connection_not_a_hang() {
-        let mut out = Outbox::new();
+        let mut out = Outbox::new(None);
         let (tx, rx) = oneshot::channel::<Replies>();
         out.push(Slot::Upstream {
             rx,
             count: 1,
             blocking: false,
+            inv: Invalidation::default(),
         });
         drop(tx);
         assert!(!out.collect());
@@ -260,7 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_stops_collection() {
-        let mut out = Outbox::new();
+        let mut out = Outbox::new(None);
         out.push(Slot::Ready(Bytes::from_static(b"+OK\r\n")));
         out.push(Slot::Close);
         assert!(out.collect());

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 
-use crate::command::{self, flag};
+use crate::command::{self, CommandSpec, flag};
 
 /// What to do with one command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +49,27 @@ pub enum Route {
     Refuse(&'static str),
     /// A known command with the wrong number of arguments (its name).
     WrongArity(&'static str),
+    /// `PROXY …`: nearcache's own admin commands.
+    Proxy,
+}
+
+/// Routes a command and returns its spec too (None for unknown commands),
+/// so the caller does not look it up twice.
+pub fn route_spec(argv: &[Bytes]) -> (Route, Option<&'static CommandSpec>) {
+    if argv[0].eq_ignore_ascii_case(b"proxy") {
+        return (Route::Proxy, None);
+    }
+    let spec = command::resolve(argv);
+    (route_resolved(argv, spec), spec)
 }
 
 /// Routes a command (`argv[0]` is its name; `argv` is never empty).
 pub fn route(argv: &[Bytes]) -> Route {
-    let Some(spec) = command::resolve(argv) else {
+    route_resolved(argv, command::resolve(argv))
+}
+
+fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
+    let Some(spec) = spec else {
         // Unknown here (a module command, or a newer Redis): Redis decides.
         return Route::Forward;
     };

@@ -28,7 +28,7 @@ use crate::protocol::scanner::{FrameKind, ReplyScanner, frame_kind};
 pub type Replies = Result<Bytes, Failed>;
 
 /// A request that did not get all its replies.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Failed {
     /// The complete reply frames received before the failure.
     pub partial: Bytes,

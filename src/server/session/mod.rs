@@ -22,9 +22,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
+mod cached;
+
 use super::Context;
 use super::outbox::{Outbox, Slot};
-use super::route::{Route, route};
+use super::route::{Route, route_spec};
+use crate::cache::Invalidation;
 use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::{self, OK, Protocol, Reply};
 use crate::protocol::{Parsed, Parser};
@@ -59,6 +62,8 @@ struct Pin {
     /// The connection's own state no longer matches its pool (SELECT or HELLO
     /// inside the pin), so it must be closed rather than reused.
     dirty: bool,
+    /// Keys written inside MULTI, applied at EXEC.
+    txn_inv: Invalidation,
 }
 
 /// Whether the session goes on reading.
@@ -84,6 +89,13 @@ pub struct Session {
     out: Outbox,
     argv: Vec<Bytes>,
     run: Option<Run>,
+    /// Keys the pending run's writes touch, dropped again on its replies.
+    run_inv: Invalidation,
+    /// Keys the command being handled writes, not yet attached to a request.
+    pending_inv: Invalidation,
+    /// Reused buffers: cache ids, key positions.
+    scratch: Vec<u8>,
+    positions: Vec<(usize, u16)>,
 }
 
 /// Longest run of commands sent upstream as one request, so that replies to a
@@ -112,9 +124,13 @@ pub async fn serve(
         authed: ctx.cfg.server.password.is_none(),
         conn: None,
         pin: None,
-        out: Outbox::new(),
+        out: Outbox::new(ctx.l1.clone()),
         argv: Vec::with_capacity(8),
         run: None,
+        run_inv: Invalidation::default(),
+        pending_inv: Invalidation::default(),
+        scratch: Vec::with_capacity(64),
+        positions: Vec::new(),
         id,
         ctx: ctx.clone(),
     };
@@ -288,7 +304,11 @@ impl Session {
                     None
                 }
             };
-            if self.handle(chunk, frame).await == Flow::Stop {
+            let flow = self.handle(chunk, frame).await;
+            // Keys of a write that got no reply slot of its own (relayed, or
+            // refused here) must not ride on a later, unrelated one.
+            self.pending_inv = Invalidation::default();
+            if flow == Flow::Stop {
                 self.flush_run(chunk).await;
                 return Flow::Stop;
             }
@@ -300,7 +320,7 @@ impl Session {
     /// Routes and handles the command in `self.argv`; `frame` is its range in
     /// `chunk` (None for inline commands, which are re-encoded).
     async fn handle(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) -> Flow {
-        let route = route(&self.argv);
+        let (route, spec) = route_spec(&self.argv);
         if !self.authed
             && !matches!(
                 route,
@@ -310,11 +330,25 @@ impl Session {
             self.reply(Bytes::from_static(b"-NOAUTH Authentication required.\r\n"));
             return Flow::Continue;
         }
+        if let Some(spec) = spec {
+            self.note_write(spec);
+        }
         if self.pin.as_ref().is_some_and(|p| p.relay) {
             return self.handle_relaying(chunk, frame, route).await;
         }
         match route {
-            Route::Forward => self.forward(chunk, frame, self.pin.is_some()).await,
+            Route::Forward => {
+                if let Some(spec) = spec {
+                    if self.cached_read(chunk, &frame, spec).await {
+                        return Flow::Continue;
+                    }
+                }
+                self.forward(chunk, frame, self.pin.is_some()).await;
+            }
+            Route::Proxy => {
+                let r = crate::admin::proxy_command(&self.argv, &self.ctx, self.proto);
+                self.reply(r);
+            }
             Route::Quit => {
                 self.reply(Bytes::from_static(OK));
                 self.push(Slot::Close);
@@ -385,6 +419,11 @@ impl Session {
                     Route::EndTransaction if pin.in_multi => {
                         pin.in_multi = false;
                         pin.watching = false;
+                        if spec.is_some_and(|s| s.name == "exec") {
+                            self.exec_writes();
+                        } else if let Some(pin) = &mut self.pin {
+                            pin.txn_inv = Invalidation::default();
+                        }
                     }
                     Route::Unwatch if !pin.in_multi => pin.watching = false,
                     _ => {}
@@ -400,7 +439,8 @@ impl Session {
                         Some(f) => chunk.slice(f),
                         None => encode_command(&self.argv),
                     };
-                    self.send_pinned(frames, 1, true);
+                    let inv = std::mem::take(&mut self.pending_inv);
+                    self.send_pinned(frames, 1, true, inv);
                 } else {
                     self.blocking(chunk, frame).await;
                 }
@@ -497,17 +537,21 @@ impl Session {
         let Some(frame) = frame else {
             self.flush_run(chunk).await;
             let bytes = encode_command(&self.argv);
-            self.send_upstream(bytes, 1, pinned).await;
+            let inv = std::mem::take(&mut self.pending_inv);
+            self.send_upstream(bytes, 1, pinned, inv).await;
             return;
         };
         if let Some(run) = &mut self.run {
             if run.pinned == pinned && run.frames.end == frame.start && run.count < MAX_RUN {
                 run.frames.end = frame.end;
                 run.count += 1;
+                self.run_inv.extend(std::mem::take(&mut self.pending_inv));
                 return;
             }
         }
+        // The previous run leaves with its own keys; this command's go with it.
         self.flush_run(chunk).await;
+        self.run_inv = std::mem::take(&mut self.pending_inv);
         self.run = Some(Run {
             frames: frame,
             count: 1,
@@ -517,15 +561,26 @@ impl Session {
 
     async fn flush_run(&mut self, chunk: &Bytes) {
         if let Some(run) = self.run.take() {
-            self.send_upstream(chunk.slice(run.frames), run.count, run.pinned)
+            let inv = std::mem::take(&mut self.run_inv);
+            self.send_upstream(chunk.slice(run.frames), run.count, run.pinned, inv)
                 .await;
         }
     }
 
+    /// The sticky shared connection, or a fresh one from the pool.
+    async fn shared_conn(&mut self) -> Result<Conn, UpstreamError> {
+        if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(conn.clone());
+        }
+        let conn = self.pool.shared().await?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
     /// Sends `count` commands upstream and queues the slot for their replies.
-    async fn send_upstream(&mut self, frames: Bytes, count: u32, pinned: bool) {
+    async fn send_upstream(&mut self, frames: Bytes, count: u32, pinned: bool, inv: Invalidation) {
         if pinned {
-            return self.send_pinned(frames, count, false);
+            return self.send_pinned(frames, count, false, inv);
         }
         let (tx, rx) = oneshot::channel();
         let mut op = Op::Send {
@@ -536,15 +591,9 @@ impl Session {
         };
         // The sticky connection first; if it died, one fresh one from the pool.
         for _ in 0..2 {
-            let conn = match &self.conn {
-                Some(conn) => conn.clone(),
-                None => match self.pool.shared().await {
-                    Ok(conn) => {
-                        self.conn = Some(conn.clone());
-                        conn
-                    }
-                    Err(e) => return self.reply(e.to_replies(count as usize)),
-                },
+            let conn = match self.shared_conn().await {
+                Ok(conn) => conn,
+                Err(e) => return self.reply(e.to_replies(count as usize)),
             };
             match conn.send(op) {
                 Ok(()) => {
@@ -552,6 +601,7 @@ impl Session {
                         rx,
                         count,
                         blocking: false,
+                        inv,
                     });
                 }
                 Err(back) => {
@@ -564,7 +614,7 @@ impl Session {
     }
 
     /// Sends commands over the pinned connection (written only, when relaying).
-    fn send_pinned(&mut self, frames: Bytes, count: u32, blocking: bool) {
+    fn send_pinned(&mut self, frames: Bytes, count: u32, blocking: bool, inv: Invalidation) {
         let Some(pin) = &self.pin else {
             return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
         };
@@ -591,6 +641,7 @@ impl Session {
             rx,
             count,
             blocking,
+            inv,
         });
     }
 
@@ -617,10 +668,12 @@ impl Session {
             return self.reply(UpstreamError::ConnectionLost.to_reply());
         }
         let _ = conn.send(Op::Release(conn.clone()));
+        let inv = std::mem::take(&mut self.pending_inv);
         self.push(Slot::Upstream {
             rx,
             count: 1,
             blocking: true,
+            inv,
         });
     }
 
@@ -634,6 +687,7 @@ impl Session {
                     in_multi: false,
                     watching: false,
                     dirty: false,
+                    txn_inv: Invalidation::default(),
                 });
                 true
             }

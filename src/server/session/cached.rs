@@ -1,0 +1,301 @@
+//! The cache phases of the request path: serve a read from L1 (or fetch it
+//! once for every client waiting), and note the keys a write touches.
+//!
+//! Invariants enforced here (DESIGN.md, "Coherence invariants"):
+//! - **Read your writes.** A write's keys are dropped from L1 when it is
+//!   dispatched (so the writer's own pipelined reads miss) and again when
+//!   Redis acknowledges it, before the client sees the reply (so a read that
+//!   raced the write cannot leave the old value behind).
+//! - **No stale fill.** A miss takes a [`FillToken`](crate::cache::FillToken)
+//!   before it goes upstream; the fill is discarded if the key was
+//!   invalidated meanwhile.
+//! - Pinned clients (MULTI, WATCH, pub/sub, tracking) never read from L1:
+//!   they see Redis's semantics exactly.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
+
+use super::Session;
+use crate::cache::{self, Flight, Invalidation, L1, RuleStats};
+use crate::command::keys::key_positions;
+use crate::command::{CommandSpec, flag};
+use crate::protocol::ReplyScanner;
+use crate::protocol::parser::parse_i64;
+use crate::server::outbox::Slot;
+use crate::upstream::connection::Failed;
+use crate::upstream::{Op, Replies, UpstreamError, encode_command};
+
+/// What a fetch needs of its rule once the reply is in.
+#[derive(Clone, Copy)]
+struct FillPolicy {
+    rule: usize,
+    ttl: Duration,
+    negative_ttl: Option<Duration>,
+    max_value_size: usize,
+}
+
+impl Session {
+    /// Serves a cacheable read from L1, or fetches it. Returns false when the
+    /// command is not one L1 handles (the caller forwards it as usual).
+    pub(super) async fn cached_read(
+        &mut self,
+        chunk: &Bytes,
+        frame: &Option<Range<usize>>,
+        spec: &CommandSpec,
+    ) -> bool {
+        let Some(l1) = self.ctx.l1.clone() else {
+            return false;
+        };
+        if self.pin.is_some()
+            || self.argv.len() < 2
+            || !cache::cacheable(spec.name)
+            || (spec.name == "exists" && self.argv.len() != 2)
+        {
+            return false;
+        }
+        let key = self.argv[1].clone();
+        let Some((index, rule)) = l1.rule_for(&key) else {
+            return false;
+        };
+        let policy = FillPolicy {
+            rule: index,
+            ttl: rule.ttl,
+            negative_ttl: rule.negative_ttl,
+            max_value_size: rule.max_value_size,
+        };
+        let request = match frame {
+            Some(f) => chunk.slice(f.clone()),
+            None => encode_command(&self.argv),
+        };
+        let stats = l1.stats(index);
+        if let Some(hit) = l1.get(self.db, &key, self.proto, &request, &mut self.scratch) {
+            RuleStats::inc(&stats.hits);
+            self.flush_run(chunk).await;
+            self.reply(hit);
+            return true;
+        }
+        RuleStats::inc(&stats.misses);
+        self.flush_run(chunk).await;
+        self.fetch(l1, key, request, policy).await;
+        true
+    }
+
+    /// Fetches a missed read (with the key's PTTL, in one pipeline) unless the
+    /// same read is already being fetched, in which case it waits for that.
+    async fn fetch(&mut self, l1: Arc<L1>, key: Bytes, request: Bytes, policy: FillPolicy) {
+        cache::flight_id(self.db, self.proto, &request, &mut self.scratch);
+        let leader_rx = match l1.join(&self.scratch) {
+            Flight::Follower(rx) => {
+                return self.push(Slot::Upstream {
+                    rx,
+                    count: 1,
+                    blocking: false,
+                    inv: Invalidation::default(),
+                });
+            }
+            Flight::Leader => {
+                let flight = Bytes::copy_from_slice(&self.scratch);
+                let token = l1.begin_fill(self.db, &key);
+                let mut frames = BytesMut::with_capacity(request.len() + key.len() + 32);
+                frames.extend_from_slice(&request);
+                frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &key]));
+                let (tx, rx) = oneshot::channel();
+                let op = Op::Send {
+                    frames: frames.freeze(),
+                    replies: 2,
+                    blocking: false,
+                    tx,
+                };
+                let sent = match self.shared_conn().await {
+                    Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
+                    Err(e) => Err(e),
+                };
+                let (client_tx, client_rx) = oneshot::channel();
+                let (db, proto) = (self.db, self.proto);
+                tokio::spawn(async move {
+                    let replies = match sent {
+                        Ok(()) => rx
+                            .await
+                            .unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost))),
+                        Err(e) => Err(lost(e)),
+                    };
+                    let reply = complete(replies, |value, pttl| {
+                        if let Some(ttl) = fill_ttl(&policy, value, pttl) {
+                            l1.fill(token, db, &key, policy.rule, proto, &request, value, ttl);
+                        }
+                    });
+                    // Land only after the fill, so a request arriving now hits.
+                    for waiter in l1.land(&flight) {
+                        let _ = waiter.send(reply.clone());
+                    }
+                    let _ = client_tx.send(reply);
+                });
+                client_rx
+            }
+        };
+        self.push(Slot::Upstream {
+            rx: leader_rx,
+            count: 1,
+            blocking: false,
+            inv: Invalidation::default(),
+        });
+    }
+
+    /// Notes the keys a write touches: dropped from L1 now, and queued to be
+    /// dropped again when Redis acknowledges the write. Inside MULTI they wait
+    /// for EXEC, which is when Redis applies them.
+    pub(super) fn note_write(&mut self, spec: &CommandSpec) {
+        let Some(l1) = &self.ctx.l1 else { return };
+        let script = matches!(spec.name, "eval" | "evalsha" | "fcall");
+        if !spec.has(flag::WRITE) && !script {
+            return;
+        }
+        let mut inv = Invalidation::default();
+        match spec.name {
+            "flushdb" | "flushall" | "swapdb" => inv.flush = true,
+            // Another database, named by an argument: rare, so keep it simple.
+            "move" | "copy" => inv.flush = true,
+            _ => {
+                self.positions.clear();
+                let extraction = key_positions(spec, &self.argv, &mut self.positions);
+                if !extraction.is_complete() || (script && self.positions.is_empty()) {
+                    // A script may write keys it did not declare.
+                    inv.flush = true;
+                } else {
+                    for &(i, _) in &self.positions {
+                        let key = &self.argv[i];
+                        if l1.rule_for(key).is_some() {
+                            inv.keys.push((self.db, key.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        if inv.is_empty() {
+            return;
+        }
+        if let Some(pin) = self.pin.as_mut().filter(|p| p.in_multi) {
+            pin.txn_inv.extend(inv);
+            return;
+        }
+        inv.apply(l1, &mut self.scratch);
+        self.pending_inv.extend(inv);
+    }
+
+    /// EXEC dispatched: the transaction's writes are applied now.
+    pub(super) fn exec_writes(&mut self) {
+        let Some(l1) = &self.ctx.l1 else { return };
+        if let Some(pin) = self.pin.as_mut() {
+            let txn = std::mem::take(&mut pin.txn_inv);
+            txn.apply(l1, &mut self.scratch);
+            self.pending_inv.extend(txn);
+        }
+    }
+}
+
+/// The client's reply (the first frame) out of the two-frame fetch, calling
+/// `fill(value, pttl)` when both frames arrived.
+fn complete(replies: Replies, fill: impl FnOnce(&[u8], Option<i64>)) -> Replies {
+    match replies {
+        Ok(frames) => {
+            let Ok(Some(len)) = ReplyScanner::new().scan(&frames) else {
+                return Err(lost(UpstreamError::InvalidReply));
+            };
+            let pttl = frames
+                .get(len..)
+                .and_then(|f| f.strip_prefix(b":"))
+                .and_then(|f| f.strip_suffix(b"\r\n"))
+                .and_then(parse_i64);
+            fill(&frames[..len], pttl);
+            Ok(frames.slice(..len))
+        }
+        Err(failed) if failed.got >= 1 => match ReplyScanner::new().scan(&failed.partial) {
+            Ok(Some(len)) => Ok(failed.partial.slice(..len)),
+            _ => Err(lost(failed.error)),
+        },
+        Err(failed) => Err(lost(failed.error)),
+    }
+}
+
+/// How long to keep `value`, given the key's PTTL; `None` = don't cache.
+fn fill_ttl(policy: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Duration> {
+    if value.len() > policy.max_value_size || matches!(value.first(), Some(b'-' | b'!')) {
+        return None;
+    }
+    match pttl? {
+        // The key does not exist: a "not found" answer, cached only if asked.
+        -2 => policy.negative_ttl,
+        // No expiry in Redis.
+        -1 => Some(policy.ttl),
+        // Never outlive Redis's own expiry.
+        ms if ms > 0 => Some(policy.ttl.min(Duration::from_millis(ms.unsigned_abs()))),
+        _ => None,
+    }
+}
+
+fn lost(error: UpstreamError) -> Failed {
+    Failed {
+        partial: Bytes::new(),
+        got: 0,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: FillPolicy = FillPolicy {
+        rule: 0,
+        ttl: Duration::from_secs(2),
+        negative_ttl: None,
+        max_value_size: 16,
+    };
+
+    #[test]
+    fn entries_never_outlive_the_key_in_redis() {
+        assert_eq!(
+            fill_ttl(&POLICY, b"$1\r\nx\r\n", Some(500)),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            fill_ttl(&POLICY, b"$1\r\nx\r\n", Some(5000)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            fill_ttl(&POLICY, b"$1\r\nx\r\n", Some(-1)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(fill_ttl(&POLICY, b"$1\r\nx\r\n", Some(0)), None);
+        assert_eq!(fill_ttl(&POLICY, b"$1\r\nx\r\n", None), None);
+    }
+
+    #[test]
+    fn missing_keys_errors_and_large_values_are_not_cached_by_default() {
+        assert_eq!(fill_ttl(&POLICY, b"$-1\r\n", Some(-2)), None);
+        let negative = FillPolicy {
+            negative_ttl: Some(Duration::from_millis(100)),
+            ..POLICY
+        };
+        assert_eq!(
+            fill_ttl(&negative, b"$-1\r\n", Some(-2)),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(fill_ttl(&POLICY, b"-WRONGTYPE x\r\n", Some(-1)), None);
+        assert_eq!(fill_ttl(&POLICY, &[b'x'; 17], Some(-1)), None);
+    }
+
+    #[test]
+    fn the_client_gets_only_its_own_reply() {
+        let mut seen = None;
+        let r = complete(Ok(Bytes::from_static(b"$1\r\nv\r\n:1500\r\n")), |v, p| {
+            seen = Some((v.to_vec(), p))
+        });
+        assert_eq!(r.ok().as_deref(), Some(&b"$1\r\nv\r\n"[..]));
+        assert_eq!(seen, Some((b"$1\r\nv\r\n".to_vec(), Some(1500))));
+    }
+}
