@@ -47,6 +47,8 @@ struct Variant {
     request: Bytes,
     reply: Bytes,
     expires: Instant,
+    /// When a hit should start a background refresh (refresh-ahead).
+    refresh_at: Option<Instant>,
 }
 
 /// Every cached reply for one key.
@@ -223,6 +225,13 @@ impl L1 {
         self.rules.lookup(key).filter(|(_, r)| r.cache)
     }
 
+    /// The expiry to add to a `SET` of `key` that carries none, if its rule
+    /// asks for one.
+    #[inline]
+    pub fn upstream_ttl(&self, key: &[u8]) -> Option<Duration> {
+        self.rules.lookup(key).and_then(|(_, r)| r.upstream_ttl)
+    }
+
     /// Counters of rule `index`.
     #[inline]
     pub fn stats(&self, index: usize) -> &RuleStats {
@@ -240,8 +249,9 @@ impl L1 {
         (self.entries.entry_count(), self.entries.weighted_size())
     }
 
-    /// A cached reply for `request` on `key`, if fresh. The hot path: no
-    /// allocation (the id is built in the caller's `scratch`).
+    /// A cached reply for `request` on `key`, if fresh, and whether it is due
+    /// for a refresh-ahead. The hot path: no allocation (the id is built in
+    /// the caller's `scratch`).
     #[inline]
     pub fn get(
         &self,
@@ -250,7 +260,7 @@ impl L1 {
         proto: Protocol,
         request: &[u8],
         scratch: &mut Vec<u8>,
-    ) -> Option<Bytes> {
+    ) -> Option<(Bytes, bool)> {
         key_id(db, key, scratch);
         let entry = self.entries.get(&scratch[..])?;
         let now = Instant::now();
@@ -258,7 +268,7 @@ impl L1 {
             .variants
             .iter()
             .find(|v| v.proto == proto && v.expires > now && v.request[..] == *request)
-            .map(|v| v.reply.clone())
+            .map(|v| (v.reply.clone(), v.refresh_at.is_some_and(|t| now >= t)))
     }
 
     /// Records where the key's generation stands as a miss begins.
@@ -288,6 +298,7 @@ impl L1 {
         request: &[u8],
         reply: &[u8],
         ttl: Duration,
+        refresh_ahead: Option<f64>,
     ) -> bool {
         let stats = &self.stats[rule];
         if self.moved(&token) {
@@ -305,6 +316,7 @@ impl L1 {
             request: Bytes::copy_from_slice(request),
             reply: Bytes::copy_from_slice(reply),
             expires: now + ttl,
+            refresh_at: refresh_ahead.map(|f| now + ttl.mul_f64(f)),
         };
         let mut variants: Vec<Variant> = match self.entries.get(&id) {
             Some(old) => old
@@ -449,6 +461,8 @@ mod tests {
                 cache: true,
                 negative_ttl: None,
                 max_value_size: ByteSize(1 << 20),
+                upstream_ttl: None,
+                refresh_ahead: None,
             }],
         })
         .unwrap()
@@ -469,12 +483,12 @@ mod tests {
             Protocol::Resp2,
             REQ,
             b"$1\r\nx\r\n",
-            Duration::from_secs(5)
+            Duration::from_secs(5),
+            None
         ));
-        assert_eq!(
-            c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).as_deref(),
-            Some(&b"$1\r\nx\r\n"[..])
-        );
+        let (hit, refresh) = c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).unwrap();
+        assert_eq!(&hit[..], b"$1\r\nx\r\n");
+        assert!(!refresh);
         assert_eq!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s), None);
         assert_eq!(c.get(1, b"t:a", Protocol::Resp2, REQ, &mut s), None);
         assert_eq!(
@@ -505,7 +519,8 @@ mod tests {
             Protocol::Resp2,
             REQ,
             b"$3\r\nold\r\n",
-            Duration::from_secs(5)
+            Duration::from_secs(5),
+            None
         ));
         assert_eq!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s), None);
         assert_eq!(c.stats(0).stale_fills_rejected.load(SeqCst), 1);
@@ -520,7 +535,8 @@ mod tests {
             Protocol::Resp2,
             REQ,
             b"$3\r\nold\r\n",
-            Duration::from_secs(5)
+            Duration::from_secs(5),
+            None
         ));
     }
 
@@ -538,7 +554,8 @@ mod tests {
                 proto,
                 REQ,
                 b":1\r\n",
-                Duration::from_secs(5)
+                Duration::from_secs(5),
+                None
             ));
         }
         assert!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).is_some());
@@ -547,6 +564,32 @@ mod tests {
         assert!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).is_none());
         assert!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s).is_none());
         assert_eq!(c.stats(0).invalidations.load(SeqCst), 1);
+    }
+
+    #[test]
+    fn a_hit_past_the_refresh_point_asks_for_a_refresh() {
+        let c = l1(1 << 20);
+        let mut s = Vec::new();
+        let t = c.begin_fill(0, b"t:a");
+        let ttl = Duration::from_secs(60);
+        assert!(c.fill(
+            t,
+            0,
+            b"t:a",
+            0,
+            Protocol::Resp2,
+            REQ,
+            b":1\r\n",
+            ttl,
+            Some(0.000_001)
+        ));
+        // 60 s × 1e-6 = 60 µs: due almost at once, long before expiry.
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(
+            c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s)
+                .map(|(_, due)| due),
+            Some(true)
+        );
     }
 
     #[test]
@@ -562,7 +605,8 @@ mod tests {
             Protocol::Resp2,
             REQ,
             b":1\r\n",
-            Duration::ZERO
+            Duration::ZERO,
+            None
         ));
         assert_eq!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s), None);
     }
@@ -584,6 +628,7 @@ mod tests {
                 REQ,
                 &value,
                 Duration::from_secs(60),
+                None,
             );
         }
         let (entries, bytes) = c.usage();

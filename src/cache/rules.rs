@@ -17,6 +17,10 @@ pub struct Rule {
     pub negative_ttl: Option<Duration>,
     /// Larger replies are not cached.
     pub max_value_size: usize,
+    /// Expiry added to SETs of matching keys that carry none.
+    pub upstream_ttl: Option<Duration>,
+    /// Fraction of the TTL after which a hit refreshes the entry.
+    pub refresh_ahead: Option<f64>,
 }
 
 /// All rules, longest prefix first, so the first match is the most specific.
@@ -36,15 +40,21 @@ impl Rules {
                 ttl: c.ttl.0,
                 negative_ttl: c.negative_ttl.map(|d| d.0),
                 max_value_size: c.max_value_size.as_usize(),
+                upstream_ttl: c.upstream_ttl.map(|d| d.0),
+                refresh_ahead: c.refresh_ahead,
             })
             .collect();
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Self { rules }
     }
 
-    /// True when no rule caches anything (L1 can be skipped entirely).
+    /// True when no rule caches anything or adds an upstream TTL (then L1
+    /// can be skipped entirely).
     pub fn caches_nothing(&self) -> bool {
-        !self.rules.iter().any(|r| r.cache)
+        !self
+            .rules
+            .iter()
+            .any(|r| r.cache || r.upstream_ttl.is_some())
     }
 
     /// The rule for `key` and its index (for stats), if any rule matches.
@@ -86,6 +96,8 @@ mod tests {
             cache,
             negative_ttl: None,
             max_value_size: ByteSize(1024),
+            upstream_ttl: None,
+            refresh_ahead: None,
         }
     }
 

@@ -156,6 +156,15 @@ pub struct RuleConfig {
     /// Replies larger than this pass through uncached.
     #[serde(default = "default_max_value_size")]
     pub max_value_size: ByteSize,
+    /// An expiry nearcache adds to `SET`s of matching keys that carry none
+    /// (no EX/PX/EXAT/PXAT/KEEPTTL), so such data cannot live forever in Redis.
+    #[serde(default)]
+    pub upstream_ttl: Option<Duration>,
+    /// For hot entries: once this fraction of the TTL has passed, the next hit
+    /// refreshes the entry from upstream in the background (0 < f < 1), so a
+    /// key read continuously never misses. Unset = off.
+    #[serde(default)]
+    pub refresh_ahead: Option<f64>,
 }
 
 fn yes() -> bool {
@@ -413,6 +422,18 @@ impl Config {
                 bad(
                     &field("ttl"),
                     "must be more than 0 for a rule that caches (or set cache = false)".into(),
+                );
+            }
+            if rule.refresh_ahead.is_some_and(|f| !(f > 0.0 && f < 1.0)) {
+                bad(
+                    &field("refresh_ahead"),
+                    "must be a fraction between 0 and 1 (e.g. 0.8)".into(),
+                );
+            }
+            if rule.upstream_ttl.is_some_and(|d| d.0.as_millis() == 0) {
+                bad(
+                    &field("upstream_ttl"),
+                    "must be at least 1ms (remove it to disable)".into(),
                 );
             }
             if rule.negative_ttl.is_some_and(|d| d.0.is_zero()) {

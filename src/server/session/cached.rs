@@ -36,6 +36,7 @@ struct FillPolicy {
     ttl: Duration,
     negative_ttl: Option<Duration>,
     max_value_size: usize,
+    refresh_ahead: Option<f64>,
 }
 
 impl Session {
@@ -66,16 +67,31 @@ impl Session {
             ttl: rule.ttl,
             negative_ttl: rule.negative_ttl,
             max_value_size: rule.max_value_size,
+            refresh_ahead: rule.refresh_ahead,
         };
         let request = match frame {
             Some(f) => chunk.slice(f.clone()),
             None => encode_command(&self.argv),
         };
         let stats = l1.stats(index);
-        if let Some(hit) = l1.get(self.db, &key, self.proto, &request, &mut self.scratch) {
+        if let Some((hit, refresh_due)) =
+            l1.get(self.db, &key, self.proto, &request, &mut self.scratch)
+        {
             RuleStats::inc(&stats.hits);
             self.flush_run(chunk).await;
             self.reply(hit);
+            if refresh_due {
+                // Refresh-ahead: one background fetch (if none is running)
+                // replaces the entry before it expires; nobody waits for it.
+                cache::flight_id(self.db, self.proto, &request, &mut self.scratch);
+                if let Flight::Leader = l1.join(&self.scratch) {
+                    let flight = Bytes::copy_from_slice(&self.scratch);
+                    drop(
+                        self.start_fetch(l1.clone(), key, request, policy, flight)
+                            .await,
+                    );
+                }
+            }
             return true;
         }
         RuleStats::inc(&stats.misses);
@@ -88,61 +104,79 @@ impl Session {
     /// same read is already being fetched, in which case it waits for that.
     async fn fetch(&mut self, l1: Arc<L1>, key: Bytes, request: Bytes, policy: FillPolicy) {
         cache::flight_id(self.db, self.proto, &request, &mut self.scratch);
-        let leader_rx = match l1.join(&self.scratch) {
-            Flight::Follower(rx) => {
-                return self.push(Slot::Upstream {
-                    rx,
-                    count: 1,
-                    blocking: false,
-                    inv: Invalidation::default(),
-                });
-            }
+        let rx = match l1.join(&self.scratch) {
+            Flight::Follower(rx) => rx,
             Flight::Leader => {
                 let flight = Bytes::copy_from_slice(&self.scratch);
-                let token = l1.begin_fill(self.db, &key);
-                let mut frames = BytesMut::with_capacity(request.len() + key.len() + 32);
-                frames.extend_from_slice(&request);
-                frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &key]));
-                let (tx, rx) = oneshot::channel();
-                let op = Op::Send {
-                    frames: frames.freeze(),
-                    replies: 2,
-                    blocking: false,
-                    tx,
-                };
-                let sent = match self.shared_conn().await {
-                    Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
-                    Err(e) => Err(e),
-                };
-                let (client_tx, client_rx) = oneshot::channel();
-                let (db, proto) = (self.db, self.proto);
-                tokio::spawn(async move {
-                    let replies = match sent {
-                        Ok(()) => rx
-                            .await
-                            .unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost))),
-                        Err(e) => Err(lost(e)),
-                    };
-                    let reply = complete(replies, |value, pttl| {
-                        if let Some(ttl) = fill_ttl(&policy, value, pttl) {
-                            l1.fill(token, db, &key, policy.rule, proto, &request, value, ttl);
-                        }
-                    });
-                    // Land only after the fill, so a request arriving now hits.
-                    for waiter in l1.land(&flight) {
-                        let _ = waiter.send(reply.clone());
-                    }
-                    let _ = client_tx.send(reply);
-                });
-                client_rx
+                self.start_fetch(l1, key, request, policy, flight).await
             }
         };
         self.push(Slot::Upstream {
-            rx: leader_rx,
+            rx,
             count: 1,
             blocking: false,
             inv: Invalidation::default(),
         });
+    }
+
+    /// Sends `request` and `PTTL key` upstream as the leader of `flight`; a
+    /// task fills L1 from the replies, then answers the followers and the
+    /// returned receiver.
+    async fn start_fetch(
+        &mut self,
+        l1: Arc<L1>,
+        key: Bytes,
+        request: Bytes,
+        policy: FillPolicy,
+        flight: Bytes,
+    ) -> oneshot::Receiver<Replies> {
+        let token = l1.begin_fill(self.db, &key);
+        let mut frames = BytesMut::with_capacity(request.len() + key.len() + 32);
+        frames.extend_from_slice(&request);
+        frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &key]));
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Send {
+            frames: frames.freeze(),
+            replies: 2,
+            blocking: false,
+            tx,
+        };
+        let sent = match self.shared_conn().await {
+            Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
+            Err(e) => Err(e),
+        };
+        let (client_tx, client_rx) = oneshot::channel();
+        let (db, proto) = (self.db, self.proto);
+        tokio::spawn(async move {
+            let replies = match sent {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost))),
+                Err(e) => Err(lost(e)),
+            };
+            let reply = complete(replies, |value, pttl| {
+                if let Some(ttl) = fill_ttl(&policy, value, pttl) {
+                    let refresh = policy.refresh_ahead;
+                    l1.fill(
+                        token,
+                        db,
+                        &key,
+                        policy.rule,
+                        proto,
+                        &request,
+                        value,
+                        ttl,
+                        refresh,
+                    );
+                }
+            });
+            // Land only after the fill, so a request arriving now hits.
+            for waiter in l1.land(&flight) {
+                let _ = waiter.send(reply.clone());
+            }
+            let _ = client_tx.send(reply);
+        });
+        client_rx
     }
 
     /// Notes the keys a write touches: dropped from L1 now, and queued to be
@@ -195,6 +229,29 @@ impl Session {
             self.pending_inv.extend(txn);
         }
     }
+}
+
+/// `SET key value [options]` with an expiry added, when the key's rule has an
+/// `upstream_ttl` and the command sets none itself (no EX, PX, EXAT, PXAT or
+/// KEEPTTL). `None` leaves the command as the client sent it.
+pub(super) fn with_upstream_ttl(l1: &L1, argv: &[Bytes]) -> Option<Bytes> {
+    if argv.len() < 3 || !argv[0].eq_ignore_ascii_case(b"set") {
+        return None;
+    }
+    let ttl = l1.upstream_ttl(&argv[1])?;
+    let has_expiry = argv[3..].iter().any(|a| {
+        [&b"ex"[..], b"px", b"exat", b"pxat", b"keepttl"]
+            .iter()
+            .any(|o| a.eq_ignore_ascii_case(o))
+    });
+    if has_expiry {
+        return None;
+    }
+    let ms = ttl.as_millis().max(1).to_string();
+    let mut args: Vec<&[u8]> = argv.iter().map(|a| &a[..]).collect();
+    args.push(b"PX");
+    args.push(ms.as_bytes());
+    Some(encode_command(&args))
 }
 
 /// The client's reply (the first frame) out of the two-frame fetch, calling
@@ -254,6 +311,7 @@ mod tests {
         ttl: Duration::from_secs(2),
         negative_ttl: None,
         max_value_size: 16,
+        refresh_ahead: None,
     };
 
     #[test]
@@ -287,6 +345,38 @@ mod tests {
         );
         assert_eq!(fill_ttl(&POLICY, b"-WRONGTYPE x\r\n", Some(-1)), None);
         assert_eq!(fill_ttl(&POLICY, &[b'x'; 17], Some(-1)), None);
+    }
+
+    #[test]
+    fn upstream_ttl_is_added_only_to_sets_without_an_expiry() {
+        use crate::config::{ByteSize, CacheConfig, Duration as Dur, RuleConfig};
+        let l1 = L1::new(&CacheConfig {
+            max_memory: ByteSize(1 << 20),
+            rules: vec![RuleConfig {
+                prefix: "t:".into(),
+                ttl: Dur(Duration::from_secs(1)),
+                cache: true,
+                negative_ttl: None,
+                max_value_size: ByteSize(1024),
+                upstream_ttl: Some(Dur(Duration::from_secs(2))),
+                refresh_ahead: None,
+            }],
+        })
+        .expect("caching rule");
+        let argv = |a: &[&str]| {
+            a.iter()
+                .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            with_upstream_ttl(&l1, &argv(&["SET", "t:a", "1"])).as_deref(),
+            Some(&b"*5\r\n$3\r\nSET\r\n$3\r\nt:a\r\n$1\r\n1\r\n$2\r\nPX\r\n$4\r\n2000\r\n"[..])
+        );
+        assert!(with_upstream_ttl(&l1, &argv(&["SET", "t:a", "1", "NX"])).is_some());
+        assert!(with_upstream_ttl(&l1, &argv(&["SET", "t:a", "1", "ex", "5"])).is_none());
+        assert!(with_upstream_ttl(&l1, &argv(&["SET", "t:a", "1", "KEEPTTL"])).is_none());
+        assert!(with_upstream_ttl(&l1, &argv(&["SET", "other", "1"])).is_none());
+        assert!(with_upstream_ttl(&l1, &argv(&["HSET", "t:a", "f", "1"])).is_none());
     }
 
     #[test]

@@ -343,6 +343,17 @@ impl Session {
                         return Flow::Continue;
                     }
                 }
+                if let Some(set) = self
+                    .ctx
+                    .l1
+                    .as_deref()
+                    .and_then(|l1| cached::with_upstream_ttl(l1, &self.argv))
+                {
+                    self.flush_run(chunk).await;
+                    let inv = std::mem::take(&mut self.pending_inv);
+                    self.send_upstream(set, 1, self.pin.is_some(), inv).await;
+                    return Flow::Continue;
+                }
                 self.forward(chunk, frame, self.pin.is_some()).await;
             }
             Route::Proxy => {
