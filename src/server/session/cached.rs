@@ -51,6 +51,9 @@ impl Session {
         let Some(l1) = self.ctx.l1.clone() else {
             return false;
         };
+        if spec.name == "mget" && self.pin.is_none() && self.argv.len() >= 2 {
+            return self.cached_mget(chunk, l1).await;
+        }
         if self.pin.is_some()
             || self.argv.len() < 2
             || !cache::cacheable(spec.name)
@@ -179,6 +182,127 @@ impl Session {
         client_rx
     }
 
+    /// MGET, served per key: cached keys from L1, the rest fetched (with their
+    /// PTTLs) in one pipeline, each cached on its own, and the reply stitched
+    /// back together in order. Returns false when no key has a caching rule.
+    async fn cached_mget(&mut self, chunk: &Bytes, l1: Arc<L1>) -> bool {
+        let keys: Vec<Bytes> = self.argv[1..].to_vec();
+        let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
+        let mut missing: Vec<(usize, Option<(FillPolicy, crate::cache::FillToken)>)> = Vec::new();
+        let mut any_rule = false;
+        for (i, key) in keys.iter().enumerate() {
+            let Some((index, rule)) = l1.rule_for(key) else {
+                parts.push(None);
+                missing.push((i, None));
+                continue;
+            };
+            any_rule = true;
+            let stats = l1.stats(index);
+            match l1.get(self.db, key, self.proto, MGET_ELEMENT, &mut self.scratch) {
+                Some((element, _)) => {
+                    RuleStats::inc(&stats.hits);
+                    parts.push(Some(element));
+                }
+                None => {
+                    RuleStats::inc(&stats.misses);
+                    let policy = FillPolicy {
+                        rule: index,
+                        ttl: rule.ttl,
+                        negative_ttl: rule.negative_ttl,
+                        max_value_size: rule.max_value_size,
+                        refresh_ahead: None,
+                    };
+                    parts.push(None);
+                    missing.push((i, Some((policy, l1.begin_fill(self.db, key)))));
+                }
+            }
+        }
+        if !any_rule {
+            return false;
+        }
+        self.flush_run(chunk).await;
+        if missing.is_empty() {
+            let reply = stitch(&parts, &[]);
+            self.reply(reply);
+            return true;
+        }
+        // One pipeline: MGET of the missing keys, then PTTL of each.
+        let mut mget: Vec<&[u8]> = vec![b"MGET"];
+        mget.extend(missing.iter().map(|(i, _)| &keys[*i][..]));
+        let mut frames = BytesMut::from(&encode_command(&mget)[..]);
+        for (i, _) in &missing {
+            frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &keys[*i]]));
+        }
+        let count = u32::try_from(missing.len() + 1).unwrap_or(u32::MAX);
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Send {
+            frames: frames.freeze(),
+            replies: count,
+            blocking: false,
+            tx,
+        };
+        let sent = match self.shared_conn().await {
+            Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
+            Err(e) => Err(e),
+        };
+        let (client_tx, client_rx) = oneshot::channel();
+        let (db, proto) = (self.db, self.proto);
+        tokio::spawn(async move {
+            let replies = match sent {
+                Ok(()) => rx
+                    .await
+                    .unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost))),
+                Err(e) => Err(lost(e)),
+            };
+            let reply = match replies {
+                Ok(frames) => match split_mget(&frames, missing.len()) {
+                    Some((elements, pttls)) => {
+                        for (((i, fill), element), pttl) in
+                            missing.iter().zip(&elements).zip(&pttls)
+                        {
+                            if let Some((policy, token)) = fill {
+                                if let Some(ttl) = fill_ttl(policy, element, *pttl) {
+                                    l1.fill(
+                                        *token,
+                                        db,
+                                        &keys[*i],
+                                        policy.rule,
+                                        proto,
+                                        MGET_ELEMENT,
+                                        element,
+                                        ttl,
+                                        None,
+                                    );
+                                }
+                            }
+                        }
+                        let fetched: Vec<(usize, &[u8])> = missing
+                            .iter()
+                            .map(|(i, _)| *i)
+                            .zip(elements.iter().copied())
+                            .collect();
+                        Ok(stitch(&parts, &fetched))
+                    }
+                    // An error reply (or something unexpected): pass MGET's
+                    // own first frame through, uncached.
+                    None => match ReplyScanner::new().scan(&frames) {
+                        Ok(Some(len)) => Ok(frames.slice(..len)),
+                        _ => Err(lost(UpstreamError::InvalidReply)),
+                    },
+                },
+                Err(failed) => Err(lost(failed.error)),
+            };
+            let _ = client_tx.send(reply);
+        });
+        self.push(Slot::Upstream {
+            rx: client_rx,
+            count: 1,
+            blocking: false,
+            inv: Invalidation::default(),
+        });
+        true
+    }
+
     /// Notes the keys a write touches: dropped from L1 now, and queued to be
     /// dropped again when Redis acknowledges the write. Inside MULTI they wait
     /// for EXEC, which is when Redis applies them.
@@ -229,6 +353,62 @@ impl Session {
             self.pending_inv.extend(txn);
         }
     }
+}
+
+/// The variant under which one key's element of an MGET reply is cached (not
+/// a real request: MGET answers nil for non-strings where GET errors, so the
+/// two must not share entries).
+const MGET_ELEMENT: &[u8] = b"\0mget-element";
+
+/// An MGET reply's elements and the PTTL of each key.
+type MgetReplies<'a> = (Vec<&'a [u8]>, Vec<Option<i64>>);
+
+/// Splits `*k` + k elements, then k PTTL integers; None unless it is exactly that.
+fn split_mget(frames: &[u8], k: usize) -> Option<MgetReplies<'_>> {
+    let rest = frames.strip_prefix(b"*")?;
+    let nl = rest.iter().position(|&b| b == b'\r')?;
+    if parse_i64(&rest[..nl])? != i64::try_from(k).ok()? {
+        return None;
+    }
+    let mut at = 1 + nl + 2;
+    let mut elements = Vec::with_capacity(k);
+    for _ in 0..k {
+        let len = ReplyScanner::new().scan(frames.get(at..)?).ok()??;
+        elements.push(&frames[at..at + len]);
+        at += len;
+    }
+    let mut pttls = Vec::with_capacity(k);
+    for _ in 0..k {
+        let len = ReplyScanner::new().scan(frames.get(at..)?).ok()??;
+        let frame = &frames[at..at + len];
+        pttls.push(
+            frame
+                .strip_prefix(b":")
+                .and_then(|f| f.strip_suffix(b"\r\n"))
+                .and_then(parse_i64),
+        );
+        at += len;
+    }
+    Some((elements, pttls))
+}
+
+/// An MGET reply from cached parts and fetched `(index, element)` pairs.
+fn stitch(parts: &[Option<Bytes>], fetched: &[(usize, &[u8])]) -> Bytes {
+    let mut out =
+        BytesMut::with_capacity(16 + parts.iter().flatten().map(|p| p.len()).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
+    let mut fetched = fetched.iter().peekable();
+    for (i, part) in parts.iter().enumerate() {
+        match part {
+            Some(bytes) => out.extend_from_slice(bytes),
+            None => {
+                if let Some((_, element)) = fetched.next_if(|(j, _)| *j == i) {
+                    out.extend_from_slice(element);
+                }
+            }
+        }
+    }
+    out.freeze()
 }
 
 /// `SET key value [options]` with an expiry added, when the key's rule has an
@@ -377,6 +557,18 @@ mod tests {
         assert!(with_upstream_ttl(&l1, &argv(&["SET", "t:a", "1", "KEEPTTL"])).is_none());
         assert!(with_upstream_ttl(&l1, &argv(&["SET", "other", "1"])).is_none());
         assert!(with_upstream_ttl(&l1, &argv(&["HSET", "t:a", "f", "1"])).is_none());
+    }
+
+    #[test]
+    fn mget_replies_split_and_stitch_in_order() {
+        let frames = b"*2\r\n$1\r\na\r\n$-1\r\n:-1\r\n:-2\r\n";
+        let (elements, pttls) = split_mget(frames, 2).expect("well formed");
+        assert_eq!(elements, vec![&b"$1\r\na\r\n"[..], &b"$-1\r\n"[..]]);
+        assert_eq!(pttls, vec![Some(-1), Some(-2)]);
+        assert!(split_mget(b"-ERR x\r\n", 2).is_none());
+        let parts = [None, Some(Bytes::from_static(b"$1\r\nb\r\n")), None];
+        let out = stitch(&parts, &[(0, &b"$1\r\na\r\n"[..]), (2, &b"$-1\r\n"[..])]);
+        assert_eq!(&out[..], b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n");
     }
 
     #[test]
