@@ -12,6 +12,7 @@ mod faults;
 mod lifecycle;
 mod smoke;
 
+mod cache;
 mod cli;
 mod compat;
 mod stateful;
