@@ -2,9 +2,9 @@
 //!
 //! Applications keep their Redis client and point it at nearcache, which
 //! forwards every command to the upstream Redis — pipelined over a few shared
-//! connections, with stateful commands pinned to dedicated ones — and (in later
-//! stages) answers hot reads from an in-process cache kept coherent across
-//! instances over NATS.
+//! connections, with stateful commands pinned to dedicated ones — and answers
+//! hot reads from an in-process L1 cache governed by key-prefix rules (kept
+//! coherent across instances over NATS in a later stage).
 //!
 //! # Layout
 //!
@@ -13,10 +13,13 @@
 //! | [`config`] | the TOML file, environment and flag overrides, validation |
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs) and key extraction |
-//! | [`server`] | listener, per-client sessions (the request path), routing, reply writer, shutdown |
+//! | [`server`] | listener, per-client sessions (the request path), routing, outbox, shutdown |
 //! | [`upstream`] | connections to Redis: handshake, pipelined connection tasks, pools, reconnects |
+//! | [`cache`] | L1: key-prefix rules, generation-checked fills, single flight, per-rule stats |
+//! | [`admin`] | `PROXY …` commands |
 //!
-//! The request path reads top to bottom in [`server::session`].
+//! The request path reads top to bottom in [`server::session`]; its cache
+//! phases (lookup, fetch and fill, write invalidation) are in `session/cached.rs`.
 
 #![forbid(unsafe_code)]
 
