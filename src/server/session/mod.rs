@@ -1,12 +1,17 @@
 //! One client connection: read commands, route each, queue its reply slot.
 //!
-//! The request path, in order, for every command of a read:
+//! The request path, in order, for every command of a read (`Session::handle`):
 //! 1. **parse** (bounded, incremental) — a protocol error answers and closes;
-//! 2. **route** ([`route`](super::route)) — forward, answer locally, or pin;
-//! 3. **forward** — consecutive forwarded commands of one read go upstream as
+//! 2. **classify** ([`route`](super::route)) — forward, answer locally, or pin;
+//! 3. **invalidate** — a write's keys leave L1 now and again on its reply
+//!    (`cached.rs`);
+//! 4. **lookup** — a cacheable read is answered from L1, or fetched once for
+//!    every client waiting on it and filled (`cached.rs`);
+//! 5. **forward** — consecutive forwarded commands of one read go upstream as
 //!    one run: one message to the connection task, the client's own bytes
 //!    untouched, one reply slot for all of them;
-//! 4. **respond** — the [`writer`](super::writer) writes slots in order.
+//! 6. **respond** — the [`outbox`](super::outbox) writes slots in order, as
+//!    many as are ready in one write.
 //!
 //! Connection state that Redis keeps per connection is kept here instead
 //! (database, protocol, name, authentication) so that shared upstream
