@@ -31,8 +31,10 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 targets=${TARGETS:-$(cargo fuzz list)}
-# One build for all targets, so the time budget is spent fuzzing.
-cargo fuzz build -s none $targets 2>&1 | tail -n 3
+# Build before the clock starts, so the time budget is spent fuzzing.
+for target in $targets; do
+    cargo fuzz build -s none "$target"
+done
 
 mkdir -p fuzz/artifacts
 failed=()
@@ -46,8 +48,9 @@ for target in $targets; do
         grep -E '^stat::number_of_executed_units' "$log" || true
     else
         failed+=("$target")
-        echo "!! $target FAILED; end of its log:"
-        tail -n 60 "$log"
+        echo "!! $target FAILED:"
+        grep -E -A1 -m2 'panicked at|==[0-9]+== ERROR|^SUMMARY' "$log" || tail -n 40 "$log"
+        grep -E 'Test unit written to' "$log" || true
     fi
 done
 

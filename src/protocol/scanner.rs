@@ -50,12 +50,16 @@ impl ReplyScanner {
             let Some(nl) = line_end(&buf[at..]) else {
                 return Ok(None);
             };
-            let line = &buf[at + 1..at + nl];
-            let after = at + nl + 2;
             let bad = InvalidReply {
                 byte: tag,
                 offset: at,
             };
+            // An empty line has no type byte (found by fuzzing: `\r\n`).
+            if nl == 0 {
+                return Err(bad);
+            }
+            let line = &buf[at + 1..at + nl];
+            let after = at + nl + 2;
             let mut next = after;
             let mut more = 0usize;
             match tag {
@@ -69,6 +73,9 @@ impl ReplyScanner {
                         let end = after.checked_add(n).ok_or(bad)?;
                         if buf.len() < end + 2 {
                             return Ok(None);
+                        }
+                        if &buf[end..end + 2] != b"\r\n" {
+                            return Err(bad);
                         }
                         next = end + 2;
                     }
@@ -192,6 +199,10 @@ mod tests {
     fn invalid_bytes_are_reported() {
         assert!(ReplyScanner::new().scan(b"?x\r\n").is_err());
         assert!(ReplyScanner::new().scan(b"$x\r\n").is_err());
+        // Fuzz findings: an empty header line, a bulk without its CRLF.
+        assert!(ReplyScanner::new().scan(b"\r\n").is_err());
+        assert!(ReplyScanner::new().scan(b"*1\r\n\r\n").is_err());
+        assert!(ReplyScanner::new().scan(b"$1\r\nabc\r\n").is_err());
     }
 
     #[test]

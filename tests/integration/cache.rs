@@ -1038,3 +1038,371 @@ async fn proxy_stats_counts_a_known_sequence() {
     );
     assert_eq!(st.rule("c:", "bytes"), 0, "{st:?}");
 }
+
+// ------------------------------------------------------------- 12. MGET
+
+/// Logs every command Redis runs from now on (SLOWLOG with a 0 µs
+/// threshold), forgetting what was logged before.
+fn log_commands(redis: &RedisServer) {
+    let mut c = redis.direct();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg("0")
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut c).unwrap();
+}
+
+/// The argument lists of the `cmd` calls Redis ran since [`log_commands`],
+/// oldest first.
+fn logged(redis: &RedisServer, cmd: &str) -> Vec<Vec<String>> {
+    let v: Value = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg("-1")
+        .query(&mut redis.direct())
+        .unwrap();
+    let Value::Array(entries) = v else {
+        panic!("SLOWLOG GET: {v:?}")
+    };
+    let mut out: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| match e {
+            Value::Array(fields) => match &fields[3] {
+                Value::Array(args) => args.iter().map(text).collect(),
+                other => panic!("SLOWLOG arguments: {other:?}"),
+            },
+            other => panic!("SLOWLOG entry: {other:?}"),
+        })
+        .filter(|args: &Vec<String>| args[0].eq_ignore_ascii_case(cmd))
+        .collect();
+    out.reverse();
+    out
+}
+
+/// `["MGET", keys…]` as owned strings, to compare with [`logged`].
+fn mget_of(keys: &[&str]) -> Vec<String> {
+    std::iter::once("MGET")
+        .chain(keys.iter().copied())
+        .map(String::from)
+        .collect()
+}
+
+/// Guards `cached_mget`, `split_mget` and `stitch`: an MGET is answered per
+/// key, cached keys from L1 and only the rest (keys outside every rule, keys
+/// not cached) fetched in one upstream MGET with one PTTL each; the reply is
+/// Redis's own, byte for byte and in order, in RESP2 and RESP3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mget_serves_cached_keys_from_l1_and_fetches_only_the_rest() {
+    let redis = RedisServer::start();
+    let proxy = proxy_c(&redis).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+
+    assert_eq!(d.cmd(&["SET", "c:a", "alpha"]).await, OK);
+    assert_eq!(d.cmd(&["SET", "c:e", ""]).await, OK);
+    assert_eq!(d.cmd(&["SET", "u:x", "outside"]).await, OK);
+    assert_eq!(d.cmd(&["HSET", "c:h", "f", "v"]).await, int(1));
+    // c:missing does not exist; c:a appears twice.
+    let keys = ["c:a", "u:x", "c:missing", "c:h", "c:e", "c:a"];
+    let mget: Vec<&str> = std::iter::once("MGET").chain(keys).collect();
+    let want = d.cmd(&mget).await;
+    assert_eq!(
+        want,
+        &b"*6\r\n$5\r\nalpha\r\n$7\r\noutside\r\n$-1\r\n$-1\r\n$0\r\n\r\n$5\r\nalpha\r\n"[..],
+        "Redis's own MGET reply"
+    );
+
+    // First read: every key goes upstream, in one MGET.
+    reset_stats(&redis);
+    log_commands(&redis);
+    assert_eq!(p.cmd(&mget).await, want, "first MGET through the proxy");
+    assert_eq!(redis.calls("mget"), 1);
+    assert_eq!(redis.calls("pttl"), keys.len() as u64, "one PTTL per key");
+    assert_eq!(logged(&redis, "mget"), vec![mget_of(&keys)]);
+
+    // Second read: only the key outside every rule and the missing key (not
+    // cached without negative_ttl) go upstream.
+    reset_stats(&redis);
+    log_commands(&redis);
+    assert_eq!(p.cmd(&mget).await, want, "second MGET through the proxy");
+    assert_eq!(redis.calls("mget"), 1, "one upstream MGET for the rest");
+    assert_eq!(redis.calls("pttl"), 2, "PTTL only for the uncached keys");
+    assert_eq!(logged(&redis, "mget"), vec![mget_of(&["u:x", "c:missing"])]);
+
+    // Only cached keys: Redis is not asked at all.
+    let cached_only = ["MGET", "c:h", "c:a", "c:e"];
+    let want_cached = d.cmd(&cached_only).await;
+    reset_stats(&redis);
+    assert_eq!(p.cmd(&cached_only).await, want_cached);
+    assert_eq!(redis.calls("mget"), 0, "every key came from L1");
+    assert_eq!(redis.calls("pttl"), 0);
+
+    // RESP3: its own entries, and Redis's RESP3 bytes (nulls as `_`).
+    let mut d3 = Raw::connect(redis.port()).await;
+    let mut p3 = Raw::connect(proxy.port()).await;
+    for c in [&mut d3, &mut p3] {
+        c.resp3 = true;
+        let hello = c.cmd(&["HELLO", "3"]).await;
+        assert!(hello.starts_with(b"%"), "HELLO 3: {hello:?}");
+    }
+    let want3 = d3.cmd(&mget).await;
+    assert_eq!(
+        want3,
+        &b"*6\r\n$5\r\nalpha\r\n$7\r\noutside\r\n_\r\n_\r\n$0\r\n\r\n$5\r\nalpha\r\n"[..],
+        "Redis's own RESP3 MGET reply"
+    );
+    reset_stats(&redis);
+    assert_eq!(p3.cmd(&mget).await, want3, "first RESP3 MGET");
+    assert_eq!(redis.calls("mget"), 1);
+    assert_eq!(
+        redis.calls("pttl"),
+        keys.len() as u64,
+        "RESP3 does not share RESP2's entries"
+    );
+    reset_stats(&redis);
+    assert_eq!(p3.cmd(&mget).await, want3, "second RESP3 MGET");
+    assert_eq!(redis.calls("mget"), 1);
+    assert_eq!(redis.calls("pttl"), 2, "PTTL only for the uncached keys");
+    // And RESP2 still gets its own encoding from L1.
+    assert_eq!(p.cmd(&cached_only).await, want_cached);
+}
+
+/// Guards `note_write` for keys cached by MGET: a write through the proxy is
+/// seen by the next MGET; a write that bypasses the proxy only once the rule
+/// TTL passes (documented staleness).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mget_reads_back_writes() {
+    let redis = RedisServer::start();
+    // 2 s: the "still stale" read must land inside it.
+    let proxy = proxy_with(
+        &redis,
+        vec![rule("c:", Duration::from_secs(10)), rule("r:", ms(2000))],
+    )
+    .await;
+    let mut d = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+
+    // Through the proxy: seen at once.
+    assert_eq!(d.cmd(&["SET", "c:a", "a1"]).await, OK);
+    assert_eq!(d.cmd(&["SET", "c:b", "b1"]).await, OK);
+    let mget = ["MGET", "c:a", "c:b"];
+    assert_eq!(cache_it(&mut p, &redis, &mget).await, arr(&["a1", "b1"]));
+    assert_eq!(p.cmd(&["SET", "c:a", "a2"]).await, OK);
+    reset_stats(&redis);
+    assert_eq!(p.cmd(&mget).await, arr(&["a2", "b1"]), "SET then MGET");
+    assert_eq!(redis.calls("mget"), 1);
+    assert_eq!(redis.calls("pttl"), 1, "only the written key was refetched");
+    assert_eq!(cache_it(&mut p, &redis, &mget).await, arr(&["a2", "b1"]));
+    assert_eq!(p.cmd(&["DEL", "c:b"]).await, int(1));
+    assert_eq!(
+        p.cmd(&mget).await,
+        &b"*2\r\n$2\r\na2\r\n$-1\r\n"[..],
+        "DEL then MGET"
+    );
+
+    // Bypassing the proxy: stale within the rule TTL, then fresh.
+    assert_eq!(d.cmd(&["SET", "r:k", "old"]).await, OK);
+    reset_stats(&redis);
+    assert_eq!(p.cmd(&["MGET", "r:k"]).await, arr(&["old"]));
+    assert_eq!(d.cmd(&["SET", "r:k", "new"]).await, OK);
+    assert_eq!(
+        p.cmd(&["MGET", "r:k"]).await,
+        arr(&["old"]),
+        "within the rule TTL, L1 still holds the old value (documented staleness)"
+    );
+    assert_eq!(redis.calls("mget"), 1, "the stale read came from L1");
+
+    tokio::time::sleep(ms(4000)).await; // well past the rule TTL
+    assert_eq!(p.cmd(&["MGET", "r:k"]).await, arr(&["new"]));
+    assert_eq!(
+        redis.calls("mget"),
+        2,
+        "the entry expired and was refetched"
+    );
+}
+
+/// Guards `MGET_ELEMENT` (MGET's elements are their own variant): GET of a
+/// hash is WRONGTYPE (an error, never cached) while MGET of it is nil (cached);
+/// neither answer leaks into the other, in either order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mget_after_get_does_not_share_entries() {
+    let redis = RedisServer::start();
+    let proxy = proxy_c(&redis).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+
+    for key in ["c:h1", "c:h2"] {
+        assert_eq!(d.cmd(&["HSET", key, "f", "v"]).await, int(1));
+    }
+    let wrongtype = d.cmd(&["GET", "c:h1"]).await;
+    assert!(wrongtype.starts_with(b"-WRONGTYPE"), "{wrongtype:?}");
+    let nil1 = &b"*1\r\n$-1\r\n"[..];
+    assert_eq!(d.cmd(&["MGET", "c:h1"]).await, nil1);
+
+    // GET first: the error is not cached; then MGET caches its nil.
+    reset_stats(&redis);
+    for _ in 0..2 {
+        assert_eq!(p.cmd(&["GET", "c:h1"]).await, wrongtype);
+    }
+    assert_eq!(redis.calls("get"), 2, "an error reply is not cached");
+    assert_eq!(cache_it(&mut p, &redis, &["MGET", "c:h1"]).await, nil1);
+    assert_eq!(redis.calls("mget"), 1, "MGET's nil is cached");
+    assert_eq!(
+        p.cmd(&["GET", "c:h1"]).await,
+        wrongtype,
+        "GET after MGET was cached"
+    );
+    assert_eq!(redis.calls("get"), 3, "GET does not use MGET's entry");
+
+    // MGET first: its cached nil does not answer GET.
+    reset_stats(&redis);
+    assert_eq!(cache_it(&mut p, &redis, &["MGET", "c:h2"]).await, nil1);
+    for _ in 0..2 {
+        assert_eq!(p.cmd(&["GET", "c:h2"]).await, wrongtype);
+    }
+    assert_eq!(redis.calls("get"), 2, "GET went upstream both times");
+    assert_eq!(p.cmd(&["MGET", "c:h2"]).await, nil1);
+    assert_eq!(redis.calls("mget"), 1, "MGET's entry survived the GETs");
+}
+
+// ---------------------------------------------------- 13. upstream_ttl
+
+/// `PTTL key`, asked of Redis directly.
+fn pttl(redis: &RedisServer, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query(&mut redis.direct())
+        .unwrap()
+}
+
+/// Guards `with_upstream_ttl` and its dispatch in `Session::handle`: a SET of
+/// a key whose rule has `upstream_ttl` gets that expiry in Redis unless it
+/// sets its own (EX/PX/KEEPTTL…); keys outside the rule are untouched; the
+/// client's reply is unchanged, and the rewritten SET still invalidates L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_ttl_is_added_to_sets_without_an_expiry() {
+    const UPSTREAM_TTL: i64 = 2000;
+    let redis = RedisServer::start();
+    let mut t = rule("t:", Duration::from_secs(10));
+    t.upstream_ttl = Some(Dur(ms(UPSTREAM_TTL as u64)));
+    let proxy = proxy_with(&redis, vec![t]).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let added = |key: &str| {
+        let ms = pttl(&redis, key);
+        assert!(
+            0 < ms && ms <= UPSTREAM_TTL,
+            "{key}: PTTL {ms}, want the upstream_ttl (0, {UPSTREAM_TTL}]"
+        );
+    };
+
+    // No expiry of its own: upstream_ttl is added.
+    assert_eq!(p.cmd(&["SET", "t:a", "v"]).await, OK);
+    added("t:a");
+    assert_eq!(p.cmd(&["set", "t:nx", "v", "nx"]).await, OK);
+    added("t:nx");
+
+    // An expiry of its own is kept.
+    assert_eq!(p.cmd(&["SET", "t:ex", "v", "EX", "100"]).await, OK);
+    let kept = pttl(&redis, "t:ex");
+    assert!(
+        UPSTREAM_TTL < kept && kept <= 100_000,
+        "SET … EX 100: PTTL {kept}"
+    );
+    assert_eq!(p.cmd(&["SET", "t:px", "v", "px", "60000"]).await, OK);
+    let kept = pttl(&redis, "t:px");
+    assert!(
+        UPSTREAM_TTL < kept && kept <= 60_000,
+        "SET … px 60000: PTTL {kept}"
+    );
+
+    // KEEPTTL keeps the key's existing TTL, as Redis would.
+    assert_eq!(d.cmd(&["SET", "t:keep", "v1", "EX", "100"]).await, OK);
+    assert_eq!(p.cmd(&["SET", "t:keep", "v2", "KEEPTTL"]).await, OK);
+    let kept = pttl(&redis, "t:keep");
+    assert!(
+        UPSTREAM_TTL < kept && kept <= 100_000,
+        "SET … KEEPTTL: PTTL {kept}"
+    );
+    assert_eq!(d.cmd(&["GET", "t:keep"]).await, bulk("v2"));
+
+    // Outside the rule: untouched.
+    assert_eq!(p.cmd(&["SET", "other", "v"]).await, OK);
+    assert_eq!(pttl(&redis, "other"), -1, "a key no rule names");
+
+    // The reply is the client's own: SET … GET answers the old value.
+    assert_eq!(p.cmd(&["SET", "t:g", "v1", "GET"]).await, NIL);
+    added("t:g");
+    assert_eq!(p.cmd(&["SET", "t:g", "v2", "GET"]).await, bulk("v1"));
+    added("t:g");
+    assert_eq!(d.cmd(&["GET", "t:g"]).await, bulk("v2"));
+
+    // The rewritten SET still drops the cached value (read your writes).
+    assert_eq!(cache_it(&mut p, &redis, &["GET", "t:g"]).await, bulk("v2"));
+    assert_eq!(p.cmd(&["SET", "t:g", "v3"]).await, OK);
+    assert_eq!(p.cmd(&["GET", "t:g"]).await, bulk("v3"), "SET then GET");
+    added("t:g");
+
+    // Inside MULTI too.
+    assert_eq!(p.cmd(&["MULTI"]).await, OK);
+    assert_eq!(p.cmd(&["SET", "t:m", "v"]).await, QUEUED);
+    assert_eq!(p.cmd(&["EXEC"]).await, &b"*1\r\n+OK\r\n"[..]);
+    added("t:m");
+}
+
+// -------------------------------------------------- 14. refresh-ahead
+
+/// Reads `key` through `p` every 20 ms for `span`, asserting each reply is
+/// `want`. Returns how many reads there were.
+async fn read_hot(p: &mut Raw, key: &str, want: &[u8], span: Duration) -> u64 {
+    let deadline = tokio::time::Instant::now() + span;
+    let mut reads = 0;
+    while tokio::time::Instant::now() < deadline {
+        assert_eq!(p.cmd(&["GET", key]).await, want, "{key}, read {reads}");
+        reads += 1;
+        tokio::time::sleep(ms(20)).await;
+    }
+    reads
+}
+
+/// Guards the refresh-ahead branch of `cached_read` (`Variant::refresh_at`,
+/// the background `start_fetch`): a key read continuously is refetched before
+/// its entry expires, so it misses once; without refresh-ahead it misses
+/// every TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_keeps_a_hot_key_from_missing() {
+    const SPAN: Duration = Duration::from_millis(3500);
+    let redis = RedisServer::start();
+    let mut hot = rule("hot:", ms(1000));
+    hot.refresh_ahead = Some(0.5);
+    let proxy = proxy_with(&redis, vec![hot, rule("cold:", ms(1000))]).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let mut s = proxy.conn().await;
+    assert_eq!(d.cmd(&["SET", "hot:k", "v"]).await, OK);
+    assert_eq!(d.cmd(&["SET", "cold:k", "v"]).await, OK);
+
+    reset_stats(&redis);
+    let reads = read_hot(&mut p, "hot:k", &bulk("v"), SPAN).await;
+    let gets = redis.calls("get");
+    let st = stats(&mut s).await;
+    assert_eq!(
+        st.rule("hot:", "misses"),
+        1,
+        "only the first read missed: {st:?}"
+    );
+    assert!(st.rule("hot:", "fills") > 2, "no refreshes: {st:?}");
+    assert!(
+        gets > 2 && gets * 4 < reads,
+        "{gets} upstream GETs for {reads} reads: most must come from L1"
+    );
+
+    // Control: the same loop without refresh-ahead misses every TTL.
+    let reads = read_hot(&mut p, "cold:k", &bulk("v"), SPAN).await;
+    let st = stats(&mut s).await;
+    assert!(
+        st.rule("cold:", "misses") > 1,
+        "{reads} reads of a 1 s entry over {SPAN:?} missed once: {st:?}"
+    );
+}
