@@ -104,6 +104,18 @@ impl Proxy {
             upstream,
             default_pool,
         });
+        if let Some(l1) = &ctx.l1 {
+            // Hits bypass moka, so its expiry and eviction run on a tick.
+            let l1 = Arc::downgrade(l1);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let Some(l1) = l1.upgrade() else { break };
+                    l1.maintain();
+                }
+            });
+        }
         let (shutdown, rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, ctx, rx));
         tracing::info!(%addr, upstream = %url, "nearcache listening");

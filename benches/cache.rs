@@ -1,0 +1,88 @@
+//! The L1 hit path: the cost of answering a GET from memory.
+//!
+//! `cargo bench --bench cache`
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use nearcache::cache::L1;
+use nearcache::config::{ByteSize, CacheConfig, Duration as Dur, RuleConfig};
+use nearcache::protocol::Protocol;
+
+fn l1(keys: usize) -> std::sync::Arc<L1> {
+    let cache = L1::new(&CacheConfig {
+        max_memory: ByteSize(256 << 20),
+        rules: vec![RuleConfig {
+            prefix: "ticker:".into(),
+            ttl: Dur(Duration::from_secs(3600)),
+            cache: true,
+            negative_ttl: None,
+            max_value_size: ByteSize(1 << 20),
+            upstream_ttl: None,
+            refresh_ahead: None,
+        }],
+    })
+    .expect("a caching rule");
+    for i in 0..keys {
+        let key = format!("ticker:{i}");
+        let req = request(&key);
+        let token = cache.begin_fill(0, key.as_bytes());
+        let value = [b'x'; 64];
+        let reply = [&b"$64\r\n"[..], &value, b"\r\n"].concat();
+        cache.fill(
+            token,
+            0,
+            key.as_bytes(),
+            0,
+            Protocol::Resp2,
+            &req,
+            &reply,
+            Duration::from_secs(3600),
+            None,
+        );
+    }
+    cache
+}
+
+fn request(key: &str) -> Vec<u8> {
+    format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).into_bytes()
+}
+
+fn bench(c: &mut Criterion) {
+    let cache = l1(10_000);
+    let key = "ticker:4242";
+    let req = request(key);
+    let mut scratch = Vec::with_capacity(64);
+    c.bench_function("l1/hit_get_64b", |b| {
+        b.iter(|| {
+            let hit = cache.get(
+                0,
+                black_box(key.as_bytes()),
+                Protocol::Resp2,
+                black_box(&req),
+                &mut scratch,
+            );
+            black_box(hit)
+        })
+    });
+    let absent = "ticker:absent";
+    let absent_req = request(absent);
+    c.bench_function("l1/miss_lookup", |b| {
+        b.iter(|| {
+            black_box(cache.get(
+                0,
+                black_box(absent.as_bytes()),
+                Protocol::Resp2,
+                &absent_req,
+                &mut scratch,
+            ))
+        })
+    });
+    c.bench_function("l1/rule_for", |b| {
+        b.iter(|| black_box(cache.rule_for(black_box(key.as_bytes()))))
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
