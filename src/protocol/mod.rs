@@ -14,6 +14,21 @@ pub use parser::{Limits, Parsed, Parser};
 pub use reply::{Protocol, Reply};
 pub use scanner::ReplyScanner;
 
+/// Offset of the first `\r\n` in `buf` (a lone `\r` is data, not a line end).
+#[inline]
+pub(crate) fn find_crlf(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = buf[from..].iter().position(|&b| b == b'\r') {
+        let at = from + i;
+        match buf.get(at + 1) {
+            Some(b'\n') => return Some(at),
+            Some(_) => from = at + 1,
+            None => return None,
+        }
+    }
+    None
+}
+
 /// A client sent bytes that are not a valid command. Every variant is final:
 /// the client gets the error reply and the connection is closed, as Redis does.
 /// The texts match Redis's own, so clients and their tests see no difference.

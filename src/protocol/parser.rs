@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::ProtocolError;
+use super::{ProtocolError, find_crlf};
 
 /// Input limits, checked while parsing (before any byte is buffered beyond them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,21 +286,6 @@ impl Parser {
         }
         Ok(Some(Parsed::Inline { frame, args }))
     }
-}
-
-/// Offset of the first `\r\n` in `buf`.
-#[inline]
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = memchr(b'\r', &buf[from..]) {
-        let at = from + i;
-        match buf.get(at + 1) {
-            Some(b'\n') => return Some(at),
-            Some(_) => from = at + 1,
-            None => return None,
-        }
-    }
-    None
 }
 
 #[inline]

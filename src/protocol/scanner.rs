@@ -7,8 +7,8 @@
 //! still expected, so depth costs nothing), and it resumes where it stopped
 //! when a reply is split across reads, so a large reply costs O(n).
 
-use super::InvalidReply;
 use super::parser::parse_i64;
+use super::{InvalidReply, find_crlf};
 
 /// Resumable scanner for one reply frame at a time.
 #[derive(Debug, Default, Clone)]
@@ -47,7 +47,7 @@ impl ReplyScanner {
             let Some(&tag) = buf.get(at) else {
                 return Ok(None);
             };
-            let Some(nl) = line_end(&buf[at..]) else {
+            let Some(nl) = find_crlf(&buf[at..]) else {
                 return Ok(None);
             };
             let bad = InvalidReply {
@@ -113,20 +113,6 @@ pub fn frame_kind(buf: &[u8]) -> FrameKind {
     } else {
         FrameKind::Reply
     }
-}
-
-#[inline]
-fn line_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
-    while let Some(i) = buf[from..].iter().position(|&b| b == b'\r') {
-        let at = from + i;
-        match buf.get(at + 1) {
-            Some(b'\n') => return Some(at),
-            Some(_) => from = at + 1,
-            None => return None,
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -4,67 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
 use crate::compat::{Raw, direct_async};
-use crate::support::{RedisServer, TestProxy};
-
-/// Runs `redis-cli -p PORT <args…>` (stdin optional) and returns its stdout.
-/// Unlike `support::redis_cli` it is bounded: a hung proxy fails the test
-/// after 60 s instead of hanging it. The process's exit is polled since it
-/// cannot be awaited without tokio's `process` feature.
-fn cli(port: u16, args: &[&str], stdin: Option<&[u8]>) -> String {
-    let mut child = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("redis-cli (install it: apt-get install redis-tools)");
-    let input = stdin.map(<[u8]>::to_vec);
-    let mut sink = child.stdin.take();
-    let feeder = std::thread::spawn(move || {
-        if let (Some(sink), Some(input)) = (sink.as_mut(), input) {
-            sink.write_all(&input).unwrap();
-        }
-        // Dropping stdin tells redis-cli the input is over.
-    });
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        stdout.read_to_end(&mut out).unwrap();
-        out
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("redis-cli {args:?} did not finish within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    feeder.join().unwrap();
-    let out = reader.join().unwrap();
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    assert!(
-        status.success(),
-        "redis-cli {args:?} failed ({status}): {err}"
-    );
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::support::{RedisServer, TestProxy, redis_cli};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cli_set_and_get_through_the_proxy() {
@@ -72,17 +13,20 @@ async fn redis_cli_set_and_get_through_the_proxy() {
     let proxy = TestProxy::start(&redis).await;
     let p = proxy.port();
 
-    assert_eq!(cli(p, &["SET", "greeting", "hello world"], None), "OK\n");
-    assert_eq!(cli(p, &["GET", "greeting"], None), "hello world\n");
-    assert_eq!(cli(p, &["INCR", "n"], None), "1\n");
+    assert_eq!(
+        redis_cli(p, &["SET", "greeting", "hello world"], None),
+        "OK\n"
+    );
+    assert_eq!(redis_cli(p, &["GET", "greeting"], None), "hello world\n");
+    assert_eq!(redis_cli(p, &["INCR", "n"], None), "1\n");
     for args in [
         &["GET", "greeting"][..],
         &["GET", "missing"],
         &["INCR", "n"],
         &["TYPE", "greeting"],
     ] {
-        let through = cli(p, args, None);
-        let direct = cli(redis.port(), args, None);
+        let through = redis_cli(p, args, None);
+        let direct = redis_cli(redis.port(), args, None);
         // INCR moves on by one between the two runs.
         if args[0] == "INCR" {
             assert_eq!((through.as_str(), direct.as_str()), ("2\n", "3\n"));
@@ -109,7 +53,7 @@ async fn redis_cli_pipe_mass_inserts_10000_keys() {
         let (k, v) = (format!("key:{i}"), format!("value:{i}"));
         input.extend(crate::compat::encode(&[b"SET", k.as_bytes(), v.as_bytes()]));
     }
-    let out = cli(proxy.port(), &["--pipe"], Some(&input));
+    let out = redis_cli(proxy.port(), &["--pipe"], Some(&input));
     assert!(
         out.contains("errors: 0, replies: 10000"),
         "redis-cli --pipe summary: {out}"
@@ -143,22 +87,22 @@ async fn redis_cli_resp3_hgetall_prints_a_map() {
         .await
         .unwrap();
 
-    let through = cli(proxy.port(), &["-3", "--no-raw", "HGETALL", "h"], None);
+    let through = redis_cli(proxy.port(), &["-3", "--no-raw", "HGETALL", "h"], None);
     assert_eq!(
         through, "1# \"f1\" => \"v1\"\n2# \"f2\" => \"v2\"\n",
         "RESP3 map formatting"
     );
     assert_eq!(
         through,
-        cli(redis.port(), &["-3", "--no-raw", "HGETALL", "h"], None)
+        redis_cli(redis.port(), &["-3", "--no-raw", "HGETALL", "h"], None)
     );
     // RESP2 prints the same reply as a flat array: -3 made the difference.
-    let resp2 = cli(proxy.port(), &["--no-raw", "HGETALL", "h"], None);
+    let resp2 = redis_cli(proxy.port(), &["--no-raw", "HGETALL", "h"], None);
     assert_eq!(resp2, "1) \"f1\"\n2) \"v1\"\n3) \"f2\"\n4) \"v2\"\n");
     // Raw output in RESP3 matches Redis too.
     assert_eq!(
-        cli(proxy.port(), &["-3", "HGETALL", "h"], None),
-        cli(redis.port(), &["-3", "HGETALL", "h"], None)
+        redis_cli(proxy.port(), &["-3", "HGETALL", "h"], None),
+        redis_cli(redis.port(), &["-3", "HGETALL", "h"], None)
     );
 }
 
@@ -168,12 +112,15 @@ async fn redis_cli_n_selects_the_database() {
     let proxy = TestProxy::start(&redis).await;
 
     assert_eq!(
-        cli(proxy.port(), &["-n", "2", "SET", "k", "in2"], None),
+        redis_cli(proxy.port(), &["-n", "2", "SET", "k", "in2"], None),
         "OK\n"
     );
-    assert_eq!(cli(proxy.port(), &["-n", "2", "GET", "k"], None), "in2\n");
     assert_eq!(
-        cli(proxy.port(), &["GET", "k"], None),
+        redis_cli(proxy.port(), &["-n", "2", "GET", "k"], None),
+        "in2\n"
+    );
+    assert_eq!(
+        redis_cli(proxy.port(), &["GET", "k"], None),
         "\n",
         "db 0 has no k"
     );
@@ -203,11 +150,11 @@ async fn redis_cli_no_raw_escapes_binary_values_as_against_redis() {
         .await
         .unwrap();
 
-    let through = cli(proxy.port(), &["--no-raw", "GET", "bin"], None);
+    let through = redis_cli(proxy.port(), &["--no-raw", "GET", "bin"], None);
     assert_eq!(through, "\"\\x00\\x01\\xff a\\\"b\\n\"\n");
     assert_eq!(
         through,
-        cli(redis.port(), &["--no-raw", "GET", "bin"], None)
+        redis_cli(redis.port(), &["--no-raw", "GET", "bin"], None)
     );
 }
 

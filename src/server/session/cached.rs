@@ -39,7 +39,38 @@ struct FillPolicy {
     refresh_ahead: Option<f64>,
 }
 
+/// A request sent on the shared connection, awaited by a fetch task.
+struct Sent(Result<oneshot::Receiver<Replies>, UpstreamError>);
+
+impl Sent {
+    async fn replies(self) -> Replies {
+        match self.0 {
+            Ok(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost))),
+            Err(e) => Err(lost(e)),
+        }
+    }
+}
+
 impl Session {
+    /// Sends `frames` (answered by `replies` frames) on the shared connection;
+    /// the result is awaited by a task, not by the session.
+    async fn request(&mut self, frames: Bytes, replies: u32) -> Sent {
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Send {
+            frames,
+            replies,
+            blocking: false,
+            tx,
+        };
+        let sent = match self.shared_conn().await {
+            Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
+            Err(e) => Err(e),
+        };
+        Sent(sent.map(|()| rx))
+    }
+
     /// Serves a cacheable read from L1, or fetches it. Returns false when the
     /// command is not one L1 handles (the caller forwards it as usual).
     pub(super) async fn cached_read(
@@ -137,26 +168,11 @@ impl Session {
         let mut frames = BytesMut::with_capacity(request.len() + key.len() + 32);
         frames.extend_from_slice(&request);
         frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &key]));
-        let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            frames: frames.freeze(),
-            replies: 2,
-            blocking: false,
-            tx,
-        };
-        let sent = match self.shared_conn().await {
-            Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
-            Err(e) => Err(e),
-        };
+        let sent = self.request(frames.freeze(), 2).await;
         let (client_tx, client_rx) = oneshot::channel();
         let (db, proto) = (self.db, self.proto);
         tokio::spawn(async move {
-            let replies = match sent {
-                Ok(()) => rx
-                    .await
-                    .unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost))),
-                Err(e) => Err(lost(e)),
-            };
+            let replies = sent.replies().await;
             let reply = complete(replies, |value, pttl| {
                 if let Some(ttl) = fill_ttl(&policy, value, pttl) {
                     let refresh = policy.refresh_ahead;
@@ -234,26 +250,11 @@ impl Session {
             frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &keys[*i]]));
         }
         let count = u32::try_from(missing.len() + 1).unwrap_or(u32::MAX);
-        let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            frames: frames.freeze(),
-            replies: count,
-            blocking: false,
-            tx,
-        };
-        let sent = match self.shared_conn().await {
-            Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
-            Err(e) => Err(e),
-        };
+        let sent = self.request(frames.freeze(), count).await;
         let (client_tx, client_rx) = oneshot::channel();
         let (db, proto) = (self.db, self.proto);
         tokio::spawn(async move {
-            let replies = match sent {
-                Ok(()) => rx
-                    .await
-                    .unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost))),
-                Err(e) => Err(lost(e)),
-            };
+            let replies = sent.replies().await;
             let reply = match replies {
                 Ok(frames) => match split_mget(&frames, missing.len()) {
                     Some((elements, pttls)) => {

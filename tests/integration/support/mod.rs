@@ -430,8 +430,10 @@ impl Drop for ProxyProcess {
     }
 }
 
-/// Runs `redis-cli -p PORT <args…>` and returns its stdout (stdin optional).
-pub fn redis_cli(port: u16, args: &[&str], stdin: Option<&str>) -> String {
+/// Runs `redis-cli -p PORT <args…>` (stdin optional) and returns its stdout.
+/// Bounded: a hung proxy fails the test after 60 s instead of hanging it. The process's exit is polled since it
+/// cannot be awaited without tokio's `process` feature.
+pub fn redis_cli(port: u16, args: &[&str], stdin: Option<&[u8]>) -> String {
     let mut child = Command::new("redis-cli")
         .arg("-p")
         .arg(port.to_string())
@@ -445,14 +447,39 @@ pub fn redis_cli(port: u16, args: &[&str], stdin: Option<&str>) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("redis-cli (install it: apt-get install redis-tools)");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let input = stdin.map(<[u8]>::to_vec);
+    let mut sink = child.stdin.take();
+    let feeder = std::thread::spawn(move || {
+        if let (Some(sink), Some(input)) = (sink.as_mut(), input) {
+            sink.write_all(&input).unwrap();
+        }
+        // Dropping stdin tells redis-cli the input is over.
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        stdout.read_to_end(&mut out).unwrap();
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("redis-cli {args:?} did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    feeder.join().unwrap();
+    let out = reader.join().unwrap();
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert!(
+        status.success(),
+        "redis-cli {args:?} failed ({status}): {err}"
+    );
+    String::from_utf8_lossy(&out).into_owned()
 }
