@@ -23,6 +23,13 @@ if ((${#missing[@]})); then
   fi
 fi
 need cargo || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+need python3 || { echo "python3 not found: apt-get install -y python3 python3-pip" >&2; exit 1; }
+if ! python3 -c 'import redis' 2>/dev/null; then
+  echo "== installing redis-py (pip install redis), for the client compatibility test"
+  python3 -m pip install -q redis 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages redis \
+    || { echo "could not install redis-py: pip install redis" >&2; exit 1; }
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

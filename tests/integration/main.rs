@@ -10,6 +10,7 @@ mod support;
 mod command_keys;
 mod faults;
 mod lifecycle;
+mod python;
 mod smoke;
 
 mod cache;
