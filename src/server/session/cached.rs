@@ -79,18 +79,22 @@ impl Session {
         frame: &Option<Range<usize>>,
         spec: &CommandSpec,
     ) -> bool {
+        // Cheap checks first: most forwarded commands are not cacheable reads,
+        // and they should not pay even for the Arc clone below.
+        if self.ctx.l1.is_none() || self.pin.is_some() || self.argv.len() < 2 {
+            return false;
+        }
+        let mget = spec.name == "mget";
+        if !mget
+            && (!cache::cacheable(spec.name) || (spec.name == "exists" && self.argv.len() != 2))
+        {
+            return false;
+        }
         let Some(l1) = self.ctx.l1.clone() else {
             return false;
         };
-        if spec.name == "mget" && self.pin.is_none() && self.argv.len() >= 2 {
+        if mget {
             return self.cached_mget(chunk, l1).await;
-        }
-        if self.pin.is_some()
-            || self.argv.len() < 2
-            || !cache::cacheable(spec.name)
-            || (spec.name == "exists" && self.argv.len() != 2)
-        {
-            return false;
         }
         let key = self.argv[1].clone();
         let Some((index, rule)) = l1.rule_for(&key) else {
