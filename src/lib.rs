@@ -25,6 +25,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod coherence;
 pub mod command;
 pub mod config;
 pub mod protocol;

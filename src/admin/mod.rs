@@ -11,9 +11,34 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
     let sub = argv.get(1).map(|s| s.to_ascii_uppercase());
     match sub.as_deref() {
         Some(b"STATS") if argv.len() == 2 => stats(ctx, proto),
+        Some(b"INVALIDATE") if argv.len() == 3 => {
+            // Local first, then every peer over the bus. Redis is untouched.
+            let dropped = ctx
+                .l1
+                .as_ref()
+                .map_or(0, |l1| l1.invalidate_matching(&argv[2]));
+            if let Some(bus) = &ctx.bus {
+                bus.publish_pattern(argv[2].clone());
+            }
+            let mut r = Reply::new(proto);
+            r.int(i64::try_from(dropped).unwrap_or(i64::MAX));
+            r.finish()
+        }
+        Some(b"INVALIDATE") => {
+            reply::error("ERR wrong number of arguments for 'proxy|invalidate' command")
+        }
+        Some(b"FLUSH") if argv.len() == 2 => {
+            if let Some(l1) = &ctx.l1 {
+                l1.flush();
+            }
+            if let Some(bus) = &ctx.bus {
+                bus.publish_flush();
+            }
+            Bytes::from_static(reply::OK)
+        }
         Some(b"STATS") => reply::error("ERR wrong number of arguments for 'proxy|stats' command"),
         Some(other) => reply::error(&format!(
-            "ERR unknown subcommand '{}'. Try PROXY STATS.",
+            "ERR unknown subcommand '{}'. Try PROXY STATS, PROXY INVALIDATE <pattern>, PROXY FLUSH.",
             String::from_utf8_lossy(other)
         )),
         None => reply::error("ERR wrong number of arguments for 'proxy' command"),
@@ -32,7 +57,8 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     };
     let (entries, bytes) = l1.usage();
     let rules: Vec<_> = l1.rule_stats().collect();
-    r.map(4);
+    r.map(5);
+    bus_stats(&mut r, ctx);
     r.bulk(b"keys")
         .int(i64::try_from(entries).unwrap_or(i64::MAX));
     r.bulk(b"bytes")
@@ -52,4 +78,39 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
         }
     }
     r.finish()
+}
+
+/// The `bus` entry of `PROXY STATS`.
+fn bus_stats(r: &mut Reply, ctx: &Context) {
+    use std::sync::atomic::Ordering::Relaxed;
+    r.bulk(b"bus");
+    let Some(bus) = &ctx.bus else {
+        r.bulk(b"none");
+        return;
+    };
+    let s = &bus.stats;
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let received = s.received.load(Relaxed);
+    let avg = s
+        .delay_sum_us
+        .load(Relaxed)
+        .checked_div(received)
+        .unwrap_or(0);
+    let fields: [(&str, i64); 10] = [
+        ("healthy", i64::from(bus.healthy())),
+        ("published", n(s.published.load(Relaxed))),
+        ("published_keys", n(s.published_keys.load(Relaxed))),
+        ("received", n(received)),
+        ("applied_keys", n(s.applied_keys.load(Relaxed))),
+        ("gaps", n(s.gaps.load(Relaxed))),
+        ("flushes", n(s.flushes.load(Relaxed))),
+        ("publish_errors", n(s.publish_errors.load(Relaxed))),
+        ("delay_avg_us", n(avg)),
+        ("delay_max_us", n(s.delay_max_us.load(Relaxed))),
+    ];
+    r.map(fields.len() + 1);
+    r.bulk(b"instance").bulk(bus.instance.as_bytes());
+    for (name, value) in fields {
+        r.bulk(name.as_bytes()).int(value);
+    }
 }

@@ -429,6 +429,35 @@ impl L1 {
         }
     }
 
+    /// Drops every cached key (in any database) matching the Redis-style glob
+    /// `pattern`; returns how many. Moves the flush epoch too, so fills in
+    /// flight for matching keys are discarded.
+    pub fn invalidate_matching(&self, pattern: &[u8]) -> usize {
+        self.epoch.fetch_add(1, SeqCst);
+        let ids: Vec<Bytes> = self
+            .index
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                let shard = shard.read().unwrap_or_else(|e| e.into_inner());
+                shard
+                    .keys()
+                    .filter(|id| {
+                        id.len() >= 4 && crate::coherence::glob::matches(pattern, &id[4..])
+                    })
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for id in &ids {
+            self.index.remove(id);
+            if let Some(old) = self.entries.remove(id) {
+                RuleStats::inc(&self.stats[old.rule].invalidations);
+            }
+        }
+        ids.len()
+    }
+
     /// Drops everything (FLUSHDB, FLUSHALL, SWAPDB, scripts with undeclared keys).
     pub fn flush(&self) {
         self.epoch.fetch_add(1, SeqCst);

@@ -183,14 +183,83 @@ pub struct AdminConfig {
     pub listen: String,
 }
 
-/// The NATS invalidation bus (not connected yet).
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+/// The NATS invalidation bus between instances.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CoherenceConfig {
     /// `nats://host:port`; empty = a single instance with no bus.
     pub nats_url: String,
+    /// Deployments sharing one NATS use different namespaces.
+    pub namespace: String,
+    /// The subject; empty = `nearcache.<namespace>.invalidate`.
+    pub subject: String,
     /// This instance's name on the bus; empty = hostname + pid.
     pub instance_id: String,
+    /// NATS user and password (both or neither).
+    pub user: String,
+    /// NATS password.
+    pub password: String,
+    /// NATS token.
+    pub token: String,
+    /// NATS `.creds` file (JWT + nkey).
+    pub creds_file: String,
+    /// Require TLS to NATS.
+    pub tls_required: bool,
+    /// CA certificates (PEM) to verify the NATS server with.
+    pub tls_ca_file: String,
+    /// While the bus is down: `bypass` (L1 is not served; default) or
+    /// `serve-stale` (L1 is served for up to `max_staleness`, then bypassed).
+    /// Either way L1 is flushed when the bus comes back.
+    pub loss_policy: LossPolicy,
+    /// With `serve-stale`: how long after the bus went down L1 is still served.
+    pub max_staleness: Duration,
+    /// Invalidations arriving within this window go out as one message.
+    pub batch_delay: Duration,
+    /// ... or as soon as this many keys are waiting.
+    pub batch_max_keys: usize,
+}
+
+impl Default for CoherenceConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: String::new(),
+            namespace: "default".into(),
+            subject: String::new(),
+            instance_id: String::new(),
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            creds_file: String::new(),
+            tls_required: false,
+            tls_ca_file: String::new(),
+            loss_policy: LossPolicy::Bypass,
+            max_staleness: Duration(std::time::Duration::from_secs(1)),
+            batch_delay: Duration(std::time::Duration::from_millis(1)),
+            batch_max_keys: 256,
+        }
+    }
+}
+
+/// What L1 does while the invalidation bus is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossPolicy {
+    /// Do not serve L1 (reads go upstream) until the bus is back.
+    #[default]
+    Bypass,
+    /// Serve L1 for up to `max_staleness`, then bypass.
+    ServeStale,
+}
+
+impl CoherenceConfig {
+    /// The subject invalidations travel on.
+    pub fn subject(&self) -> String {
+        if self.subject.is_empty() {
+            format!("nearcache.{}.invalidate", self.namespace)
+        } else {
+            self.subject.clone()
+        }
+    }
 }
 
 /// A configuration problem, with where it is.
@@ -442,6 +511,34 @@ impl Config {
                     "must be more than 0 (remove it to disable)".into(),
                 );
             }
+        }
+        let c = &self.coherence;
+        if c.namespace.is_empty()
+            || c.namespace
+                .contains(|ch: char| ch.is_whitespace() || ch == '.' || ch == '*' || ch == '>')
+        {
+            bad(
+                "coherence.namespace",
+                format!(
+                    "'{}' must be a non-empty subject token (no spaces, '.', '*' or '>')",
+                    c.namespace
+                ),
+            );
+        }
+        if c.user.is_empty() != c.password.is_empty() {
+            bad("coherence.user", "user and password go together".into());
+        }
+        if c.batch_max_keys == 0 {
+            bad("coherence.batch_max_keys", "must be at least 1".into());
+        }
+        if c.batch_delay.0 > std::time::Duration::from_millis(100) {
+            bad(
+                "coherence.batch_delay",
+                format!(
+                    "{} is longer than 100ms: invalidations would lag",
+                    c.batch_delay
+                ),
+            );
         }
         let nats = &self.coherence.nats_url;
         if !(nats.is_empty() || nats.starts_with("nats://") || nats.starts_with("tls://")) {

@@ -34,6 +34,8 @@ pub struct Context {
     pub default_pool: Arc<Pool>,
     /// The L1 cache, if any rule caches.
     pub l1: Option<Arc<crate::cache::L1>>,
+    /// The invalidation bus, if `coherence.nats_url` is set (and L1 exists).
+    pub bus: Option<Arc<crate::coherence::Bus>>,
 }
 
 /// Why the proxy could not start.
@@ -50,6 +52,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The coherence bus could not be set up.
+    #[error(transparent)]
+    Bus(#[from] crate::coherence::BusError),
     /// Redis rejected the connection setup (wrong password, bad database).
     #[error("upstream {url}: {source}")]
     Upstream {
@@ -97,8 +102,22 @@ impl Proxy {
             addr: cfg.server.listen.clone(),
             source,
         })?;
+        let l1 = crate::cache::L1::new(&cfg.cache);
+        let bus = match (&l1, cfg.coherence.nats_url.is_empty()) {
+            (Some(l1), false) => {
+                Some(crate::coherence::Bus::start(&cfg.coherence, l1.clone()).await?)
+            }
+            (None, false) => {
+                tracing::warn!(
+                    "coherence.nats_url is set but no rule caches anything: the bus is not started"
+                );
+                None
+            }
+            (_, true) => None,
+        };
         let ctx = Arc::new(Context {
-            l1: crate::cache::L1::new(&cfg.cache),
+            l1,
+            bus,
             limits: cfg.limits(),
             cfg,
             upstream,

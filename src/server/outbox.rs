@@ -14,6 +14,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::{Invalidation, L1};
+use crate::coherence::Bus;
 use crate::upstream::connection::Failed;
 use crate::upstream::{Replies, UpstreamError};
 
@@ -44,6 +45,7 @@ pub enum Slot {
 #[derive(Debug)]
 pub struct Outbox {
     l1: Option<Arc<L1>>,
+    bus: Option<Arc<Bus>>,
     scratch: Vec<u8>,
     slots: VecDeque<Slot>,
     /// Replies the queued slots stand for (a run counts each of its commands).
@@ -53,10 +55,12 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox; `l1` receives the invalidations of acknowledged writes.
-    pub fn new(l1: Option<Arc<L1>>) -> Self {
+    /// An empty outbox; `l1` (and peers, over `bus`) receive the
+    /// invalidations of acknowledged writes.
+    pub fn new(l1: Option<Arc<L1>>, bus: Option<Arc<Bus>>) -> Self {
         Self {
             l1,
+            bus,
             scratch: Vec::new(),
             replies: 0,
             slots: VecDeque::with_capacity(16),
@@ -176,6 +180,9 @@ impl Outbox {
         if let Some(l1) = &self.l1 {
             if !inv.is_empty() {
                 inv.apply(l1, &mut self.scratch);
+                if let Some(bus) = &self.bus {
+                    bus.publish(inv);
+                }
             }
         }
         self.pop();
@@ -219,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn replies_leave_in_slot_order_and_batch_when_ready() {
-        let mut out = Outbox::new(None);
+        let mut out = Outbox::new(None, None);
         let (tx1, rx1) = oneshot::channel();
         let (tx2, rx2) = oneshot::channel();
         out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
@@ -247,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_run_still_answers_every_command() {
-        let mut out = Outbox::new(None);
+        let mut out = Outbox::new(None, None);
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
             rx,
@@ -270,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_sender_is_a_lost_connection_not_a_hang() {
-        let mut out = Outbox::new(None);
+        let mut out = Outbox::new(None, None);
         let (tx, rx) = oneshot::channel::<Replies>();
         out.push(Slot::Upstream {
             rx,
@@ -285,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_stops_collection() {
-        let mut out = Outbox::new(None);
+        let mut out = Outbox::new(None, None);
         out.push(Slot::Ready(Bytes::from_static(b"+OK\r\n")));
         out.push(Slot::Close);
         assert!(out.collect());

@@ -84,6 +84,10 @@ impl Session {
         if self.ctx.l1.is_none() || self.pin.is_some() || self.argv.len() < 2 {
             return false;
         }
+        // Bus down: L1 follows the loss policy (by default, not served).
+        if self.ctx.bus.as_ref().is_some_and(|bus| !bus.l1_usable()) {
+            return false;
+        }
         let mget = spec.name == "mget";
         if !mget
             && (!cache::cacheable(spec.name) || (spec.name == "exists" && self.argv.len() != 2))

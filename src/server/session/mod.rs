@@ -129,7 +129,7 @@ pub async fn serve(
         authed: ctx.cfg.server.password.is_none(),
         conn: None,
         pin: None,
-        out: Outbox::new(ctx.l1.clone()),
+        out: Outbox::new(ctx.l1.clone(), ctx.bus.clone()),
         argv: Vec::with_capacity(8),
         run: None,
         run_inv: Invalidation::default(),

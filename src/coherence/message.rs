@@ -1,0 +1,186 @@
+//! The wire format of one invalidation message (version 1).
+//!
+//! Compact and self-describing, so a peer running another version can tell it
+//! cannot read a message (and flushes its L1 rather than guess):
+//!
+//! ```text
+//! "NC" | version u8 = 1 | kind u8 | id_len u8 | instance id | seq u64 BE
+//!      | sent_at_us u64 BE (Unix time) | count u32 BE | count × (db u32 BE | len u32 BE | key)
+//! kind: 1 = keys, 2 = flush everything, 3 = resync (no entries; only the
+//! sequence number matters), 4 = pattern (one entry: db u32::MAX, the glob)
+//! ```
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The version this build writes and reads.
+pub const VERSION: u8 = 1;
+
+/// What a message asks peers to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Drop these keys.
+    Keys = 1,
+    /// Drop everything.
+    Flush = 2,
+    /// Nothing to drop; carries the sender's sequence so gaps show.
+    Resync = 3,
+    /// Drop keys matching a glob.
+    Pattern = 4,
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// What to do.
+    pub kind: Kind,
+    /// The sending instance.
+    pub instance: String,
+    /// The sender's sequence number (1, 2, 3… per process).
+    pub seq: u64,
+    /// When it was sent, µs since the Unix epoch.
+    pub sent_at_us: u64,
+    /// (db, key) pairs, or (u32::MAX, glob) for a pattern.
+    pub entries: Vec<(u32, Bytes)>,
+}
+
+/// Why a message could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not a nearcache message at all.
+    #[error("not a nearcache invalidation message")]
+    NotOurs,
+    /// A version this build does not know.
+    #[error("message version {0}, this build reads version {VERSION}")]
+    Version(u8),
+    /// Truncated or inconsistent.
+    #[error("malformed message")]
+    Malformed,
+}
+
+impl Message {
+    /// Encodes the message.
+    pub fn encode(&self) -> Bytes {
+        let size =
+            32 + self.instance.len() + self.entries.iter().map(|(_, k)| k.len() + 8).sum::<usize>();
+        let mut b = BytesMut::with_capacity(size);
+        b.put_slice(b"NC");
+        b.put_u8(VERSION);
+        b.put_u8(self.kind as u8);
+        let id = &self.instance.as_bytes()[..self.instance.len().min(255)];
+        b.put_u8(id.len() as u8);
+        b.put_slice(id);
+        b.put_u64(self.seq);
+        b.put_u64(self.sent_at_us);
+        b.put_u32(u32::try_from(self.entries.len()).unwrap_or(u32::MAX));
+        for (db, key) in &self.entries {
+            b.put_u32(*db);
+            b.put_u32(u32::try_from(key.len()).unwrap_or(u32::MAX));
+            b.put_slice(key);
+        }
+        b.freeze()
+    }
+
+    /// Decodes a message; never panics on any input.
+    pub fn decode(mut buf: Bytes) -> Result<Message, DecodeError> {
+        if buf.len() < 4 || &buf[..2] != b"NC" {
+            return Err(DecodeError::NotOurs);
+        }
+        buf.advance(2);
+        let version = buf.get_u8();
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let kind = match buf.get_u8() {
+            1 => Kind::Keys,
+            2 => Kind::Flush,
+            3 => Kind::Resync,
+            4 => Kind::Pattern,
+            _ => return Err(DecodeError::Malformed),
+        };
+        let need = |buf: &Bytes, n: usize| {
+            if buf.remaining() < n {
+                Err(DecodeError::Malformed)
+            } else {
+                Ok(())
+            }
+        };
+        need(&buf, 1)?;
+        let id_len = buf.get_u8() as usize;
+        need(&buf, id_len + 20)?;
+        let instance = String::from_utf8_lossy(&buf.split_to(id_len)).into_owned();
+        let seq = buf.get_u64();
+        let sent_at_us = buf.get_u64();
+        let count = buf.get_u32() as usize;
+        // Each entry is at least 8 bytes: a count beyond that is a lie.
+        if count > buf.remaining() / 8 {
+            return Err(DecodeError::Malformed);
+        }
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            need(&buf, 8)?;
+            let db = buf.get_u32();
+            let len = buf.get_u32() as usize;
+            need(&buf, len)?;
+            entries.push((db, buf.split_to(len)));
+        }
+        Ok(Message {
+            kind,
+            instance,
+            seq,
+            sent_at_us,
+            entries,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let m = Message {
+            kind: Kind::Keys,
+            instance: "host-42".into(),
+            seq: 7,
+            sent_at_us: 123,
+            entries: vec![
+                (0, Bytes::from_static(b"ticker:BTC")),
+                (3, Bytes::from_static(b"\0bin\r\n")),
+            ],
+        };
+        assert_eq!(Message::decode(m.encode()), Ok(m));
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused_not_misread() {
+        let mut other = BytesMut::from(
+            &Message {
+                kind: Kind::Flush,
+                instance: "x".into(),
+                seq: 1,
+                sent_at_us: 0,
+                entries: vec![],
+            }
+            .encode()[..],
+        );
+        other[2] = 2;
+        assert_eq!(
+            Message::decode(other.freeze()),
+            Err(DecodeError::Version(2))
+        );
+        assert_eq!(
+            Message::decode(Bytes::from_static(b"hello")),
+            Err(DecodeError::NotOurs)
+        );
+        assert_eq!(
+            Message::decode(Bytes::from_static(b"NC\x01\x01\x05ab")),
+            Err(DecodeError::Malformed)
+        );
+        let mut lying = BytesMut::from(&b"NC\x01\x01\x00"[..]);
+        lying.put_u64(1);
+        lying.put_u64(1);
+        lying.put_u32(u32::MAX);
+        assert_eq!(Message::decode(lying.freeze()), Err(DecodeError::Malformed));
+    }
+}

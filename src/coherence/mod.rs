@@ -1,0 +1,398 @@
+//! Coherence across instances: every acknowledged write is broadcast as an
+//! invalidation over NATS, and every instance drops what peers invalidate.
+//!
+//! Promises and how they are kept:
+//! - **Bounded staleness while the bus is healthy**: a write's keys are
+//!   published when Redis acknowledges it (batched for at most
+//!   `batch_delay`), and applied by peers on receipt.
+//! - **A lost message never means a stale value for a whole TTL**: every
+//!   instance numbers its messages; a peer that sees a gap flushes its L1. On
+//!   reconnecting, an instance sends a resync carrying its sequence number, so
+//!   messages lost while it was cut off show up as a gap at every peer.
+//! - **Bus loss is visible**: while NATS is unreachable, L1 is not served
+//!   (`bypass`) or served for at most `max_staleness` (`serve-stale`); when the
+//!   bus returns, L1 is flushed before it is served again.
+//! - A message from a build that speaks another format version cannot be
+//!   applied, so it flushes L1 rather than being ignored.
+
+pub mod glob;
+pub mod message;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::cache::{Invalidation, L1};
+use crate::config::{CoherenceConfig, LossPolicy};
+use message::{Kind, Message};
+
+/// Bus counters, read by `PROXY STATS`.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// Messages published.
+    pub published: AtomicU64,
+    /// Keys published.
+    pub published_keys: AtomicU64,
+    /// Messages received from peers (own messages excluded).
+    pub received: AtomicU64,
+    /// Keys dropped because peers wrote them.
+    pub applied_keys: AtomicU64,
+    /// L1 flushes caused by the bus (gaps, reconnects, unreadable messages,
+    /// peers' flushes).
+    pub flushes: AtomicU64,
+    /// Sequence gaps seen.
+    pub gaps: AtomicU64,
+    /// Publish failures (the message is covered by the resync gap).
+    pub publish_errors: AtomicU64,
+    /// Sum and max of publish-to-apply delay, µs.
+    pub delay_sum_us: AtomicU64,
+    /// Largest publish-to-apply delay seen, µs.
+    pub delay_max_us: AtomicU64,
+}
+
+/// What sessions send to the publisher.
+#[derive(Debug)]
+enum Outgoing {
+    Keys(Vec<(u32, Bytes)>),
+    Flush,
+    Pattern(Bytes),
+    /// After a reconnect: our sequence number, so peers see what we lost.
+    Resync,
+}
+
+/// A running bus.
+#[derive(Debug)]
+pub struct Bus {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    healthy: Arc<AtomicBool>,
+    /// When the bus went down (ms since `start`), for `serve-stale`.
+    down_at_ms: Arc<AtomicU64>,
+    start: Instant,
+    policy: LossPolicy,
+    max_staleness: Duration,
+    /// This instance's id on the bus.
+    pub instance: String,
+    /// Counters.
+    pub stats: Arc<BusStats>,
+}
+
+/// Why the bus could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The NATS options are unusable (e.g. an unreadable .creds file).
+    #[error("coherence: {0}")]
+    Options(String),
+    /// The client could not be created.
+    #[error("coherence: connect to {url}: {reason}")]
+    Connect {
+        /// The NATS URL.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Bus {
+    /// Connects to NATS (in the background: the proxy serves, bypassing L1,
+    /// until the bus is up), subscribes, and starts publishing.
+    pub async fn start(cfg: &CoherenceConfig, l1: Arc<L1>) -> Result<Arc<Bus>, BusError> {
+        let instance = if cfg.instance_id.is_empty() {
+            let host =
+                std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "nearcache".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        } else {
+            cfg.instance_id.clone()
+        };
+        let healthy = Arc::new(AtomicBool::new(false));
+        let down_at_ms = Arc::new(AtomicU64::new(0));
+        let stats = Arc::new(BusStats::default());
+        let start = Instant::now();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let seq = Arc::new(AtomicU64::new(0));
+
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("nearcache {instance}"))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((50 * attempts as u64).min(1000))
+            });
+        if !cfg.user.is_empty() {
+            opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
+        }
+        if !cfg.token.is_empty() {
+            opts = opts.token(cfg.token.clone());
+        }
+        if !cfg.creds_file.is_empty() {
+            opts = opts
+                .credentials_file(&cfg.creds_file)
+                .await
+                .map_err(|e| BusError::Options(format!("creds_file {}: {e}", cfg.creds_file)))?;
+        }
+        if cfg.tls_required {
+            opts = opts.require_tls(true);
+        }
+        if !cfg.tls_ca_file.is_empty() {
+            opts = opts.add_root_certificates(cfg.tls_ca_file.clone().into());
+        }
+        let events = EventHandler {
+            healthy: healthy.clone(),
+            down_at_ms: down_at_ms.clone(),
+            start,
+            l1: l1.clone(),
+            stats: stats.clone(),
+            resync: tx.clone(),
+        };
+        opts = opts.event_callback(move |event| {
+            let events = events.clone();
+            async move { events.on(event) }
+        });
+        let client = opts
+            .connect(&cfg.nats_url)
+            .await
+            .map_err(|e| BusError::Connect {
+                url: cfg.nats_url.clone(),
+                reason: e.to_string(),
+            })?;
+        let subject = cfg.subject();
+        let subscriber =
+            client
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| BusError::Connect {
+                    url: cfg.nats_url.clone(),
+                    reason: format!("subscribe to {subject}: {e}"),
+                })?;
+        tokio::spawn(receive(subscriber, instance.clone(), l1, stats.clone()));
+        tokio::spawn(publish(
+            client,
+            subject,
+            rx,
+            Publisher {
+                instance: instance.clone(),
+                seq,
+                stats: stats.clone(),
+                delay: cfg.batch_delay.0,
+                max_keys: cfg.batch_max_keys,
+            },
+        ));
+        tracing::info!(%instance, url = %cfg.nats_url, "coherence bus starting");
+        Ok(Arc::new(Bus {
+            tx,
+            healthy,
+            down_at_ms,
+            start,
+            policy: cfg.loss_policy,
+            max_staleness: cfg.max_staleness.0,
+            instance,
+            stats,
+        }))
+    }
+
+    /// Whether L1 may be served now, under the bus-loss policy.
+    #[inline]
+    pub fn l1_usable(&self) -> bool {
+        if self.healthy.load(SeqCst) {
+            return true;
+        }
+        match self.policy {
+            LossPolicy::Bypass => false,
+            LossPolicy::ServeStale => {
+                let down_at = self.down_at_ms.load(SeqCst);
+                // 0: never connected yet, so nothing cached is trustworthy.
+                down_at != 0
+                    && (self.start.elapsed().as_millis() as u64).saturating_sub(down_at)
+                        < self.max_staleness.as_millis() as u64
+            }
+        }
+    }
+
+    /// True while connected to NATS.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(SeqCst)
+    }
+
+    /// Publishes a write's invalidation (called when Redis acknowledged it).
+    pub fn publish(&self, inv: &Invalidation) {
+        if inv.flush {
+            let _ = self.tx.send(Outgoing::Flush);
+        }
+        if !inv.keys.is_empty() {
+            let _ = self.tx.send(Outgoing::Keys(inv.keys.clone()));
+        }
+    }
+
+    /// Asks every peer to drop keys matching `pattern`.
+    pub fn publish_pattern(&self, pattern: Bytes) {
+        let _ = self.tx.send(Outgoing::Pattern(pattern));
+    }
+
+    /// Asks every peer to flush its L1.
+    pub fn publish_flush(&self) {
+        let _ = self.tx.send(Outgoing::Flush);
+    }
+}
+
+/// Reacts to the NATS connection's state.
+#[derive(Clone)]
+struct EventHandler {
+    healthy: Arc<AtomicBool>,
+    down_at_ms: Arc<AtomicU64>,
+    start: Instant,
+    l1: Arc<L1>,
+    stats: Arc<BusStats>,
+    resync: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl EventHandler {
+    fn on(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => {
+                // Whatever peers sent while we were away is lost to us: start
+                // clean, then tell peers our sequence so they see our gaps.
+                self.l1.flush();
+                self.stats.flushes.fetch_add(1, SeqCst);
+                self.healthy.store(true, SeqCst);
+                let _ = self.resync.send(Outgoing::Resync);
+                tracing::info!("coherence bus connected; L1 flushed");
+            }
+            async_nats::Event::Disconnected => {
+                self.healthy.store(false, SeqCst);
+                self.down_at_ms
+                    .store((self.start.elapsed().as_millis() as u64).max(1), SeqCst);
+                tracing::warn!("coherence bus disconnected; L1 follows the loss policy");
+            }
+            other => tracing::debug!(event = %other, "coherence bus event"),
+        }
+    }
+}
+
+struct Publisher {
+    instance: String,
+    seq: Arc<AtomicU64>,
+    stats: Arc<BusStats>,
+    delay: Duration,
+    max_keys: usize,
+}
+
+impl Publisher {
+    fn message(&self, kind: Kind, entries: Vec<(u32, Bytes)>) -> Bytes {
+        Message {
+            kind,
+            instance: self.instance.clone(),
+            seq: self.seq.fetch_add(1, SeqCst) + 1,
+            sent_at_us: now_us(),
+            entries,
+        }
+        .encode()
+    }
+}
+
+/// Batches invalidations (for at most `delay` or `max_keys`) and publishes.
+async fn publish(
+    client: async_nats::Client,
+    subject: String,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    p: Publisher,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut keys = Vec::new();
+        let mut out: Vec<Bytes> = Vec::new();
+        let take = |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| match item {
+            Outgoing::Keys(k) => keys.extend(k),
+            Outgoing::Flush => out.push(p.message(Kind::Flush, Vec::new())),
+            Outgoing::Resync => out.push(p.message(Kind::Resync, Vec::new())),
+            Outgoing::Pattern(pat) => out.push(p.message(Kind::Pattern, vec![(u32::MAX, pat)])),
+        };
+        take(first, &mut keys, &mut out);
+        let deadline = tokio::time::Instant::now() + p.delay;
+        while keys.len() < p.max_keys && out.is_empty() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(item)) => take(item, &mut keys, &mut out),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !keys.is_empty() {
+            p.stats.published_keys.fetch_add(keys.len() as u64, SeqCst);
+            out.insert(0, p.message(Kind::Keys, keys));
+        }
+        for payload in out {
+            match client.publish(subject.clone(), payload).await {
+                Ok(()) => {
+                    p.stats.published.fetch_add(1, SeqCst);
+                }
+                Err(e) => {
+                    // Its sequence number is spent: peers see the gap (at the
+                    // latest with our resync after reconnecting) and flush.
+                    p.stats.publish_errors.fetch_add(1, SeqCst);
+                    tracing::warn!(error = %e, "publishing an invalidation failed");
+                }
+            }
+        }
+    }
+}
+
+/// Applies peers' messages to L1.
+async fn receive(mut sub: async_nats::Subscriber, me: String, l1: Arc<L1>, stats: Arc<BusStats>) {
+    use futures_util::StreamExt;
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut scratch = Vec::new();
+    while let Some(msg) = sub.next().await {
+        let m = match Message::decode(msg.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable invalidation message; flushing L1");
+                l1.flush();
+                stats.flushes.fetch_add(1, SeqCst);
+                continue;
+            }
+        };
+        if m.instance == me {
+            continue;
+        }
+        stats.received.fetch_add(1, SeqCst);
+        let prev = last_seq.insert(m.instance.clone(), m.seq);
+        // A gap (or a first message that is not the peer's first) means a
+        // message was lost: anything might be stale.
+        let expected = prev.map_or(1, |p| p + 1);
+        if m.seq > expected {
+            tracing::warn!(peer = %m.instance, expected, got = m.seq, "invalidation gap; flushing L1");
+            stats.gaps.fetch_add(1, SeqCst);
+            stats.flushes.fetch_add(1, SeqCst);
+            l1.flush();
+        }
+        match m.kind {
+            Kind::Keys => {
+                for (db, key) in &m.entries {
+                    l1.invalidate(*db, key, &mut scratch);
+                }
+                stats.applied_keys.fetch_add(m.entries.len() as u64, SeqCst);
+            }
+            Kind::Flush => {
+                l1.flush();
+                stats.flushes.fetch_add(1, SeqCst);
+            }
+            Kind::Pattern => {
+                for (_, pattern) in &m.entries {
+                    let n = l1.invalidate_matching(pattern);
+                    stats.applied_keys.fetch_add(n as u64, SeqCst);
+                }
+            }
+            Kind::Resync => {}
+        }
+        let delay = now_us().saturating_sub(m.sent_at_us);
+        stats.delay_sum_us.fetch_add(delay, SeqCst);
+        stats.delay_max_us.fetch_max(delay, SeqCst);
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
