@@ -3,8 +3,8 @@
 //! Applications keep their Redis client and point it at nearcache, which
 //! forwards every command to the upstream Redis — pipelined over a few shared
 //! connections, with stateful commands pinned to dedicated ones — and answers
-//! hot reads from an in-process L1 cache governed by key-prefix rules (kept
-//! coherent across instances over NATS in a later stage).
+//! hot reads from an in-process L1 cache governed by key-prefix rules, kept
+//! coherent across instances by invalidations broadcast over NATS.
 //!
 //! # Layout
 //!
@@ -16,6 +16,7 @@
 //! | [`server`] | listener, per-client sessions (the request path), routing, outbox, shutdown |
 //! | [`upstream`] | connections to Redis: handshake, pipelined connection tasks, pools, reconnects |
 //! | [`cache`] | L1: key-prefix rules, generation-checked fills, single flight, per-rule stats |
+//! | [`coherence`] | the NATS invalidation bus: message format, batching, sequence gaps, loss policy |
 //! | [`admin`] | `PROXY …` commands |
 //!
 //! The request path reads top to bottom in [`server::session`]; its cache

@@ -24,7 +24,7 @@ struct Cli {
     /// Address for metrics and health endpoints [env: NEARCACHE_ADMIN] (not served yet).
     #[arg(long)]
     admin: Option<String>,
-    /// NATS URL for the invalidation bus [env: NATS_URL] (not used yet).
+    /// NATS URL for the invalidation bus [env: NATS_URL].
     #[arg(long)]
     nats: Option<String>,
     /// This instance's id on the bus [env: NEARCACHE_INSTANCE_ID].
