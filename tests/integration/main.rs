@@ -15,5 +15,6 @@ mod smoke;
 
 mod cache;
 mod cli;
+mod coherence;
 mod compat;
 mod stateful;

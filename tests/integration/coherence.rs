@@ -1,0 +1,720 @@
+//! The NATS coherence bus, end to end: several in-process proxies in front of
+//! one Redis, sharing one nats-server (DESIGN.md, "Coherence invariants").
+//!
+//! "Served from L1" / "went upstream" is always proved with Redis's own
+//! `INFO commandstats` after `CONFIG RESETSTAT`, never with timing. Waiting for
+//! the bus is a bounded poll of `PROXY STATS` (its `bus` map); sleeps appear
+//! only to let `max_staleness` elapse, with a generous margin.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use nearcache::Config;
+use nearcache::coherence::message::{Kind, Message};
+use nearcache::config::{ByteSize, Duration as Dur, LossPolicy, RuleConfig};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncCommands, Value};
+use tokio::time::Instant;
+
+use crate::support::{NatsServer, RedisServer, TestProxy, config_for};
+
+/// How long a bounded poll may wait for a proxy (or the bus) to reach a state.
+const POLL_LIMIT: Duration = Duration::from_secs(10);
+
+/// The documented staleness bound while the bus is healthy.
+const STALENESS_BOUND: Duration = Duration::from_millis(100);
+
+// ------------------------------------------------------------------ helpers
+
+/// A caching rule for `prefix` (no negative caching, 1 MiB values).
+fn rule(prefix: &str, ttl: Duration) -> RuleConfig {
+    RuleConfig {
+        prefix: prefix.into(),
+        ttl: Dur(ttl),
+        cache: true,
+        negative_ttl: None,
+        max_value_size: ByteSize(1 << 20),
+        upstream_ttl: None,
+        refresh_ahead: None,
+    }
+}
+
+/// `CONFIG RESETSTAT` on Redis (through a direct connection).
+fn reset_stats(redis: &RedisServer) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut redis.direct())
+        .unwrap();
+}
+
+/// `SET key value` straight on Redis (not through any proxy).
+fn set_direct(redis: &RedisServer, key: &str, value: &str) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query(&mut redis.direct())
+        .unwrap();
+}
+
+/// `GET key` straight on Redis.
+fn get_direct(redis: &RedisServer, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(key)
+        .query(&mut redis.direct())
+        .unwrap()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(n) => n.to_string(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+/// A map reply (RESP3) or a flat key/value array (RESP2) as pairs.
+fn pairs(v: &Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Array(items) => {
+            assert!(items.len() % 2 == 0, "odd key/value array {items:?}");
+            items
+                .chunks(2)
+                .map(|kv| (text(&kv[0]), kv[1].clone()))
+                .collect()
+        }
+        Value::Map(kvs) => kvs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
+        other => panic!("not a map: {other:?}"),
+    }
+}
+
+/// The `bus` map of `PROXY STATS`.
+#[derive(Debug, Clone)]
+struct BusStats {
+    instance: String,
+    counters: HashMap<String, i64>,
+}
+
+impl BusStats {
+    fn get(&self, name: &str) -> i64 {
+        *self
+            .counters
+            .get(name)
+            .unwrap_or_else(|| panic!("no bus.{name} in {self:?}"))
+    }
+}
+
+async fn bus_stats(c: &mut MultiplexedConnection) -> BusStats {
+    let v: Value = redis::cmd("PROXY")
+        .arg("STATS")
+        .query_async(c)
+        .await
+        .unwrap();
+    let bus = pairs(&v)
+        .into_iter()
+        .find_map(|(k, v)| (k == "bus").then_some(v))
+        .unwrap_or_else(|| panic!("no bus in PROXY STATS: {v:?}"));
+    let mut instance = None;
+    let mut counters = HashMap::new();
+    for (k, v) in pairs(&bus) {
+        match v {
+            Value::Int(n) => {
+                counters.insert(k, n);
+            }
+            other if k == "instance" => instance = Some(text(&other)),
+            other => panic!("bus field {k} = {other:?}"),
+        }
+    }
+    BusStats {
+        instance: instance.expect("bus.instance"),
+        counters,
+    }
+}
+
+/// Polls `PROXY STATS` until `done` holds for the bus map (bounded).
+async fn until_bus(
+    c: &mut MultiplexedConnection,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&BusStats) -> bool,
+) -> BusStats {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = bus_stats(c).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn get(c: &mut MultiplexedConnection, key: &str) -> Option<String> {
+    c.get(key).await.unwrap()
+}
+
+/// Reads `key` through `c` twice and proves the second read was answered from
+/// L1 (Redis's GET count did not move). Returns the value.
+async fn cache_it(c: &mut MultiplexedConnection, redis: &RedisServer, key: &str) -> String {
+    let first = get(c, key).await;
+    let before = redis.calls("get");
+    let second = get(c, key).await;
+    assert_eq!(first, second, "{key}: the cached value differs");
+    assert_eq!(
+        redis.calls("get"),
+        before,
+        "{key}: the second read went upstream instead of L1"
+    );
+    first.unwrap_or_else(|| panic!("{key} does not exist"))
+}
+
+/// Reads `key` `n` times through `c` and returns how many reads reached Redis.
+async fn upstream_reads(
+    c: &mut MultiplexedConnection,
+    redis: &RedisServer,
+    key: &str,
+    want: &str,
+    n: u64,
+) -> u64 {
+    reset_stats(redis);
+    for _ in 0..n {
+        assert_eq!(get(c, key).await.as_deref(), Some(want), "{key}");
+    }
+    redis.calls("get")
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// One Redis, one NATS, and `n` proxies caching `t:` for 60 s, each with its
+/// own instance id (`inst-0`, `inst-1`, …) and a connection to it.
+struct Cluster {
+    redis: RedisServer,
+    nats: NatsServer,
+    cfg: Config,
+    /// Kept alive for the test's duration.
+    _proxies: Vec<TestProxy>,
+    conns: Vec<MultiplexedConnection>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Self {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Starts the cluster, waits until every bus is healthy, then has every
+    /// instance publish once and waits until every peer received it, so each
+    /// instance knows every peer's sequence number. (A peer's first message
+    /// with seq ≠ 1 is a gap by design, and an instance started after a peer
+    /// missed that peer's connect-time resync: without this, each test's first
+    /// message would flush L1 on the later instances.)
+    async fn start_with(n: usize, tweak: impl Fn(&mut Config)) -> Self {
+        let redis = RedisServer::start();
+        let nats = NatsServer::start();
+        let mut base = config_for(&redis);
+        base.cache.rules = vec![rule("t:", Duration::from_secs(60))];
+        base.coherence.nats_url = nats.url();
+        tweak(&mut base);
+        let mut proxies = Vec::new();
+        let mut conns = Vec::new();
+        for i in 0..n {
+            let mut cfg = base.clone();
+            cfg.coherence.instance_id = format!("inst-{i}");
+            let proxy = TestProxy::start_with(cfg).await;
+            let mut conn = proxy.conn().await;
+            let s = until_bus(&mut conn, "the bus to be healthy", POLL_LIMIT, |s| {
+                s.get("healthy") == 1
+            })
+            .await;
+            assert_eq!(s.instance, format!("inst-{i}"));
+            proxies.push(proxy);
+            conns.push(conn);
+        }
+        let mut cluster = Cluster {
+            redis,
+            nats,
+            cfg: base,
+            _proxies: proxies,
+            conns,
+        };
+        cluster.introduce().await;
+        cluster
+    }
+
+    /// Every instance publishes a (no-op) pattern invalidation until every
+    /// peer has received one from it. Retried, since a subscription may reach
+    /// the server a little after the Connected event.
+    async fn introduce(&mut self) {
+        let n = self.conns.len();
+        for i in 0..n {
+            let deadline = Instant::now() + POLL_LIMIT;
+            'retry: loop {
+                let mut before = Vec::new();
+                for c in &mut self.conns {
+                    before.push(bus_stats(c).await.get("received"));
+                }
+                let _: i64 = redis::cmd("PROXY")
+                    .arg("INVALIDATE")
+                    .arg(format!("nothing-matches-this-{i}"))
+                    .query_async(&mut self.conns[i])
+                    .await
+                    .unwrap();
+                let round = Instant::now() + Duration::from_secs(1);
+                for j in (0..n).filter(|&j| j != i) {
+                    loop {
+                        if bus_stats(&mut self.conns[j]).await.get("received") > before[j] {
+                            break;
+                        }
+                        if Instant::now() > round {
+                            assert!(
+                                Instant::now() < deadline,
+                                "inst-{j} never received a message from inst-{i}"
+                            );
+                            continue 'retry;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                break;
+            }
+        }
+    }
+
+    async fn bus(&mut self, i: usize) -> BusStats {
+        bus_stats(&mut self.conns[i]).await
+    }
+}
+
+// ------------------------------------------------------------------- tests
+
+/// Guards `Outbox::answered` → `Bus::publish` → `publish` (batching) →
+/// `receive` (Kind::Keys): a write through A evicts the key from B's L1
+/// within the documented bound, and only that key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_through_one_instance_evicts_the_value_on_the_other() {
+    let mut c = Cluster::start(2).await;
+    set_direct(&c.redis, "t:k", "old");
+    set_direct(&c.redis, "t:other", "other");
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, "t:k").await, "old");
+    assert_eq!(
+        cache_it(&mut c.conns[1], &c.redis, "t:other").await,
+        "other"
+    );
+    let b_before = c.bus(1).await;
+
+    let () = c.conns[0].set("t:k", "new").await.unwrap();
+    let acked = Instant::now();
+    let seen = loop {
+        if get(&mut c.conns[1], "t:k").await.as_deref() == Some("new") {
+            break acked.elapsed();
+        }
+        assert!(
+            acked.elapsed() < POLL_LIMIT,
+            "B still serves the old value {POLL_LIMIT:?} after A's SET was acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert!(
+        seen <= STALENESS_BOUND,
+        "B served the old value for {seen:?} after A's SET was acknowledged \
+         (bound while the bus is healthy: {STALENESS_BOUND:?})"
+    );
+
+    // It was the key-specific invalidation, not a flush: the other key is
+    // still served from B's L1.
+    let b_after = c.bus(1).await;
+    assert!(b_after.get("applied_keys") > b_before.get("applied_keys"));
+    assert_eq!(b_after.get("gaps"), b_before.get("gaps"), "{b_after:?}");
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:other", "other", 2).await,
+        0,
+        "a write of t:k must not evict t:other on B (delay was {seen:?})"
+    );
+}
+
+/// Guards `receive`'s own-message filter: A's writes reach B, never A itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_ignore_their_own_messages() {
+    let mut c = Cluster::start(2).await;
+    let a0 = c.bus(0).await;
+    let b0 = c.bus(1).await;
+
+    for i in 0..5 {
+        let () = c.conns[0].set(format!("t:w{i}"), i).await.unwrap();
+    }
+    let a1 = until_bus(&mut c.conns[0], "A to publish", POLL_LIMIT, |s| {
+        s.get("published_keys") >= a0.get("published_keys") + 5
+    })
+    .await;
+    let sent = a1.get("published") - a0.get("published");
+    assert!(sent >= 1, "{a1:?}");
+    until_bus(
+        &mut c.conns[1],
+        "B to receive A's messages",
+        POLL_LIMIT,
+        |s| s.get("received") >= b0.get("received") + sent,
+    )
+    .await;
+
+    // A marker from B: NATS delivers to A in order, so once A has it, A has
+    // already been handed its own messages (published before B got them).
+    let _: i64 = redis::cmd("PROXY")
+        .arg("INVALIDATE")
+        .arg("marker-from-b")
+        .query_async(&mut c.conns[1])
+        .await
+        .unwrap();
+    let a2 = until_bus(
+        &mut c.conns[0],
+        "A to receive B's marker",
+        POLL_LIMIT,
+        |s| s.get("received") > a0.get("received"),
+    )
+    .await;
+    assert_eq!(
+        a2.get("received"),
+        a0.get("received") + 1,
+        "A counted its own messages as received: {a2:?}"
+    );
+    assert_eq!(
+        a2.get("applied_keys"),
+        a0.get("applied_keys"),
+        "A applied its own messages: {a2:?}"
+    );
+    let b2 = c.bus(1).await;
+    assert_eq!(b2.get("received"), b0.get("received") + sent, "{b2:?}");
+    assert!(
+        b2.get("applied_keys") >= b0.get("applied_keys") + 5,
+        "{b2:?}"
+    );
+}
+
+const KEYS: [(&str, &str); 4] = [
+    ("t:a1", "A1"),
+    ("t:a2", "A2"),
+    ("t:b1", "B1"),
+    ("t:b2", "B2"),
+];
+
+/// Sets `KEYS` in Redis and caches them on every instance but the first.
+async fn cache_keys_on_peers(c: &mut Cluster) {
+    for (k, v) in KEYS {
+        set_direct(&c.redis, k, v);
+    }
+    for i in 1..c.conns.len() {
+        for (k, v) in KEYS {
+            assert_eq!(cache_it(&mut c.conns[i], &c.redis, k).await, v);
+        }
+    }
+}
+
+fn assert_redis_unchanged(redis: &RedisServer) {
+    for (k, v) in KEYS {
+        assert_eq!(get_direct(redis, k).as_deref(), Some(v), "{k} in Redis");
+    }
+    let size: i64 = redis::cmd("DBSIZE").query(&mut redis.direct()).unwrap();
+    assert_eq!(size, KEYS.len() as i64, "DBSIZE");
+}
+
+/// Guards `PROXY INVALIDATE` → `Bus::publish_pattern` → `receive`
+/// (Kind::Pattern): matching keys are dropped on every peer, others kept,
+/// Redis untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_invalidate_pattern_reaches_every_instance() {
+    let mut c = Cluster::start(3).await;
+    cache_keys_on_peers(&mut c).await;
+    let before: Vec<BusStats> = vec![c.bus(1).await, c.bus(2).await];
+
+    let _: i64 = redis::cmd("PROXY")
+        .arg("INVALIDATE")
+        .arg("t:a*")
+        .query_async(&mut c.conns[0])
+        .await
+        .unwrap();
+    for (i, b) in [1, 2].into_iter().zip(&before) {
+        let s = until_bus(&mut c.conns[i], "the pattern to arrive", POLL_LIMIT, |s| {
+            s.get("received") > b.get("received")
+        })
+        .await;
+        assert_eq!(s.get("gaps"), b.get("gaps"), "inst-{i}: {s:?}");
+        assert_eq!(s.get("flushes"), b.get("flushes"), "inst-{i}: {s:?}");
+        assert_eq!(
+            s.get("applied_keys"),
+            b.get("applied_keys") + 2,
+            "inst-{i} dropped t:a1 and t:a2: {s:?}"
+        );
+    }
+    for i in [1, 2] {
+        reset_stats(&c.redis);
+        for (k, v) in &KEYS[..2] {
+            assert_eq!(get(&mut c.conns[i], k).await.as_deref(), Some(*v));
+        }
+        assert_eq!(
+            c.redis.calls("get"),
+            2,
+            "inst-{i}: t:a1 and t:a2 must be re-fetched"
+        );
+        for (k, v) in &KEYS[2..] {
+            assert_eq!(get(&mut c.conns[i], k).await.as_deref(), Some(*v));
+        }
+        assert_eq!(
+            c.redis.calls("get"),
+            2,
+            "inst-{i}: t:b1 and t:b2 must still be served from L1"
+        );
+    }
+    assert_redis_unchanged(&c.redis);
+}
+
+/// Guards `PROXY FLUSH` → `Bus::publish_flush` → `receive` (Kind::Flush):
+/// every peer drops everything, Redis untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_flush_reaches_every_instance() {
+    let mut c = Cluster::start(3).await;
+    cache_keys_on_peers(&mut c).await;
+    let before: Vec<BusStats> = vec![c.bus(1).await, c.bus(2).await];
+
+    let () = redis::cmd("PROXY")
+        .arg("FLUSH")
+        .query_async(&mut c.conns[0])
+        .await
+        .unwrap();
+    for (i, b) in [1, 2].into_iter().zip(&before) {
+        until_bus(&mut c.conns[i], "the flush to arrive", POLL_LIMIT, |s| {
+            s.get("flushes") > b.get("flushes")
+        })
+        .await;
+    }
+    for i in [1, 2] {
+        reset_stats(&c.redis);
+        for (k, v) in KEYS {
+            assert_eq!(get(&mut c.conns[i], k).await.as_deref(), Some(v));
+        }
+        assert_eq!(
+            c.redis.calls("get"),
+            KEYS.len() as u64,
+            "inst-{i}: every key must be re-fetched after PROXY FLUSH"
+        );
+    }
+    assert_redis_unchanged(&c.redis);
+}
+
+/// Guards `Bus::l1_usable` (bypass) and `EventHandler::on` (Disconnected,
+/// then Connected: flush): no L1 while NATS is down, and nothing cached before
+/// the outage is served after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_down_l1_is_bypassed_and_flushed_on_return() {
+    let mut c = Cluster::start(2).await;
+    set_direct(&c.redis, "t:k", "v");
+    cache_it(&mut c.conns[1], &c.redis, "t:k").await;
+
+    c.nats.kill();
+    let down = until_bus(&mut c.conns[1], "B to see NATS go", POLL_LIMIT, |s| {
+        s.get("healthy") == 0
+    })
+    .await;
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "v", 5).await,
+        5,
+        "while the bus is down (bypass) every read must go upstream"
+    );
+
+    c.nats.restart();
+    let up = until_bus(
+        &mut c.conns[1],
+        "B to reconnect",
+        Duration::from_secs(20),
+        |s| s.get("healthy") == 1,
+    )
+    .await;
+    assert!(
+        up.get("flushes") > down.get("flushes"),
+        "reconnecting must flush L1: {down:?} → {up:?}"
+    );
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "v", 3).await,
+        1,
+        "after the bus returns: one miss (L1 was flushed), then hits"
+    );
+}
+
+/// Guards `Bus::l1_usable` (serve-stale): L1 is served for `max_staleness`
+/// after the bus goes down, then bypassed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_stale_serves_l1_only_up_to_max_staleness() {
+    let max_staleness = Duration::from_secs(1);
+    let mut c = Cluster::start_with(2, |cfg| {
+        cfg.coherence.loss_policy = LossPolicy::ServeStale;
+        cfg.coherence.max_staleness = Dur(max_staleness);
+    })
+    .await;
+    set_direct(&c.redis, "t:k", "v");
+    cache_it(&mut c.conns[1], &c.redis, "t:k").await;
+
+    c.nats.kill();
+    until_bus(&mut c.conns[1], "B to see NATS go", POLL_LIMIT, |s| {
+        s.get("healthy") == 0
+    })
+    .await;
+    let noticed = Instant::now();
+    let calls = upstream_reads(&mut c.conns[1], &c.redis, "t:k", "v", 1).await;
+    let checked = noticed.elapsed();
+    assert!(
+        checked < max_staleness,
+        "the check took {checked:?}, longer than max_staleness: inconclusive"
+    );
+    assert_eq!(
+        calls, 0,
+        "right after the bus went down, serve-stale must still serve L1"
+    );
+
+    // Let max_staleness elapse (generously), then L1 must be bypassed.
+    tokio::time::sleep(max_staleness * 2).await;
+    assert_eq!(
+        c.bus(1).await.get("healthy"),
+        0,
+        "NATS is still down, the bus must still be unhealthy"
+    );
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "v", 3).await,
+        3,
+        "past max_staleness every read must go upstream"
+    );
+}
+
+/// A client of our own on the bus subject, to send crafted messages.
+async fn fake_peer(c: &Cluster) -> (async_nats::Client, String) {
+    let client = async_nats::connect(c.nats.url()).await.unwrap();
+    (client, c.cfg.coherence.subject())
+}
+
+async fn send(client: &async_nats::Client, subject: &str, payload: Bytes) {
+    client.publish(subject.to_owned(), payload).await.unwrap();
+    client.flush().await.unwrap();
+}
+
+fn keys_message(instance: &str, seq: u64, key: &str) -> Message {
+    Message {
+        kind: Kind::Keys,
+        instance: instance.into(),
+        seq,
+        sent_at_us: now_us(),
+        entries: vec![(0, Bytes::copy_from_slice(key.as_bytes()))],
+    }
+}
+
+/// Guards `receive`'s per-peer sequence check: a skipped sequence number
+/// flushes L1; a contiguous one does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_gap_flushes_l1() {
+    let mut c = Cluster::start(2).await;
+    set_direct(&c.redis, "t:k", "v");
+    cache_it(&mut c.conns[1], &c.redis, "t:k").await;
+    let (client, subject) = fake_peer(&c).await;
+    let b0 = c.bus(1).await;
+
+    // seq 1 from a new peer, about an unrelated key: no gap, t:k stays.
+    send(
+        &client,
+        &subject,
+        keys_message("fake", 1, "t:unrelated").encode(),
+    )
+    .await;
+    let b1 = until_bus(&mut c.conns[1], "B to receive seq 1", POLL_LIMIT, |s| {
+        s.get("received") > b0.get("received")
+    })
+    .await;
+    assert_eq!(b1.get("gaps"), b0.get("gaps"), "seq 1 is no gap: {b1:?}");
+    assert_eq!(b1.get("flushes"), b0.get("flushes"), "{b1:?}");
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "v", 1).await,
+        0,
+        "t:k must still be cached after an unrelated invalidation"
+    );
+
+    // seq 3: seq 2 was lost, anything might be stale.
+    send(
+        &client,
+        &subject,
+        keys_message("fake", 3, "t:unrelated").encode(),
+    )
+    .await;
+    let b2 = until_bus(&mut c.conns[1], "B to see the gap", POLL_LIMIT, |s| {
+        s.get("gaps") > b1.get("gaps")
+    })
+    .await;
+    assert_eq!(b2.get("gaps"), b1.get("gaps") + 1, "{b2:?}");
+    assert!(b2.get("flushes") > b1.get("flushes"), "{b2:?}");
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "v", 2).await,
+        1,
+        "after a gap t:k must be re-fetched (once)"
+    );
+}
+
+/// Guards `receive`'s decode-error path: a message of another format version
+/// flushes L1 instead of being ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_flushes_l1() {
+    let mut c = Cluster::start(2).await;
+    set_direct(&c.redis, "t:k", "v");
+    cache_it(&mut c.conns[1], &c.redis, "t:k").await;
+    let (client, subject) = fake_peer(&c).await;
+    let b0 = c.bus(1).await;
+
+    let mut v2 = BytesMut::from(&keys_message("future", 1, "t:unrelated").encode()[..]);
+    assert_eq!(v2[2], 1, "byte 2 is the version");
+    v2[2] = 2;
+    send(&client, &subject, v2.freeze()).await;
+    let b1 = until_bus(&mut c.conns[1], "B to flush", POLL_LIMIT, |s| {
+        s.get("flushes") > b0.get("flushes")
+    })
+    .await;
+    assert_eq!(b1.get("flushes"), b0.get("flushes") + 1, "{b1:?}");
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "v", 2).await,
+        1,
+        "after an unreadable message t:k must be re-fetched (once)"
+    );
+}
+
+/// Guards `receive`'s delay accounting and `PROXY STATS` bus.delay_*.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_to_apply_delay_is_recorded() {
+    let mut c = Cluster::start(2).await;
+    let a0 = c.bus(0).await;
+    let b0 = c.bus(1).await;
+    for i in 0..20 {
+        let () = c.conns[0].set(format!("t:d{i}"), i).await.unwrap();
+    }
+    let a1 = until_bus(&mut c.conns[0], "A to publish", POLL_LIMIT, |s| {
+        s.get("published_keys") >= a0.get("published_keys") + 20
+    })
+    .await;
+    let sent = a1.get("published") - a0.get("published");
+    let b1 = until_bus(&mut c.conns[1], "B to receive", POLL_LIMIT, |s| {
+        s.get("received") >= b0.get("received") + sent
+    })
+    .await;
+    assert!(b1.get("delay_max_us") > 0, "{b1:?}");
+    assert!(b1.get("delay_avg_us") > 0, "{b1:?}");
+    assert!(
+        b1.get("delay_avg_us") < 50_000,
+        "average publish-to-apply delay {} µs: {b1:?}",
+        b1.get("delay_avg_us")
+    );
+    assert!(
+        b1.get("delay_max_us") >= b1.get("delay_avg_us"),
+        "max below average: {b1:?}"
+    );
+}
