@@ -231,6 +231,9 @@ pub struct L1 {
     index: Arc<Index>,
     stripes: Box<[AtomicU64]>,
     epoch: AtomicU64,
+    /// Databases that have had fills (bit n = db n, db ≥ 63 share bit 63), so
+    /// an invalidation that names no database visits only those.
+    dbs_seen: AtomicU64,
     inflight: Mutex<HashMap<Bytes, Vec<oneshot::Sender<Replies>>>>,
 }
 
@@ -280,6 +283,7 @@ impl L1 {
             index,
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
+            dbs_seen: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
         }))
     }
@@ -288,6 +292,15 @@ impl L1 {
     #[inline]
     pub fn rule_for(&self, key: &[u8]) -> Option<(usize, &Rule)> {
         self.rules.lookup(key).filter(|(_, r)| r.cache)
+    }
+
+    /// The prefixes of rules that cache (what Redis tracking must cover).
+    pub fn cached_prefixes(&self) -> Vec<Vec<u8>> {
+        self.rules
+            .iter()
+            .filter(|r| r.cache)
+            .map(|r| r.prefix.to_vec())
+            .collect()
     }
 
     /// The expiry to add to a `SET` of `key` that carries none, if its rule
@@ -377,6 +390,7 @@ impl L1 {
             RuleStats::inc(&stats.stale_fills_rejected);
             return false;
         }
+        self.dbs_seen.fetch_or(1 << db.min(63), SeqCst);
         let mut id = Vec::new();
         key_id(db, key, &mut id);
         let id = Bytes::from(id);
@@ -426,6 +440,44 @@ impl L1 {
         self.index.remove(&scratch[..]);
         if let Some(old) = self.entries.remove(&scratch[..]) {
             RuleStats::inc(&self.stats[old.rule].invalidations);
+        }
+    }
+
+    /// Drops `key` in every database that has cached anything (Redis's own
+    /// invalidation messages name keys, not databases).
+    pub fn invalidate_any_db(&self, key: &[u8], scratch: &mut Vec<u8>) {
+        let seen = self.dbs_seen.load(SeqCst);
+        if seen & (1 << 63) != 0 {
+            // Some database ≥ 63 is in use: no cheap list, so move the epoch
+            // and drop the key wherever the index has it.
+            self.invalidate_matching_key(key);
+            return;
+        }
+        for db in 0..63u32 {
+            if seen & (1 << db) != 0 {
+                self.invalidate(db, key, scratch);
+            }
+        }
+    }
+
+    fn invalidate_matching_key(&self, key: &[u8]) {
+        self.epoch.fetch_add(1, SeqCst);
+        let ids: Vec<Bytes> = self
+            .index
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                let shard = shard.read().unwrap_or_else(|e| e.into_inner());
+                shard
+                    .keys()
+                    .filter(|id| id.len() >= 4 && &id[4..] == key)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for id in &ids {
+            self.index.remove(id);
+            self.entries.invalidate(id);
         }
     }
 

@@ -17,6 +17,7 @@
 
 pub mod glob;
 pub mod message;
+pub mod tracking;
 
 use std::collections::HashMap;
 use std::sync::Arc;

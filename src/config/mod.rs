@@ -217,6 +217,11 @@ pub struct CoherenceConfig {
     pub batch_delay: Duration,
     /// ... or as soon as this many keys are waiting.
     pub batch_max_keys: usize,
+    /// Also take Redis's own invalidations (`CLIENT TRACKING … BCAST` on the
+    /// cached prefixes, over a dedicated RESP3 connection), so writes that
+    /// bypass every nearcache — scripts talking to Redis, expiry, eviction —
+    /// invalidate L1 too.
+    pub redis_tracking: bool,
 }
 
 impl Default for CoherenceConfig {
@@ -236,6 +241,7 @@ impl Default for CoherenceConfig {
             max_staleness: Duration(std::time::Duration::from_secs(1)),
             batch_delay: Duration(std::time::Duration::from_millis(1)),
             batch_max_keys: 256,
+            redis_tracking: false,
         }
     }
 }

@@ -115,6 +115,14 @@ impl Proxy {
             }
             (_, true) => None,
         };
+        if let (Some(l1), true) = (&l1, cfg.coherence.redis_tracking) {
+            crate::coherence::tracking::spawn(
+                url.clone(),
+                l1.cached_prefixes(),
+                l1.clone(),
+                cfg.upstream.connect_timeout.0,
+            );
+        }
         let ctx = Arc::new(Context {
             l1,
             bus,

@@ -718,3 +718,62 @@ async fn publish_to_apply_delay_is_recorded() {
         "max below average: {b1:?}"
     );
 }
+
+/// With `redis_tracking`, Redis's own invalidations reach L1: a value changed
+/// directly on Redis (bypassing nearcache) stops being served long before the
+/// rule's 60 s TTL, and a FLUSHALL made directly empties L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_tracking_drops_values_written_directly_to_redis() {
+    let redis = RedisServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.cache.rules.push(rule("t:", Duration::from_secs(60)));
+    cfg.coherence.redis_tracking = true;
+    let proxy = TestProxy::start_with(cfg).await;
+    let mut c = proxy.conn().await;
+
+    // Tracking is enabled in the background (then L1 is flushed): wait until
+    // Redis lists a broadcast-tracking client (flags t and B).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut redis.direct())
+            .unwrap();
+        if clients.lines().any(|l| l.contains("flags=tB")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no tracking client registered: {clients}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    set_direct(&redis, "t:k", "old");
+    assert_eq!(cache_it(&mut c, &redis, "t:k").await, "old");
+    set_direct(&redis, "t:k", "new");
+    let written = Instant::now();
+    loop {
+        if get(&mut c, "t:k").await.as_deref() == Some("new") {
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(2),
+            "L1 still serves the old value {:?} after a direct write (rule ttl is 60 s)",
+            written.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    assert_eq!(cache_it(&mut c, &redis, "t:k").await, "new");
+    let _: () = redis::cmd("FLUSHALL").query(&mut redis.direct()).unwrap();
+    let flushed = Instant::now();
+    while get(&mut c, "t:k").await.is_some() {
+        assert!(
+            flushed.elapsed() < Duration::from_secs(2),
+            "L1 still serves t:k after a direct FLUSHALL"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.shutdown().await;
+}
