@@ -517,7 +517,28 @@ impl L1 {
         self.entries.invalidate_all();
     }
 
-    /// Joins the fetch for `flight_id` (db, protocol and request), or leads it.
+    /// The id of a single-flight fetch: db, protocol, the key's generation
+    /// and the flush epoch, then the request. The generation is part of it so
+    /// that a read issued after a write was acknowledged (which moved the
+    /// generation) never joins a fetch that started before the write: it
+    /// would get the old value (found by the staleness checker).
+    pub fn flight_id(
+        &self,
+        db: u32,
+        key: &[u8],
+        proto: Protocol,
+        request: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        out.clear();
+        out.extend_from_slice(&db.to_le_bytes());
+        out.push(proto.version() as u8);
+        out.extend_from_slice(&self.stripes[stripe(db, key)].load(SeqCst).to_le_bytes());
+        out.extend_from_slice(&self.epoch.load(SeqCst).to_le_bytes());
+        out.extend_from_slice(request);
+    }
+
+    /// Joins the fetch for `flight_id` (see [`L1::flight_id`]), or leads it.
     pub fn join(&self, flight_id: &[u8]) -> Flight {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         match inflight.get_mut(flight_id) {
@@ -584,14 +605,6 @@ fn key_id(db: u32, key: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&db.to_le_bytes());
     out.extend_from_slice(key);
-}
-
-/// The id of a single-flight fetch: db, protocol, then the request bytes.
-pub fn flight_id(db: u32, proto: Protocol, request: &[u8], out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(&db.to_le_bytes());
-    out.push(proto.version() as u8);
-    out.extend_from_slice(request);
 }
 
 /// FNV-1a over (db, key): cheap, and only needs to spread keys over stripes.

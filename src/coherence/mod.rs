@@ -53,6 +53,8 @@ pub struct BusStats {
     pub delay_sum_us: AtomicU64,
     /// Largest publish-to-apply delay seen, µs.
     pub delay_max_us: AtomicU64,
+    /// Peers that fell silent past `peer_timeout` (each flushed L1).
+    pub silent_peers: AtomicU64,
 }
 
 /// What sessions send to the publisher.
@@ -75,6 +77,9 @@ pub struct Bus {
     start: Instant,
     policy: LossPolicy,
     max_staleness: Duration,
+    /// Send time (µs, Unix) of our own latest heartbeat that came back.
+    last_echo_us: Arc<AtomicU64>,
+    peer_timeout_us: u64,
     /// This instance's id on the bus.
     pub instance: String,
     /// Counters.
@@ -168,7 +173,17 @@ impl Bus {
                     url: cfg.nats_url.clone(),
                     reason: format!("subscribe to {subject}: {e}"),
                 })?;
-        tokio::spawn(receive(subscriber, instance.clone(), l1, stats.clone()));
+        let last_echo_us = Arc::new(AtomicU64::new(0));
+        tokio::spawn(receive(
+            subscriber,
+            Receiver {
+                me: instance.clone(),
+                l1,
+                stats: stats.clone(),
+                last_echo_us: last_echo_us.clone(),
+                peer_timeout: cfg.peer_timeout.0,
+            },
+        ));
         tokio::spawn(publish(
             client,
             subject,
@@ -179,6 +194,7 @@ impl Bus {
                 stats: stats.clone(),
                 delay: cfg.batch_delay.0,
                 max_keys: cfg.batch_max_keys,
+                heartbeat: cfg.heartbeat_interval.0,
             },
         ));
         tracing::info!(%instance, url = %cfg.nats_url, "coherence bus starting");
@@ -189,6 +205,8 @@ impl Bus {
             start,
             policy: cfg.loss_policy,
             max_staleness: cfg.max_staleness.0,
+            last_echo_us,
+            peer_timeout_us: cfg.peer_timeout.0.as_micros() as u64,
             instance,
             stats,
         }))
@@ -198,7 +216,11 @@ impl Bus {
     #[inline]
     pub fn l1_usable(&self) -> bool {
         if self.healthy.load(SeqCst) {
-            return true;
+            // Connected, but have we applied everything up to a moment ago?
+            // Our own heartbeat comes back after every message published
+            // before it, so a fresh echo means we are caught up (a paused or
+            // lagging instance is not).
+            return now_us().saturating_sub(self.last_echo_us.load(SeqCst)) < self.peer_timeout_us;
         }
         match self.policy {
             LossPolicy::Bypass => false,
@@ -278,6 +300,7 @@ struct Publisher {
     stats: Arc<BusStats>,
     delay: Duration,
     max_keys: usize,
+    heartbeat: Duration,
 }
 
 impl Publisher {
@@ -300,7 +323,17 @@ async fn publish(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     p: Publisher,
 ) {
-    while let Some(first) = rx.recv().await {
+    let mut beat = tokio::time::interval(p.heartbeat);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => match item {
+                Some(item) => item,
+                None => return,
+            },
+            // The heartbeat: a resync, so it also carries our sequence.
+            _ = beat.tick() => Outgoing::Resync,
+        };
         let mut keys = Vec::new();
         let mut out: Vec<Bytes> = Vec::new();
         let take = |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| match item {
@@ -338,11 +371,54 @@ async fn publish(
 }
 
 /// Applies peers' messages to L1.
-async fn receive(mut sub: async_nats::Subscriber, me: String, l1: Arc<L1>, stats: Arc<BusStats>) {
+struct Receiver {
+    me: String,
+    l1: Arc<L1>,
+    stats: Arc<BusStats>,
+    last_echo_us: Arc<AtomicU64>,
+    peer_timeout: Duration,
+}
+
+/// Applies peers' messages to L1, and watches peers' heartbeats.
+async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
     use futures_util::StreamExt;
+    let Receiver {
+        me,
+        l1,
+        stats,
+        last_echo_us,
+        peer_timeout,
+    } = r;
     let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut last_seen: HashMap<String, Instant> = HashMap::new();
     let mut scratch = Vec::new();
-    while let Some(msg) = sub.next().await {
+    let mut check = tokio::time::interval(peer_timeout / 4);
+    loop {
+        let msg = tokio::select! {
+            msg = sub.next() => match msg {
+                Some(msg) => msg,
+                None => return,
+            },
+            _ = check.tick() => {
+                // A silent peer may have acknowledged writes it never
+                // published (frozen, crashed): drop everything it could have
+                // invalidated. If it comes back, its next message is a gap.
+                let silent: Vec<String> = last_seen
+                    .iter()
+                    .filter(|(_, t)| t.elapsed() > peer_timeout)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                for peer in silent {
+                    tracing::warn!(%peer, "peer silent past peer_timeout; flushing L1");
+                    last_seen.remove(&peer);
+                    last_seq.remove(&peer);
+                    l1.flush();
+                    stats.silent_peers.fetch_add(1, SeqCst);
+                    stats.flushes.fetch_add(1, SeqCst);
+                }
+                continue;
+            }
+        };
         let m = match Message::decode(msg.payload) {
             Ok(m) => m,
             Err(e) => {
@@ -353,8 +429,10 @@ async fn receive(mut sub: async_nats::Subscriber, me: String, l1: Arc<L1>, stats
             }
         };
         if m.instance == me {
+            last_echo_us.fetch_max(m.sent_at_us, SeqCst);
             continue;
         }
+        last_seen.insert(m.instance.clone(), Instant::now());
         stats.received.fetch_add(1, SeqCst);
         let prev = last_seq.insert(m.instance.clone(), m.seq);
         // A gap (or a first message that is not the peer's first) means a

@@ -217,6 +217,14 @@ pub struct CoherenceConfig {
     pub batch_delay: Duration,
     /// ... or as soon as this many keys are waiting.
     pub batch_max_keys: usize,
+    /// Every instance publishes a heartbeat this often.
+    pub heartbeat_interval: Duration,
+    /// A peer silent this long may have acknowledged writes it never
+    /// published (it froze or crashed): L1 is flushed. An instance whose own
+    /// latest heartbeat came back longer ago than this (it was paused, or its
+    /// subscriber lags) does not serve L1 until it has caught up. This is the
+    /// staleness bound while the bus is up.
+    pub peer_timeout: Duration,
     /// Also take Redis's own invalidations (`CLIENT TRACKING … BCAST` on the
     /// cached prefixes, over a dedicated RESP3 connection), so writes that
     /// bypass every nearcache — scripts talking to Redis, expiry, eviction —
@@ -242,6 +250,8 @@ impl Default for CoherenceConfig {
             batch_delay: Duration(std::time::Duration::from_millis(1)),
             batch_max_keys: 256,
             redis_tracking: false,
+            heartbeat_interval: Duration(std::time::Duration::from_millis(20)),
+            peer_timeout: Duration(std::time::Duration::from_millis(100)),
         }
     }
 }
@@ -533,6 +543,15 @@ impl Config {
         }
         if c.user.is_empty() != c.password.is_empty() {
             bad("coherence.user", "user and password go together".into());
+        }
+        if c.heartbeat_interval.0.is_zero() || c.peer_timeout.0 < c.heartbeat_interval.0 * 2 {
+            bad(
+                "coherence.peer_timeout",
+                format!(
+                    "{} must be at least twice heartbeat_interval ({})",
+                    c.peer_timeout, c.heartbeat_interval
+                ),
+            );
         }
         if c.batch_max_keys == 0 {
             bad("coherence.batch_max_keys", "must be at least 1".into());

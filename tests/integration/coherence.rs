@@ -356,46 +356,26 @@ async fn instances_ignore_their_own_messages() {
         s.get("published_keys") >= a0.get("published_keys") + 5
     })
     .await;
-    let sent = a1.get("published") - a0.get("published");
-    assert!(sent >= 1, "{a1:?}");
-    until_bus(
-        &mut c.conns[1],
-        "B to receive A's messages",
-        POLL_LIMIT,
-        |s| s.get("received") >= b0.get("received") + sent,
-    )
+    assert!(a1.get("published") > a0.get("published"), "{a1:?}");
+    // Peers' heartbeats make `received` grow on its own, so the proof is in
+    // applied keys: B applies A's five, A applies none of its own.
+    until_bus(&mut c.conns[1], "B to apply A's keys", POLL_LIMIT, |s| {
+        s.get("applied_keys") >= b0.get("applied_keys") + 5
+    })
     .await;
 
-    // A marker from B: NATS delivers to A in order, so once A has it, A has
-    // already been handed its own messages (published before B got them).
-    let _: i64 = redis::cmd("PROXY")
-        .arg("INVALIDATE")
-        .arg("marker-from-b")
-        .query_async(&mut c.conns[1])
-        .await
-        .unwrap();
-    let a2 = until_bus(
-        &mut c.conns[0],
-        "A to receive B's marker",
-        POLL_LIMIT,
-        |s| s.get("received") > a0.get("received"),
-    )
+    // A marker from B (one key, written through B): NATS delivers to A in
+    // order, so once A has applied it, A has already been handed its own
+    // messages, which B received before writing the marker.
+    let () = c.conns[1].set("t:marker", 1).await.unwrap();
+    let a2 = until_bus(&mut c.conns[0], "A to apply B's marker", POLL_LIMIT, |s| {
+        s.get("applied_keys") > a0.get("applied_keys")
+    })
     .await;
     assert_eq!(
-        a2.get("received"),
-        a0.get("received") + 1,
-        "A counted its own messages as received: {a2:?}"
-    );
-    assert_eq!(
         a2.get("applied_keys"),
-        a0.get("applied_keys"),
+        a0.get("applied_keys") + 1,
         "A applied its own messages: {a2:?}"
-    );
-    let b2 = c.bus(1).await;
-    assert_eq!(b2.get("received"), b0.get("received") + sent, "{b2:?}");
-    assert!(
-        b2.get("applied_keys") >= b0.get("applied_keys") + 5,
-        "{b2:?}"
     );
 }
 

@@ -14,6 +14,7 @@ mod python;
 mod smoke;
 
 mod cache;
+mod checker;
 mod cli;
 mod coherence;
 mod compat;

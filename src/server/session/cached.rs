@@ -125,7 +125,7 @@ impl Session {
             if refresh_due {
                 // Refresh-ahead: one background fetch (if none is running)
                 // replaces the entry before it expires; nobody waits for it.
-                cache::flight_id(self.db, self.proto, &request, &mut self.scratch);
+                l1.flight_id(self.db, &key, self.proto, &request, &mut self.scratch);
                 if let Flight::Leader = l1.join(&self.scratch) {
                     let flight = Bytes::copy_from_slice(&self.scratch);
                     drop(
@@ -145,7 +145,7 @@ impl Session {
     /// Fetches a missed read (with the key's PTTL, in one pipeline) unless the
     /// same read is already being fetched, in which case it waits for that.
     async fn fetch(&mut self, l1: Arc<L1>, key: Bytes, request: Bytes, policy: FillPolicy) {
-        cache::flight_id(self.db, self.proto, &request, &mut self.scratch);
+        l1.flight_id(self.db, &key, self.proto, &request, &mut self.scratch);
         let rx = match l1.join(&self.scratch) {
             Flight::Follower(rx) => rx,
             Flight::Leader => {
