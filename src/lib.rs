@@ -18,6 +18,7 @@
 //! | [`cache`] | L1: key-prefix rules, generation-checked fills, single flight, per-rule stats |
 //! | [`coherence`] | the NATS invalidation bus: message format, batching, sequence gaps, loss policy |
 //! | [`admin`] | `PROXY …` commands |
+//! | [`histogram`] | lock-free latency histograms for the stats |
 //!
 //! The request path reads top to bottom in [`server::session`]; its cache
 //! phases (lookup, fetch and fill, write invalidation) are in `session/cached.rs`.
@@ -29,6 +30,7 @@ pub mod cache;
 pub mod coherence;
 pub mod command;
 pub mod config;
+pub mod histogram;
 pub mod protocol;
 pub mod server;
 pub mod upstream;

@@ -88,8 +88,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.apply(Overrides::from_env().then(flags));
     cfg.validate(&format!("{origin} (with environment and flags)"))?;
 
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if cfg.server.threads > 0 {
+    // One thread: everything on the main thread, with no cross-thread
+    // wake-ups at all (the cheapest per request where cores are scarce).
+    let mut builder = if cfg.server.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if cfg.server.threads > 1 {
         builder.worker_threads(cfg.server.threads);
     }
     let runtime = builder

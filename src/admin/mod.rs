@@ -90,23 +90,22 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
     };
     let s = &bus.stats;
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let received = s.received.load(Relaxed);
-    let avg = s
-        .delay_sum_us
-        .load(Relaxed)
-        .checked_div(received)
-        .unwrap_or(0);
-    let fields: [(&str, i64); 10] = [
+    let d = &s.delay_us;
+    let fields: [(&str, i64); 14] = [
         ("healthy", i64::from(bus.healthy())),
         ("published", n(s.published.load(Relaxed))),
         ("published_keys", n(s.published_keys.load(Relaxed))),
-        ("received", n(received)),
+        ("received", n(s.received.load(Relaxed))),
         ("applied_keys", n(s.applied_keys.load(Relaxed))),
         ("gaps", n(s.gaps.load(Relaxed))),
         ("flushes", n(s.flushes.load(Relaxed))),
         ("publish_errors", n(s.publish_errors.load(Relaxed))),
-        ("delay_avg_us", n(avg)),
-        ("delay_max_us", n(s.delay_max_us.load(Relaxed))),
+        ("silent_peers", n(s.silent_peers.load(Relaxed))),
+        ("delay_samples", n(d.count())),
+        ("delay_avg_us", n(d.mean())),
+        ("delay_p50_us", n(d.quantile(0.5))),
+        ("delay_p99_us", n(d.quantile(0.99))),
+        ("delay_max_us", n(d.max())),
     ];
     r.map(fields.len() + 1);
     r.bulk(b"instance").bulk(bus.instance.as_bytes());

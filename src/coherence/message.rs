@@ -80,6 +80,21 @@ impl Message {
         b.freeze()
     }
 
+    /// The sender's id and send time, read without decoding the entries:
+    /// enough to recognise one's own messages cheaply. `None` if the header
+    /// is not one this build reads (`decode` then says why).
+    pub fn peek_sender(buf: &[u8]) -> Option<(&[u8], u64)> {
+        if buf.len() < 5 || &buf[..2] != b"NC" || buf[2] != VERSION {
+            return None;
+        }
+        let id_end = 5 + buf[4] as usize;
+        let sent_at = buf.get(id_end + 8..id_end + 16)?;
+        Some((
+            &buf[5..id_end],
+            u64::from_be_bytes(sent_at.try_into().ok()?),
+        ))
+    }
+
     /// Decodes a message; never panics on any input.
     pub fn decode(mut buf: Bytes) -> Result<Message, DecodeError> {
         if buf.len() < 4 || &buf[..2] != b"NC" {
@@ -149,7 +164,25 @@ mod tests {
                 (3, Bytes::from_static(b"\0bin\r\n")),
             ],
         };
-        assert_eq!(Message::decode(m.encode()), Ok(m));
+        let wire = m.encode();
+        assert_eq!(Message::peek_sender(&wire), Some((&b"host-42"[..], 123)));
+        assert_eq!(Message::decode(wire), Ok(m));
+    }
+
+    #[test]
+    fn peek_sender_never_panics_on_truncation() {
+        let wire = Message {
+            kind: Kind::Resync,
+            instance: "abc".into(),
+            seq: 1,
+            sent_at_us: 9,
+            entries: vec![],
+        }
+        .encode();
+        for n in 0..wire.len() {
+            // Shorter than id + seq + sent_at: unreadable.
+            assert_eq!(Message::peek_sender(&wire[..n]).is_some(), n >= 24, "{n}");
+        }
     }
 
     #[test]

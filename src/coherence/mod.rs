@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 use crate::cache::{Invalidation, L1};
 use crate::config::{CoherenceConfig, LossPolicy};
+use crate::histogram::Histogram;
 use message::{Kind, Message};
 
 /// Bus counters, read by `PROXY STATS`.
@@ -49,20 +50,21 @@ pub struct BusStats {
     pub gaps: AtomicU64,
     /// Publish failures (the message is covered by the resync gap).
     pub publish_errors: AtomicU64,
-    /// Sum and max of publish-to-apply delay, µs.
-    pub delay_sum_us: AtomicU64,
-    /// Largest publish-to-apply delay seen, µs.
-    pub delay_max_us: AtomicU64,
+    /// Delay of peers' invalidations, µs: from the moment the writing
+    /// instance had the write acknowledged (the oldest in the message) to the
+    /// moment this instance applied it. Heartbeats are not counted.
+    pub delay_us: Histogram,
     /// Peers that fell silent past `peer_timeout` (each flushed L1).
     pub silent_peers: AtomicU64,
 }
 
-/// What sessions send to the publisher.
+/// What sessions send to the publisher; invalidations carry the time (µs,
+/// Unix) they were queued, which becomes the message's `sent_at_us`.
 #[derive(Debug)]
 enum Outgoing {
-    Keys(Vec<(u32, Bytes)>),
-    Flush,
-    Pattern(Bytes),
+    Keys(Vec<(u32, Bytes)>, u64),
+    Flush(u64),
+    Pattern(Bytes, u64),
     /// After a reconnect: our sequence number, so peers see what we lost.
     Resync,
 }
@@ -241,22 +243,23 @@ impl Bus {
 
     /// Publishes a write's invalidation (called when Redis acknowledged it).
     pub fn publish(&self, inv: &Invalidation) {
+        let now = now_us();
         if inv.flush {
-            let _ = self.tx.send(Outgoing::Flush);
+            let _ = self.tx.send(Outgoing::Flush(now));
         }
         if !inv.keys.is_empty() {
-            let _ = self.tx.send(Outgoing::Keys(inv.keys.clone()));
+            let _ = self.tx.send(Outgoing::Keys(inv.keys.clone(), now));
         }
     }
 
     /// Asks every peer to drop keys matching `pattern`.
     pub fn publish_pattern(&self, pattern: Bytes) {
-        let _ = self.tx.send(Outgoing::Pattern(pattern));
+        let _ = self.tx.send(Outgoing::Pattern(pattern, now_us()));
     }
 
     /// Asks every peer to flush its L1.
     pub fn publish_flush(&self) {
-        let _ = self.tx.send(Outgoing::Flush);
+        let _ = self.tx.send(Outgoing::Flush(now_us()));
     }
 }
 
@@ -304,19 +307,23 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn message(&self, kind: Kind, entries: Vec<(u32, Bytes)>) -> Bytes {
+    fn message(&self, kind: Kind, entries: Vec<(u32, Bytes)>, sent_at_us: u64) -> Bytes {
         Message {
             kind,
             instance: self.instance.clone(),
             seq: self.seq.fetch_add(1, SeqCst) + 1,
-            sent_at_us: now_us(),
+            sent_at_us,
             entries,
         }
         .encode()
     }
 }
 
-/// Batches invalidations (for at most `delay` or `max_keys`) and publishes.
+/// Batches invalidations and publishes them. With `delay` zero, a message
+/// carries whatever was queued by the time the publisher runs again after
+/// yielding once (batches grow with the write rate, and a lone write waits
+/// microseconds); otherwise invalidations wait up to `delay` for company.
+/// Either way at most `max_keys` keys share a message.
 async fn publish(
     client: async_nats::Client,
     subject: String,
@@ -335,24 +342,42 @@ async fn publish(
             _ = beat.tick() => Outgoing::Resync,
         };
         let mut keys = Vec::new();
+        // When the oldest of `keys` was queued.
+        let mut keys_at = u64::MAX;
         let mut out: Vec<Bytes> = Vec::new();
-        let take = |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| match item {
-            Outgoing::Keys(k) => keys.extend(k),
-            Outgoing::Flush => out.push(p.message(Kind::Flush, Vec::new())),
-            Outgoing::Resync => out.push(p.message(Kind::Resync, Vec::new())),
-            Outgoing::Pattern(pat) => out.push(p.message(Kind::Pattern, vec![(u32::MAX, pat)])),
-        };
+        let mut take =
+            |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| match item {
+                Outgoing::Keys(k, at) => {
+                    keys.extend(k);
+                    keys_at = keys_at.min(at);
+                }
+                Outgoing::Flush(at) => out.push(p.message(Kind::Flush, Vec::new(), at)),
+                Outgoing::Resync => out.push(p.message(Kind::Resync, Vec::new(), now_us())),
+                Outgoing::Pattern(pat, at) => {
+                    out.push(p.message(Kind::Pattern, vec![(u32::MAX, pat)], at))
+                }
+            };
         take(first, &mut keys, &mut out);
-        let deadline = tokio::time::Instant::now() + p.delay;
-        while keys.len() < p.max_keys && out.is_empty() {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(item)) => take(item, &mut keys, &mut out),
-                Ok(None) | Err(_) => break,
+        if p.delay.is_zero() {
+            tokio::task::yield_now().await;
+            while keys.len() < p.max_keys && out.is_empty() {
+                match rx.try_recv() {
+                    Ok(item) => take(item, &mut keys, &mut out),
+                    Err(_) => break,
+                }
+            }
+        } else {
+            let deadline = tokio::time::Instant::now() + p.delay;
+            while keys.len() < p.max_keys && out.is_empty() {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(item)) => take(item, &mut keys, &mut out),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         if !keys.is_empty() {
             p.stats.published_keys.fetch_add(keys.len() as u64, SeqCst);
-            out.insert(0, p.message(Kind::Keys, keys));
+            out.insert(0, p.message(Kind::Keys, keys, keys_at));
         }
         for payload in out {
             match client.publish(subject.clone(), payload).await {
@@ -419,6 +444,14 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                 continue;
             }
         };
+        // Our own messages come back (NATS echoes them): only the send time
+        // matters, so their entries are not decoded.
+        if let Some((sender, sent_at_us)) = Message::peek_sender(&msg.payload) {
+            if sender == me.as_bytes() {
+                last_echo_us.fetch_max(sent_at_us, SeqCst);
+                continue;
+            }
+        }
         let m = match Message::decode(msg.payload) {
             Ok(m) => m,
             Err(e) => {
@@ -428,10 +461,6 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                 continue;
             }
         };
-        if m.instance == me {
-            last_echo_us.fetch_max(m.sent_at_us, SeqCst);
-            continue;
-        }
         last_seen.insert(m.instance.clone(), Instant::now());
         stats.received.fetch_add(1, SeqCst);
         let prev = last_seq.insert(m.instance.clone(), m.seq);
@@ -461,11 +490,10 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                     stats.applied_keys.fetch_add(n as u64, SeqCst);
                 }
             }
-            Kind::Resync => {}
+            // A heartbeat: not an invalidation, so no delay to count.
+            Kind::Resync => continue,
         }
-        let delay = now_us().saturating_sub(m.sent_at_us);
-        stats.delay_sum_us.fetch_add(delay, SeqCst);
-        stats.delay_max_us.fetch_max(delay, SeqCst);
+        stats.delay_us.record(now_us().saturating_sub(m.sent_at_us));
     }
 }
 

@@ -39,7 +39,8 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to accept clients on.
     pub listen: String,
-    /// Worker threads; 0 = one per available core.
+    /// Worker threads; 1 (default) = a single-threaded runtime; 0 = one per
+    /// available core.
     pub threads: usize,
     /// Clients beyond this many are refused with an error.
     pub max_clients: usize,
@@ -67,7 +68,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:6380".into(),
-            threads: 0,
+            threads: 1,
             max_clients: 10_000,
             idle_timeout: Duration::default(),
             shutdown_timeout: Duration(std::time::Duration::from_secs(10)),
@@ -213,7 +214,9 @@ pub struct CoherenceConfig {
     pub loss_policy: LossPolicy,
     /// With `serve-stale`: how long after the bus went down L1 is still served.
     pub max_staleness: Duration,
-    /// Invalidations arriving within this window go out as one message.
+    /// How long an invalidation may wait for others to share its message.
+    /// Zero: no timer; a message carries whatever was queued by the time the
+    /// publisher runs again (batches grow with the write rate).
     pub batch_delay: Duration,
     /// ... or as soon as this many keys are waiting.
     pub batch_max_keys: usize,
@@ -247,7 +250,7 @@ impl Default for CoherenceConfig {
             tls_ca_file: String::new(),
             loss_policy: LossPolicy::Bypass,
             max_staleness: Duration(std::time::Duration::from_secs(1)),
-            batch_delay: Duration(std::time::Duration::from_millis(1)),
+            batch_delay: Duration(std::time::Duration::ZERO),
             batch_max_keys: 256,
             redis_tracking: false,
             heartbeat_interval: Duration(std::time::Duration::from_millis(20)),
@@ -551,6 +554,12 @@ impl Config {
                     "{} must be at least twice heartbeat_interval ({})",
                     c.peer_timeout, c.heartbeat_interval
                 ),
+            );
+        }
+        if c.instance_id.len() > 255 {
+            bad(
+                "coherence.instance_id",
+                format!("{} bytes long; at most 255", c.instance_id.len()),
             );
         }
         if c.batch_max_keys == 0 {

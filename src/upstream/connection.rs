@@ -230,31 +230,20 @@ async fn run(
                     }
                     return;
                 };
-                let mut next = Some(op);
-                while let Some(op) = next.take() {
-                    match op {
-                        Op::Send { frames, replies, blocking, tx } => {
-                            wbuf.extend_from_slice(&frames);
-                            if replies == 0 {
-                                let _ = tx.send(Ok(Bytes::new()));
-                            } else {
-                                pending.push_back(Pending::Replies { want: replies, tx, since: Instant::now(), blocking });
-                            }
+                queue(op, &mut wbuf, &mut pending).await;
+                // Let every other ready session queue its requests before
+                // writing: one write then carries many clients' commands
+                // (tokio would otherwise run this task right after the first
+                // sender, and batches would stay tiny).
+                let mut yielded = false;
+                while wbuf.len() < MAX_BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(op) => queue(op, &mut wbuf, &mut pending).await,
+                        Err(_) if !yielded => {
+                            yielded = true;
+                            tokio::task::yield_now().await;
                         }
-                        Op::Relay { frames, tx } => {
-                            wbuf.extend_from_slice(&frames);
-                            pending.push_back(Pending::Relay(tx));
-                        }
-                        Op::Write { frames } => wbuf.extend_from_slice(&frames),
-                        Op::Release(conn) => pending.push_back(Pending::Release(conn)),
-                        Op::Inject(bytes) => {
-                            if let Some(Pending::Relay(tx)) = pending.back() {
-                                let _ = tx.send(bytes).await;
-                            }
-                        }
-                    }
-                    if wbuf.len() < MAX_BATCH_BYTES {
-                        next = rx.try_recv().ok();
+                        Err(_) => break,
                     }
                 }
                 release_ready(&mut pending, &opts);
@@ -288,6 +277,42 @@ async fn run(
             }));
         }
         first = false;
+    }
+}
+
+/// Adds one operation's bytes to the write buffer and its reply slot to
+/// `pending`.
+async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
+    match op {
+        Op::Send {
+            frames,
+            replies,
+            blocking,
+            tx,
+        } => {
+            wbuf.extend_from_slice(&frames);
+            if replies == 0 {
+                let _ = tx.send(Ok(Bytes::new()));
+            } else {
+                pending.push_back(Pending::Replies {
+                    want: replies,
+                    tx,
+                    since: Instant::now(),
+                    blocking,
+                });
+            }
+        }
+        Op::Relay { frames, tx } => {
+            wbuf.extend_from_slice(&frames);
+            pending.push_back(Pending::Relay(tx));
+        }
+        Op::Write { frames } => wbuf.extend_from_slice(&frames),
+        Op::Release(conn) => pending.push_back(Pending::Release(conn)),
+        Op::Inject(bytes) => {
+            if let Some(Pending::Relay(tx)) = pending.back() {
+                let _ = tx.send(bytes).await;
+            }
+        }
     }
 }
 

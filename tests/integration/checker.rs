@@ -274,7 +274,7 @@ impl Cluster {
                     .stats()
                     .await
                     .iter()
-                    .map(|s| s.bus("received"))
+                    .map(|s| s.bus("delay_samples"))
                     .collect();
                 let _: i64 = redis::cmd("PROXY")
                     .arg("INVALIDATE")
@@ -284,7 +284,7 @@ impl Cluster {
                     .unwrap();
                 let round = Instant::now() + Duration::from_secs(1);
                 for j in (0..INSTANCES).filter(|&j| j != i) {
-                    while proxy_stats(&mut self.admin[j]).await.bus("received") <= before[j] {
+                    while proxy_stats(&mut self.admin[j]).await.bus("delay_samples") <= before[j] {
                         if Instant::now() > round {
                             assert!(
                                 Instant::now() < deadline,

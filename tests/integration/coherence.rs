@@ -261,7 +261,7 @@ impl Cluster {
             'retry: loop {
                 let mut before = Vec::new();
                 for c in &mut self.conns {
-                    before.push(bus_stats(c).await.get("received"));
+                    before.push(bus_stats(c).await.get("delay_samples"));
                 }
                 let _: i64 = redis::cmd("PROXY")
                     .arg("INVALIDATE")
@@ -272,7 +272,7 @@ impl Cluster {
                 let round = Instant::now() + Duration::from_secs(1);
                 for j in (0..n).filter(|&j| j != i) {
                     loop {
-                        if bus_stats(&mut self.conns[j]).await.get("received") > before[j] {
+                        if bus_stats(&mut self.conns[j]).await.get("delay_samples") > before[j] {
                             break;
                         }
                         if Instant::now() > round {
@@ -423,7 +423,7 @@ async fn proxy_invalidate_pattern_reaches_every_instance() {
         .unwrap();
     for (i, b) in [1, 2].into_iter().zip(&before) {
         let s = until_bus(&mut c.conns[i], "the pattern to arrive", POLL_LIMIT, |s| {
-            s.get("received") > b.get("received")
+            s.get("delay_samples") > b.get("delay_samples")
         })
         .await;
         assert_eq!(s.get("gaps"), b.get("gaps"), "inst-{i}: {s:?}");
@@ -597,7 +597,12 @@ fn keys_message(instance: &str, seq: u64, key: &str) -> Message {
 /// flushes L1; a contiguous one does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequence_gap_flushes_l1() {
-    let mut c = Cluster::start(2).await;
+    // The fake peer sends two messages and no heartbeats: a long
+    // peer_timeout keeps its silence from flushing L1 in between.
+    let mut c = Cluster::start_with(2, |cfg| {
+        cfg.coherence.peer_timeout = Dur(Duration::from_secs(30));
+    })
+    .await;
     set_direct(&c.redis, "t:k", "v");
     cache_it(&mut c.conns[1], &c.redis, "t:k").await;
     let (client, subject) = fake_peer(&c).await;
@@ -611,7 +616,7 @@ async fn a_sequence_gap_flushes_l1() {
     )
     .await;
     let b1 = until_bus(&mut c.conns[1], "B to receive seq 1", POLL_LIMIT, |s| {
-        s.get("received") > b0.get("received")
+        s.get("delay_samples") > b0.get("delay_samples")
     })
     .await;
     assert_eq!(b1.get("gaps"), b0.get("gaps"), "seq 1 is no gap: {b1:?}");
@@ -686,8 +691,16 @@ async fn publish_to_apply_delay_is_recorded() {
         s.get("received") >= b0.get("received") + sent
     })
     .await;
+    // Heartbeats are not invalidations: only A's key messages are sampled.
+    let samples = b1.get("delay_samples") - b0.get("delay_samples");
+    assert!(samples >= 1, "no delay sample for {sent} messages: {b1:?}");
     assert!(b1.get("delay_max_us") > 0, "{b1:?}");
     assert!(b1.get("delay_avg_us") > 0, "{b1:?}");
+    assert!(
+        b1.get("delay_p50_us") <= b1.get("delay_p99_us")
+            && b1.get("delay_p99_us") <= b1.get("delay_max_us"),
+        "quantiles out of order: {b1:?}"
+    );
     assert!(
         b1.get("delay_avg_us") < 50_000,
         "average publish-to-apply delay {} µs: {b1:?}",

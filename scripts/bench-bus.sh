@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Coherence bus benchmark: invalidation delay across three nearcache
+# instances, invalidation throughput, and write throughput with and without
+# the bus, in one run on loopback. Prints Markdown tables for
+# benches/RESULTS.md. Details and phases: scripts/bench-bus.py.
+#
+# Usage: scripts/bench-bus.sh
+# Env:   ROUNDS=3  N_LIGHT=20000  N_P1=200000  N_P16=1000000
+#        BATCH_DELAY=1ms   [coherence] batch_delay for every instance (default:
+#                          the config default)
+#
+# Needs: cargo, python3 with redis-py, redis-server, redis-benchmark and
+# nats-server (installed with apt-get/pip if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+missing=()
+need redis-server || missing+=(redis-server)
+need redis-benchmark || missing+=(redis-tools)
+need nats-server || missing+=(nats-server)
+if ((${#missing[@]})); then
+    echo "bench-bus.sh: installing ${missing[*]}" >&2
+    if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+python3 -c 'import redis' 2>/dev/null || python3 -m pip install -q redis
+
+echo "bench-bus.sh: building: cargo build --release" >&2
+cargo build --release --quiet
+target_dir=$(cargo metadata --format-version 1 --no-deps \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+NEARCACHE=$target_dir/release/nearcache exec python3 scripts/bench-bus.py
