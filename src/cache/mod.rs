@@ -88,14 +88,18 @@ impl KeyEntry {
 /// Shards of the read index: enough that concurrent hits rarely share a lock.
 const SHARDS: usize = 32;
 
+/// Keys are the application's own (not an attacker's), and hashing them is
+/// on every hit: foldhash, seeded per process, instead of SipHash.
+type IndexMap = HashMap<Bytes, Arc<KeyEntry>, foldhash::fast::RandomState>;
+
 /// The read index: (db, key) → the live entry, in read-locked shards.
 #[derive(Debug, Default)]
 struct Index {
-    shards: [std::sync::RwLock<HashMap<Bytes, Arc<KeyEntry>>>; SHARDS],
+    shards: [std::sync::RwLock<IndexMap>; SHARDS],
 }
 
 impl Index {
-    fn shard(&self, id: &[u8]) -> &std::sync::RwLock<HashMap<Bytes, Arc<KeyEntry>>> {
+    fn shard(&self, id: &[u8]) -> &std::sync::RwLock<IndexMap> {
         // Stripes are hashed the same way (FNV over the id), so reuse it.
         let h = id.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)

@@ -75,11 +75,20 @@ fn lowercase<'b>(name: &[u8], buf: &'b mut [u8; MAX_NAME_LEN]) -> Option<&'b [u8
 }
 
 fn find_top(lower: &[u8]) -> Option<&'static CommandSpec> {
-    let table = table::COMMANDS;
-    let i = table
-        .binary_search_by(|c| c.name.as_bytes().cmp(lower))
-        .ok()?;
-    table.get(i)
+    // A hash map rather than a binary search: every request looks its
+    // command up, and ~8 string comparisons cost more than one hash.
+    static BY_NAME: std::sync::OnceLock<
+        std::collections::HashMap<&'static [u8], &'static CommandSpec, foldhash::fast::FixedState>,
+    > = std::sync::OnceLock::new();
+    BY_NAME
+        .get_or_init(|| {
+            table::COMMANDS
+                .iter()
+                .map(|c| (c.name.as_bytes(), c))
+                .collect()
+        })
+        .get(lower)
+        .copied()
 }
 
 /// Subcommands are named `container|sub` and all share the container's
