@@ -36,7 +36,8 @@ import time
 
 import redis
 
-HOST = "127.0.0.1"
+from benchlib import HOST, cpu_ns, free_port
+
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 N_LIGHT = int(os.environ.get("N_LIGHT", "20000"))
 N_P1 = int(os.environ.get("N_P1", "200000"))
@@ -51,12 +52,6 @@ def log(msg):
     print(f"bench-bus: {msg}", file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 def until(what, check, timeout=TIMEOUT):
     """Polls `check` until it returns a true value; fails after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -67,18 +62,6 @@ def until(what, check, timeout=TIMEOUT):
         if time.monotonic() > deadline:
             sys.exit(f"bench-bus: timed out waiting for {what}")
         time.sleep(0.01)
-
-
-def cpu_ns(pid):
-    """CPU time of a process so far: the sum of its threads' schedstat."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return total
 
 
 def as_dict(v):

@@ -367,7 +367,13 @@ async fn publish(
                 }
             }
         } else {
-            let deadline = tokio::time::Instant::now() + p.delay;
+            // Tokio's timer fires on whole-millisecond ticks, rounding up: aim
+            // one tick early so the wait is at most `delay`, not up to a
+            // millisecond more.
+            let tick = Duration::from_millis(1);
+            let deadline = tokio::time::Instant::now()
+                + p.delay.saturating_sub(tick)
+                + Duration::from_micros(1);
             while keys.len() < p.max_keys && out.is_empty() {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(item)) => take(item, &mut keys, &mut out),

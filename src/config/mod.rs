@@ -214,9 +214,9 @@ pub struct CoherenceConfig {
     pub loss_policy: LossPolicy,
     /// With `serve-stale`: how long after the bus went down L1 is still served.
     pub max_staleness: Duration,
-    /// How long an invalidation may wait for others to share its message.
-    /// Zero: no timer; a message carries whatever was queued by the time the
-    /// publisher runs again (batches grow with the write rate).
+    /// How long an invalidation may wait for others to share its message (at
+    /// most; the timer ticks in whole milliseconds). Zero: no timer; a message
+    /// carries whatever was queued by the time the publisher runs again.
     pub batch_delay: Duration,
     /// ... or as soon as this many keys are waiting.
     pub batch_max_keys: usize,
@@ -250,7 +250,7 @@ impl Default for CoherenceConfig {
             tls_ca_file: String::new(),
             loss_policy: LossPolicy::Bypass,
             max_staleness: Duration(std::time::Duration::from_secs(1)),
-            batch_delay: Duration(std::time::Duration::ZERO),
+            batch_delay: Duration(std::time::Duration::from_millis(1)),
             batch_max_keys: 256,
             redis_tracking: false,
             heartbeat_interval: Duration(std::time::Duration::from_millis(20)),
