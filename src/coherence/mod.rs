@@ -317,6 +317,13 @@ impl Publisher {
         }
         .encode()
     }
+
+    fn keys_message(&self, keys: Vec<(u32, Bytes)>, sent_at_us: u64) -> Bytes {
+        self.stats
+            .published_keys
+            .fetch_add(keys.len() as u64, SeqCst);
+        self.message(Kind::Keys, keys, sent_at_us)
+    }
 }
 
 /// Batches invalidations and publishes them. With `delay` zero, a message
@@ -345,18 +352,25 @@ async fn publish(
         // When the oldest of `keys` was queued.
         let mut keys_at = u64::MAX;
         let mut out: Vec<Bytes> = Vec::new();
-        let mut take =
-            |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| match item {
-                Outgoing::Keys(k, at) => {
-                    keys.extend(k);
-                    keys_at = keys_at.min(at);
-                }
-                Outgoing::Flush(at) => out.push(p.message(Kind::Flush, Vec::new(), at)),
-                Outgoing::Resync => out.push(p.message(Kind::Resync, Vec::new(), now_us())),
-                Outgoing::Pattern(pat, at) => {
-                    out.push(p.message(Kind::Pattern, vec![(u32::MAX, pat)], at))
-                }
-            };
+        let mut take = |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| {
+            if let Outgoing::Keys(k, at) = item {
+                keys.extend(k);
+                keys_at = keys_at.min(at);
+                return;
+            }
+            // Keys queued before this message are numbered and sent before
+            // it: peers must see sequence numbers in order, or they flush.
+            if !keys.is_empty() {
+                out.push(p.keys_message(std::mem::take(keys), keys_at));
+                keys_at = u64::MAX;
+            }
+            out.push(match item {
+                Outgoing::Flush(at) => p.message(Kind::Flush, Vec::new(), at),
+                Outgoing::Pattern(pat, at) => p.message(Kind::Pattern, vec![(u32::MAX, pat)], at),
+                // Resync (keys returned above).
+                _ => p.message(Kind::Resync, Vec::new(), now_us()),
+            });
+        };
         take(first, &mut keys, &mut out);
         if p.delay.is_zero() {
             tokio::task::yield_now().await;
@@ -382,8 +396,7 @@ async fn publish(
             }
         }
         if !keys.is_empty() {
-            p.stats.published_keys.fetch_add(keys.len() as u64, SeqCst);
-            out.insert(0, p.message(Kind::Keys, keys, keys_at));
+            out.push(p.keys_message(keys, keys_at));
         }
         for payload in out {
             match client.publish(subject.clone(), payload).await {

@@ -456,6 +456,41 @@ async fn proxy_invalidate_pattern_reaches_every_instance() {
     assert_redis_unchanged(&c.redis);
 }
 
+/// Guards the publisher's message order: keys batched before a flush in the
+/// same window are numbered and sent before it, so the peer sees consecutive
+/// sequence numbers — no gap, and no flush beyond the one asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_then_flush_in_one_batch_arrive_in_sequence() {
+    // A long window, so the flush surely joins the write's batch.
+    let mut c = Cluster::start_with(2, |cfg| {
+        cfg.coherence.batch_delay = Dur(Duration::from_millis(50));
+    })
+    .await;
+    let b0 = c.bus(1).await;
+    // The write's keys are queued when Redis acknowledges it, the flush
+    // after: both within one batch window.
+    let () = c.conns[0].set("t:order", 1).await.unwrap();
+    let () = redis::cmd("PROXY")
+        .arg("FLUSH")
+        .query_async(&mut c.conns[0])
+        .await
+        .unwrap();
+    let b1 = until_bus(
+        &mut c.conns[1],
+        "B to get the keys and the flush",
+        POLL_LIMIT,
+        |s| s.get("delay_samples") >= b0.get("delay_samples") + 2,
+    )
+    .await;
+    assert_eq!(
+        b1.get("gaps"),
+        b0.get("gaps"),
+        "out-of-order sequence: {b1:?}"
+    );
+    assert_eq!(b1.get("flushes"), b0.get("flushes") + 1, "{b1:?}");
+    assert_eq!(b1.get("applied_keys"), b0.get("applied_keys") + 1, "{b1:?}");
+}
+
 /// Guards `PROXY FLUSH` → `Bus::publish_flush` → `receive` (Kind::Flush):
 /// every peer drops everything, Redis untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
