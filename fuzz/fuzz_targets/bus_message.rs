@@ -1,8 +1,8 @@
 //! Coherence bus messages, as they arrive from NATS: arbitrary bytes through
 //! `Message::peek_sender` and `Message::decode`.
 //!
-//! Checked: no panic; what decodes re-encodes to the same message, and its
-//! sender and send time are what `peek_sender` read.
+//! Checked: no panic; a decoded message's sender and send time are what
+//! `peek_sender` read, and one with a UTF-8 sender re-encodes to itself.
 
 #![no_main]
 
@@ -16,6 +16,10 @@ fuzz_target!(|data: &[u8]| {
         let (id, at) = peeked.expect("decodable message without a readable sender");
         assert_eq!(at, m.sent_at_us);
         assert_eq!(String::from_utf8_lossy(&id), m.instance);
-        assert_eq!(Message::decode(m.encode()), Ok(m));
+        // Ids are Strings: a non-UTF-8 id is read lossily (U+FFFD), and need
+        // not survive a round trip byte for byte.
+        if std::str::from_utf8(&id).is_ok() {
+            assert_eq!(Message::decode(m.encode()), Ok(m));
+        }
     }
 });
