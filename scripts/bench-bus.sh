@@ -14,17 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need() { command -v "$1" >/dev/null 2>&1; }
-missing=()
-need redis-server || missing+=(redis-server)
-need redis-benchmark || missing+=(redis-tools)
-need nats-server || missing+=(nats-server)
-if ((${#missing[@]})); then
-    echo "bench-bus.sh: installing ${missing[*]}" >&2
-    if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
-    "${sudo[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+source scripts/lib/deps.sh
+ensure_commands redis-server:redis-server redis-benchmark:redis-tools nats-server:nats-server
 python3 -c 'import redis' 2>/dev/null || python3 -m pip install -q redis
 
 echo "bench-bus.sh: building: cargo build --release" >&2

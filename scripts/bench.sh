@@ -64,13 +64,8 @@ done
 # --- tools -------------------------------------------------------------------
 command -v cargo >/dev/null || die "cargo not found; install Rust from https://rustup.rs"
 command -v python3 >/dev/null || die "python3 not found; apt-get install -y python3"
-if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null \
-    || ! command -v redis-cli >/dev/null; then
-    log "redis-server/redis-benchmark missing; installing (apt-get install -y redis-server redis-tools)"
-    if [[ $(id -u) -eq 0 ]]; then sudo=(); else sudo=(sudo); fi
-    "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" apt-get install -y -qq redis-server redis-tools
-fi
+source scripts/lib/deps.sh
+ensure_commands redis-server:redis-server redis-benchmark:redis-tools redis-cli:redis-tools
 [[ -r /proc/self/stat ]] || die "needs Linux /proc to measure CPU time"
 
 # --- build -------------------------------------------------------------------

@@ -20,20 +20,8 @@ if [ "$seconds" -lt 2 ]; then
   exit 2
 fi
 
-need() { command -v "$1" >/dev/null 2>&1; }
-missing=()
-need redis-server || missing+=(redis-server)
-need nats-server || missing+=(nats-server)
-if ((${#missing[@]})); then
-  if [ "$(id -u)" = 0 ] && need apt-get; then
-    echo "== installing: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "missing: ${missing[*]} — install with: sudo apt-get install -y ${missing[*]}" >&2
-    exit 1
-  fi
-fi
+source scripts/lib/deps.sh
+ensure_commands redis-server:redis-server nats-server:nats-server
 need cargo || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
 echo "== building (release) and running the checker: ${seconds} s per phase, 3 phases"

@@ -6,22 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need() { command -v "$1" >/dev/null 2>&1; }
-missing=()
-need redis-server || missing+=(redis-server)
-need redis-cli || missing+=(redis-tools)
-need redis-benchmark || missing+=(redis-tools)
-need nats-server || missing+=(nats-server)
-if ((${#missing[@]})); then
-  if [ "$(id -u)" = 0 ] && need apt-get; then
-    echo "== installing: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  else
-    echo "missing: ${missing[*]} — install with: sudo apt-get install -y ${missing[*]}" >&2
-    exit 1
-  fi
-fi
+source scripts/lib/deps.sh
+ensure_commands redis-server:redis-server redis-cli:redis-tools \
+    redis-benchmark:redis-tools nats-server:nats-server
 need cargo || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 need python3 || { echo "python3 not found: apt-get install -y python3 python3-pip" >&2; exit 1; }
 if ! python3 -c 'import redis' 2>/dev/null; then

@@ -372,28 +372,24 @@ async fn publish(
             });
         };
         take(first, &mut keys, &mut out);
-        if p.delay.is_zero() {
+        // Tokio's timer fires on whole-millisecond ticks, rounding up: aim
+        // one tick early so the wait is at most `delay`, not up to a
+        // millisecond more. No delay: no timer, just one yield.
+        let deadline = (!p.delay.is_zero()).then(|| {
+            tokio::time::Instant::now()
+                + p.delay.saturating_sub(Duration::from_millis(1))
+                + Duration::from_micros(1)
+        });
+        if deadline.is_none() {
             tokio::task::yield_now().await;
-            while keys.len() < p.max_keys && out.is_empty() {
-                match rx.try_recv() {
-                    Ok(item) => take(item, &mut keys, &mut out),
-                    Err(_) => break,
-                }
-            }
-        } else {
-            // Tokio's timer fires on whole-millisecond ticks, rounding up: aim
-            // one tick early so the wait is at most `delay`, not up to a
-            // millisecond more.
-            let tick = Duration::from_millis(1);
-            let deadline = tokio::time::Instant::now()
-                + p.delay.saturating_sub(tick)
-                + Duration::from_micros(1);
-            while keys.len() < p.max_keys && out.is_empty() {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(item)) => take(item, &mut keys, &mut out),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+        }
+        while keys.len() < p.max_keys && out.is_empty() {
+            let item = match deadline {
+                None => rx.try_recv().ok(),
+                Some(at) => tokio::time::timeout_at(at, rx.recv()).await.ok().flatten(),
+            };
+            let Some(item) = item else { break };
+            take(item, &mut keys, &mut out);
         }
         if !keys.is_empty() {
             out.push(p.keys_message(keys, keys_at));

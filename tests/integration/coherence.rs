@@ -302,7 +302,21 @@ impl Cluster {
 /// within the documented bound, and only that key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_one_instance_evicts_the_value_on_the_other() {
-    let mut c = Cluster::start(2).await;
+    write_on_a_evicts_on_b(Cluster::start(2).await).await;
+}
+
+/// The same with `batch_delay = "0ms"` (no timer: the publisher's yield-and-
+/// drain path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_batch_timer_a_write_still_evicts_on_the_other() {
+    let c = Cluster::start_with(2, |cfg| {
+        cfg.coherence.batch_delay = Dur(Duration::ZERO);
+    })
+    .await;
+    write_on_a_evicts_on_b(c).await;
+}
+
+async fn write_on_a_evicts_on_b(mut c: Cluster) {
     set_direct(&c.redis, "t:k", "old");
     set_direct(&c.redis, "t:other", "other");
     assert_eq!(cache_it(&mut c.conns[1], &c.redis, "t:k").await, "old");
