@@ -57,16 +57,20 @@ struct Variant {
     refresh_at: Option<Instant>,
 }
 
+type Variants = smallvec::SmallVec<[Variant; 1]>;
+
 /// Every cached reply for one key.
 #[derive(Debug)]
 struct KeyEntry {
     rule: usize,
-    variants: Vec<Variant>,
+    /// Usually one (one command, one protocol): kept inline, so a hit does
+    /// not chase another pointer to reach it.
+    variants: Variants,
     weight: u32,
 }
 
 impl KeyEntry {
-    fn new(rule: usize, key_len: usize, variants: Vec<Variant>) -> Self {
+    fn new(rule: usize, key_len: usize, variants: Variants) -> Self {
         let bytes = key_len
             + 64
             + variants
@@ -408,14 +412,14 @@ impl L1 {
             expires: now + ttl,
             refresh_at: refresh_ahead.map(|f| now + ttl.mul_f64(f)),
         };
-        let mut variants: Vec<Variant> = match self.entries.get(&id) {
+        let mut variants: Variants = match self.entries.get(&id) {
             Some(old) => old
                 .variants
                 .iter()
                 .filter(|v| v.expires > now && !(v.proto == proto && v.request == variant.request))
                 .cloned()
                 .collect(),
-            None => Vec::new(),
+            None => Variants::new(),
         };
         variants.push(variant);
         let entry = Arc::new(KeyEntry::new(rule, key.len(), variants));
