@@ -15,6 +15,7 @@ fn l1(keys: usize) -> std::sync::Arc<L1> {
         max_memory: ByteSize(256 << 20),
         rules: vec![RuleConfig {
             prefix: "ticker:".into(),
+            pattern: None,
             ttl: Dur(Duration::from_secs(3600)),
             cache: true,
             negative_ttl: None,

@@ -19,6 +19,7 @@
 //! | [`coherence`] | the NATS invalidation bus: message format, batching, sequence gaps, loss policy |
 //! | [`admin`] | `PROXY …` commands |
 //! | [`histogram`] | lock-free latency histograms for the stats |
+//! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
 //!
 //! The request path reads top to bottom in [`server::session`]; its cache
 //! phases (lookup, fetch and fill, write invalidation) are in `session/cached.rs`.
@@ -30,6 +31,7 @@ pub mod cache;
 pub mod coherence;
 pub mod command;
 pub mod config;
+pub mod glob;
 pub mod histogram;
 pub mod protocol;
 pub mod server;

@@ -69,7 +69,8 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     for (rule, stats) in rules {
         let counters = stats.snapshot();
         r.map(3 + counters.len());
-        r.bulk(b"prefix").bulk(&rule.prefix);
+        let (kind, selector) = rule.selector();
+        r.bulk(kind.as_bytes()).bulk(selector);
         r.bulk(b"ttl_ms")
             .int(i64::try_from(rule.ttl.as_millis()).unwrap_or(i64::MAX));
         r.bulk(b"cache").int(i64::from(rule.cache));

@@ -302,13 +302,24 @@ impl L1 {
         self.rules.lookup(key).filter(|(_, r)| r.cache)
     }
 
-    /// The prefixes of rules that cache (what Redis tracking must cover).
+    /// The prefixes Redis tracking must cover: those of rules that cache,
+    /// without overlaps (Redis refuses `BCAST PREFIX a PREFIX ab`; `a` covers
+    /// both). Sorted, so a prefix comes right before its extensions.
     pub fn cached_prefixes(&self) -> Vec<Vec<u8>> {
-        self.rules
+        let mut all: Vec<Vec<u8>> = self
+            .rules
             .iter()
             .filter(|r| r.cache)
             .map(|r| r.prefix.to_vec())
-            .collect()
+            .collect();
+        all.sort();
+        let mut covering: Vec<Vec<u8>> = Vec::with_capacity(all.len());
+        for p in all {
+            if !covering.last().is_some_and(|c| p.starts_with(c)) {
+                covering.push(p);
+            }
+        }
+        covering
     }
 
     /// The expiry to add to a `SET` of `key` that carries none, if its rule
@@ -502,9 +513,7 @@ impl L1 {
                 let shard = shard.read().unwrap_or_else(|e| e.into_inner());
                 shard
                     .keys()
-                    .filter(|id| {
-                        id.len() >= 4 && crate::coherence::glob::matches(pattern, &id[4..])
-                    })
+                    .filter(|id| id.len() >= 4 && crate::glob::matches(pattern, &id[4..]))
                     .cloned()
                     .collect::<Vec<_>>()
             })
@@ -637,6 +646,7 @@ mod tests {
             max_memory: ByteSize(max),
             rules: vec![RuleConfig {
                 prefix: "t:".into(),
+                pattern: None,
                 ttl: Dur(Duration::from_secs(60)),
                 cache: true,
                 negative_ttl: None,
@@ -649,6 +659,41 @@ mod tests {
     }
 
     const REQ: &[u8] = b"*2\r\n$3\r\nGET\r\n$3\r\nt:a\r\n";
+
+    #[test]
+    fn tracking_prefixes_never_overlap() {
+        let rule = |prefix: &str, pattern: Option<&str>, cache: bool| RuleConfig {
+            prefix: prefix.into(),
+            pattern: pattern.map(Into::into),
+            ttl: Dur(Duration::from_secs(1)),
+            cache,
+            negative_ttl: None,
+            max_value_size: ByteSize(1 << 20),
+            upstream_ttl: None,
+            refresh_ahead: None,
+        };
+        let c = L1::new(&CacheConfig {
+            max_memory: ByteSize(1 << 20),
+            rules: vec![
+                rule("ticker:binance:", None, true),
+                rule("ticker:", None, true),
+                rule("orderbook:", None, true),
+                rule("", Some("candles:*:1m"), true),
+                rule("candles:", None, true),
+                rule("private:", None, false),
+            ],
+        })
+        .unwrap();
+        // Redis refuses BCAST prefixes where one starts another.
+        assert_eq!(
+            c.cached_prefixes(),
+            vec![
+                b"candles:".to_vec(),
+                b"orderbook:".to_vec(),
+                b"ticker:".to_vec()
+            ]
+        );
+    }
 
     #[test]
     fn a_fill_is_served_for_the_same_request_and_protocol_only() {

@@ -1,14 +1,22 @@
-//! Key-prefix rules: which keys L1 may cache, and for how long.
+//! Key rules: which keys L1 may cache, and for how long.
+//!
+//! A rule names its keys by prefix (`ticker:`) or by a Redis-style glob
+//! (`candles:*:1m`). Pattern rules are tried first, in the order written;
+//! then the longest matching prefix wins.
 
 use std::time::Duration;
 
 use crate::config::RuleConfig;
+use crate::glob;
 
 /// A compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    /// The prefix it governs.
+    /// The prefix it governs; for a pattern rule, the pattern's literal
+    /// start (every key it matches begins with it).
     pub prefix: Box<[u8]>,
+    /// The glob the whole key must match, for a pattern rule.
+    pub pattern: Option<Box<[u8]>>,
     /// Whether matching keys are cached at all.
     pub cache: bool,
     /// Longest L1 lifetime of a reply.
@@ -23,7 +31,27 @@ pub struct Rule {
     pub refresh_ahead: Option<f64>,
 }
 
-/// All rules, longest prefix first, so the first match is the most specific.
+impl Rule {
+    /// Whether the rule governs `key`.
+    #[inline]
+    pub fn matches(&self, key: &[u8]) -> bool {
+        match &self.pattern {
+            Some(p) => key.starts_with(&self.prefix) && glob::matches(p, key),
+            None => key.starts_with(&self.prefix),
+        }
+    }
+
+    /// How `PROXY STATS` names the rule: `("pattern", p)` or `("prefix", p)`.
+    pub fn selector(&self) -> (&'static str, &[u8]) {
+        match &self.pattern {
+            Some(p) => ("pattern", p),
+            None => ("prefix", &self.prefix),
+        }
+    }
+}
+
+/// All rules in match order: patterns as written, then prefixes longest
+/// first, so the first match is the one that applies.
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     rules: Vec<Rule>,
@@ -35,7 +63,11 @@ impl Rules {
         let mut rules: Vec<Rule> = configs
             .iter()
             .map(|c| Rule {
-                prefix: c.prefix.as_bytes().into(),
+                prefix: match &c.pattern {
+                    Some(p) => glob::literal_prefix(p.as_bytes()).into(),
+                    None => c.prefix.as_bytes().into(),
+                },
+                pattern: c.pattern.as_ref().map(|p| p.as_bytes().into()),
                 cache: c.cache,
                 ttl: c.ttl.0,
                 negative_ttl: c.negative_ttl.map(|d| d.0),
@@ -44,7 +76,11 @@ impl Rules {
                 refresh_ahead: c.refresh_ahead,
             })
             .collect();
-        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        // Stable: patterns keep their file order, ahead of every prefix.
+        rules.sort_by_key(|r| match r.pattern {
+            Some(_) => (false, 0),
+            None => (true, usize::MAX - r.prefix.len()),
+        });
         Self { rules }
     }
 
@@ -62,10 +98,7 @@ impl Rules {
     /// short prefixes beats hashing.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<(usize, &Rule)> {
-        self.rules
-            .iter()
-            .enumerate()
-            .find(|(_, r)| key.starts_with(&r.prefix))
+        self.rules.iter().enumerate().find(|(_, r)| r.matches(key))
     }
 
     /// The rules, in match order.
@@ -86,12 +119,14 @@ impl Rules {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::config::{ByteSize, Duration as Dur};
 
     fn rule(prefix: &str, cache: bool) -> RuleConfig {
         RuleConfig {
             prefix: prefix.into(),
+            pattern: None,
             ttl: Dur(Duration::from_secs(1)),
             cache,
             negative_ttl: None,
@@ -119,6 +154,52 @@ mod tests {
             Some(("ticker:private:".into(), false))
         );
         assert_eq!(name("other"), Some(("".into(), false)));
+    }
+
+    fn pattern(glob: &str, cache: bool) -> RuleConfig {
+        RuleConfig {
+            pattern: Some(glob.into()),
+            ..rule("", cache)
+        }
+    }
+
+    #[test]
+    fn patterns_come_first_in_file_order_then_the_longest_prefix() {
+        let rules = Rules::new(&[
+            rule("candles:", true),
+            pattern("candles:*:1m", false),
+            pattern("candles:BTC:*", true),
+            rule("candles:BTC:", false),
+        ]);
+        let which = |k: &str| {
+            rules.lookup(k.as_bytes()).map(|(_, r)| {
+                let (kind, sel) = r.selector();
+                format!("{kind} {}", String::from_utf8_lossy(sel))
+            })
+        };
+        // Both patterns match: the one written first wins.
+        assert_eq!(
+            which("candles:BTC:1m").as_deref(),
+            Some("pattern candles:*:1m")
+        );
+        // Only the second pattern matches; it beats the longer prefix.
+        assert_eq!(
+            which("candles:BTC:1h").as_deref(),
+            Some("pattern candles:BTC:*")
+        );
+        assert_eq!(which("candles:ETH:1h").as_deref(), Some("prefix candles:"));
+        assert_eq!(which("ticker:BTC"), None);
+        // A pattern matches the whole key, not a prefix of it.
+        assert_eq!(which("candles:ETH:1mx").as_deref(), Some("prefix candles:"));
+    }
+
+    #[test]
+    fn a_pattern_rule_keeps_its_literal_start_as_prefix() {
+        let rules = Rules::new(&[pattern("candles:*:1m", true)]);
+        let r = rules.iter().next().unwrap();
+        assert_eq!(&r.prefix[..], b"candles:");
+        assert!(r.matches(b"candles:BTC:1m"));
+        assert!(!r.matches(b"ticker:x:1m"));
     }
 
     #[test]

@@ -15,7 +15,6 @@
 //! - A message from a build that speaks another format version cannot be
 //!   applied, so it flushes L1 rather than being ignored.
 
-pub mod glob;
 pub mod message;
 pub mod tracking;
 

@@ -143,8 +143,13 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
-    /// Keys starting with this are governed by the rule.
+    /// Keys starting with this are governed by the rule ("" = every key).
+    #[serde(default)]
     pub prefix: String,
+    /// Instead of `prefix`: a Redis-style glob (`candles:*:1m`) the whole key
+    /// must match. Pattern rules are tried before prefix rules, in file order.
+    #[serde(default)]
+    pub pattern: Option<String>,
     /// How long L1 may keep a reply (never longer than the key's own TTL).
     #[serde(default)]
     pub ttl: Duration,
@@ -166,6 +171,16 @@ pub struct RuleConfig {
     /// key read continuously never misses. Unset = off.
     #[serde(default)]
     pub refresh_ahead: Option<f64>,
+}
+
+impl RuleConfig {
+    /// How messages name the rule: `("pattern", p)` or `("prefix", p)`.
+    pub fn selector(&self) -> (&'static str, &str) {
+        match &self.pattern {
+            Some(p) => ("pattern", p),
+            None => ("prefix", &self.prefix),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -501,10 +516,22 @@ impl Config {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, rule) in self.cache.rules.iter().enumerate() {
-            let field =
-                |name: &str| format!("cache.rules[{i}] (prefix \"{}\").{name}", rule.prefix);
-            if !seen.insert(rule.prefix.as_str()) {
-                bad(&field("prefix"), "another rule has the same prefix".into());
+            let (kind, selector) = rule.selector();
+            let field = |name: &str| format!("cache.rules[{i}] ({kind} \"{selector}\").{name}");
+            if !seen.insert((kind, selector)) {
+                bad(&field(kind), format!("another rule has the same {kind}"));
+            }
+            if rule.pattern.is_some() && !rule.prefix.is_empty() {
+                bad(
+                    &field("pattern"),
+                    "set either prefix or pattern, not both".into(),
+                );
+            }
+            if rule.pattern.as_deref() == Some("") {
+                bad(
+                    &field("pattern"),
+                    "must not be empty (use prefix = \"\" for a default rule)".into(),
+                );
             }
             if rule.cache && rule.ttl.0.is_zero() {
                 bad(
@@ -697,6 +724,35 @@ mod tests {
             err.contains("cache.rules[1] (prefix \"a:\").prefix"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn pattern_rules_are_named_by_their_pattern_and_checked() {
+        let ok = Config::from_toml(
+            "[[cache.rules]]\npattern = \"candles:*:1m\"\nttl = \"5s\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        ok.validate("c.toml").unwrap();
+        assert_eq!(ok.cache.rules[0].selector(), ("pattern", "candles:*:1m"));
+
+        let bad = Config::from_toml(
+            "[[cache.rules]]\nprefix = \"c:\"\npattern = \"c:*\"\nttl = \"1s\"\n\
+             [[cache.rules]]\npattern = \"\"\nttl = \"1s\"\n\
+             [[cache.rules]]\npattern = \"x*\"\nttl = \"1s\"\n\
+             [[cache.rules]]\npattern = \"x*\"\nttl = \"2s\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let err = bad.validate("c.toml").unwrap_err().to_string();
+        for want in [
+            "c.toml",
+            "cache.rules[0] (pattern \"c:*\").pattern: set either prefix or pattern",
+            "cache.rules[1] (pattern \"\").pattern: must not be empty",
+            "cache.rules[3] (pattern \"x*\").pattern: another rule has the same pattern",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in {err}");
+        }
     }
 
     #[test]

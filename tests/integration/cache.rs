@@ -34,6 +34,7 @@ const POLL_LIMIT: Duration = Duration::from_secs(10);
 fn rule(prefix: &str, ttl: Duration) -> RuleConfig {
     RuleConfig {
         prefix: prefix.into(),
+        pattern: None,
         ttl: Dur(ttl),
         cache: true,
         negative_ttl: None,
@@ -170,7 +171,7 @@ async fn stats(c: &mut MultiplexedConnection) -> Stats {
                             Value::Int(n) => {
                                 counters.insert(k, n);
                             }
-                            other if k == "prefix" => prefix = Some(text(&other)),
+                            other if k == "prefix" || k == "pattern" => prefix = Some(text(&other)),
                             other => panic!("rule field {k} = {other:?}"),
                         }
                     }
@@ -330,6 +331,37 @@ async fn exempt_sub_prefixes_and_oversized_replies_are_not_cached() {
         cache_it(&mut p, &redis, &["GET", "s:small"]).await,
         bulk("v")
     );
+}
+
+/// Guards `Rules::lookup` for pattern rules: `c:*:1m` (cache = false) exempts
+/// one-minute candles while the `c:` prefix rule still caches the rest, and
+/// `PROXY STATS` names the rule by its pattern.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_rule_takes_precedence_over_a_prefix_rule() {
+    let redis = RedisServer::start();
+    let mut minute = rule("", Duration::from_secs(10));
+    minute.pattern = Some("c:*:1m".into());
+    minute.cache = false;
+    let proxy = proxy_with(&redis, vec![rule("c:", Duration::from_secs(10)), minute]).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    assert_eq!(d.cmd(&["SET", "c:BTC:1m", "m"]).await, OK);
+    assert_eq!(d.cmd(&["SET", "c:BTC:1h", "h"]).await, OK);
+
+    reset_stats(&redis);
+    for _ in 0..2 {
+        assert_eq!(p.cmd(&["GET", "c:BTC:1m"]).await, bulk("m"));
+    }
+    assert_eq!(redis.calls("get"), 2, "c:BTC:1m matches c:*:1m: not cached");
+    assert_eq!(
+        cache_it(&mut p, &redis, &["GET", "c:BTC:1h"]).await,
+        bulk("h")
+    );
+
+    let mut c = proxy.conn().await;
+    let s = stats(&mut c).await;
+    assert_eq!(s.rule("c:", "hits"), 1, "{s:?}");
+    assert!(s.rules.contains_key("c:*:1m"), "{s:?}");
 }
 
 // ------------------------------------------------------------- 2. lifetime

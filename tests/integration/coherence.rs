@@ -33,6 +33,7 @@ const STALENESS_BOUND: Duration = Duration::from_millis(100);
 fn rule(prefix: &str, ttl: Duration) -> RuleConfig {
     RuleConfig {
         prefix: prefix.into(),
+        pattern: None,
         ttl: Dur(ttl),
         cache: true,
         negative_ttl: None,
@@ -769,6 +770,12 @@ async fn redis_tracking_drops_values_written_directly_to_redis() {
     let redis = RedisServer::start();
     let mut cfg = config_for(&redis);
     cfg.cache.rules.push(rule("t:", Duration::from_secs(60)));
+    // Nested prefixes (Redis refuses overlapping BCAST prefixes, so nearcache
+    // must send only "t:") and a pattern rule under the same prefix.
+    cfg.cache.rules.push(rule("t:k:", Duration::from_secs(60)));
+    let mut candles = rule("", Duration::from_secs(60));
+    candles.pattern = Some("t:*:1m".into());
+    cfg.cache.rules.push(candles);
     cfg.coherence.redis_tracking = true;
     let proxy = TestProxy::start_with(cfg).await;
     let mut c = proxy.conn().await;

@@ -543,6 +543,7 @@ mod tests {
             max_memory: ByteSize(1 << 20),
             rules: vec![RuleConfig {
                 prefix: "t:".into(),
+                pattern: None,
                 ttl: Dur(Duration::from_secs(1)),
                 cache: true,
                 negative_ttl: None,

@@ -1,5 +1,6 @@
 //! Redis-style glob matching (`*`, `?`, `[abc]`, `[^a-z]`, `\x`), as `KEYS`
-//! and `SCAN MATCH` use it, for `PROXY INVALIDATE <pattern>`.
+//! and `SCAN MATCH` use it: for `pattern` cache rules and `PROXY INVALIDATE
+//! <pattern>`.
 
 /// Whether `text` matches `pattern`. Iterative with one backtrack point for
 /// `*`, so it cannot blow up on adversarial patterns.
@@ -53,6 +54,16 @@ pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
+/// The literal bytes every match of `pattern` starts with: everything before
+/// its first `*`, `?`, `[` or `\\`.
+pub fn literal_prefix(pattern: &[u8]) -> &[u8] {
+    let end = pattern
+        .iter()
+        .position(|c| matches!(c, b'*' | b'?' | b'[' | b'\\'))
+        .unwrap_or(pattern.len());
+    &pattern[..end]
+}
+
 /// Matches `c` against the class starting at `pattern[at] == b'['`; returns
 /// (matched, index after the class), or None if the class is unterminated.
 fn class(pattern: &[u8], at: usize, c: u8) -> Option<(bool, usize)> {
@@ -102,6 +113,16 @@ mod tests {
         assert!(matches(b"*:1m", b"candles:BTC:1m"));
         assert!(!matches(b"*:1m", b"candles:BTC:1h"));
         assert!(matches(b"a*b*c", b"aXXbYYc"));
+    }
+
+    #[test]
+    fn literal_prefix_stops_at_the_first_special_byte() {
+        assert_eq!(super::literal_prefix(b"candles:*:1m"), b"candles:");
+        assert_eq!(super::literal_prefix(b"a?b"), b"a");
+        assert_eq!(super::literal_prefix(b"x[ab]"), b"x");
+        assert_eq!(super::literal_prefix(b"a\\*b"), b"a");
+        assert_eq!(super::literal_prefix(b"*"), b"");
+        assert_eq!(super::literal_prefix(b"plain"), b"plain");
     }
 
     #[test]
