@@ -22,6 +22,7 @@
 //!   Every path that removes from moka (invalidation, flush, eviction,
 //!   expiry) removes from the index too, and fills go to both.
 
+mod index;
 pub mod rules;
 pub mod stats;
 
@@ -35,6 +36,7 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 use tokio::sync::oneshot;
 
+use index::{Index, KeyEntry, Variant, Variants};
 pub use rules::{Rule, Rules};
 pub use stats::RuleStats;
 
@@ -46,110 +48,13 @@ use crate::upstream::Replies;
 /// key sharing the stripe was written.
 const STRIPES: usize = 4096;
 
-/// One cached reply.
-#[derive(Debug, Clone)]
-struct Variant {
-    proto: Protocol,
-    request: Bytes,
-    reply: Bytes,
-    expires: Instant,
-    /// When a hit should start a background refresh (refresh-ahead).
-    refresh_at: Option<Instant>,
-}
-
-type Variants = smallvec::SmallVec<[Variant; 1]>;
-
-/// Every cached reply for one key.
-#[derive(Debug)]
-struct KeyEntry {
-    rule: usize,
-    /// Usually one (one command, one protocol): kept inline, so a hit does
-    /// not chase another pointer to reach it.
-    variants: Variants,
-    weight: u32,
-}
-
-impl KeyEntry {
-    fn new(rule: usize, key_len: usize, variants: Variants) -> Self {
-        let bytes = key_len
-            + 64
-            + variants
-                .iter()
-                .map(|v| v.request.len() + v.reply.len() + 64)
-                .sum::<usize>();
-        Self {
-            rule,
-            variants,
-            weight: u32::try_from(bytes).unwrap_or(u32::MAX),
-        }
-    }
-
-    fn last_expiry(&self) -> Option<Instant> {
-        self.variants.iter().map(|v| v.expires).max()
-    }
-}
-
-/// Shards of the read index: enough that concurrent hits rarely share a lock.
-const SHARDS: usize = 32;
-
-/// Keys are the application's own (not an attacker's), and hashing them is
-/// on every hit: foldhash, seeded per process, instead of SipHash.
-type IndexMap = HashMap<Bytes, Arc<KeyEntry>, foldhash::fast::RandomState>;
-
-/// The read index: (db, key) → the live entry, in read-locked shards.
-#[derive(Debug, Default)]
-struct Index {
-    shards: [std::sync::RwLock<IndexMap>; SHARDS],
-}
-
-impl Index {
-    fn shard(&self, id: &[u8]) -> &std::sync::RwLock<IndexMap> {
-        // Stripes are hashed the same way (FNV over the id), so reuse it.
-        let h = id.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        &self.shards[(h >> 32) as usize % SHARDS]
-    }
-
-    /// Runs `f` on the entry for `id`, under the shard's read lock.
-    #[inline]
-    fn with<T>(&self, id: &[u8], f: impl FnOnce(&KeyEntry) -> Option<T>) -> Option<T> {
-        let shard = self.shard(id).read().unwrap_or_else(|e| e.into_inner());
-        shard.get(id).and_then(|e| f(e))
-    }
-
-    fn insert(&self, id: Bytes, entry: Arc<KeyEntry>) {
-        let mut shard = self.shard(&id).write().unwrap_or_else(|e| e.into_inner());
-        shard.insert(id, entry);
-    }
-
-    fn remove(&self, id: &[u8]) {
-        let mut shard = self.shard(id).write().unwrap_or_else(|e| e.into_inner());
-        shard.remove(id);
-    }
-
-    /// Removes `id` only if it still maps to `entry` (moka evicted or expired
-    /// that entry; a newer one must stay).
-    fn remove_if_same(&self, id: &[u8], entry: &Arc<KeyEntry>) {
-        let mut shard = self.shard(id).write().unwrap_or_else(|e| e.into_inner());
-        if shard.get(id).is_some_and(|cur| Arc::ptr_eq(cur, entry)) {
-            shard.remove(id);
-        }
-    }
-
-    fn clear(&self) {
-        for shard in &self.shards {
-            shard.write().unwrap_or_else(|e| e.into_inner()).clear();
-        }
-    }
-}
-
 /// Expire a key's entry when its last variant expires.
 struct EntryExpiry;
 
 impl moka::Expiry<Bytes, Arc<KeyEntry>> for EntryExpiry {
     fn expire_after_create(&self, _: &Bytes, v: &Arc<KeyEntry>, now: Instant) -> Option<Duration> {
-        v.last_expiry().map(|t| t.saturating_duration_since(now))
+        v.last_expiry()
+            .map(|t| Duration::from_nanos(t.saturating_sub(index::clock(now))))
     }
 
     // Without this, an overwrite would keep the old entry's expiry.
@@ -160,7 +65,8 @@ impl moka::Expiry<Bytes, Arc<KeyEntry>> for EntryExpiry {
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        v.last_expiry().map(|t| t.saturating_duration_since(now))
+        v.last_expiry()
+            .map(|t| Duration::from_nanos(t.saturating_sub(index::clock(now))))
     }
 }
 
@@ -271,10 +177,10 @@ impl L1 {
             .max_capacity(cfg.max_memory.0)
             .weigher(|_: &Bytes, v: &Arc<KeyEntry>| v.weight)
             .expire_after(EntryExpiry)
-            .eviction_listener(move |k: Arc<Bytes>, v: Arc<KeyEntry>, cause| {
+            .eviction_listener(move |_: Arc<Bytes>, v: Arc<KeyEntry>, cause| {
                 // Replaced: the index already holds the replacement.
                 if cause != RemovalCause::Replaced {
-                    listener_index.remove_if_same(&k, &v);
+                    listener_index.remove_if_same(&v);
                 }
                 if let Some(s) = listener_stats.get(v.rule) {
                     s.bytes.fetch_sub(i64::from(v.weight), SeqCst);
@@ -352,9 +258,10 @@ impl L1 {
         (self.entries.entry_count(), self.entries.weighted_size())
     }
 
-    /// A cached reply for `request` on `key`, if fresh, and whether it is due
-    /// for a refresh-ahead. The hot path: no allocation (the id is built in
-    /// the caller's `scratch`).
+    /// Hands the cached reply for `request` on `key`, if fresh, to `sink`
+    /// (under the index's read lock: copy it, do not wait), and returns
+    /// whether it is due for a refresh-ahead; None on a miss. The hot path:
+    /// no allocation (the id is built in the caller's `scratch`).
     #[inline]
     pub fn get(
         &self,
@@ -363,15 +270,16 @@ impl L1 {
         proto: Protocol,
         request: &[u8],
         scratch: &mut Vec<u8>,
-    ) -> Option<(Bytes, bool)> {
+        sink: impl FnOnce(&[u8]),
+    ) -> Option<bool> {
         key_id(db, key, scratch);
-        let now = Instant::now();
-        self.index.with(&scratch[..], |entry| {
-            entry
-                .variants
-                .iter()
-                .find(|v| v.proto == proto && v.expires > now && v.request[..] == *request)
-                .map(|v| (v.reply.clone(), v.refresh_at.is_some_and(|t| now >= t)))
+        let now = index::clock(Instant::now());
+        self.index.with(&scratch[..], proto, request, |v| {
+            if v.expires() <= now {
+                return None;
+            }
+            sink(v.reply());
+            Some(v.refresh_due(now))
         })
     }
 
@@ -412,32 +320,32 @@ impl L1 {
         self.dbs_seen.fetch_or(1 << db.min(63), SeqCst);
         let mut id = Vec::new();
         key_id(db, key, &mut id);
-        let id = Bytes::from(id);
         let now = Instant::now();
-        // Copies: the request and reply must not pin the (much larger) read
-        // buffers they were sliced from.
-        let variant = Variant {
-            proto,
-            request: Bytes::copy_from_slice(request),
-            reply: Bytes::copy_from_slice(reply),
-            expires: now + ttl,
-            refresh_at: refresh_ahead.map(|f| now + ttl.mul_f64(f)),
+        let expires = now + ttl;
+        let refresh_at = refresh_ahead.map(|f| now + ttl.mul_f64(f));
+        let Some(variant) = Variant::new(proto, &id, request, reply, expires, refresh_at) else {
+            return false;
         };
+        let hash = self.index.hash(&id);
+        let id = Bytes::from(id);
         let mut variants: Variants = match self.entries.get(&id) {
             Some(old) => old
                 .variants
                 .iter()
-                .filter(|v| v.expires > now && !(v.proto == proto && v.request == variant.request))
+                .filter(|v| {
+                    v.expires() > index::clock(now)
+                        && !(v.is_proto(proto) && v.request() == request)
+                })
                 .cloned()
                 .collect(),
             None => Variants::new(),
         };
         variants.push(variant);
-        let entry = Arc::new(KeyEntry::new(rule, key.len(), variants));
+        let entry = Arc::new(KeyEntry::new(hash, rule, variants));
         stats.bytes.fetch_add(i64::from(entry.weight), SeqCst);
         // Index first: if moka evicts the entry at once, its listener then
         // finds it in the index and removes it there too.
-        self.index.insert(id.clone(), entry.clone());
+        self.index.insert(&entry);
         self.entries.insert(id.clone(), entry);
         // An invalidation may have run between the check above and the
         // insert; if so, it may have missed what we just inserted.
@@ -481,19 +389,7 @@ impl L1 {
 
     fn invalidate_matching_key(&self, key: &[u8]) {
         self.epoch.fetch_add(1, SeqCst);
-        let ids: Vec<Bytes> = self
-            .index
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                let shard = shard.read().unwrap_or_else(|e| e.into_inner());
-                shard
-                    .keys()
-                    .filter(|id| id.len() >= 4 && &id[4..] == key)
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let ids = self.index.ids_where(|id| id.len() >= 4 && &id[4..] == key);
         for id in &ids {
             self.index.remove(id);
             self.entries.invalidate(id);
@@ -505,19 +401,9 @@ impl L1 {
     /// flight for matching keys are discarded.
     pub fn invalidate_matching(&self, pattern: &[u8]) -> usize {
         self.epoch.fetch_add(1, SeqCst);
-        let ids: Vec<Bytes> = self
+        let ids = self
             .index
-            .shards
-            .iter()
-            .flat_map(|shard| {
-                let shard = shard.read().unwrap_or_else(|e| e.into_inner());
-                shard
-                    .keys()
-                    .filter(|id| id.len() >= 4 && crate::glob::matches(pattern, &id[4..]))
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+            .ids_where(|id| id.len() >= 4 && crate::glob::matches(pattern, &id[4..]));
         for id in &ids {
             self.index.remove(id);
             if let Some(old) = self.entries.remove(id) {
@@ -658,6 +544,15 @@ mod tests {
         .unwrap()
     }
 
+    /// The reply (copied) and refresh flag of a hit.
+    fn lookup(c: &L1, db: u32, key: &[u8], proto: Protocol, req: &[u8]) -> Option<(Vec<u8>, bool)> {
+        let mut reply = Vec::new();
+        let refresh = c.get(db, key, proto, req, &mut Vec::new(), |r| {
+            reply.extend_from_slice(r)
+        })?;
+        Some((reply, refresh))
+    }
+
     const REQ: &[u8] = b"*2\r\n$3\r\nGET\r\n$3\r\nt:a\r\n";
 
     #[test]
@@ -698,7 +593,6 @@ mod tests {
     #[test]
     fn a_fill_is_served_for_the_same_request_and_protocol_only() {
         let c = l1(1 << 20);
-        let mut s = Vec::new();
         let t = c.begin_fill(0, b"t:a");
         assert!(c.fill(
             t,
@@ -711,18 +605,18 @@ mod tests {
             Duration::from_secs(5),
             None
         ));
-        let (hit, refresh) = c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).unwrap();
+        let (hit, refresh) = lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).unwrap();
         assert_eq!(&hit[..], b"$1\r\nx\r\n");
         assert!(!refresh);
-        assert_eq!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s), None);
-        assert_eq!(c.get(1, b"t:a", Protocol::Resp2, REQ, &mut s), None);
+        assert_eq!(lookup(&c, 0, b"t:a", Protocol::Resp3, REQ), None);
+        assert_eq!(lookup(&c, 1, b"t:a", Protocol::Resp2, REQ), None);
         assert_eq!(
-            c.get(
+            lookup(
+                &c,
                 0,
                 b"t:a",
                 Protocol::Resp2,
-                b"*2\r\n$6\r\nSTRLEN\r\n$3\r\nt:a\r\n",
-                &mut s
+                b"*2\r\n$6\r\nSTRLEN\r\n$3\r\nt:a\r\n"
             ),
             None
         );
@@ -747,7 +641,7 @@ mod tests {
             Duration::from_secs(5),
             None
         ));
-        assert_eq!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s), None);
+        assert_eq!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ), None);
         assert_eq!(c.stats(0).stale_fills_rejected.load(SeqCst), 1);
         // A flush moves every generation.
         let t = c.begin_fill(0, b"t:a");
@@ -783,18 +677,17 @@ mod tests {
                 None
             ));
         }
-        assert!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).is_some());
-        assert!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s).is_some());
+        assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_some());
+        assert!(lookup(&c, 0, b"t:a", Protocol::Resp3, REQ).is_some());
         c.invalidate(0, b"t:a", &mut s);
-        assert!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s).is_none());
-        assert!(c.get(0, b"t:a", Protocol::Resp3, REQ, &mut s).is_none());
+        assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_none());
+        assert!(lookup(&c, 0, b"t:a", Protocol::Resp3, REQ).is_none());
         assert_eq!(c.stats(0).invalidations.load(SeqCst), 1);
     }
 
     #[test]
     fn a_hit_past_the_refresh_point_asks_for_a_refresh() {
         let c = l1(1 << 20);
-        let mut s = Vec::new();
         let t = c.begin_fill(0, b"t:a");
         let ttl = Duration::from_secs(60);
         assert!(c.fill(
@@ -811,8 +704,7 @@ mod tests {
         // 60 s × 1e-6 = 60 µs: due almost at once, long before expiry.
         std::thread::sleep(Duration::from_millis(1));
         assert_eq!(
-            c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s)
-                .map(|(_, due)| due),
+            lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).map(|(_, due)| due),
             Some(true)
         );
     }
@@ -820,7 +712,6 @@ mod tests {
     #[test]
     fn expired_variants_are_not_served() {
         let c = l1(1 << 20);
-        let mut s = Vec::new();
         let t = c.begin_fill(0, b"t:a");
         assert!(c.fill(
             t,
@@ -833,7 +724,7 @@ mod tests {
             Duration::ZERO,
             None
         ));
-        assert_eq!(c.get(0, b"t:a", Protocol::Resp2, REQ, &mut s), None);
+        assert_eq!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ), None);
     }
 
     #[test]

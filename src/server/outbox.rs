@@ -75,6 +75,27 @@ impl Outbox {
         self.slots.push_back(slot);
     }
 
+    /// Queues a reply the proxy produced: straight into the write buffer
+    /// when nothing waits ahead of it (no slot, no allocation).
+    #[inline]
+    pub fn put(&mut self, reply: &[u8]) {
+        if self.slots.is_empty() {
+            self.buf.extend_from_slice(reply);
+        } else {
+            self.push(Slot::Ready(Bytes::copy_from_slice(reply)));
+        }
+    }
+
+    /// Like [`Outbox::put`], for a reply already in a buffer of its own.
+    #[inline]
+    pub fn put_bytes(&mut self, reply: Bytes) {
+        if self.slots.is_empty() {
+            self.buf.extend_from_slice(&reply);
+        } else {
+            self.push(Slot::Ready(reply));
+        }
+    }
+
     /// Replies not yet written (the backpressure measure).
     #[inline]
     pub fn pending_replies(&self) -> usize {

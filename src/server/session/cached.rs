@@ -94,50 +94,72 @@ impl Session {
         {
             return false;
         }
+        if mget {
+            let Some(l1) = self.ctx.l1.clone() else {
+                return false;
+            };
+            return self.cached_mget(chunk, l1).await;
+        }
+        let Some(policy) = self.ctx.l1.as_deref().and_then(|l1| {
+            let (index, rule) = l1.rule_for(&self.argv[1])?;
+            Some(FillPolicy {
+                rule: index,
+                ttl: rule.ttl,
+                negative_ttl: rule.negative_ttl,
+                max_value_size: rule.max_value_size,
+                refresh_ahead: rule.refresh_ahead,
+            })
+        }) else {
+            return false;
+        };
+        // Hit or miss, the forwards before this read leave first.
+        self.flush_run(chunk).await;
+        let Some(l1) = self.ctx.l1.as_deref() else {
+            return false;
+        };
+        // Inline commands have no frame to compare: re-encoded once.
+        let encoded = frame.is_none().then(|| encode_command(&self.argv));
+        let request = encoded
+            .as_deref()
+            .unwrap_or_else(|| &chunk[frame.clone().unwrap_or_default()]);
+        // A hit is copied straight from the entry into the client's output:
+        // no reference counts touched, no allocation.
+        let out = &mut self.out;
+        let hit = l1.get(
+            self.db,
+            &self.argv[1],
+            self.proto,
+            request,
+            &mut self.scratch,
+            |reply| out.put(reply),
+        );
+        let stats = l1.stats(policy.rule);
+        match hit {
+            Some(false) => {
+                RuleStats::inc(&stats.hits);
+                return true;
+            }
+            Some(true) => RuleStats::inc(&stats.hits),
+            None => RuleStats::inc(&stats.misses),
+        }
         let Some(l1) = self.ctx.l1.clone() else {
             return false;
         };
-        if mget {
-            return self.cached_mget(chunk, l1).await;
-        }
         let key = self.argv[1].clone();
-        let Some((index, rule)) = l1.rule_for(&key) else {
-            return false;
-        };
-        let policy = FillPolicy {
-            rule: index,
-            ttl: rule.ttl,
-            negative_ttl: rule.negative_ttl,
-            max_value_size: rule.max_value_size,
-            refresh_ahead: rule.refresh_ahead,
-        };
-        let request = match frame {
-            Some(f) => chunk.slice(f.clone()),
-            None => encode_command(&self.argv),
-        };
-        let stats = l1.stats(index);
-        if let Some((hit, refresh_due)) =
-            l1.get(self.db, &key, self.proto, &request, &mut self.scratch)
-        {
-            RuleStats::inc(&stats.hits);
-            self.flush_run(chunk).await;
-            self.reply(hit);
-            if refresh_due {
-                // Refresh-ahead: one background fetch (if none is running)
-                // replaces the entry before it expires; nobody waits for it.
-                l1.flight_id(self.db, &key, self.proto, &request, &mut self.scratch);
-                if let Flight::Leader = l1.join(&self.scratch) {
-                    let flight = Bytes::copy_from_slice(&self.scratch);
-                    drop(
-                        self.start_fetch(l1.clone(), key, request, policy, flight)
-                            .await,
-                    );
-                }
+        let request = encoded.unwrap_or_else(|| chunk.slice(frame.clone().unwrap_or_default()));
+        if hit.is_some() {
+            // Refresh-ahead: one background fetch (if none is running)
+            // replaces the entry before it expires; nobody waits for it.
+            l1.flight_id(self.db, &key, self.proto, &request, &mut self.scratch);
+            if let Flight::Leader = l1.join(&self.scratch) {
+                let flight = Bytes::copy_from_slice(&self.scratch);
+                drop(
+                    self.start_fetch(l1.clone(), key, request, policy, flight)
+                        .await,
+                );
             }
             return true;
         }
-        RuleStats::inc(&stats.misses);
-        self.flush_run(chunk).await;
         self.fetch(l1, key, request, policy).await;
         true
     }
@@ -222,10 +244,19 @@ impl Session {
             };
             any_rule = true;
             let stats = l1.stats(index);
-            match l1.get(self.db, key, self.proto, MGET_ELEMENT, &mut self.scratch) {
-                Some((element, _)) => {
+            let mut element = None;
+            let hit = l1.get(
+                self.db,
+                key,
+                self.proto,
+                MGET_ELEMENT,
+                &mut self.scratch,
+                |e| element = Some(Bytes::copy_from_slice(e)),
+            );
+            match hit {
+                Some(_) => {
                     RuleStats::inc(&stats.hits);
-                    parts.push(Some(element));
+                    parts.push(element);
                 }
                 None => {
                     RuleStats::inc(&stats.misses);

@@ -894,7 +894,7 @@ impl Session {
 
     /// Queues a reply the proxy produced, after everything already queued.
     fn reply(&mut self, bytes: Bytes) {
-        self.out.push(Slot::Ready(bytes));
+        self.out.put_bytes(bytes);
     }
 
     fn push(&mut self, slot: Slot) {
