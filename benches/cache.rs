@@ -111,6 +111,16 @@ fn bench(c: &mut Criterion) {
             ))
         })
     });
+    // A peer's invalidation for a key this instance never cached: the
+    // common case on the receiving side of the bus.
+    let mut i = 0u64;
+    c.bench_function("l1/invalidate_uncached_key", |b| {
+        b.iter(|| {
+            i += 1;
+            let key = format!("ticker:other:{}", i % 100_000);
+            cache.invalidate(0, key.as_bytes(), &mut scratch);
+        })
+    });
     c.bench_function("l1/rule_for", |b| {
         b.iter(|| black_box(cache.rule_for(black_box(key.as_bytes()))))
     });

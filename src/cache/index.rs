@@ -244,13 +244,16 @@ impl Index {
         }
     }
 
-    /// Removes every variant of `id`.
-    pub(super) fn remove(&self, id: &[u8]) {
+    /// Removes every variant of `id`; returns whether there was any.
+    pub(super) fn remove(&self, id: &[u8]) -> bool {
         let hash = self.hash(id);
         let mut shard = self.shard(hash).write().unwrap_or_else(|e| e.into_inner());
+        let mut found = false;
         while let Ok(old) = shard.find_entry(hash, |v| v.id() == id) {
             old.remove();
+            found = true;
         }
+        found
     }
 
     /// Removes `entry`'s variants if they are still the ones indexed (moka

@@ -364,7 +364,13 @@ impl L1 {
     pub fn invalidate(&self, db: u32, key: &[u8], scratch: &mut Vec<u8>) {
         self.stripes[stripe(db, key)].fetch_add(1, SeqCst);
         key_id(db, key, scratch);
-        self.index.remove(&scratch[..]);
+        // moka holds nothing the index lacks (fills index first, and a fill
+        // that races this re-checks the generation moved above and removes
+        // itself), so a key not cached here costs no moka lookup: the usual
+        // case for a peer's invalidations.
+        if !self.index.remove(&scratch[..]) {
+            return;
+        }
         if let Some(old) = self.entries.remove(&scratch[..]) {
             RuleStats::inc(&self.stats[old.rule].invalidations);
         }
