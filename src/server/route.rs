@@ -41,6 +41,9 @@ pub enum Route {
     Unwatch,
     /// A command that may block its connection: runs on a dedicated one.
     Blocking,
+    /// `WAIT` / `WAITAOF`: blocks like [`Route::Blocking`], but counts acks
+    /// for the writes of the connection it runs on, so it needs more care.
+    Wait,
     /// Commands after which replies stop pairing with commands (pub/sub,
     /// MONITOR, CLIENT REPLY OFF|SKIP, CLIENT TRACKING): the client gets a
     /// dedicated connection whose every frame is relayed.
@@ -70,6 +73,10 @@ pub fn route(argv: &[Bytes]) -> Route {
 
 fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
     let Some(spec) = spec else {
+        // WAITAOF is newer than the table (Redis 7.2) and blocks like WAIT.
+        if argv[0].eq_ignore_ascii_case(b"waitaof") {
+            return Route::Wait;
+        }
         // Unknown here (a module command, or a newer Redis): Redis decides.
         return Route::Forward;
     };
@@ -101,6 +108,7 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
             Some(mode) if mode.eq_ignore_ascii_case(b"off") => Route::Forward,
             _ => Route::Relay,
         },
+        "wait" | "waitaof" => Route::Wait,
         "multi" => Route::Multi,
         "watch" => Route::Watch,
         "exec" | "discard" => Route::EndTransaction,
@@ -156,6 +164,8 @@ mod tests {
             r(&["XREAD", "BLOCK", "0", "STREAMS", "s", "$"]),
             Route::Blocking
         );
+        assert_eq!(r(&["WAIT", "1", "100"]), Route::Wait);
+        assert_eq!(r(&["waitaof", "1", "0", "100"]), Route::Wait);
         assert_eq!(r(&["SUBSCRIBE", "ch"]), Route::Relay);
         assert_eq!(r(&["MONITOR"]), Route::Relay);
         assert_eq!(r(&["CLIENT", "REPLY", "OFF"]), Route::Relay);

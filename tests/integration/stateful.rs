@@ -13,8 +13,8 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp3::types::OwnedFrame;
 
-use crate::compat::{Raw, blob, direct_async};
-use crate::support::{RedisServer, TestProxy};
+use crate::compat::{Raw, blob, direct_async, encode};
+use crate::support::{RedisServer, TestProxy, config_for};
 
 const OK: &[u8] = b"+OK\r\n";
 const QUEUED: &[u8] = b"+QUEUED\r\n";
@@ -520,6 +520,96 @@ async fn a_blocked_client_does_not_block_other_clients() {
     );
     let _: i64 = q(&mut other, &["RPUSH", "q", "done"]).await;
     assert_eq!(a.frame().await, array('*', &["q", "done"])[..]);
+}
+
+// ---------------------------------------------------------------------- WAIT
+
+/// A replica of `master`, once the master reports it online.
+async fn replica_of(master: &RedisServer) -> RedisServer {
+    let port = master.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let d = direct_async(master, 0).await;
+    eventually("the replica to be online", || {
+        let mut d = d.clone();
+        async move {
+            let info: String = q(&mut d, &["INFO", "replication"]).await;
+            info.contains("state=online")
+        }
+    })
+    .await;
+    replica
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_counts_acks_for_the_clients_own_writes() {
+    let redis = RedisServer::start();
+    let replica = replica_of(&redis).await;
+    let proxy = TestProxy::start(&redis).await;
+    let mut c = Raw::connect(proxy.port()).await;
+    // Pipelined: WAIT must count the SET before it, and replies stay in order.
+    let mut pipeline = encode(&[b"SET", b"k", b"1"]);
+    pipeline.extend(encode(&[b"WAIT", b"1", b"5000"]));
+    pipeline.extend(encode(&[b"GET", b"k"]));
+    c.write(&pipeline).await;
+    assert_eq!(c.frame().await, OK[..]);
+    assert_eq!(c.frame().await, b":1\r\n"[..], "the replica acked the SET");
+    assert_eq!(c.frame().await, bulk("1").as_bytes());
+    // Let the replica ack everything so far (it acks every second): a WAIT
+    // counting from an earlier point — the offset of whatever its own
+    // connection last did — would then see it as caught up.
+    let d = direct_async(&redis, 0).await;
+    eventually("the replica to ack the whole stream", || {
+        let mut d = d.clone();
+        async move {
+            let info: String = q(&mut d, &["INFO", "replication"]).await;
+            let field = |name: &str| {
+                info.split([',', '\r', '\n'])
+                    .find_map(|f| f.strip_prefix(name))
+                    .map(str::to_string)
+            };
+            let master = field("master_repl_offset:");
+            master.is_some() && field("offset=") == master
+        }
+    })
+    .await;
+    // A stopped replica acks nothing more, so WAIT must answer 0.
+    replica.signal("STOP");
+    assert_eq!(c.cmd(&["SET", "k", "2"]).await, OK[..]);
+    let acked = c.cmd(&["WAIT", "1", "200"]).await;
+    replica.signal("CONT");
+    assert_eq!(acked, b":0\r\n"[..], "nothing acked the second SET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_does_not_hold_up_clients_sharing_its_connection() {
+    let redis = RedisServer::start();
+    // One shared connection: every client's commands go over it.
+    let mut cfg = config_for(&redis);
+    cfg.upstream.pool_size = 1;
+    let proxy = TestProxy::start_with(cfg).await;
+    let mut d = direct_async(&redis, 0).await;
+    let mut a = Raw::connect(proxy.port()).await;
+    // No replica: this WAIT blocks until its client leaves.
+    a.send_str(&["WAIT", "1", "0"]).await;
+    wait_blocked(&mut d, 1).await;
+    let mut b = Raw::connect(proxy.port()).await;
+    let gets = async {
+        for _ in 0..100 {
+            assert_eq!(b.cmd(&["GET", "k"]).await, b"$-1\r\n"[..]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), gets)
+        .await
+        .expect("100 GETs complete while another client waits");
+    assert_eq!(
+        blocked_clients(&mut d).await,
+        1,
+        "the WAIT is still blocked"
+    );
+    // Leaving releases it: its connection closes, as Redis drops the WAIT
+    // of a client that disconnects.
+    drop(a);
+    wait_blocked(&mut d, 0).await;
 }
 
 // ------------------------------------------------ clients that leave midway

@@ -33,10 +33,12 @@ use super::Context;
 use super::outbox::{Outbox, Slot};
 use super::route::{Route, route_spec};
 use crate::cache::Invalidation;
+use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::{self, OK, Protocol, Reply};
 use crate::protocol::{Parsed, Parser};
-use crate::upstream::{Conn, Op, Pool, PoolKey, UpstreamError, encode_command};
+use crate::upstream::connection::Failed;
+use crate::upstream::{Conn, Op, Pool, PoolKey, Replies, UpstreamError, encode_command};
 
 /// One parsed command of the current read.
 enum Cmd {
@@ -461,6 +463,18 @@ impl Session {
                     self.blocking(chunk, frame).await;
                 }
             }
+            Route::Wait if self.pin.is_none() => self.wait(chunk, frame).await,
+            Route::Wait => {
+                // The pinned connection did this client's writes: the right
+                // place to count their acks.
+                self.flush_run(chunk).await;
+                let frames = match frame {
+                    Some(f) => chunk.slice(f),
+                    None => encode_command(&self.argv),
+                };
+                let inv = std::mem::take(&mut self.pending_inv);
+                self.send_pinned(frames, 1, true, inv);
+            }
             Route::Relay => self.start_relay(chunk, frame).await,
             Route::Refuse(msg) => self.reply(reply::error(msg)),
             Route::WrongArity(_) if self.pin.as_ref().is_some_and(|p| p.in_multi) => {
@@ -694,6 +708,52 @@ impl Session {
     }
 
     /// Pins a dedicated connection; on failure the client has its error reply.
+    /// `WAIT` (or `WAITAOF`) outside a transaction. On the shared connection
+    /// it would hold every other client's commands behind it for up to its
+    /// timeout, so it runs on a dedicated one. But Redis counts acks up to the
+    /// replication offset it recorded for *the connection WAIT runs on* (its
+    /// last write, documented; its last command of any kind, as 7.0 does),
+    /// and a reused dedicated connection's is stale: WAIT would report
+    /// replicas that never saw this client's writes. So, once the client's
+    /// earlier commands are done (a PING behind them on its shared
+    /// connection), the dedicated connection first makes a write of its own
+    /// that replicates — `PUBLISH __nearcache:wait ""`, which no one receives
+    /// — and then waits: for acks up to now, which covers the client's writes.
+    async fn wait(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) {
+        self.flush_run(chunk).await;
+        let mut frames = BytesMut::from(&encode_command(&[&b"PUBLISH"[..], WAIT_CHANNEL, b""])[..]);
+        match frame {
+            Some(f) => frames.extend_from_slice(&chunk[f]),
+            None => frames.extend_from_slice(&encode_command(&self.argv)),
+        }
+        let (barrier_tx, barrier) = oneshot::channel();
+        let barrier_sent = match self.shared_conn().await {
+            Ok(conn) => conn.send(Op::Send {
+                frames: encode_command(&[&b"PING"[..]]),
+                replies: 1,
+                blocking: false,
+                tx: barrier_tx,
+            }),
+            Err(e) => return self.reply(e.to_reply()),
+        };
+        if barrier_sent.is_err() {
+            return self.reply(UpstreamError::ConnectionLost.to_reply());
+        }
+        let pool = self.pool.clone();
+        let (mut client_tx, client_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let reply = wait_after(barrier, pool, frames.freeze(), &mut client_tx).await;
+            let _ = client_tx.send(reply);
+        });
+        let inv = std::mem::take(&mut self.pending_inv);
+        self.push(Slot::Upstream {
+            rx: client_rx,
+            count: 1,
+            blocking: true,
+            inv,
+        });
+    }
+
     async fn pin_dedicated(&mut self) -> bool {
         match self.pool.dedicated().await {
             Ok(conn) => {
@@ -899,6 +959,55 @@ impl Session {
 
     fn push(&mut self, slot: Slot) {
         self.out.push(slot);
+    }
+}
+
+/// Where WAIT's preliminary write goes (see `Session::wait`).
+const WAIT_CHANNEL: &[u8] = b"__nearcache:wait";
+
+/// The rest of `Session::wait`: once `barrier` answers, sends `frames`
+/// (PUBLISH, then WAIT) on a dedicated connection and returns WAIT's reply.
+/// Gives up, closing that connection, if the client stops waiting.
+async fn wait_after(
+    barrier: oneshot::Receiver<Replies>,
+    pool: Arc<Pool>,
+    frames: Bytes,
+    client: &mut oneshot::Sender<Replies>,
+) -> Replies {
+    let lost = |error| Failed {
+        partial: Bytes::new(),
+        got: 0,
+        error,
+    };
+    tokio::select! {
+        r = barrier => match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(failed)) => return Err(lost(failed.error)),
+            Err(_) => return Err(lost(UpstreamError::ConnectionLost)),
+        },
+        _ = client.closed() => return Err(lost(UpstreamError::ConnectionLost)),
+    }
+    let conn = pool.dedicated().await.map_err(lost)?;
+    let (tx, rx) = oneshot::channel();
+    conn.send(Op::Send {
+        frames,
+        replies: 2,
+        blocking: true,
+        tx,
+    })
+    .map_err(|_| lost(UpstreamError::ConnectionLost))?;
+    let _ = conn.send(Op::Release(conn.clone()));
+    // Dropping `rx` when the client leaves tells the connection nobody
+    // waits, and it closes (Redis drops a disconnected client's WAIT too).
+    let replies = tokio::select! {
+        r = rx => r.unwrap_or_else(|_| Err(lost(UpstreamError::ConnectionLost)))?,
+        _ = client.closed() => return Err(lost(UpstreamError::ConnectionLost)),
+    };
+    // Skip PUBLISH's reply (a count, or an error such as an ACL refusal:
+    // WAIT then counts acks as a fresh connection would, and still answers).
+    match ReplyScanner::new().scan(&replies) {
+        Ok(Some(len)) => Ok(replies.slice(len..)),
+        _ => Err(lost(UpstreamError::InvalidReply)),
     }
 }
 
