@@ -281,27 +281,32 @@ impl Session {
             self.reply(reply);
             return true;
         }
-        // One pipeline: MGET of the missing keys, then PTTL of each.
+        // One pipeline: MGET of the missing keys, then PTTL of each that a
+        // rule caches (the others are only passed through).
         let mut mget: Vec<&[u8]> = vec![b"MGET"];
         mget.extend(missing.iter().map(|(i, _)| &keys[*i][..]));
         let mut frames = BytesMut::from(&encode_command(&mget)[..]);
-        for (i, _) in &missing {
-            frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &keys[*i]]));
+        let mut pttls = 0;
+        for (i, fill) in &missing {
+            if fill.is_some() {
+                frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &keys[*i]]));
+                pttls += 1;
+            }
         }
-        let count = u32::try_from(missing.len() + 1).unwrap_or(u32::MAX);
+        let count = u32::try_from(pttls + 1).unwrap_or(u32::MAX);
         let sent = self.request(frames.freeze(), count).await;
         let (client_tx, client_rx) = oneshot::channel();
         let (db, proto) = (self.db, self.proto);
         tokio::spawn(async move {
             let replies = sent.replies().await;
             let reply = match replies {
-                Ok(frames) => match split_mget(&frames, missing.len()) {
+                Ok(frames) => match split_mget(&frames, missing.len(), pttls) {
                     Some((elements, pttls)) => {
-                        for (((i, fill), element), pttl) in
-                            missing.iter().zip(&elements).zip(&pttls)
-                        {
+                        let mut pttls = pttls.iter();
+                        for ((i, fill), element) in missing.iter().zip(&elements) {
                             if let Some((policy, token)) = fill {
-                                if let Some(ttl) = fill_ttl(policy, element, *pttl) {
+                                let pttl = pttls.next().copied().flatten();
+                                if let Some(ttl) = fill_ttl(policy, element, pttl) {
                                     l1.fill(
                                         *token,
                                         db,
@@ -403,8 +408,9 @@ const MGET_ELEMENT: &[u8] = b"\0mget-element";
 /// An MGET reply's elements and the PTTL of each key.
 type MgetReplies<'a> = (Vec<&'a [u8]>, Vec<Option<i64>>);
 
-/// Splits `*k` + k elements, then k PTTL integers; None unless it is exactly that.
-fn split_mget(frames: &[u8], k: usize) -> Option<MgetReplies<'_>> {
+/// Splits `*k` + k elements, then `p` PTTL integers; None unless it is
+/// exactly that.
+fn split_mget(frames: &[u8], k: usize, p: usize) -> Option<MgetReplies<'_>> {
     let rest = frames.strip_prefix(b"*")?;
     let nl = rest.iter().position(|&b| b == b'\r')?;
     if parse_i64(&rest[..nl])? != i64::try_from(k).ok()? {
@@ -417,8 +423,8 @@ fn split_mget(frames: &[u8], k: usize) -> Option<MgetReplies<'_>> {
         elements.push(&frames[at..at + len]);
         at += len;
     }
-    let mut pttls = Vec::with_capacity(k);
-    for _ in 0..k {
+    let mut pttls = Vec::with_capacity(p);
+    for _ in 0..p {
         let len = ReplyScanner::new().scan(frames.get(at..)?).ok()??;
         let frame = &frames[at..at + len];
         pttls.push(
@@ -603,10 +609,14 @@ mod tests {
     #[test]
     fn mget_replies_split_and_stitch_in_order() {
         let frames = b"*2\r\n$1\r\na\r\n$-1\r\n:-1\r\n:-2\r\n";
-        let (elements, pttls) = split_mget(frames, 2).expect("well formed");
+        let (elements, pttls) = split_mget(frames, 2, 2).expect("well formed");
         assert_eq!(elements, vec![&b"$1\r\na\r\n"[..], &b"$-1\r\n"[..]]);
         assert_eq!(pttls, vec![Some(-1), Some(-2)]);
-        assert!(split_mget(b"-ERR x\r\n", 2).is_none());
+        assert!(split_mget(b"-ERR x\r\n", 2, 2).is_none());
+        // Fewer PTTLs than elements (keys no rule caches get none).
+        let (elements, pttls) =
+            split_mget(b"*2\r\n$1\r\na\r\n$1\r\nb\r\n:-1\r\n", 2, 1).expect("well formed");
+        assert_eq!((elements.len(), pttls), (2, vec![Some(-1)]));
         let parts = [None, Some(Bytes::from_static(b"$1\r\nb\r\n")), None];
         let out = stitch(&parts, &[(0, &b"$1\r\na\r\n"[..]), (2, &b"$-1\r\n"[..])]);
         assert_eq!(&out[..], b"*3\r\n$1\r\na\r\n$1\r\nb\r\n$-1\r\n");
