@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use nearcache::cache::L1;
+use nearcache::cache::{L1, Now};
 use nearcache::config::{ByteSize, CacheConfig, Duration as Dur, RuleConfig};
 use nearcache::protocol::Protocol;
 
@@ -64,7 +64,7 @@ fn bench(c: &mut Criterion) {
                 black_box(key.as_bytes()),
                 Protocol::Resp2,
                 black_box(&req),
-                &mut scratch,
+                Now::current(),
                 |reply| out.extend_from_slice(reply),
             );
             black_box(hit)
@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
                 key.as_bytes(),
                 Protocol::Resp2,
                 req,
-                &mut scratch,
+                Now::current(),
                 |reply| out.extend_from_slice(reply),
             );
             black_box(hit)
@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
                 black_box(absent.as_bytes()),
                 Protocol::Resp2,
                 &absent_req,
-                &mut scratch,
+                Now::current(),
                 |_| {},
             ))
         })

@@ -11,7 +11,7 @@
 //! Every variant of a key is hashed by the key's id alone, so all of them sit
 //! on one probe sequence and a key is dropped by one hash.
 
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -143,10 +143,23 @@ impl Variant {
         self.0.len() + 16 + std::mem::size_of::<Self>()
     }
 
+    /// Whether this is the reply to `request` on (db, key) in `proto`.
     #[inline]
-    fn answers(&self, id: &[u8], proto: Protocol, request: &[u8]) -> bool {
-        self.is_proto(proto) && self.id() == id && self.request() == request
+    fn answers(&self, db: u32, key: &[u8], proto: Protocol, request: &[u8]) -> bool {
+        self.is_proto(proto) && is_id(self.id(), db, key) && self.request() == request
     }
+}
+
+/// Whether `id` is the id of (db, key) (see `key_id` in the parent module).
+#[inline]
+fn is_id(id: &[u8], db: u32, key: &[u8]) -> bool {
+    id.len() == 4 + key.len() && id[..4] == db.to_le_bytes() && &id[4..] == key
+}
+
+/// The (db, key) an id names.
+fn split_id(id: &[u8]) -> Option<(u32, &[u8])> {
+    let db = id.get(..4)?;
+    Some((u32::from_le_bytes([db[0], db[1], db[2], db[3]]), &id[4..]))
 }
 
 fn proto_byte(proto: Protocol) -> u8 {
@@ -198,10 +211,18 @@ pub(super) struct Index {
 }
 
 impl Index {
-    /// The hash of `id`, as a [`KeyEntry`] must carry it.
+    /// The hash of (db, key), as a [`KeyEntry`] must carry it. Computed
+    /// from the parts, so a lookup need not assemble the id first.
     #[inline]
-    pub(super) fn hash(&self, id: &[u8]) -> u64 {
-        self.hasher.hash_one(id)
+    pub(super) fn hash(&self, db: u32, key: &[u8]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write_u32(db);
+        h.write(key);
+        h.finish()
+    }
+
+    fn hash_id(&self, id: &[u8]) -> u64 {
+        split_id(id).map_or(0, |(db, key)| self.hash(db, key))
     }
 
     #[inline]
@@ -210,20 +231,20 @@ impl Index {
         &self.shards[(hash >> 32) as usize % SHARDS]
     }
 
-    /// Runs `f` on the variant answering `request` on `id` in `proto`, if
-    /// cached, under the shard's read lock.
+    /// Runs `f` on the variant answering `request` on (db, key) in
+    /// `proto`, if cached, under the shard's read lock.
     #[inline]
     pub(super) fn with<T>(
         &self,
-        id: &[u8],
+        (db, key): (u32, &[u8]),
         proto: Protocol,
         request: &[u8],
         f: impl FnOnce(&Variant) -> Option<T>,
     ) -> Option<T> {
-        let hash = self.hash(id);
+        let hash = self.hash(db, key);
         let shard = self.shard(hash).read().unwrap_or_else(|e| e.into_inner());
         shard
-            .find(hash, |v| v.answers(id, proto, request))
+            .find(hash, |v| v.answers(db, key, proto, request))
             .and_then(f)
     }
 
@@ -240,20 +261,25 @@ impl Index {
             old.remove();
         }
         for v in &entry.variants {
-            shard.insert_unique(entry.hash, v.clone(), |v| self.hash(v.id()));
+            shard.insert_unique(entry.hash, v.clone(), |v| self.hash_id(v.id()));
         }
     }
 
-    /// Removes every variant of `id`; returns whether there was any.
-    pub(super) fn remove(&self, id: &[u8]) -> bool {
-        let hash = self.hash(id);
+    /// Removes every variant of (db, key); returns whether there was any.
+    pub(super) fn remove(&self, db: u32, key: &[u8]) -> bool {
+        let hash = self.hash(db, key);
         let mut shard = self.shard(hash).write().unwrap_or_else(|e| e.into_inner());
         let mut found = false;
-        while let Ok(old) = shard.find_entry(hash, |v| v.id() == id) {
+        while let Ok(old) = shard.find_entry(hash, |v| is_id(v.id(), db, key)) {
             old.remove();
             found = true;
         }
         found
+    }
+
+    /// Removes every variant of the key `id` names.
+    pub(super) fn remove_id(&self, id: &[u8]) -> bool {
+        split_id(id).is_some_and(|(db, key)| self.remove(db, key))
     }
 
     /// Removes `entry`'s variants if they are still the ones indexed (moka
@@ -326,29 +352,35 @@ mod tests {
     fn variants_of_one_key_share_a_hash_and_leave_together() {
         let index = Index::default();
         let now = Instant::now();
+        let id = [&0u32.to_le_bytes()[..], b"k"].concat();
         let variant = |req: &[u8]| {
-            Variant::new(Protocol::Resp2, b"k", req, b"r", now, None).expect("small parts")
+            Variant::new(Protocol::Resp2, &id, req, b"r", now, None).expect("small parts")
         };
         let entry = KeyEntry::new(
-            index.hash(b"k"),
+            index.hash(0, b"k"),
             0,
             [variant(b"a"), variant(b"b")].into_iter().collect(),
         );
         index.insert(&entry);
         let found = |req: &[u8]| {
             index
-                .with(b"k", Protocol::Resp2, req, |_| Some(()))
+                .with((0, &b"k"[..]), Protocol::Resp2, req, |_| Some(()))
                 .is_some()
         };
         assert!(found(b"a") && found(b"b") && !found(b"c"));
         // A refill replaces every variant of the key.
-        let refill = KeyEntry::new(index.hash(b"k"), 0, [variant(b"c")].into_iter().collect());
+        let refill = KeyEntry::new(
+            index.hash(0, b"k"),
+            0,
+            [variant(b"c")].into_iter().collect(),
+        );
         index.insert(&refill);
         assert!(!found(b"a") && !found(b"b") && found(b"c"));
         // An evicted entry that is no longer indexed removes nothing.
         index.remove_if_same(&entry);
         assert!(found(b"c"));
-        index.remove(b"k");
+        assert!(!index.remove(1, b"k"), "another database's key");
+        assert!(index.remove(0, b"k"));
         assert!(!found(b"c"));
     }
 }

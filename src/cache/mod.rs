@@ -70,6 +70,19 @@ impl moka::Expiry<Bytes, Arc<KeyEntry>> for EntryExpiry {
     }
 }
 
+/// A moment on the cache's clock: take one per request (or per MGET) and
+/// reuse it for every lookup it makes.
+#[derive(Debug, Clone, Copy)]
+pub struct Now(u64);
+
+impl Now {
+    /// The current moment.
+    #[inline]
+    pub fn current() -> Self {
+        Self(index::clock(Instant::now()))
+    }
+}
+
 /// Proof of where the generation stood when a miss began.
 #[derive(Debug, Clone, Copy)]
 pub struct FillToken {
@@ -258,10 +271,10 @@ impl L1 {
         (self.entries.entry_count(), self.entries.weighted_size())
     }
 
-    /// Hands the cached reply for `request` on `key`, if fresh, to `sink`
-    /// (under the index's read lock: copy it, do not wait), and returns
-    /// whether it is due for a refresh-ahead; None on a miss. The hot path:
-    /// no allocation (the id is built in the caller's `scratch`).
+    /// Hands the cached reply for `request` on `key`, if fresh at `now`, to
+    /// `sink` (under the index's read lock: copy it, do not wait), and
+    /// returns whether it is due for a refresh-ahead; None on a miss. The hot
+    /// path: no allocation, no copy of the key.
     #[inline]
     pub fn get(
         &self,
@@ -269,17 +282,15 @@ impl L1 {
         key: &[u8],
         proto: Protocol,
         request: &[u8],
-        scratch: &mut Vec<u8>,
+        now: Now,
         sink: impl FnOnce(&[u8]),
     ) -> Option<bool> {
-        key_id(db, key, scratch);
-        let now = index::clock(Instant::now());
-        self.index.with(&scratch[..], proto, request, |v| {
-            if v.expires() <= now {
+        self.index.with((db, key), proto, request, |v| {
+            if v.expires() <= now.0 {
                 return None;
             }
             sink(v.reply());
-            Some(v.refresh_due(now))
+            Some(v.refresh_due(now.0))
         })
     }
 
@@ -326,7 +337,7 @@ impl L1 {
         let Some(variant) = Variant::new(proto, &id, request, reply, expires, refresh_at) else {
             return false;
         };
-        let hash = self.index.hash(&id);
+        let hash = self.index.hash(db, key);
         let id = Bytes::from(id);
         let mut variants: Variants = match self.entries.get(&id) {
             Some(old) => old
@@ -350,7 +361,7 @@ impl L1 {
         // An invalidation may have run between the check above and the
         // insert; if so, it may have missed what we just inserted.
         if self.moved(&token) {
-            self.index.remove(&id);
+            self.index.remove(db, key);
             self.entries.invalidate(&id);
             RuleStats::inc(&stats.stale_fills_rejected);
             return false;
@@ -363,14 +374,14 @@ impl L1 {
     /// already in flight are discarded.
     pub fn invalidate(&self, db: u32, key: &[u8], scratch: &mut Vec<u8>) {
         self.stripes[stripe(db, key)].fetch_add(1, SeqCst);
-        key_id(db, key, scratch);
         // moka holds nothing the index lacks (fills index first, and a fill
         // that races this re-checks the generation moved above and removes
         // itself), so a key not cached here costs no moka lookup: the usual
         // case for a peer's invalidations.
-        if !self.index.remove(&scratch[..]) {
+        if !self.index.remove(db, key) {
             return;
         }
+        key_id(db, key, scratch);
         if let Some(old) = self.entries.remove(&scratch[..]) {
             RuleStats::inc(&self.stats[old.rule].invalidations);
         }
@@ -397,7 +408,7 @@ impl L1 {
         self.epoch.fetch_add(1, SeqCst);
         let ids = self.index.ids_where(|id| id.len() >= 4 && &id[4..] == key);
         for id in &ids {
-            self.index.remove(id);
+            self.index.remove_id(id);
             self.entries.invalidate(id);
         }
     }
@@ -411,7 +422,7 @@ impl L1 {
             .index
             .ids_where(|id| id.len() >= 4 && crate::glob::matches(pattern, &id[4..]));
         for id in &ids {
-            self.index.remove(id);
+            self.index.remove_id(id);
             if let Some(old) = self.entries.remove(id) {
                 RuleStats::inc(&self.stats[old.rule].invalidations);
             }
@@ -553,7 +564,7 @@ mod tests {
     /// The reply (copied) and refresh flag of a hit.
     fn lookup(c: &L1, db: u32, key: &[u8], proto: Protocol, req: &[u8]) -> Option<(Vec<u8>, bool)> {
         let mut reply = Vec::new();
-        let refresh = c.get(db, key, proto, req, &mut Vec::new(), |r| {
+        let refresh = c.get(db, key, proto, req, Now::current(), |r| {
             reply.extend_from_slice(r)
         })?;
         Some((reply, refresh))

@@ -12,6 +12,7 @@
 //! - Pinned clients (MULTI, WATCH, pub/sub, tracking) never read from L1:
 //!   they see Redis's semantics exactly.
 
+use std::io::Write as _;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
 use super::Session;
-use crate::cache::{self, Flight, Invalidation, L1, RuleStats};
+use crate::cache::{self, Flight, Invalidation, L1, Now, RuleStats};
 use crate::command::keys::key_positions;
 use crate::command::{CommandSpec, flag};
 use crate::protocol::ReplyScanner;
@@ -130,7 +131,7 @@ impl Session {
             &self.argv[1],
             self.proto,
             request,
-            &mut self.scratch,
+            Now::current(),
             |reply| out.put(reply),
         );
         let stats = l1.stats(policy.rule);
@@ -232,55 +233,62 @@ impl Session {
     /// PTTLs) in one pipeline, each cached on its own, and the reply stitched
     /// back together in order. Returns false when no key has a caching rule.
     async fn cached_mget(&mut self, chunk: &Bytes, l1: Arc<L1>) -> bool {
-        let keys: Vec<Bytes> = self.argv[1..].to_vec();
-        let mut parts: Vec<Option<Bytes>> = Vec::with_capacity(keys.len());
+        let n = self.argv.len() - 1;
+        let now = Now::current();
+        // Hits are copied into one reused buffer after the reply's header:
+        // when every key hits, that buffer is the whole reply.
+        let mut buf = std::mem::take(&mut self.mget_buf);
+        buf.clear();
+        let _ = write!(buf, "*{n}\r\n");
+        let mut spans: Vec<Option<Range<usize>>> = Vec::with_capacity(n);
         let mut missing: Vec<(usize, Option<(FillPolicy, crate::cache::FillToken)>)> = Vec::new();
         let mut any_rule = false;
-        for (i, key) in keys.iter().enumerate() {
+        for i in 0..n {
+            let key = &self.argv[i + 1];
             let Some((index, rule)) = l1.rule_for(key) else {
-                parts.push(None);
+                spans.push(None);
                 missing.push((i, None));
                 continue;
             };
             any_rule = true;
             let stats = l1.stats(index);
-            let mut element = None;
-            let hit = l1.get(
-                self.db,
-                key,
-                self.proto,
-                MGET_ELEMENT,
-                &mut self.scratch,
-                |e| element = Some(Bytes::copy_from_slice(e)),
-            );
-            match hit {
-                Some(_) => {
-                    RuleStats::inc(&stats.hits);
-                    parts.push(element);
-                }
-                None => {
-                    RuleStats::inc(&stats.misses);
-                    let policy = FillPolicy {
-                        rule: index,
-                        ttl: rule.ttl,
-                        negative_ttl: rule.negative_ttl,
-                        max_value_size: rule.max_value_size,
-                        refresh_ahead: None,
-                    };
-                    parts.push(None);
-                    missing.push((i, Some((policy, l1.begin_fill(self.db, key)))));
-                }
+            let start = buf.len();
+            let hit = l1.get(self.db, key, self.proto, MGET_ELEMENT, now, |e| {
+                buf.extend_from_slice(e)
+            });
+            if hit.is_some() {
+                RuleStats::inc(&stats.hits);
+                spans.push(Some(start..buf.len()));
+            } else {
+                RuleStats::inc(&stats.misses);
+                let policy = FillPolicy {
+                    rule: index,
+                    ttl: rule.ttl,
+                    negative_ttl: rule.negative_ttl,
+                    max_value_size: rule.max_value_size,
+                    refresh_ahead: None,
+                };
+                spans.push(None);
+                missing.push((i, Some((policy, l1.begin_fill(self.db, key)))));
             }
         }
         if !any_rule {
+            self.keep_mget_buf(buf);
             return false;
         }
         self.flush_run(chunk).await;
         if missing.is_empty() {
-            let reply = stitch(&parts, &[]);
-            self.reply(reply);
+            self.out.put(&buf);
+            self.keep_mget_buf(buf);
             return true;
         }
+        let cached = Bytes::copy_from_slice(&buf);
+        self.keep_mget_buf(buf);
+        let parts: Vec<Option<Bytes>> = spans
+            .into_iter()
+            .map(|span| span.map(|r| cached.slice(r)))
+            .collect();
+        let keys: Vec<Bytes> = self.argv[1..].to_vec();
         // One pipeline: MGET of the missing keys, then PTTL of each that a
         // rule caches (the others are only passed through).
         let mut mget: Vec<&[u8]> = vec![b"MGET"];
@@ -348,6 +356,13 @@ impl Session {
         true
     }
 
+    /// Keeps `buf` for the next MGET, unless a huge reply grew it.
+    fn keep_mget_buf(&mut self, buf: Vec<u8>) {
+        if buf.capacity() <= MGET_BUF_KEEP {
+            self.mget_buf = buf;
+        }
+    }
+
     /// Notes the keys a write touches: dropped from L1 now, and queued to be
     /// dropped again when Redis acknowledges the write. Inside MULTI they wait
     /// for EXEC, which is when Redis applies them.
@@ -399,6 +414,9 @@ impl Session {
         }
     }
 }
+
+/// The largest MGET buffer a session keeps between requests.
+const MGET_BUF_KEEP: usize = 64 * 1024;
 
 /// The variant under which one key's element of an MGET reply is cached (not
 /// a real request: MGET answers nil for non-strings where GET errors, so the

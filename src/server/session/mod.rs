@@ -103,6 +103,8 @@ pub struct Session {
     /// Reused buffers: cache ids, key positions.
     scratch: Vec<u8>,
     positions: Vec<(usize, u16)>,
+    /// An MGET's cached elements, reused (see `cached_mget`).
+    mget_buf: Vec<u8>,
 }
 
 /// Longest run of commands sent upstream as one request, so that replies to a
@@ -138,6 +140,7 @@ pub async fn serve(
         pending_inv: Invalidation::default(),
         scratch: Vec::with_capacity(64),
         positions: Vec::new(),
+        mget_buf: Vec::new(),
         id,
         ctx: ctx.clone(),
     };
