@@ -10,6 +10,9 @@ redis-benchmark's `key:__rand_int__` is an invalidation to publish.
 
 Phases (instances are started afresh for each, so every figure is its own):
 
+  sparse  one writer through A, N_SPARSE SETs 4 ms apart (~200 SET/s): each
+          invalidation alone in its batch window, the common case of a
+          bot updating a few keys; B and C apply.
   light   one writer (redis-benchmark -c 1, pipeline 1) through A; B and C
           apply. Delay = from Redis acknowledging the write on A to B/C having
           dropped the key, from their PROXY STATS histograms.
@@ -20,7 +23,7 @@ Phases (instances are started afresh for each, so every figure is its own):
           bus, CPU per SET, keys/s published by A and applied by B, keys per
           message, and the delay at B under that load.
 
-Environment: ROUNDS (3), N_LIGHT (20000), N_P1 (200000), N_P16 (1000000),
+Environment: ROUNDS (3), N_SPARSE (1000), N_LIGHT (20000), N_P1 (200000), N_P16 (1000000),
 WARMUP (20000 SETs on each instance before it is measured: A and B are fresh
 processes every round, and a cold process pays first-use costs the
 long-lived instance without the bus paid long ago), BATCH_DELAY (the config
@@ -46,6 +49,8 @@ N_LIGHT = int(os.environ.get("N_LIGHT", "20000"))
 N_P1 = int(os.environ.get("N_P1", "200000"))
 N_P16 = int(os.environ.get("N_P16", "1000000"))
 WARMUP = int(os.environ.get("WARMUP", "20000"))
+N_SPARSE = int(os.environ.get("N_SPARSE", "1000"))
+SPARSE_GAP = 0.004
 BATCH_DELAY = os.environ.get("BATCH_DELAY", "")
 NEARCACHE = os.environ["NEARCACHE"]
 CLIENTS, KEYSPACE, DATA_SIZE = 50, 100000, 64
@@ -193,6 +198,24 @@ def phase_light(world, rows):
         inst.stop()
 
 
+def phase_sparse(world, rows):
+    """Writes with gaps between them (a bot updating a few keys a few hundred
+    times a second): each is alone in its batch window."""
+    a, b, c = (world.nearcache(n) for n in "ABC")
+    w = redis.Redis(host=HOST, port=a.port)
+    t0 = time.monotonic()
+    for i in range(N_SPARSE):
+        w.set(f"key:sparse:{i % 100}", i)
+        # Load shaping, not synchronisation: the gap is the point.
+        time.sleep(SPARSE_GAP)
+    rate = N_SPARSE / (time.monotonic() - t0)
+    caught_up([a], [b, c])
+    for inst in (b, c):
+        rows.append(delay_row(f"sparse: 1 writer on A, {rate:,.0f} SET/s", inst.name, inst.bus()))
+    for inst in (a, b, c):
+        inst.stop()
+
+
 def phase_all(world, rows):
     insts = [world.nearcache(n) for n in "ABC"]
     procs = [subprocess.Popen(
@@ -269,6 +292,7 @@ def main():
         world = World(work)
         try:
             rows, load_rows = [], []
+            phase_sparse(world, rows)
             phase_light(world, rows)
             phase_all(world, rows)
             phase_load(world, rows, load_rows)

@@ -338,6 +338,9 @@ async fn publish(
 ) {
     let mut beat = tokio::time::interval(p.heartbeat);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // When the last invalidation message left: the next may leave at once
+    // if that was at least `delay` ago, else when it will have been.
+    let mut last_keys_sent: Option<tokio::time::Instant> = None;
     loop {
         let first = tokio::select! {
             item = rx.recv() => match item {
@@ -371,14 +374,14 @@ async fn publish(
             });
         };
         take(first, &mut keys, &mut out);
-        // Tokio's timer fires on whole-millisecond ticks, rounding up: aim
-        // one tick early so the wait is at most `delay`, not up to a
-        // millisecond more. No delay: no timer, just one yield.
-        let deadline = (!p.delay.is_zero()).then(|| {
-            tokio::time::Instant::now()
-                + p.delay.saturating_sub(Duration::from_millis(1))
-                + Duration::from_micros(1)
-        });
+        // `delay` limits the rate of messages, not the wait of the first
+        // invalidation after a quiet spell: that one leaves at once (after a
+        // yield, so that writes acknowledged together share it), and only
+        // invalidations within `delay` of the previous message wait for the
+        // next — at most `delay`. Tokio's timer fires on whole-millisecond
+        // ticks, rounding up: aim one tick early so the wait is at most
+        // `delay`, not up to a millisecond more.
+        let deadline = batch_deadline(last_keys_sent, tokio::time::Instant::now(), p.delay);
         if deadline.is_none() {
             tokio::task::yield_now().await;
         }
@@ -390,8 +393,11 @@ async fn publish(
             let Some(item) = item else { break };
             take(item, &mut keys, &mut out);
         }
+        // (Keys that left early, ahead of a flush or pattern, are rare
+        // enough not to count against the rate.)
         if !keys.is_empty() {
             out.push(p.keys_message(keys, keys_at));
+            last_keys_sent = Some(tokio::time::Instant::now());
         }
         for payload in out {
             match client.publish(subject.clone(), payload).await {
@@ -407,6 +413,19 @@ async fn publish(
             }
         }
     }
+}
+
+/// When a batch whose first invalidation arrived `now` leaves: `None` at
+/// once (after one yield), else at the returned instant — `delay` after the
+/// previous invalidation message, aimed one timer tick (1 ms) early because
+/// tokio rounds timers up to the next tick, so the wait stays within `delay`.
+fn batch_deadline(
+    last_keys_sent: Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+    delay: Duration,
+) -> Option<tokio::time::Instant> {
+    let due = last_keys_sent? + delay;
+    (due > now).then(|| due - Duration::from_millis(1).min(due - now) + Duration::from_micros(1))
 }
 
 /// Applies peers' messages to L1.
@@ -516,4 +535,44 @@ fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_batch_after_a_quiet_spell_leaves_at_once() {
+        let now = Instant::now();
+        assert_eq!(batch_deadline(None, now, MS), None, "first message ever");
+        assert_eq!(
+            batch_deadline(Some(now - MS), now, MS),
+            None,
+            "exactly delay ago"
+        );
+        assert_eq!(batch_deadline(Some(now - 5 * MS), now, MS), None);
+        assert_eq!(
+            batch_deadline(Some(now), now, Duration::ZERO),
+            None,
+            "no delay"
+        );
+    }
+
+    #[test]
+    fn a_batch_soon_after_the_last_waits_at_most_the_delay() {
+        let now = Instant::now();
+        let us = Duration::from_micros(1);
+        // 0.3 ms after a message, with 1 ms: the next timer tick (≤ 1 ms).
+        let last = now - Duration::from_micros(300);
+        assert_eq!(batch_deadline(Some(last), now, MS), Some(now + us));
+        // 2 ms after, with 10 ms: 8 ms to go, aimed a tick early.
+        let last = now - 2 * MS;
+        assert_eq!(
+            batch_deadline(Some(last), now, 10 * MS),
+            Some(last + 10 * MS - MS + us)
+        );
+    }
 }

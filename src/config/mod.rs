@@ -229,9 +229,11 @@ pub struct CoherenceConfig {
     pub loss_policy: LossPolicy,
     /// With `serve-stale`: how long after the bus went down L1 is still served.
     pub max_staleness: Duration,
-    /// How long an invalidation may wait for others to share its message (at
-    /// most; the timer ticks in whole milliseconds). Zero: no timer; a message
-    /// carries whatever was queued by the time the publisher runs again.
+    /// The least time between invalidation messages: one that comes sooner
+    /// after the previous message waits (at most this long) for the next,
+    /// sharing it with others; one after a quiet spell leaves at once. Zero:
+    /// never wait; a message carries whatever was queued by the time the
+    /// publisher runs again.
     pub batch_delay: Duration,
     /// ... or as soon as this many keys are waiting.
     pub batch_max_keys: usize,

@@ -478,8 +478,19 @@ async fn proxy_invalidate_pattern_reaches_every_instance() {
 async fn keys_then_flush_in_one_batch_arrive_in_sequence() {
     // A long window, so the flush surely joins the write's batch.
     let mut c = Cluster::start_with(2, |cfg| {
-        cfg.coherence.batch_delay = Dur(Duration::from_millis(50));
+        cfg.coherence.batch_delay = Dur(Duration::from_millis(100));
     })
+    .await;
+    // The first invalidation after a quiet spell leaves at once; the next
+    // ones, within the window after it, wait and share a message.
+    let b_prime = c.bus(1).await;
+    let () = c.conns[0].set("t:prime", 1).await.unwrap();
+    until_bus(
+        &mut c.conns[1],
+        "B to get the first write",
+        POLL_LIMIT,
+        |s| s.get("applied_keys") > b_prime.get("applied_keys"),
+    )
     .await;
     let b0 = c.bus(1).await;
     // The write's keys are queued when Redis acknowledges it, the flush
