@@ -1395,11 +1395,17 @@ async fn upstream_ttl_is_added_to_sets_without_an_expiry() {
 /// Reads `key` through `p` every 20 ms for `span`, asserting each reply is
 /// `want`. Returns how many reads there were.
 async fn read_hot(p: &mut Raw, key: &str, want: &[u8], span: Duration) -> u64 {
+    read_hot_with(p, &["GET", key], want, span).await
+}
+
+/// [`read_hot`] with any read command.
+async fn read_hot_with(p: &mut Raw, cmd: &[&str], want: &[u8], span: Duration) -> u64 {
     let deadline = tokio::time::Instant::now() + span;
     let mut reads = 0;
     while tokio::time::Instant::now() < deadline {
-        assert_eq!(p.cmd(&["GET", key]).await, want, "{key}, read {reads}");
+        assert_eq!(p.cmd(cmd).await, want, "{cmd:?}, read {reads}");
         reads += 1;
+        // Pacing the loop, not waiting for an event.
         tokio::time::sleep(ms(20)).await;
     }
     reads
@@ -1443,5 +1449,59 @@ async fn refresh_ahead_keeps_a_hot_key_from_missing() {
     assert!(
         st.rule("cold:", "misses") > 1,
         "{reads} reads of a 1 s entry over {SPAN:?} missed once: {st:?}"
+    );
+}
+
+/// Guards refresh-ahead for keys an MGET serves (`cached_mget` →
+/// `refresh_element`): hot keys read only through MGET are refetched before
+/// their entries expire too, so each misses once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_keeps_hot_keys_read_by_mget_from_missing() {
+    const SPAN: Duration = Duration::from_millis(3500);
+    let redis = RedisServer::start();
+    let mut hot = rule("hot:", ms(1000));
+    hot.refresh_ahead = Some(0.5);
+    let proxy = proxy_with(&redis, vec![hot, rule("cold:", ms(1000))]).await;
+    let mut d = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let mut s = proxy.conn().await;
+    for k in ["hot:a", "hot:b", "cold:a", "cold:b"] {
+        assert_eq!(d.cmd(&["SET", k, k]).await, OK);
+    }
+
+    let want = |a: &str, b: &str| [&b"*2\r\n"[..], &bulk(a), &bulk(b)].concat();
+    reset_stats(&redis);
+    let reads = read_hot_with(
+        &mut p,
+        &["MGET", "hot:a", "hot:b"],
+        &want("hot:a", "hot:b"),
+        SPAN,
+    )
+    .await;
+    let st = stats(&mut s).await;
+    assert_eq!(
+        st.rule("hot:", "misses"),
+        2,
+        "only the first read missed (both keys): {st:?}"
+    );
+    assert!(st.rule("hot:", "fills") > 4, "no refreshes: {st:?}");
+    let mgets = redis.calls("mget");
+    assert!(
+        mgets > 2 && mgets * 4 < reads,
+        "{mgets} upstream MGETs for {reads} reads: most must come from L1"
+    );
+
+    // Control: without refresh-ahead the keys miss every TTL.
+    let reads = read_hot_with(
+        &mut p,
+        &["MGET", "cold:a", "cold:b"],
+        &want("cold:a", "cold:b"),
+        SPAN,
+    )
+    .await;
+    let st = stats(&mut s).await;
+    assert!(
+        st.rule("cold:", "misses") > 2,
+        "{reads} MGETs of 1 s entries over {SPAN:?} missed once: {st:?}"
     );
 }

@@ -242,6 +242,8 @@ impl Session {
         let _ = write!(buf, "*{n}\r\n");
         let mut spans: Vec<Option<Range<usize>>> = Vec::with_capacity(n);
         let mut missing: Vec<(usize, Option<(FillPolicy, crate::cache::FillToken)>)> = Vec::new();
+        // Hits due for a refresh-ahead.
+        let mut refresh: Vec<(usize, FillPolicy)> = Vec::new();
         let mut any_rule = false;
         for i in 0..n {
             let key = &self.argv[i + 1];
@@ -252,24 +254,30 @@ impl Session {
             };
             any_rule = true;
             let stats = l1.stats(index);
+            let policy = FillPolicy {
+                rule: index,
+                ttl: rule.ttl,
+                negative_ttl: rule.negative_ttl,
+                max_value_size: rule.max_value_size,
+                refresh_ahead: rule.refresh_ahead,
+            };
             let start = buf.len();
             let hit = l1.get(self.db, key, self.proto, MGET_ELEMENT, now, |e| {
                 buf.extend_from_slice(e)
             });
-            if hit.is_some() {
-                RuleStats::inc(&stats.hits);
-                spans.push(Some(start..buf.len()));
-            } else {
-                RuleStats::inc(&stats.misses);
-                let policy = FillPolicy {
-                    rule: index,
-                    ttl: rule.ttl,
-                    negative_ttl: rule.negative_ttl,
-                    max_value_size: rule.max_value_size,
-                    refresh_ahead: None,
-                };
-                spans.push(None);
-                missing.push((i, Some((policy, l1.begin_fill(self.db, key)))));
+            match hit {
+                Some(due) => {
+                    RuleStats::inc(&stats.hits);
+                    spans.push(Some(start..buf.len()));
+                    if due {
+                        refresh.push((i, policy));
+                    }
+                }
+                None => {
+                    RuleStats::inc(&stats.misses);
+                    spans.push(None);
+                    missing.push((i, Some((policy, l1.begin_fill(self.db, key)))));
+                }
             }
         }
         if !any_rule {
@@ -277,6 +285,10 @@ impl Session {
             return false;
         }
         self.flush_run(chunk).await;
+        for (i, policy) in refresh {
+            let key = self.argv[i + 1].clone();
+            self.refresh_element(&l1, key, policy).await;
+        }
         if missing.is_empty() {
             self.out.put(&buf);
             self.keep_mget_buf(buf);
@@ -324,7 +336,7 @@ impl Session {
                                         MGET_ELEMENT,
                                         element,
                                         ttl,
-                                        None,
+                                        policy.refresh_ahead,
                                     );
                                 }
                             }
@@ -354,6 +366,44 @@ impl Session {
             inv: Invalidation::default(),
         });
         true
+    }
+
+    /// Refresh-ahead of one key an MGET served from L1: `MGET key` and
+    /// `PTTL key` in the background, filling the key's MGET element, unless
+    /// a refresh of it is already running. Nobody waits for it.
+    async fn refresh_element(&mut self, l1: &Arc<L1>, key: Bytes, policy: FillPolicy) {
+        l1.flight_id(self.db, &key, self.proto, MGET_ELEMENT, &mut self.scratch);
+        let Flight::Leader = l1.join(&self.scratch) else {
+            return;
+        };
+        let flight = Bytes::copy_from_slice(&self.scratch);
+        let token = l1.begin_fill(self.db, &key);
+        let mut frames = BytesMut::from(&encode_command(&[&b"MGET"[..], &key])[..]);
+        frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &key]));
+        let sent = self.request(frames.freeze(), 2).await;
+        let (db, proto, l1) = (self.db, self.proto, l1.clone());
+        tokio::spawn(async move {
+            if let Ok(frames) = sent.replies().await {
+                if let Some((elements, pttls)) = split_mget(&frames, 1, 1) {
+                    let (element, pttl) = (elements[0], pttls[0]);
+                    if let Some(ttl) = fill_ttl(&policy, element, pttl) {
+                        l1.fill(
+                            token,
+                            db,
+                            &key,
+                            policy.rule,
+                            proto,
+                            MGET_ELEMENT,
+                            element,
+                            ttl,
+                            policy.refresh_ahead,
+                        );
+                    }
+                }
+            }
+            // Only refreshes join this flight, and none of them waits.
+            drop(l1.land(&flight));
+        });
     }
 
     /// Keeps `buf` for the next MGET, unless a huge reply grew it.
