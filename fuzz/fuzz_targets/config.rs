@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if cfg.validate("fuzz.toml").is_ok() {
-        assert!(cfg.upstream_url().is_ok(), "validated config has a bad upstream URL");
+        assert!(
+            cfg.upstream_url().is_ok(),
+            "validated config has a bad upstream URL"
+        );
         let _ = cfg.limits();
     }
 });

@@ -36,7 +36,10 @@ struct Outcome {
 }
 
 enum Cmd {
-    Resp { frame: Range<usize>, args: Range<usize> },
+    Resp {
+        frame: Range<usize>,
+        args: Range<usize>,
+    },
     Inline(Vec<Vec<u8>>),
 }
 
@@ -63,7 +66,11 @@ fn run(limits: Limits, input: &[u8], mut reads: impl FnMut() -> usize) -> Outcom
                     let frame = parsed.frame();
                     assert_eq!(frame.start, consumed, "frames must be contiguous");
                     assert!(frame.start < frame.end, "empty frame {frame:?}");
-                    assert!(frame.end <= rbuf.len(), "frame {frame:?} past {}", rbuf.len());
+                    assert!(
+                        frame.end <= rbuf.len(),
+                        "frame {frame:?} past {}",
+                        rbuf.len()
+                    );
                     consumed = frame.end;
                     match parsed {
                         Parsed::Resp { frame } => {
@@ -72,16 +79,25 @@ fn run(limits: Limits, input: &[u8], mut reads: impl FnMut() -> usize) -> Outcom
                             assert!(args.len() <= limits.max_args);
                             let mut prev = frame.start;
                             for r in args {
-                                assert!(prev <= r.start && r.start <= r.end && r.end <= frame.end,
-                                    "argument {r:?} outside frame {frame:?}");
+                                assert!(
+                                    prev <= r.start && r.start <= r.end && r.end <= frame.end,
+                                    "argument {r:?} outside frame {frame:?}"
+                                );
                                 assert!(r.len() <= limits.max_bulk);
                                 prev = r.end;
                             }
-                            assert!(frame.len() <= limits.max_request + 2,
-                                "frame of {} bytes passed max_request {}", frame.len(), limits.max_request);
+                            assert!(
+                                frame.len() <= limits.max_request + 2,
+                                "frame of {} bytes passed max_request {}",
+                                frame.len(),
+                                limits.max_request
+                            );
                             let first = ranges.len();
                             ranges.extend_from_slice(args);
-                            cmds.push(Cmd::Resp { frame, args: first..ranges.len() });
+                            cmds.push(Cmd::Resp {
+                                frame,
+                                args: first..ranges.len(),
+                            });
                         }
                         Parsed::Inline { frame, args } => {
                             assert!(!args.is_empty(), "Inline with no arguments");
@@ -105,17 +121,26 @@ fn run(limits: Limits, input: &[u8], mut reads: impl FnMut() -> usize) -> Outcom
                 Cmd::Resp { frame, args } => {
                     let frame_bytes = &chunk[frame.clone()];
                     assert_eq!(frame_bytes.first(), Some(&b'*'));
-                    ranges[args].iter().map(|r| chunk[r.clone()].to_vec()).collect()
+                    ranges[args]
+                        .iter()
+                        .map(|r| chunk[r.clone()].to_vec())
+                        .collect()
                 }
                 Cmd::Inline(args) => args,
             });
         }
         if error {
-            return Outcome { cmds: out, error: true };
+            return Outcome {
+                cmds: out,
+                error: true,
+            };
         }
         let _ = parser.bytes_wanted(rbuf.len());
     }
-    Outcome { cmds: out, error: false }
+    Outcome {
+        cmds: out,
+        error: false,
+    }
 }
 
 fn encode(cmds: &[Args]) -> Vec<u8> {
@@ -135,7 +160,11 @@ fuzz_target!(|data: &[u8]| {
     let [ctl, s0, s1, input @ ..] = data else {
         return;
     };
-    let limits = if ctl & 0x80 != 0 { SMALL } else { Limits::default() };
+    let limits = if ctl & 0x80 != 0 {
+        SMALL
+    } else {
+        Limits::default()
+    };
     let max_read = usize::from(ctl & 0x7f);
 
     let whole = run(limits, input, || usize::MAX);

@@ -63,13 +63,18 @@ fuzz_target!(|data: &[u8]| {
             return;
         };
         if let Some(n) = found {
-            assert!(n > 0 && n <= rest.len(), "frame end {n} outside buffer of {}", rest.len());
+            assert!(
+                n > 0 && n <= rest.len(),
+                "frame end {n} outside buffer of {}",
+                rest.len()
+            );
         }
         if reference_ok {
             if let Ok(reference) = decode(rest) {
                 let reference = reference.map(|(_, len)| len);
                 assert_eq!(
-                    found, reference,
+                    found,
+                    reference,
                     "scanner and redis-protocol disagree on {:?}",
                     String::from_utf8_lossy(&rest[..rest.len().min(200)])
                 );
