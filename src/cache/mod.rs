@@ -181,6 +181,8 @@ impl L1 {
         if rules.caches_nothing() {
             return None;
         }
+        // Start the cache's clock before any entry can be timed on it.
+        let _ = Now::current();
         let stats: Arc<Vec<RuleStats>> =
             Arc::new((0..rules.len()).map(|_| RuleStats::default()).collect());
         let listener_stats = stats.clone();

@@ -40,6 +40,19 @@ struct FillPolicy {
     refresh_ahead: Option<f64>,
 }
 
+impl FillPolicy {
+    /// What rule number `rule` (`r`) asks of a fill.
+    fn of(rule: usize, r: &cache::Rule) -> Self {
+        Self {
+            rule,
+            ttl: r.ttl,
+            negative_ttl: r.negative_ttl,
+            max_value_size: r.max_value_size,
+            refresh_ahead: r.refresh_ahead,
+        }
+    }
+}
+
 /// A request sent on the shared connection, awaited by a fetch task.
 struct Sent(Result<oneshot::Receiver<Replies>, UpstreamError>);
 
@@ -103,13 +116,7 @@ impl Session {
         }
         let Some(policy) = self.ctx.l1.as_deref().and_then(|l1| {
             let (index, rule) = l1.rule_for(&self.argv[1])?;
-            Some(FillPolicy {
-                rule: index,
-                ttl: rule.ttl,
-                negative_ttl: rule.negative_ttl,
-                max_value_size: rule.max_value_size,
-                refresh_ahead: rule.refresh_ahead,
-            })
+            Some(FillPolicy::of(index, rule))
         }) else {
             return false;
         };
@@ -254,13 +261,7 @@ impl Session {
             };
             any_rule = true;
             let stats = l1.stats(index);
-            let policy = FillPolicy {
-                rule: index,
-                ttl: rule.ttl,
-                negative_ttl: rule.negative_ttl,
-                max_value_size: rule.max_value_size,
-                refresh_ahead: rule.refresh_ahead,
-            };
+            let policy = FillPolicy::of(index, rule);
             let start = buf.len();
             let hit = l1.get(self.db, key, self.proto, MGET_ELEMENT, now, |e| {
                 buf.extend_from_slice(e)
