@@ -51,6 +51,27 @@ impl FillPolicy {
             refresh_ahead: r.refresh_ahead,
         }
     }
+
+    /// Caches `value` as the reply to `request` on (db, key), for as long as
+    /// this policy and the key's `pttl` allow, if it caches such a value.
+    #[allow(clippy::too_many_arguments)]
+    fn fill(
+        &self,
+        l1: &L1,
+        token: cache::FillToken,
+        (db, key): (u32, &[u8]),
+        proto: crate::protocol::Protocol,
+        request: &[u8],
+        value: &[u8],
+        pttl: Option<i64>,
+    ) {
+        if let Some(ttl) = fill_ttl(self, value, pttl) {
+            let refresh = self.refresh_ahead;
+            l1.fill(
+                token, db, key, self.rule, proto, request, value, ttl, refresh,
+            );
+        }
+    }
 }
 
 /// A request sent on the shared connection, awaited by a fetch task.
@@ -212,20 +233,7 @@ impl Session {
         tokio::spawn(async move {
             let replies = sent.replies().await;
             let reply = complete(replies, |value, pttl| {
-                if let Some(ttl) = fill_ttl(&policy, value, pttl) {
-                    let refresh = policy.refresh_ahead;
-                    l1.fill(
-                        token,
-                        db,
-                        &key,
-                        policy.rule,
-                        proto,
-                        &request,
-                        value,
-                        ttl,
-                        refresh,
-                    );
-                }
+                policy.fill(&l1, token, (db, &key), proto, &request, value, pttl);
             });
             // Land only after the fill, so a request arriving now hits.
             for waiter in l1.land(&flight) {
@@ -327,19 +335,8 @@ impl Session {
                         for ((i, fill), element) in missing.iter().zip(&elements) {
                             if let Some((policy, token)) = fill {
                                 let pttl = pttls.next().copied().flatten();
-                                if let Some(ttl) = fill_ttl(policy, element, pttl) {
-                                    l1.fill(
-                                        *token,
-                                        db,
-                                        &keys[*i],
-                                        policy.rule,
-                                        proto,
-                                        MGET_ELEMENT,
-                                        element,
-                                        ttl,
-                                        policy.refresh_ahead,
-                                    );
-                                }
+                                let at = (db, &keys[*i][..]);
+                                policy.fill(&l1, *token, at, proto, MGET_ELEMENT, element, pttl);
                             }
                         }
                         let fetched: Vec<(usize, &[u8])> = missing
@@ -387,19 +384,7 @@ impl Session {
             if let Ok(frames) = sent.replies().await {
                 if let Some((elements, pttls)) = split_mget(&frames, 1, 1) {
                     let (element, pttl) = (elements[0], pttls[0]);
-                    if let Some(ttl) = fill_ttl(&policy, element, pttl) {
-                        l1.fill(
-                            token,
-                            db,
-                            &key,
-                            policy.rule,
-                            proto,
-                            MGET_ELEMENT,
-                            element,
-                            ttl,
-                            policy.refresh_ahead,
-                        );
-                    }
+                    policy.fill(&l1, token, (db, &key), proto, MGET_ELEMENT, element, pttl);
                 }
             }
             // Only refreshes join this flight, and none of them waits.

@@ -452,24 +452,10 @@ impl Session {
                 self.forward(chunk, frame, true).await;
                 self.maybe_unpin(chunk).await;
             }
-            Route::Blocking => {
-                if self.pin.is_some() {
-                    // Alone, so its slot can be abandoned without the others.
-                    self.flush_run(chunk).await;
-                    let frames = match frame {
-                        Some(f) => chunk.slice(f),
-                        None => encode_command(&self.argv),
-                    };
-                    let inv = std::mem::take(&mut self.pending_inv);
-                    self.send_pinned(frames, 1, true, inv);
-                } else {
-                    self.blocking(chunk, frame).await;
-                }
-            }
-            Route::Wait if self.pin.is_none() => self.wait(chunk, frame).await,
-            Route::Wait => {
-                // The pinned connection did this client's writes: the right
-                // place to count their acks.
+            Route::Blocking | Route::Wait if self.pin.is_some() => {
+                // Alone, so its slot can be abandoned without the others. (A
+                // WAIT counts acks for the pinned connection's writes, which
+                // are this client's: the right place for it.)
                 self.flush_run(chunk).await;
                 let frames = match frame {
                     Some(f) => chunk.slice(f),
@@ -478,6 +464,8 @@ impl Session {
                 let inv = std::mem::take(&mut self.pending_inv);
                 self.send_pinned(frames, 1, true, inv);
             }
+            Route::Blocking => self.blocking(chunk, frame).await,
+            Route::Wait => self.wait(chunk, frame).await,
             Route::Relay => self.start_relay(chunk, frame).await,
             Route::Refuse(msg) => self.reply(reply::error(msg)),
             Route::WrongArity(_) if self.pin.as_ref().is_some_and(|p| p.in_multi) => {
