@@ -294,13 +294,10 @@ impl Session {
             return false;
         }
         self.flush_run(chunk).await;
-        for (i, policy) in refresh {
-            let key = self.argv[i + 1].clone();
-            self.refresh_element(&l1, key, policy).await;
-        }
         if missing.is_empty() {
             self.out.put(&buf);
             self.keep_mget_buf(buf);
+            self.refresh_elements(&l1, refresh).await;
             return true;
         }
         let cached = Bytes::copy_from_slice(&buf);
@@ -325,8 +322,9 @@ impl Session {
         let count = u32::try_from(pttls + 1).unwrap_or(u32::MAX);
         let sent = self.request(frames.freeze(), count).await;
         let (client_tx, client_rx) = oneshot::channel();
-        let (db, proto) = (self.db, self.proto);
+        let (db, proto, task_l1) = (self.db, self.proto, l1.clone());
         tokio::spawn(async move {
+            let l1 = task_l1;
             let replies = sent.replies().await;
             let reply = match replies {
                 Ok(frames) => match split_mget(&frames, missing.len(), pttls) {
@@ -363,7 +361,17 @@ impl Session {
             blocking: false,
             inv: Invalidation::default(),
         });
+        self.refresh_elements(&l1, refresh).await;
         true
+    }
+
+    /// Refresh-ahead of the keys an MGET served from L1 that are due for it
+    /// (`(argument index - 1, policy)` pairs), after its reply is queued.
+    async fn refresh_elements(&mut self, l1: &Arc<L1>, due: Vec<(usize, FillPolicy)>) {
+        for (i, policy) in due {
+            let key = self.argv[i + 1].clone();
+            self.refresh_element(l1, key, policy).await;
+        }
     }
 
     /// Refresh-ahead of one key an MGET served from L1: `MGET key` and
