@@ -1411,6 +1411,14 @@ async fn read_hot_with(p: &mut Raw, cmd: &[&str], want: &[u8], span: Duration) -
     reads
 }
 
+/// A proxy with two 1 s rules: `hot:` refreshes ahead at half its TTL,
+/// `cold:` (the control) does not.
+async fn hot_and_cold_proxy(redis: &RedisServer) -> TestProxy {
+    let mut hot = rule("hot:", ms(1000));
+    hot.refresh_ahead = Some(0.5);
+    proxy_with(redis, vec![hot, rule("cold:", ms(1000))]).await
+}
+
 /// Guards the refresh-ahead branch of `cached_read` (`Variant::refresh_at`,
 /// the background `start_fetch`): a key read continuously is refetched before
 /// its entry expires, so it misses once; without refresh-ahead it misses
@@ -1419,9 +1427,7 @@ async fn read_hot_with(p: &mut Raw, cmd: &[&str], want: &[u8], span: Duration) -
 async fn refresh_ahead_keeps_a_hot_key_from_missing() {
     const SPAN: Duration = Duration::from_millis(3500);
     let redis = RedisServer::start();
-    let mut hot = rule("hot:", ms(1000));
-    hot.refresh_ahead = Some(0.5);
-    let proxy = proxy_with(&redis, vec![hot, rule("cold:", ms(1000))]).await;
+    let proxy = hot_and_cold_proxy(&redis).await;
     let mut d = Raw::connect(redis.port()).await;
     let mut p = Raw::connect(proxy.port()).await;
     let mut s = proxy.conn().await;
@@ -1459,9 +1465,7 @@ async fn refresh_ahead_keeps_a_hot_key_from_missing() {
 async fn refresh_ahead_keeps_hot_keys_read_by_mget_from_missing() {
     const SPAN: Duration = Duration::from_millis(3500);
     let redis = RedisServer::start();
-    let mut hot = rule("hot:", ms(1000));
-    hot.refresh_ahead = Some(0.5);
-    let proxy = proxy_with(&redis, vec![hot, rule("cold:", ms(1000))]).await;
+    let proxy = hot_and_cold_proxy(&redis).await;
     let mut d = Raw::connect(redis.port()).await;
     let mut p = Raw::connect(proxy.port()).await;
     let mut s = proxy.conn().await;
