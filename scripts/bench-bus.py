@@ -27,7 +27,9 @@ Environment: ROUNDS (3), N_SPARSE (1000), N_LIGHT (20000), N_P1 (200000), N_P16 
 WARMUP (20000 SETs on each instance before it is measured: A and B are fresh
 processes every round, and a cold process pays first-use costs the
 long-lived instance without the bus paid long ago), BATCH_DELAY (the config
-default when unset), NEARCACHE (binary path).
+default when unset), BATCH_MAX_KEYS (likewise), PHASES ("sparse light all
+load"), PIPELINES (of the load phase, "1 16"), NATS_GOMAXPROCS (GOMAXPROCS
+for nats-server; unset = Go's default, every core), NEARCACHE (binary path).
 """
 
 import csv
@@ -52,6 +54,9 @@ WARMUP = int(os.environ.get("WARMUP", "20000"))
 N_SPARSE = int(os.environ.get("N_SPARSE", "1000"))
 SPARSE_GAP = 0.004
 BATCH_DELAY = os.environ.get("BATCH_DELAY", "")
+BATCH_MAX_KEYS = os.environ.get("BATCH_MAX_KEYS", "")
+PHASES = os.environ.get("PHASES", "sparse light all load").split()
+PIPELINES = [int(p) for p in os.environ.get("PIPELINES", "1 16").split()]
 NEARCACHE = os.environ["NEARCACHE"]
 CLIENTS, KEYSPACE, DATA_SIZE = 50, 100000, 64
 TIMEOUT = 30.0
@@ -91,9 +96,17 @@ class World:
                              "--save", "", "--appendonly", "no", "--dir", work])
         self.wait_ping(self.redis_port)
         self.nats_port = free_port()
-        self.nats = self.spawn("nats", ["nats-server", "-a", HOST, "-p", str(self.nats_port)])
+        # NATS_GOMAXPROCS: Go's GOMAXPROCS for nats-server (unset: all cores).
+        nats_env = dict(os.environ)
+        if os.environ.get("NATS_GOMAXPROCS"):
+            nats_env["GOMAXPROCS"] = os.environ["NATS_GOMAXPROCS"]
+        self.nats = self.spawn("nats", ["nats-server", "-a", HOST, "-p", str(self.nats_port)], env=nats_env)
         until("nats-server", lambda: self.connects(self.nats_port))
-        coherence = f'[coherence]\nbatch_delay = "{BATCH_DELAY}"\n' if BATCH_DELAY else ""
+        coherence = "[coherence]\n"
+        if BATCH_DELAY:
+            coherence += f'batch_delay = "{BATCH_DELAY}"\n'
+        if BATCH_MAX_KEYS:
+            coherence += f"batch_max_keys = {int(BATCH_MAX_KEYS)}\n"
         self.config = os.path.join(work, "bench.toml")
         with open(self.config, "w") as f:
             f.write(f'[[cache.rules]]\nprefix = "key:"\nttl = "60s"\n{coherence}')
@@ -238,7 +251,8 @@ def phase_load(world, rows, load_rows):
         benchmark(plain.port, WARMUP, CLIENTS, 1)
     cells = {}
     for rnd in range(1, ROUNDS + 1):
-        for pipe, n in ((1, N_P1), (16, N_P16)):
+        for pipe in PIPELINES:
+            n = N_P1 if pipe == 1 else N_P16
             c0 = cpu_ns(plain.proc.pid)
             rps0, _, p99_0 = benchmark(plain.port, n, CLIENTS, pipe)
             plain_cpu = (cpu_ns(plain.proc.pid) - c0) / n / 1000
@@ -292,10 +306,14 @@ def main():
         world = World(work)
         try:
             rows, load_rows = [], []
-            phase_sparse(world, rows)
-            phase_light(world, rows)
-            phase_all(world, rows)
-            phase_load(world, rows, load_rows)
+            for name in PHASES:
+                phase = globals().get(f"phase_{name}")
+                if phase is None:
+                    sys.exit(f"bench-bus: unknown phase {name!r} in PHASES")
+                if name == "load":
+                    phase(world, rows, load_rows)
+                else:
+                    phase(world, rows)
         finally:
             world.close()
     batch = BATCH_DELAY or "default"

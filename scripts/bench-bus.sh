@@ -8,6 +8,9 @@
 # Env:   ROUNDS=3  N_LIGHT=20000  N_P1=200000  N_P16=1000000
 #        BATCH_DELAY=1ms   [coherence] batch_delay for every instance (default:
 #                          the config default)
+#        BATCH_MAX_KEYS=N  [coherence] batch_max_keys likewise
+#        PHASES="sparse light all load"   PIPELINES="1 16" (load phase)
+#        NATS_GOMAXPROCS=1 GOMAXPROCS for nats-server (default: Go's, all cores)
 #
 # Needs: cargo, python3 with redis-py, redis-server, redis-benchmark and
 # nats-server (installed with apt-get/pip if missing).

@@ -2,7 +2,8 @@
 //! `Message::peek_sender` and `Message::decode`.
 //!
 //! Checked: no panic; a decoded message's sender and send time are what
-//! `peek_sender` read, and one with a UTF-8 sender re-encodes to itself.
+//! `peek_sender` read, and one with a UTF-8 sender re-encodes to itself, in
+//! exactly the bytes `Message::overhead` + `Message::entry_size` predict.
 
 #![no_main]
 
@@ -19,7 +20,15 @@ fuzz_target!(|data: &[u8]| {
         // Ids are Strings: a non-UTF-8 id is read lossily (U+FFFD), and need
         // not survive a round trip byte for byte.
         if std::str::from_utf8(&id).is_ok() {
-            assert_eq!(Message::decode(m.encode()), Ok(m));
+            let wire = m.encode();
+            // The publisher sizes messages to NATS's max_payload with these.
+            let sized = Message::overhead(&m.instance)
+                + m.entries
+                    .iter()
+                    .map(|(_, k)| Message::entry_size(k))
+                    .sum::<usize>();
+            assert_eq!(wire.len(), sized);
+            assert_eq!(Message::decode(wire), Ok(m));
         }
     }
 });

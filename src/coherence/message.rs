@@ -58,10 +58,25 @@ pub enum DecodeError {
 }
 
 impl Message {
+    /// Encoded size of a message from `instance` without its entries.
+    pub fn overhead(instance: &str) -> usize {
+        // "NC", version, kind, id_len, id, seq, sent_at_us, count.
+        2 + 1 + 1 + 1 + instance.len().min(255) + 8 + 8 + 4
+    }
+
+    /// Encoded size of one entry with this key (or glob).
+    pub fn entry_size(key: &[u8]) -> usize {
+        4 + 4 + key.len()
+    }
+
     /// Encodes the message.
     pub fn encode(&self) -> Bytes {
-        let size =
-            32 + self.instance.len() + self.entries.iter().map(|(_, k)| k.len() + 8).sum::<usize>();
+        let size = Self::overhead(&self.instance)
+            + self
+                .entries
+                .iter()
+                .map(|(_, k)| Self::entry_size(k))
+                .sum::<usize>();
         let mut b = BytesMut::with_capacity(size);
         b.put_slice(b"NC");
         b.put_u8(VERSION);
@@ -165,6 +180,13 @@ mod tests {
             ],
         };
         let wire = m.encode();
+        assert_eq!(
+            wire.len(),
+            Message::overhead("host-42")
+                + Message::entry_size(b"ticker:BTC")
+                + Message::entry_size(b"\0bin\r\n"),
+            "the publisher sizes messages with overhead + entry_size"
+        );
         assert_eq!(Message::peek_sender(&wire), Some((&b"host-42"[..], 123)));
         assert_eq!(Message::decode(wire), Ok(m));
     }

@@ -9,6 +9,11 @@
 //!   instance numbers its messages; a peer that sees a gap flushes its L1. On
 //!   reconnecting, an instance sends a resync carrying its sequence number, so
 //!   messages lost while it was cut off show up as a gap at every peer.
+//! - **A bus that is down or slow costs peers a flush, not this process
+//!   unbounded memory**: while NATS is unreachable, or when more than
+//!   `max_queued_keys` keys wait for the publisher, a write's invalidation is
+//!   dropped and a sequence number is spent in its place, so every peer sees
+//!   the gap (at the latest with the resync) and flushes.
 //! - **Bus loss is visible**: while NATS is unreachable, L1 is not served
 //!   (`bypass`) or served for at most `max_staleness` (`serve-stale`); when the
 //!   bus returns, L1 is flushed before it is served again.
@@ -20,7 +25,7 @@ pub mod tracking;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -49,6 +54,11 @@ pub struct BusStats {
     pub gaps: AtomicU64,
     /// Publish failures (the message is covered by the resync gap).
     pub publish_errors: AtomicU64,
+    /// Keys (and flush or pattern requests) not published because the bus
+    /// was down or its queue full; peers flush instead.
+    pub dropped_keys: AtomicU64,
+    /// Keys (and flush or pattern requests) waiting for the publisher now.
+    pub queued_keys: AtomicUsize,
     /// Delay of peers' invalidations, µs: from the moment the writing
     /// instance had the write acknowledged (the oldest in the message) to the
     /// moment this instance applied it. Heartbeats are not counted.
@@ -71,7 +81,7 @@ enum Outgoing {
 /// A running bus.
 #[derive(Debug)]
 pub struct Bus {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    queue: Queue,
     healthy: Arc<AtomicBool>,
     /// When the bus went down (ms since `start`), for `serve-stale`.
     down_at_ms: Arc<AtomicU64>,
@@ -191,7 +201,7 @@ impl Bus {
             rx,
             Publisher {
                 instance: instance.clone(),
-                seq,
+                seq: seq.clone(),
                 stats: stats.clone(),
                 delay: cfg.batch_delay.0,
                 max_keys: cfg.batch_max_keys,
@@ -200,7 +210,12 @@ impl Bus {
         ));
         tracing::info!(%instance, url = %cfg.nats_url, "coherence bus starting");
         Ok(Arc::new(Bus {
-            tx,
+            queue: Queue {
+                tx,
+                seq,
+                stats: stats.clone(),
+                max: cfg.max_queued_keys,
+            },
             healthy,
             down_at_ms,
             start,
@@ -243,22 +258,71 @@ impl Bus {
     /// Publishes a write's invalidation (called when Redis acknowledged it).
     pub fn publish(&self, inv: &Invalidation) {
         let now = now_us();
+        let healthy = self.healthy();
         if inv.flush {
-            let _ = self.tx.send(Outgoing::Flush(now));
+            self.queue.push(Outgoing::Flush(now), healthy);
         }
         if !inv.keys.is_empty() {
-            let _ = self.tx.send(Outgoing::Keys(inv.keys.clone(), now));
+            self.queue
+                .push(Outgoing::Keys(inv.keys.clone(), now), healthy);
         }
     }
 
     /// Asks every peer to drop keys matching `pattern`.
     pub fn publish_pattern(&self, pattern: Bytes) {
-        let _ = self.tx.send(Outgoing::Pattern(pattern, now_us()));
+        self.queue
+            .push(Outgoing::Pattern(pattern, now_us()), self.healthy());
     }
 
     /// Asks every peer to flush its L1.
     pub fn publish_flush(&self) {
-        let _ = self.tx.send(Outgoing::Flush(now_us()));
+        self.queue.push(Outgoing::Flush(now_us()), self.healthy());
+    }
+}
+
+impl Outgoing {
+    /// What it counts for against `max_queued_keys`.
+    fn weight(&self) -> usize {
+        match self {
+            Outgoing::Keys(keys, _) => keys.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// The sessions' end of the publisher's queue. Bounded: while NATS is
+/// unreachable, async-nats stops taking messages, and an unbounded queue
+/// would grow with every write for as long as the outage lasts. What cannot
+/// be queued is dropped and a sequence number spent in its place, so peers
+/// see a gap and flush — the promise is kept by the flush instead of by the
+/// message.
+#[derive(Debug)]
+struct Queue {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// The publisher's numbering, shared so a dropped item can spend one.
+    seq: Arc<AtomicU64>,
+    stats: Arc<BusStats>,
+    max: usize,
+}
+
+impl Queue {
+    /// Queues `item` if the bus is `healthy` and there is room, else drops
+    /// it and spends a sequence number.
+    fn push(&self, item: Outgoing, healthy: bool) {
+        let weight = item.weight();
+        let queued = &self.stats.queued_keys;
+        if healthy && queued.fetch_add(weight, SeqCst) < self.max {
+            if self.tx.send(item).is_ok() {
+                return;
+            }
+        } else if healthy {
+            // Over the bound: take back what was just added.
+            queued.fetch_sub(weight, SeqCst);
+        }
+        // (A failed send means the publisher is gone: there is nothing left
+        // to publish to, and the count no longer matters.)
+        self.seq.fetch_add(1, SeqCst);
+        self.stats.dropped_keys.fetch_add(weight as u64, SeqCst);
     }
 }
 
@@ -317,11 +381,61 @@ impl Publisher {
         .encode()
     }
 
-    fn keys_message(&self, keys: Vec<(u32, Bytes)>, sent_at_us: u64) -> Bytes {
+    /// Numbers and encodes `keys` as as many messages as it takes to keep
+    /// each within `max_keys` keys and `max_payload` bytes (what the NATS
+    /// server accepts: a bigger message would be refused, a gap every peer
+    /// answers with a flush). A key too big for any message becomes a flush.
+    fn keys_messages(
+        &self,
+        keys: Vec<(u32, Bytes)>,
+        sent_at_us: u64,
+        max_payload: usize,
+        out: &mut Vec<Bytes>,
+    ) {
+        let room = max_payload.saturating_sub(Message::overhead(&self.instance));
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for (db, key) in keys {
+            let size = Message::entry_size(&key);
+            if size > room {
+                tracing::warn!(
+                    len = key.len(),
+                    max_payload,
+                    "a key too long for one NATS message; peers flush L1 instead"
+                );
+                self.flush_keys(&mut batch, sent_at_us, out);
+                out.push(self.message(Kind::Flush, Vec::new(), sent_at_us));
+                bytes = 0;
+                continue;
+            }
+            if batch.len() == self.max_keys || bytes + size > room {
+                self.flush_keys(&mut batch, sent_at_us, out);
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push((db, key));
+        }
+        self.flush_keys(&mut batch, sent_at_us, out);
+    }
+
+    /// Encodes `batch` (if not empty) as one keys message, leaving it empty.
+    fn flush_keys(&self, batch: &mut Vec<(u32, Bytes)>, sent_at_us: u64, out: &mut Vec<Bytes>) {
+        if batch.is_empty() {
+            return;
+        }
         self.stats
             .published_keys
-            .fetch_add(keys.len() as u64, SeqCst);
-        self.message(Kind::Keys, keys, sent_at_us)
+            .fetch_add(batch.len() as u64, SeqCst);
+        out.push(self.message(Kind::Keys, std::mem::take(batch), sent_at_us));
+    }
+}
+
+/// What the NATS server accepts in one message, or NATS's default (1 MiB)
+/// before the server has said.
+fn max_payload(client: &async_nats::Client) -> usize {
+    match client.server_info().max_payload {
+        0 => 1 << 20,
+        n => n,
     }
 }
 
@@ -355,6 +469,9 @@ async fn publish(
         let mut keys_at = u64::MAX;
         let mut out: Vec<Bytes> = Vec::new();
         let mut take = |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| {
+            if !matches!(item, Outgoing::Resync) {
+                p.stats.queued_keys.fetch_sub(item.weight(), SeqCst);
+            }
             if let Outgoing::Keys(k, at) = item {
                 keys.extend(k);
                 keys_at = keys_at.min(at);
@@ -363,11 +480,19 @@ async fn publish(
             // Keys queued before this message are numbered and sent before
             // it: peers must see sequence numbers in order, or they flush.
             if !keys.is_empty() {
-                out.push(p.keys_message(std::mem::take(keys), keys_at));
+                p.keys_messages(std::mem::take(keys), keys_at, max_payload(&client), out);
                 keys_at = u64::MAX;
             }
             out.push(match item {
                 Outgoing::Flush(at) => p.message(Kind::Flush, Vec::new(), at),
+                // A glob too long for one message: dropping everything
+                // covers it.
+                Outgoing::Pattern(pat, at)
+                    if Message::overhead(&p.instance) + Message::entry_size(&pat)
+                        > max_payload(&client) =>
+                {
+                    p.message(Kind::Flush, Vec::new(), at)
+                }
                 Outgoing::Pattern(pat, at) => p.message(Kind::Pattern, vec![(u32::MAX, pat)], at),
                 // Resync (keys returned above).
                 _ => p.message(Kind::Resync, Vec::new(), now_us()),
@@ -396,7 +521,7 @@ async fn publish(
         // (Keys that left early, ahead of a flush or pattern, are rare
         // enough not to count against the rate.)
         if !keys.is_empty() {
-            out.push(p.keys_message(keys, keys_at));
+            p.keys_messages(keys, keys_at, max_payload(&client), &mut out);
             last_keys_sent = Some(tokio::time::Instant::now());
         }
         for payload in out {
@@ -543,6 +668,101 @@ mod tests {
     use tokio::time::Instant;
 
     const MS: Duration = Duration::from_millis(1);
+
+    fn publisher(max_keys: usize) -> Publisher {
+        Publisher {
+            instance: "me".into(),
+            seq: Arc::new(AtomicU64::new(0)),
+            stats: Arc::new(BusStats::default()),
+            delay: MS,
+            max_keys,
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+
+    fn key(n: usize) -> (u32, Bytes) {
+        (0, Bytes::from(vec![b'k'; n]))
+    }
+
+    fn decoded(out: Vec<Bytes>) -> Vec<Message> {
+        out.into_iter()
+            .map(|m| Message::decode(m).expect("the publisher writes readable messages"))
+            .collect()
+    }
+
+    fn keys(n: usize) -> Outgoing {
+        Outgoing::Keys((0..n).map(|_| key(1)).collect(), 0)
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_what_it_drops_spends_a_sequence_number() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue {
+            tx,
+            seq: Arc::new(AtomicU64::new(0)),
+            stats: Arc::new(BusStats::default()),
+            max: 10,
+        };
+        q.push(keys(6), true);
+        q.push(keys(6), true); // below the bound when it came: taken
+        assert_eq!(q.stats.queued_keys.load(SeqCst), 12);
+        q.push(keys(1), true); // at or over the bound: dropped
+        q.push(Outgoing::Flush(0), true);
+        assert_eq!(
+            q.stats.queued_keys.load(SeqCst),
+            12,
+            "dropped items are not counted"
+        );
+        assert_eq!(q.stats.dropped_keys.load(SeqCst), 2);
+        assert_eq!(q.seq.load(SeqCst), 2, "each drop is a gap peers will see");
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::Keys(k, _)) if k.len() == 6));
+        assert!(matches!(rx.try_recv(), Ok(Outgoing::Keys(k, _)) if k.len() == 6));
+        assert!(rx.try_recv().is_err(), "nothing past the bound was queued");
+
+        // The bus down: nothing is queued however empty the queue is.
+        q.stats.queued_keys.store(0, SeqCst);
+        q.push(keys(3), false);
+        q.push(Outgoing::Pattern(Bytes::from_static(b"t:*"), 0), false);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(q.stats.queued_keys.load(SeqCst), 0);
+        assert_eq!(q.stats.dropped_keys.load(SeqCst), 6);
+        assert_eq!(q.seq.load(SeqCst), 4);
+    }
+
+    #[test]
+    fn keys_split_by_count_and_size_in_sequence() {
+        let p = publisher(3);
+        let room = Message::overhead("me") + 2 * Message::entry_size(&[0; 10]);
+        let mut out = Vec::new();
+        // Three 1-byte keys fill a message by count; two 10-byte keys fill
+        // one by size; the last key is alone.
+        let keys = vec![key(1), key(1), key(1), key(10), key(10), key(10)];
+        p.keys_messages(keys.clone(), 5, room, &mut out);
+        let got = decoded(out);
+        let sizes: Vec<usize> = got.iter().map(|m| m.entries.len()).collect();
+        assert_eq!(sizes, [3, 2, 1]);
+        assert!(
+            got.iter()
+                .all(|m| m.kind == Kind::Keys && m.sent_at_us == 5)
+        );
+        assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let all: Vec<(u32, Bytes)> = got.into_iter().flat_map(|m| m.entries).collect();
+        assert_eq!(all, keys, "every key, in order");
+        assert_eq!(p.stats.published_keys.load(SeqCst), 6);
+    }
+
+    #[test]
+    fn a_key_too_big_for_any_message_becomes_a_flush() {
+        let p = publisher(100);
+        let room = Message::overhead("me") + Message::entry_size(&[0; 10]);
+        let mut out = Vec::new();
+        p.keys_messages(vec![key(1), key(11), key(2)], 5, room, &mut out);
+        let kinds: Vec<(Kind, usize)> = decoded(out)
+            .iter()
+            .map(|m| (m.kind, m.entries.len()))
+            .collect();
+        assert_eq!(kinds, [(Kind::Keys, 1), (Kind::Flush, 0), (Kind::Keys, 1)]);
+    }
 
     #[test]
     fn a_batch_after_a_quiet_spell_leaves_at_once() {

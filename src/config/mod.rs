@@ -237,6 +237,10 @@ pub struct CoherenceConfig {
     pub batch_delay: Duration,
     /// ... or as soon as this many keys are waiting.
     pub batch_max_keys: usize,
+    /// At most this many keys wait for the publisher; beyond it (NATS slow),
+    /// and while NATS is unreachable, invalidations are dropped and peers
+    /// flush instead, so an outage cannot grow memory without bound.
+    pub max_queued_keys: usize,
     /// Every instance publishes a heartbeat this often.
     pub heartbeat_interval: Duration,
     /// A peer silent this long may have acknowledged writes it never
@@ -269,6 +273,7 @@ impl Default for CoherenceConfig {
             max_staleness: Duration(std::time::Duration::from_secs(1)),
             batch_delay: Duration(std::time::Duration::from_millis(1)),
             batch_max_keys: 256,
+            max_queued_keys: 65_536,
             redis_tracking: false,
             heartbeat_interval: Duration(std::time::Duration::from_millis(20)),
             peer_timeout: Duration(std::time::Duration::from_millis(100)),
@@ -593,6 +598,9 @@ impl Config {
         }
         if c.batch_max_keys == 0 {
             bad("coherence.batch_max_keys", "must be at least 1".into());
+        }
+        if c.max_queued_keys == 0 {
+            bad("coherence.max_queued_keys", "must be at least 1".into());
         }
         if c.batch_delay.0 > std::time::Duration::from_millis(100) {
             bad(

@@ -19,7 +19,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value};
 use tokio::time::Instant;
 
-use crate::support::{NatsServer, RedisServer, TestProxy, config_for};
+use crate::support::{NatsServer, RedisServer, TcpRelay, TestProxy, config_for};
 
 /// How long a bounded poll may wait for a proxy (or the bus) to reach a state.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
@@ -220,17 +220,22 @@ impl Cluster {
     /// missed that peer's connect-time resync: without this, each test's first
     /// message would flush L1 on the later instances.)
     async fn start_with(n: usize, tweak: impl Fn(&mut Config)) -> Self {
+        Self::start_on(NatsServer::start(), n, |_, cfg| tweak(cfg)).await
+    }
+
+    /// The same on a given nats-server, with `tweak` told which instance's
+    /// configuration it is changing.
+    async fn start_on(nats: NatsServer, n: usize, tweak: impl Fn(usize, &mut Config)) -> Self {
         let redis = RedisServer::start();
-        let nats = NatsServer::start();
         let mut base = config_for(&redis);
         base.cache.rules = vec![rule("t:", Duration::from_secs(60))];
         base.coherence.nats_url = nats.url();
-        tweak(&mut base);
         let mut proxies = Vec::new();
         let mut conns = Vec::new();
         for i in 0..n {
             let mut cfg = base.clone();
             cfg.coherence.instance_id = format!("inst-{i}");
+            tweak(i, &mut cfg);
             let proxy = TestProxy::start_with(cfg).await;
             let mut conn = proxy.conn().await;
             let s = until_bus(&mut conn, "the bus to be healthy", POLL_LIMIT, |s| {
@@ -241,6 +246,7 @@ impl Cluster {
             proxies.push(proxy);
             conns.push(conn);
         }
+        tweak(0, &mut base);
         let mut cluster = Cluster {
             redis,
             nats,
@@ -392,6 +398,129 @@ async fn instances_ignore_their_own_messages() {
         a0.get("applied_keys") + 1,
         "A applied its own messages: {a2:?}"
     );
+}
+
+/// Guards the publisher's size bound: one write whose keys add up to more
+/// than NATS accepts in one message (its `max_payload`, 1 MiB by default)
+/// still reaches peers key by key, split over several messages — not as a
+/// refused publish, a sequence gap and a flush of every peer's L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_too_big_for_one_message_is_split_not_flushed() {
+    let mut c = Cluster::start(2).await;
+    for k in ["t:first", "t:last", "t:other"] {
+        set_direct(&c.redis, k, "old");
+        assert_eq!(cache_it(&mut c.conns[1], &c.redis, k).await, "old");
+    }
+    let a0 = c.bus(0).await;
+    let b0 = c.bus(1).await;
+
+    // ~1.5 MiB of key names in one MSET, t:first first and t:last last.
+    let pad = "x".repeat(500);
+    let mut mset = redis::cmd("MSET");
+    mset.arg("t:first").arg("new");
+    for i in 0..3000 {
+        mset.arg(format!("t:big:{i}:{pad}")).arg("v");
+    }
+    mset.arg("t:last").arg("new");
+    let () = mset.query_async(&mut c.conns[0]).await.unwrap();
+
+    let b1 = until_bus(&mut c.conns[1], "B to apply every key", POLL_LIMIT, |s| {
+        s.get("applied_keys") >= b0.get("applied_keys") + 3002
+    })
+    .await;
+    assert_eq!(
+        get(&mut c.conns[1], "t:first").await.as_deref(),
+        Some("new")
+    );
+    assert_eq!(get(&mut c.conns[1], "t:last").await.as_deref(), Some("new"));
+    let a1 = c.bus(0).await;
+    assert_eq!(a1.get("publish_errors"), a0.get("publish_errors"), "{a1:?}");
+    assert!(
+        a1.get("published") >= a0.get("published") + 2,
+        "one message cannot hold 1.5 MiB of keys: {a1:?}"
+    );
+    assert_eq!(b1.get("gaps"), b0.get("gaps"), "{b1:?}");
+    assert_eq!(b1.get("flushes"), b0.get("flushes"), "{b1:?}");
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:other", "old", 2).await,
+        0,
+        "B's L1 was flushed: t:other went upstream"
+    );
+}
+
+/// Guards `Queue::push` while the bus is down: an instance cut off from NATS
+/// (its peer still connected) drops its writes' invalidations rather than
+/// queueing them for as long as the outage lasts — memory would grow with
+/// every write — and when it is back, the peer flushes: nothing it wrote
+/// meanwhile is served stale for a whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_while_cut_off_from_nats_are_dropped_and_peers_flush_on_return() {
+    let nats = NatsServer::start();
+    let relay = TcpRelay::start(nats.port()).await;
+    let via_relay = format!("nats://127.0.0.1:{}", relay.port());
+    let mut c = Cluster::start_on(nats, 2, |i, cfg| {
+        if i == 0 {
+            cfg.coherence.nats_url = via_relay.clone();
+            cfg.coherence.max_queued_keys = 100;
+        }
+    })
+    .await;
+    set_direct(&c.redis, "t:k", "old");
+    let a0 = c.bus(0).await;
+
+    relay.cut();
+    until_bus(&mut c.conns[0], "A to see NATS gone", POLL_LIMIT, |s| {
+        s.get("healthy") == 0
+    })
+    .await;
+    // B notices A's silence and flushes once; cache t:k on B after that, so
+    // only A's return can evict it.
+    let b0 = until_bus(&mut c.conns[1], "B to give up on A", POLL_LIMIT, |s| {
+        s.get("silent_peers") > 0
+    })
+    .await;
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, "t:k").await, "old");
+
+    let () = c.conns[0].set("t:k", "new").await.unwrap();
+    let mut mset = redis::cmd("MSET");
+    for i in 0..5000 {
+        mset.arg(format!("t:bulk:{i}")).arg(i);
+    }
+    let () = mset.query_async(&mut c.conns[0]).await.unwrap();
+    let a1 = c.bus(0).await;
+    assert!(
+        a1.get("dropped_keys") >= a0.get("dropped_keys") + 5001,
+        "A queued its invalidations while cut off: {a1:?}"
+    );
+    assert!(a1.get("queued_keys") <= 100, "{a1:?}");
+    // The partition is real: B is connected and has not heard of the write.
+    assert_eq!(c.bus(1).await.get("healthy"), 1);
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "old", 1).await,
+        0
+    );
+
+    relay.restore();
+    let back = Instant::now();
+    loop {
+        if get(&mut c.conns[1], "t:k").await.as_deref() == Some("new") {
+            break;
+        }
+        assert!(
+            back.elapsed() < POLL_LIMIT,
+            "B still serves A's overwritten value {POLL_LIMIT:?} after A's link to NATS returned"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b1 = c.bus(1).await;
+    assert!(
+        b1.get("gaps") > b0.get("gaps"),
+        "B flushed on A's return: {b1:?}"
+    );
+    until_bus(&mut c.conns[0], "A to be healthy again", POLL_LIMIT, |s| {
+        s.get("healthy") == 1 && s.get("queued_keys") == 0
+    })
+    .await;
 }
 
 const KEYS: [(&str, &str); 4] = [

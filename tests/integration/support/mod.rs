@@ -10,6 +10,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nearcache::Config;
@@ -229,6 +231,11 @@ impl NatsServer {
         wait_until("nats-server to accept", Duration::from_secs(5), || {
             TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
         });
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -482,4 +489,83 @@ pub fn redis_cli(port: u16, args: &[&str], stdin: Option<&[u8]>) -> String {
         "redis-cli {args:?} failed ({status}): {err}"
     );
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A TCP relay from a free loopback port to a real server's port, which a
+/// test can cut (every connection through it closed, new ones closed on
+/// accept) and restore: a network partition between one client and the
+/// server, while the server itself stays up for everyone else.
+pub struct TcpRelay {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl TcpRelay {
+    /// Starts relaying 127.0.0.1:`port` → 127.0.0.1:`target`.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (cut, links) = (cut.clone(), links.clone());
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if cut.load(SeqCst) {
+                        continue; // dropped: closed at once
+                    }
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await
+                    else {
+                        continue;
+                    };
+                    let link = tokio::spawn(async move {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    });
+                    let abort = link.abort_handle();
+                    links.lock().unwrap().push(link);
+                    // Cut while connecting: `cut` may have drained the list
+                    // before the push.
+                    if cut.load(SeqCst) {
+                        abort.abort();
+                    }
+                }
+            }
+        });
+        TcpRelay {
+            port,
+            cut,
+            links,
+            accept,
+        }
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Closes every connection through the relay and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, SeqCst);
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
 }
