@@ -541,6 +541,41 @@ async fn server_password_requires_auth_and_accepts_auth_forms_and_hello() {
     proxy.shutdown().await;
 }
 
+/// Without `server.password`, `AUTH` and `HELLO … AUTH` answer as a Redis
+/// whose default user has no password: any password for `default` is
+/// accepted (clients configured with credentials keep working), the
+/// one-argument form and other users are refused. Redis itself is the oracle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_server_password_auth_answers_as_a_passwordless_redis() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    /// An error's text, or "ok" for a successful reply (HELLO's map differs
+    /// in its id between the two).
+    fn outcome(r: Reply) -> String {
+        r.error().map_or_else(|| "ok".to_string(), str::to_string)
+    }
+    for cmd in [
+        &["AUTH", "secret"][..],
+        &["AUTH", "default", "secret"],
+        &["AUTH", "someone", "secret"],
+        &["AUTH", "a", "b", "c"],
+        &["HELLO", "3", "AUTH", "default", "secret"],
+        &["HELLO", "2", "AUTH", "someone", "secret"],
+    ] {
+        let mut direct = Client::connect(redis.port()).await;
+        let mut through = Client::connect(proxy.port()).await;
+        let want = outcome(direct.cmd(cmd).await);
+        assert_eq!(outcome(through.cmd(cmd).await), want, "{cmd:?}");
+        // And the connection is usable (or not) alike afterwards.
+        assert_eq!(
+            outcome(through.cmd(&["PING"]).await),
+            outcome(direct.cmd(&["PING"]).await),
+            "PING after {cmd:?}"
+        );
+    }
+    proxy.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // The command line.
 // ---------------------------------------------------------------------------

@@ -111,6 +111,9 @@ pub struct Session {
 /// huge pipeline start flowing back before all of it is answered.
 const MAX_RUN: u32 = 256;
 
+/// Redis's answer to credentials it does not accept.
+const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
+
 /// Serves one client until it disconnects, sends QUIT, breaks the protocol,
 /// idles out, or the server shuts down.
 ///
@@ -838,15 +841,24 @@ impl Session {
             [user, pass] => (Some(user), pass),
             _ => return reply::error("ERR syntax error"),
         };
+        let default_user = user.is_none_or(|u| &u[..] == b"default");
         let Some(expected) = &self.ctx.cfg.server.password else {
-            return reply::error(
-                "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
-            );
+            // As Redis's `default` user without a password (`nopass`): it
+            // takes any password when named, so clients configured with
+            // credentials still connect; the one-argument form is refused.
+            return match user {
+                None => reply::error(
+                    "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+                ),
+                Some(_) if default_user => {
+                    self.authed = true;
+                    Bytes::from_static(OK)
+                }
+                Some(_) => reply::error(WRONGPASS),
+            };
         };
-        if user.is_some_and(|u| &u[..] != b"default")
-            || !constant_time_eq(pass, expected.as_bytes())
-        {
-            return reply::error("WRONGPASS invalid username-password pair or user is disabled.");
+        if !default_user || !constant_time_eq(pass, expected.as_bytes()) {
+            return reply::error(WRONGPASS);
         }
         self.authed = true;
         Bytes::from_static(OK)
