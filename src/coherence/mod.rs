@@ -117,13 +117,14 @@ impl Bus {
     /// Connects to NATS (in the background: the proxy serves, bypassing L1,
     /// until the bus is up), subscribes, and starts publishing.
     pub async fn start(cfg: &CoherenceConfig, l1: Arc<L1>) -> Result<Arc<Bus>, BusError> {
-        let instance = if cfg.instance_id.is_empty() {
+        let name = if cfg.instance_id.is_empty() {
             let host =
                 std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "nearcache".into());
             format!("{}-{}", host.trim(), std::process::id())
         } else {
             cfg.instance_id.clone()
         };
+        let instance = wire_id(&name);
         let healthy = Arc::new(AtomicBool::new(false));
         let down_at_ms = Arc::new(AtomicU64::new(0));
         let stats = Arc::new(BusStats::default());
@@ -653,6 +654,20 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
         }
         stats.delay_us.record(now_us().saturating_sub(m.sent_at_us));
     }
+}
+
+/// The id an instance goes by on the bus: its configured (or default) name
+/// and a random suffix drawn at start-up. Every process is then a peer of
+/// its own, even when two share a name (one config file deployed
+/// everywhere) or a process restarts under its old name: without the suffix,
+/// namesakes would take each other's messages for their own echo and ignore
+/// them, and a peer that crashed and came straight back would not show the
+/// gap where its last, unsent invalidations were.
+fn wire_id(name: &str) -> String {
+    use std::hash::BuildHasher;
+    // std's RandomState is seeded from the operating system's randomness.
+    let nonce = std::collections::hash_map::RandomState::new().hash_one(std::process::id());
+    format!("{name}~{:08x}", nonce as u32)
 }
 
 fn now_us() -> u64 {

@@ -209,7 +209,9 @@ pub struct CoherenceConfig {
     pub namespace: String,
     /// The subject; empty = `nearcache.<namespace>.invalidate`.
     pub subject: String,
-    /// This instance's name on the bus; empty = hostname + pid.
+    /// This instance's name on the bus; empty = hostname + pid. The bus adds
+    /// a random suffix per process (`name~1a2b3c4d`), so namesakes stay
+    /// distinct peers.
     pub instance_id: String,
     /// NATS user and password (both or neither).
     pub user: String,
@@ -590,10 +592,12 @@ impl Config {
                 ),
             );
         }
-        if c.instance_id.len() > 255 {
+        // The message format holds 255 bytes of id, and the bus adds a
+        // 9-byte suffix (`~` and 8 hex digits).
+        if c.instance_id.len() > 246 {
             bad(
                 "coherence.instance_id",
-                format!("{} bytes long; at most 255", c.instance_id.len()),
+                format!("{} bytes long; at most 246", c.instance_id.len()),
             );
         }
         if c.batch_max_keys == 0 {

@@ -242,7 +242,11 @@ impl Cluster {
                 s.get("healthy") == 1
             })
             .await;
-            assert_eq!(s.instance, format!("inst-{i}"));
+            assert!(
+                s.instance.starts_with(&format!("inst-{i}~")),
+                "the configured id and a per-process suffix: {}",
+                s.instance
+            );
             proxies.push(proxy);
             conns.push(conn);
         }
@@ -521,6 +525,64 @@ async fn writes_while_cut_off_from_nats_are_dropped_and_peers_flush_on_return() 
         s.get("healthy") == 1 && s.get("queued_keys") == 0
     })
     .await;
+}
+
+/// Guards `wire_id`: two instances given the same `instance_id` (one shared
+/// config file deployed everywhere) would each take the other's messages
+/// for their own echo and ignore them — no coherence at all between them,
+/// silently. Each process's random suffix keeps them distinct peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_sharing_an_id_still_invalidate_each_other() {
+    let redis = RedisServer::start();
+    let nats = NatsServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.cache.rules = vec![rule("t:", Duration::from_secs(60))];
+    cfg.coherence.nats_url = nats.url();
+    cfg.coherence.instance_id = "bot".into();
+    let a = TestProxy::start_with(cfg.clone()).await;
+    let b = TestProxy::start_with(cfg).await;
+    let (mut ca, mut cb) = (a.conn().await, b.conn().await);
+    for c in [&mut ca, &mut cb] {
+        until_bus(c, "the bus to be healthy", POLL_LIMIT, |s| {
+            s.get("healthy") == 1
+        })
+        .await;
+    }
+    set_direct(&redis, "t:k", "old");
+    // Several rounds: which instance's sequence runs ahead varies, and
+    // either way the other's messages must be told apart from one's own.
+    for round in 0..5 {
+        let (writer, reader) = if round % 2 == 0 {
+            (&mut ca, &mut cb)
+        } else {
+            (&mut cb, &mut ca)
+        };
+        let cached = cache_it(reader, &redis, "t:k").await;
+        let value = format!("v{round}");
+        let () = writer.set("t:k", &value).await.unwrap();
+        let acked = Instant::now();
+        loop {
+            let got = get(reader, "t:k").await;
+            if got.as_deref() == Some(value.as_str()) {
+                break;
+            }
+            assert!(
+                acked.elapsed() < POLL_LIMIT,
+                "round {round}: the twin still serves {got:?} (cached {cached:?}) \
+                 {POLL_LIMIT:?} after the write of {value:?} was acknowledged"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let (ia, ib) = (
+        bus_stats(&mut ca).await.instance,
+        bus_stats(&mut cb).await.instance,
+    );
+    assert!(
+        ia.starts_with("bot~") && ib.starts_with("bot~"),
+        "{ia} {ib}"
+    );
+    assert_ne!(ia, ib);
 }
 
 const KEYS: [(&str, &str); 4] = [
