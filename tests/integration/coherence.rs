@@ -236,6 +236,7 @@ impl Cluster {
             let mut cfg = base.clone();
             cfg.coherence.instance_id = format!("inst-{i}");
             tweak(i, &mut cfg);
+            let name = format!("{}~", cfg.coherence.instance_id);
             let proxy = TestProxy::start_with(cfg).await;
             let mut conn = proxy.conn().await;
             let s = until_bus(&mut conn, "the bus to be healthy", POLL_LIMIT, |s| {
@@ -243,7 +244,7 @@ impl Cluster {
             })
             .await;
             assert!(
-                s.instance.starts_with(&format!("inst-{i}~")),
+                s.instance.starts_with(&name),
                 "the configured id and a per-process suffix: {}",
                 s.instance
             );
@@ -533,31 +534,23 @@ async fn writes_while_cut_off_from_nats_are_dropped_and_peers_flush_on_return() 
 /// silently. Each process's random suffix keeps them distinct peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_sharing_an_id_still_invalidate_each_other() {
-    let redis = RedisServer::start();
-    let nats = NatsServer::start();
-    let mut cfg = config_for(&redis);
-    cfg.cache.rules = vec![rule("t:", Duration::from_secs(60))];
-    cfg.coherence.nats_url = nats.url();
-    cfg.coherence.instance_id = "bot".into();
-    let a = TestProxy::start_with(cfg.clone()).await;
-    let b = TestProxy::start_with(cfg).await;
-    let (mut ca, mut cb) = (a.conn().await, b.conn().await);
-    for c in [&mut ca, &mut cb] {
-        until_bus(c, "the bus to be healthy", POLL_LIMIT, |s| {
-            s.get("healthy") == 1
-        })
-        .await;
-    }
-    set_direct(&redis, "t:k", "old");
-    // Several rounds: which instance's sequence runs ahead varies, and
-    // either way the other's messages must be told apart from one's own.
-    for round in 0..5 {
+    let mut c = Cluster::start_on(NatsServer::start(), 2, |_, cfg| {
+        cfg.coherence.instance_id = "bot".into();
+    })
+    .await;
+    let redis = &c.redis;
+    let [ca, cb] = &mut c.conns[..] else {
+        unreachable!()
+    };
+    set_direct(redis, "t:k", "old");
+    // Both ways, a few times.
+    for round in 0..4 {
         let (writer, reader) = if round % 2 == 0 {
-            (&mut ca, &mut cb)
+            (&mut *ca, &mut *cb)
         } else {
-            (&mut cb, &mut ca)
+            (&mut *cb, &mut *ca)
         };
-        let cached = cache_it(reader, &redis, "t:k").await;
+        let cached = cache_it(reader, redis, "t:k").await;
         let value = format!("v{round}");
         let () = writer.set("t:k", &value).await.unwrap();
         let acked = Instant::now();
@@ -574,10 +567,7 @@ async fn instances_sharing_an_id_still_invalidate_each_other() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    let (ia, ib) = (
-        bus_stats(&mut ca).await.instance,
-        bus_stats(&mut cb).await.instance,
-    );
+    let (ia, ib) = (bus_stats(ca).await.instance, bus_stats(cb).await.instance);
     assert!(
         ia.starts_with("bot~") && ib.starts_with("bot~"),
         "{ia} {ib}"
