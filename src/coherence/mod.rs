@@ -130,7 +130,7 @@ impl Bus {
         let stats = Arc::new(BusStats::default());
         let start = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
-        let seq = Arc::new(AtomicU64::new(0));
+        let lost = Arc::new(AtomicBool::new(false));
 
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("nearcache {instance}"))
@@ -202,7 +202,9 @@ impl Bus {
             rx,
             Publisher {
                 instance: instance.clone(),
-                seq: seq.clone(),
+                seq: AtomicU64::new(0),
+                lost: lost.clone(),
+                healthy: healthy.clone(),
                 stats: stats.clone(),
                 delay: cfg.batch_delay.0,
                 max_keys: cfg.batch_max_keys,
@@ -213,7 +215,7 @@ impl Bus {
         Ok(Arc::new(Bus {
             queue: Queue {
                 tx,
-                seq,
+                lost,
                 stats: stats.clone(),
                 max: cfg.max_queued_keys,
             },
@@ -294,21 +296,25 @@ impl Outgoing {
 /// The sessions' end of the publisher's queue. Bounded: while NATS is
 /// unreachable, async-nats stops taking messages, and an unbounded queue
 /// would grow with every write for as long as the outage lasts. What cannot
-/// be queued is dropped and a sequence number spent in its place, so peers
-/// see a gap and flush — the promise is kept by the flush instead of by the
-/// message.
+/// be queued is dropped and the publisher told to skip a sequence number,
+/// so peers see a gap and flush — the promise is kept by the flush instead
+/// of by the message. One skip covers every drop before it, and is taken
+/// only while connected: the messages numbered during an outage (heartbeats)
+/// reach peers in one burst on reconnect, and skips among them would flush
+/// each peer once per heartbeat instead of once per outage.
 #[derive(Debug)]
 struct Queue {
     tx: mpsc::UnboundedSender<Outgoing>,
-    /// The publisher's numbering, shared so a dropped item can spend one.
-    seq: Arc<AtomicU64>,
+    /// Set when something was dropped; the publisher's next message skips
+    /// a number.
+    lost: Arc<AtomicBool>,
     stats: Arc<BusStats>,
     max: usize,
 }
 
 impl Queue {
     /// Queues `item` if the bus is `healthy` and there is room, else drops
-    /// it and spends a sequence number.
+    /// it and marks the loss.
     fn push(&self, item: Outgoing, healthy: bool) {
         let weight = item.weight();
         let queued = &self.stats.queued_keys;
@@ -322,7 +328,7 @@ impl Queue {
         }
         // (A failed send means the publisher is gone: there is nothing left
         // to publish to, and the count no longer matters.)
-        self.seq.fetch_add(1, SeqCst);
+        self.lost.store(true, SeqCst);
         self.stats.dropped_keys.fetch_add(weight as u64, SeqCst);
     }
 }
@@ -363,7 +369,10 @@ impl EventHandler {
 
 struct Publisher {
     instance: String,
-    seq: Arc<AtomicU64>,
+    seq: AtomicU64,
+    /// `Queue::lost`: taken, while `healthy`, by skipping a number.
+    lost: Arc<AtomicBool>,
+    healthy: Arc<AtomicBool>,
     stats: Arc<BusStats>,
     delay: Duration,
     max_keys: usize,
@@ -375,7 +384,11 @@ impl Publisher {
         Message {
             kind,
             instance: self.instance.clone(),
-            seq: self.seq.fetch_add(1, SeqCst) + 1,
+            seq: {
+                let skip = self.healthy.load(SeqCst) && self.lost.swap(false, SeqCst);
+                let step = 1 + u64::from(skip);
+                self.seq.fetch_add(step, SeqCst) + step
+            },
             sent_at_us,
             entries,
         }
@@ -687,7 +700,9 @@ mod tests {
     fn publisher(max_keys: usize) -> Publisher {
         Publisher {
             instance: "me".into(),
-            seq: Arc::new(AtomicU64::new(0)),
+            seq: AtomicU64::new(0),
+            lost: Arc::new(AtomicBool::new(false)),
+            healthy: Arc::new(AtomicBool::new(true)),
             stats: Arc::new(BusStats::default()),
             delay: MS,
             max_keys,
@@ -710,14 +725,17 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_is_bounded_and_what_it_drops_spends_a_sequence_number() {
+    fn the_queue_is_bounded_and_what_it_drops_costs_one_sequence_number() {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let p = publisher(100);
         let q = Queue {
             tx,
-            seq: Arc::new(AtomicU64::new(0)),
+            lost: p.lost.clone(),
             stats: Arc::new(BusStats::default()),
             max: 10,
         };
+        let seq = |kind| Message::decode(p.message(kind, Vec::new(), 0)).map(|m| m.seq);
+        assert_eq!(seq(Kind::Resync), Ok(1));
         q.push(keys(6), true);
         q.push(keys(6), true); // below the bound when it came: taken
         assert_eq!(q.stats.queued_keys.load(SeqCst), 12);
@@ -729,19 +747,28 @@ mod tests {
             "dropped items are not counted"
         );
         assert_eq!(q.stats.dropped_keys.load(SeqCst), 2);
-        assert_eq!(q.seq.load(SeqCst), 2, "each drop is a gap peers will see");
+        // Two drops, one gap peers will see: the next message skips one.
+        assert_eq!(seq(Kind::Resync), Ok(3));
+        assert_eq!(seq(Kind::Resync), Ok(4), "no loss since: no skip");
         assert!(matches!(rx.try_recv(), Ok(Outgoing::Keys(k, _)) if k.len() == 6));
         assert!(matches!(rx.try_recv(), Ok(Outgoing::Keys(k, _)) if k.len() == 6));
         assert!(rx.try_recv().is_err(), "nothing past the bound was queued");
 
-        // The bus down: nothing is queued however empty the queue is.
+        // The bus down: nothing is queued however empty the queue is, and
+        // messages numbered meanwhile (they go out in one burst on
+        // reconnect) skip nothing; the first once connected again does.
+        p.healthy.store(false, SeqCst);
         q.stats.queued_keys.store(0, SeqCst);
         q.push(keys(3), false);
+        assert_eq!(seq(Kind::Resync), Ok(5));
         q.push(Outgoing::Pattern(Bytes::from_static(b"t:*"), 0), false);
+        assert_eq!(seq(Kind::Resync), Ok(6));
         assert!(rx.try_recv().is_err());
         assert_eq!(q.stats.queued_keys.load(SeqCst), 0);
         assert_eq!(q.stats.dropped_keys.load(SeqCst), 6);
-        assert_eq!(q.seq.load(SeqCst), 4);
+        p.healthy.store(true, SeqCst);
+        assert_eq!(seq(Kind::Resync), Ok(8));
+        assert_eq!(seq(Kind::Resync), Ok(9));
     }
 
     #[test]
