@@ -19,7 +19,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value};
 use tokio::time::Instant;
 
-use crate::support::{NatsServer, RedisServer, TcpRelay, TestProxy, config_for};
+use crate::support::{NatsServer, RedisServer, TcpRelay, TestProxy, config_for, tls_certificates};
 
 /// How long a bounded poll may wait for a proxy (or the bus) to reach a state.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
@@ -366,6 +366,77 @@ async fn write_on_a_evicts_on_b(mut c: Cluster) {
         0,
         "a write of t:k must not evict t:other on B (delay was {seen:?})"
     );
+}
+
+/// Guards the credentials in `Bus::start`: with a NATS that requires a user
+/// and password, instances given them form a bus (a write on one evicts on
+/// the other); one given a wrong password is refused — it never serves L1,
+/// so it cannot serve what it would never hear invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_user_and_password_are_used_and_a_wrong_one_keeps_l1_off() {
+    let nats = NatsServer::start_with(&["--user", "bot", "--pass", "s3cret"]);
+    let c = Cluster::start_on(nats, 2, |_, cfg| {
+        cfg.coherence.user = "bot".into();
+        cfg.coherence.password = "s3cret".into();
+    })
+    .await;
+
+    let mut cfg = c.cfg.clone();
+    cfg.coherence.instance_id = "intruder".into();
+    cfg.coherence.password = "wrong".into();
+    let intruder = TestProxy::start_with(cfg).await;
+    let mut conn = intruder.conn().await;
+    let deadline = Instant::now() + POLL_LIMIT;
+    while !c.nats.log().contains("intruder~") {
+        assert!(
+            Instant::now() < deadline,
+            "NATS never saw the intruder connect"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        c.nats.log().contains("authentication error")
+            || c.nats.log().contains("Authorization Error"),
+        "{}",
+        c.nats.log()
+    );
+    assert_eq!(bus_stats(&mut conn).await.get("healthy"), 0);
+    set_direct(&c.redis, "t:k", "v");
+    assert_eq!(
+        upstream_reads(&mut conn, &c.redis, "t:k", "v", 3).await,
+        3,
+        "an instance refused by NATS served L1"
+    );
+    write_on_a_evicts_on_b(c).await;
+}
+
+/// Guards the token option of `Bus::start`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_token_authenticates_the_bus() {
+    let nats = NatsServer::start_with(&["--auth", "t0ken"]);
+    let c = Cluster::start_on(nats, 2, |_, cfg| cfg.coherence.token = "t0ken".into()).await;
+    write_on_a_evicts_on_b(c).await;
+}
+
+/// Guards the TLS options of `Bus::start`: a NATS that requires TLS, with a
+/// certificate from a private CA that `tls_ca_file` names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_with_a_private_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_certificates(certs.path());
+    let nats = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        cert.to_str().unwrap(),
+        "--tlskey",
+        key.to_str().unwrap(),
+    ]);
+    let c = Cluster::start_on(nats, 2, |_, cfg| {
+        cfg.coherence.tls_required = true;
+        cfg.coherence.tls_ca_file = ca.to_str().unwrap().into();
+    })
+    .await;
+    write_on_a_evicts_on_b(c).await;
 }
 
 /// Guards `receive`'s own-message filter: A's writes reach B, never A itself.

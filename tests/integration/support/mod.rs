@@ -200,26 +200,34 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts nats-server and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// The same with extra command-line options (`--user u --pass p`, …).
+    pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for nats-server");
         let mut server = NatsServer {
             child: None,
             port: free_port(),
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let log = self.dir.path().join("nats.log");
+        let log = self.log_path();
         let child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
+            .args(&self.extra)
             .arg("-l")
             .arg(&log)
             .stdout(Stdio::null())
@@ -236,6 +244,15 @@ impl NatsServer {
     /// The port it listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -261,8 +278,11 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default();
-            eprintln!("--- nats-server log (port {}) ---\n{log}", self.port);
+            eprintln!(
+                "--- nats-server log (port {}) ---\n{}",
+                self.port,
+                self.log()
+            );
         }
         self.kill();
     }
@@ -568,4 +588,70 @@ impl Drop for TcpRelay {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// A throwaway CA and a certificate it signed for 127.0.0.1 (P-256), made
+/// with the `openssl` command in `dir`: `(ca.pem, server.pem, server.key)`.
+pub fn tls_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl (install it: apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &[
+            "req",
+            "-x509",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=nearcache test CA",
+        ][..],
+        &ec,
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+    ]
+    .concat());
+    run(&[
+        &["req", "-subj", "/CN=127.0.0.1"][..],
+        &ec,
+        &["-keyout", "server.key", "-out", "server.csr"],
+    ]
+    .concat());
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
+    run(&[
+        "x509",
+        "-req",
+        "-days",
+        "1",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
