@@ -410,6 +410,65 @@ async fn nats_user_and_password_are_used_and_a_wrong_one_keeps_l1_off() {
     write_on_a_evicts_on_b(c).await;
 }
 
+/// Guards `CoherenceConfig::subject`: deployments sharing one NATS under
+/// different namespaces publish on their own subjects and never invalidate
+/// each other's L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_keep_deployments_on_one_nats_apart() {
+    use futures_util::StreamExt;
+    let mut c = Cluster::start_on(NatsServer::start(), 2, |_, cfg| {
+        cfg.coherence.namespace = "desk-a".into();
+    })
+    .await;
+    let mut watch = async_nats::connect(c.nats.url())
+        .await
+        .unwrap()
+        .subscribe("nearcache.*.invalidate")
+        .await
+        .unwrap();
+    let mut cfg = c.cfg.clone();
+    cfg.coherence.namespace = "desk-b".into();
+    cfg.coherence.instance_id = "other-desk".into();
+    let other = TestProxy::start_with(cfg).await;
+    let mut oc = other.conn().await;
+    until_bus(&mut oc, "desk-b's bus to be healthy", POLL_LIMIT, |s| {
+        s.get("healthy") == 1
+    })
+    .await;
+    set_direct(&c.redis, "t:k", "old");
+    assert_eq!(cache_it(&mut oc, &c.redis, "t:k").await, "old");
+
+    // desk-a's write: on desk-a's subject, applied by desk-a's B…
+    let b0 = c.bus(1).await;
+    let () = c.conns[0].set("t:k", "new").await.unwrap();
+    until_bus(&mut c.conns[1], "B to apply A's write", POLL_LIMIT, |s| {
+        s.get("applied_keys") > b0.get("applied_keys")
+    })
+    .await;
+    let deadline = Instant::now() + POLL_LIMIT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, watch.next())
+            .await
+            .expect("no message carried A's write")
+            .unwrap();
+        let m = Message::decode(msg.payload).unwrap();
+        if m.kind == Kind::Keys {
+            assert_eq!(msg.subject.as_str(), "nearcache.desk-a.invalidate");
+            assert!(m.instance.starts_with("inst-0~"), "{m:?}");
+            break;
+        }
+    }
+    // …and not by the instance of the other desk, which heard nothing.
+    let o = bus_stats(&mut oc).await;
+    assert_eq!(o.get("received"), 0, "{o:?}");
+    assert_eq!(o.get("applied_keys"), 0, "{o:?}");
+    assert_eq!(
+        upstream_reads(&mut oc, &c.redis, "t:k", "old", 1).await,
+        0,
+        "desk-b's L1 was invalidated by desk-a's write"
+    );
+}
+
 /// Guards the token option of `Bus::start`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_token_authenticates_the_bus() {
