@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Whole-system benchmark: redis-benchmark against Redis directly and through
-# nearcache, interleaved (direct, proxy, direct, proxy, …) so both see the
+# nearcache, interleaved (direct, proxy, proxy, direct, …) so both see the
 # same machine load, for several rounds; prints per-cell medians, the ratio
 # nearcache/direct, and CPU time per request of nearcache (proxy runs) and of
 # redis-server (direct runs).
@@ -220,8 +220,12 @@ fi
 for ((round = 1; round <= ROUNDS; round++)); do
     for pipe in $PIPELINES; do
         for test in $TESTS; do
-            run_cell "$round" "$test" "$pipe" direct
-            run_cell "$round" "$test" "$pipe" proxy
+            # Alternate which side goes first (ABBA…), so neither always
+            # runs on a machine just warmed, or just loaded, by the other.
+            if ((round % 2)); then sides="direct proxy"; else sides="proxy direct"; fi
+            for side in $sides; do
+                run_cell "$round" "$test" "$pipe" "$side"
+            done
         done
     done
 done
