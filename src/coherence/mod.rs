@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::cache::{Invalidation, L1};
@@ -267,7 +267,7 @@ impl Bus {
         }
         if !inv.keys.is_empty() {
             self.queue
-                .push(Outgoing::Keys(inv.keys.clone(), now), healthy);
+                .push(Outgoing::Keys(owned_keys(&inv.keys), now), healthy);
         }
     }
 
@@ -281,6 +281,21 @@ impl Bus {
     pub fn publish_flush(&self) {
         self.queue.push(Outgoing::Flush(now_us()), self.healthy());
     }
+}
+
+/// The keys, copied into one buffer of their own. The originals are slices
+/// of the client's input buffer, and a queued slice keeps that whole buffer
+/// alive: with a slow NATS, `max_queued_keys` keys could otherwise pin as
+/// many pipelines of megabyte values.
+fn owned_keys(keys: &[(u32, Bytes)]) -> Vec<(u32, Bytes)> {
+    let mut buf = BytesMut::with_capacity(keys.iter().map(|(_, k)| k.len()).sum());
+    for (_, key) in keys {
+        buf.extend_from_slice(key);
+    }
+    let mut buf = buf.freeze();
+    keys.iter()
+        .map(|(db, key)| (*db, buf.split_to(key.len())))
+        .collect()
 }
 
 impl Outgoing {
@@ -769,6 +784,16 @@ mod tests {
         p.healthy.store(true, SeqCst);
         assert_eq!(seq(Kind::Resync), Ok(8));
         assert_eq!(seq(Kind::Resync), Ok(9));
+    }
+
+    #[test]
+    fn queued_keys_do_not_keep_the_client_input_alive() {
+        let input = Bytes::from(vec![b'x'; 1 << 20]);
+        let keys = vec![(0, input.slice(10..13)), (3, input.slice(100..102))];
+        let owned = owned_keys(&keys);
+        assert_eq!(owned, keys);
+        let within = |b: &Bytes| input.as_ptr_range().contains(&b.as_ptr());
+        assert!(owned.iter().all(|(_, k)| !within(k)), "a copy, not a slice");
     }
 
     #[test]

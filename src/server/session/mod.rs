@@ -111,6 +111,13 @@ pub struct Session {
 /// huge pipeline start flowing back before all of it is answered.
 const MAX_RUN: u32 = 256;
 
+/// A copy of `arg` for keeping: arguments are slices of the client's input
+/// buffer, and a slice kept for the session's life would keep that whole
+/// buffer (a pipeline of large values, say) alive with it.
+fn owned(arg: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(arg)
+}
+
 /// Redis's answer to credentials it does not accept.
 const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is disabled.";
 
@@ -536,7 +543,7 @@ impl Session {
                             self.proto = p;
                         }
                     }
-                    Route::ClientSetName => self.name = self.argv.get(2).cloned(),
+                    Route::ClientSetName => self.name = self.argv.get(2).map(owned),
                     _ => {}
                 }
                 self.forward(chunk, frame, true).await;
@@ -915,7 +922,7 @@ impl Session {
                     "ERR Client names cannot contain spaces, newlines or special characters.",
                 );
             }
-            self.name = (!name.is_empty()).then_some(name);
+            self.name = (!name.is_empty()).then(|| owned(&name));
         }
         if let Err(e) = self.switch_pool(self.db, proto).await {
             return e.to_reply();
@@ -942,7 +949,7 @@ impl Session {
                 "ERR Client names cannot contain spaces, newlines or special characters.",
             );
         }
-        self.name = (!name.is_empty()).then(|| name.clone());
+        self.name = (!name.is_empty()).then(|| owned(name));
         Bytes::from_static(OK)
     }
 
