@@ -12,8 +12,9 @@
 //! - **A bus that is down or slow costs peers a flush, not this process
 //!   unbounded memory**: while NATS is unreachable, or when more than
 //!   `max_queued_keys` keys wait for the publisher, a write's invalidation is
-//!   dropped and a sequence number is spent in its place, so every peer sees
-//!   the gap (at the latest with the resync) and flushes.
+//!   dropped, and the next message sent while connected skips a sequence
+//!   number, so every peer sees a gap (at the latest with the resync) and
+//!   flushes.
 //! - **Bus loss is visible**: while NATS is unreachable, L1 is not served
 //!   (`bypass`) or served for at most `max_staleness` (`serve-stale`); when the
 //!   bus returns, L1 is flushed before it is served again.
