@@ -160,6 +160,23 @@ async fn get(c: &mut MultiplexedConnection, key: &str) -> Option<String> {
     c.get(key).await.unwrap()
 }
 
+/// Reads `key` through `c` until it answers `want`, and returns how long that
+/// took; fails after `POLL_LIMIT`, naming `who` still serves something else.
+async fn until_served(c: &mut MultiplexedConnection, key: &str, want: &str, who: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = get(c, key).await;
+        if got.as_deref() == Some(want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < POLL_LIMIT,
+            "{who}: {key} still reads {got:?}, not {want:?}, after {POLL_LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Reads `key` through `c` twice and proves the second read was answered from
 /// L1 (Redis's GET count did not move). Returns the value.
 async fn cache_it(c: &mut MultiplexedConnection, redis: &RedisServer, key: &str) -> String {
@@ -339,17 +356,13 @@ async fn write_on_a_evicts_on_b(mut c: Cluster) {
     let b_before = c.bus(1).await;
 
     let () = c.conns[0].set("t:k", "new").await.unwrap();
-    let acked = Instant::now();
-    let seen = loop {
-        if get(&mut c.conns[1], "t:k").await.as_deref() == Some("new") {
-            break acked.elapsed();
-        }
-        assert!(
-            acked.elapsed() < POLL_LIMIT,
-            "B still serves the old value {POLL_LIMIT:?} after A's SET was acknowledged"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
+    let seen = until_served(
+        &mut c.conns[1],
+        "t:k",
+        "new",
+        "B, after A's SET was acknowledged",
+    )
+    .await;
     assert!(
         seen <= STALENESS_BOUND,
         "B served the old value for {seen:?} after A's SET was acknowledged \
@@ -636,17 +649,13 @@ async fn writes_while_cut_off_from_nats_are_dropped_and_peers_flush_on_return() 
     );
 
     relay.restore();
-    let back = Instant::now();
-    loop {
-        if get(&mut c.conns[1], "t:k").await.as_deref() == Some("new") {
-            break;
-        }
-        assert!(
-            back.elapsed() < POLL_LIMIT,
-            "B still serves A's overwritten value {POLL_LIMIT:?} after A's link to NATS returned"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_served(
+        &mut c.conns[1],
+        "t:k",
+        "new",
+        "B, after A's link to NATS returned",
+    )
+    .await;
     let b1 = c.bus(1).await;
     assert!(
         b1.get("gaps") > b0.get("gaps"),
@@ -683,19 +692,8 @@ async fn instances_sharing_an_id_still_invalidate_each_other() {
         let cached = cache_it(reader, redis, "t:k").await;
         let value = format!("v{round}");
         let () = writer.set("t:k", &value).await.unwrap();
-        let acked = Instant::now();
-        loop {
-            let got = get(reader, "t:k").await;
-            if got.as_deref() == Some(value.as_str()) {
-                break;
-            }
-            assert!(
-                acked.elapsed() < POLL_LIMIT,
-                "round {round}: the twin still serves {got:?} (cached {cached:?}) \
-                 {POLL_LIMIT:?} after the write of {value:?} was acknowledged"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let what = format!("round {round}: the namesake (cached {cached:?}), after the write");
+        until_served(reader, "t:k", &value, &what).await;
     }
     let (ia, ib) = (bus_stats(ca).await.instance, bus_stats(cb).await.instance);
     assert!(
