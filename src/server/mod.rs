@@ -5,6 +5,7 @@
 //! bind port 0); [`Proxy::shutdown`] stops accepting, lets every session finish
 //! what it has in flight, and returns when all are done or the deadline passes.
 
+pub mod directory;
 pub mod outbox;
 pub mod route;
 pub mod session;
@@ -36,6 +37,8 @@ pub struct Context {
     pub l1: Option<Arc<crate::cache::L1>>,
     /// The invalidation bus, if `coherence.nats_url` is set (and L1 exists).
     pub bus: Option<Arc<crate::coherence::Bus>>,
+    /// Sessions pinned to dedicated connections, by their Redis ids.
+    pub directory: Arc<directory::Directory>,
 }
 
 /// Why the proxy could not start.
@@ -130,6 +133,7 @@ impl Proxy {
             cfg,
             upstream,
             default_pool,
+            directory: Arc::default(),
         });
         if let Some(l1) = &ctx.l1 {
             // Hits bypass moka, so its expiry and eviction run on a tick.

@@ -82,9 +82,15 @@ pub enum Op {
 #[derive(Debug, Clone)]
 pub struct Conn {
     tx: mpsc::UnboundedSender<Op>,
+    redis_id: u64,
 }
 
 impl Conn {
+    /// Redis's id for this connection (its `CLIENT ID`; 0 if unknown).
+    pub fn redis_id(&self) -> u64 {
+        self.redis_id
+    }
+
     /// Queues an op; gives it back if the connection is closed.
     #[inline]
     pub fn send(&self, op: Op) -> Result<(), Op> {
@@ -172,10 +178,10 @@ enum Pending {
 
 /// Starts the task for an established (already handshaken) connection.
 /// `leftover` holds bytes the handshake read past its own replies.
-pub fn spawn(stream: TcpStream, leftover: BytesMut, opts: ConnOptions) -> Conn {
+pub fn spawn(stream: TcpStream, leftover: BytesMut, opts: ConnOptions, redis_id: u64) -> Conn {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(run(stream, leftover, rx, opts));
-    Conn { tx }
+    Conn { tx, redis_id }
 }
 
 /// Bytes of queued requests written in one batch, at most.

@@ -27,6 +27,8 @@ pub struct Handshaken {
     pub leftover: BytesMut,
     /// The server's `version` from the HELLO reply.
     pub server_version: String,
+    /// Redis's id for this connection (`id` in the HELLO reply; 0 if absent).
+    pub client_id: u64,
 }
 
 /// Connects to `url` and prepares the connection for `db` and `proto`.
@@ -84,6 +86,10 @@ async fn connect_inner(
         OwnedFrame::BlobError { data, .. } => return Err(rejected(&String::from_utf8_lossy(data))),
         other => field(other, "version").unwrap_or_default(),
     };
+    let client_id = match lookup(&hello_reply, "id") {
+        Some(OwnedFrame::Number { data, .. }) => u64::try_from(*data).unwrap_or(0),
+        _ => 0,
+    };
     if db != 0 {
         if let OwnedFrame::SimpleError { data, .. } =
             read_frame(&mut stream, &mut buf, &addr).await?
@@ -95,6 +101,7 @@ async fn connect_inner(
         stream,
         leftover: buf,
         server_version,
+        client_id,
     })
 }
 
@@ -124,24 +131,32 @@ async fn read_frame(
     }
 }
 
-/// The string value for `key` in a HELLO reply (a map in RESP3, a flat
-/// key/value array in RESP2).
+/// The string value for `key` in a HELLO reply.
 fn field(frame: &OwnedFrame, key: &str) -> Option<String> {
-    let text = |f: &OwnedFrame| match f {
-        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
-            Some(String::from_utf8_lossy(data).into_owned())
-        }
-        _ => None,
-    };
+    lookup(frame, key).and_then(text)
+}
+
+/// The value for `key` in a HELLO reply (a map in RESP3, a flat key/value
+/// array in RESP2).
+fn lookup<'a>(frame: &'a OwnedFrame, key: &str) -> Option<&'a OwnedFrame> {
     match frame {
         OwnedFrame::Map { data, .. } => data
             .iter()
             .find(|(k, _)| text(k).as_deref() == Some(key))
-            .and_then(|(_, v)| text(v)),
+            .map(|(_, v)| v),
         OwnedFrame::Array { data, .. } => data
             .chunks(2)
             .find(|kv| text(&kv[0]).as_deref() == Some(key))
-            .and_then(|kv| kv.get(1).and_then(text)),
+            .and_then(|kv| kv.get(1)),
+        _ => None,
+    }
+}
+
+fn text(f: &OwnedFrame) -> Option<String> {
+    match f {
+        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
+            Some(String::from_utf8_lossy(data).into_owned())
+        }
         _ => None,
     }
 }

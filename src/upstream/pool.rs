@@ -113,7 +113,7 @@ impl Upstream {
                 v.clone_from(&h.server_version);
             }
         }
-        Ok(connection::spawn(h.stream, h.leftover, opts))
+        Ok(connection::spawn(h.stream, h.leftover, opts, h.client_id))
     }
 }
 

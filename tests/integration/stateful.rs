@@ -367,6 +367,80 @@ async fn resp3_pubsub_uses_push_frames_and_still_answers_commands() {
     );
 }
 
+// --------------------------------------------------- client-side caching
+
+/// `CLIENT TRACKING on` in RESP3: the client's invalidation pushes come
+/// through the proxy, after a write by another client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_tracking_pushes_invalidations_through_the_proxy() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut writer = proxy.conn().await;
+    let _: () = q(&mut writer, &["SET", "tk", "1"]).await;
+
+    let mut t = Raw::connect(proxy.port()).await;
+    t.resp3 = true;
+    assert_eq!(t.cmd(&["HELLO", "3"]).await[0], b'%');
+    assert_eq!(t.cmd(&["CLIENT", "TRACKING", "on"]).await, OK);
+    assert_eq!(t.cmd(&["GET", "tk"]).await, bulk("1").as_bytes()[..]);
+    let _: () = q(&mut writer, &["SET", "tk", "2"]).await;
+    match t.frame3().await {
+        OwnedFrame::Push { data, .. } => assert_eq!(
+            data,
+            vec![
+                blob("invalidate"),
+                OwnedFrame::Array {
+                    data: vec![blob("tk")],
+                    attributes: None
+                }
+            ]
+        ),
+        other => panic!("an invalidation is a push frame, got {other:?}"),
+    }
+    assert_eq!(t.cmd(&["GET", "tk"]).await, bulk("2").as_bytes()[..]);
+}
+
+/// The RESP2 form: `CLIENT TRACKING on REDIRECT <id>` names, by the id its
+/// `CLIENT ID` gave, a client subscribed to `__redis__:invalidate`. Redis
+/// knows that client by its upstream connection, so nearcache translates the
+/// id; an id no pinned client has gets Redis's own error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_tracking_redirect_names_a_client_by_its_proxy_id() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut writer = proxy.conn().await;
+    let _: () = q(&mut writer, &["SET", "rk", "1"]).await;
+
+    let mut listener = Raw::connect(proxy.port()).await;
+    let id = listener.cmd(&["CLIENT", "ID"]).await;
+    let id = std::str::from_utf8(&id[1..id.len() - 2])
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        listener.cmd(&["SUBSCRIBE", "__redis__:invalidate"]).await,
+        array('*', &["subscribe", "__redis__:invalidate", ":1"])[..]
+    );
+
+    let mut tracked = Raw::connect(proxy.port()).await;
+    assert_eq!(
+        tracked
+            .cmd(&["CLIENT", "TRACKING", "on", "REDIRECT", "999999"])
+            .await,
+        b"-ERR The client ID you want redirect to does not exist\r\n"[..]
+    );
+    assert_eq!(
+        tracked
+            .cmd(&["CLIENT", "TRACKING", "on", "REDIRECT", &id])
+            .await,
+        OK
+    );
+    assert_eq!(tracked.cmd(&["GET", "rk"]).await, bulk("1").as_bytes()[..]);
+    let _: () = q(&mut writer, &["SET", "rk", "2"]).await;
+    let mut invalidate = format!("*3\r\n{}{}", bulk("message"), bulk("__redis__:invalidate"));
+    invalidate.push_str(&format!("*1\r\n{}", bulk("rk")));
+    assert_eq!(listener.frame().await, invalidate.as_bytes()[..]);
+}
+
 // ---------------------------------------------------------------- blocking
 
 /// Sends a blocking command on a fresh proxy connection, waits until Redis

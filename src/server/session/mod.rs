@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod cached;
 
 use super::Context;
+use super::directory::Listing;
 use super::outbox::{Outbox, Slot};
 use super::route::{Route, route_spec};
 use crate::cache::Invalidation;
@@ -71,6 +72,8 @@ struct Pin {
     dirty: bool,
     /// Keys written inside MULTI, applied at EXEC.
     txn_inv: Invalidation,
+    /// This session in the directory of pinned sessions, while pinned.
+    _listing: Option<Listing>,
 }
 
 /// Whether the session goes on reading.
@@ -352,6 +355,18 @@ impl Session {
         }
         if let Some(spec) = spec {
             self.note_write(spec);
+        }
+        let mut frame = frame;
+        if spec.is_some_and(|s| s.name == "client|tracking") {
+            match self.redirect_to_redis_id() {
+                // The argument changed: the command is sent re-encoded.
+                Ok(true) => frame = None,
+                Ok(false) => {}
+                Err(e) => {
+                    self.reply(e);
+                    return Flow::Continue;
+                }
+            }
         }
         if self.pin.as_ref().is_some_and(|p| p.relay) {
             return self.handle_relaying(chunk, frame, route).await;
@@ -758,7 +773,10 @@ impl Session {
     async fn pin_dedicated(&mut self) -> bool {
         match self.pool.dedicated().await {
             Ok(conn) => {
+                let listing = (conn.redis_id() != 0)
+                    .then(|| self.ctx.directory.list(self.id, conn.redis_id()));
                 self.pin = Some(Pin {
+                    _listing: listing,
                     conn,
                     relay: false,
                     in_multi: false,
@@ -773,6 +791,40 @@ impl Session {
                 false
             }
         }
+    }
+
+    /// `CLIENT TRACKING … REDIRECT <id>`: the id is nearcache's (what the
+    /// other client's `CLIENT ID` answered); Redis needs its own id for the
+    /// connection that client is pinned to. `Ok(true)`: `argv` now carries
+    /// it; `Ok(false)`: nothing to translate (Redis judges the syntax);
+    /// `Err`: no such client is pinned, Redis's own error for an unknown id.
+    fn redirect_to_redis_id(&mut self) -> Result<bool, Bytes> {
+        let mut i = 3;
+        while i + 1 < self.argv.len() {
+            let opt = &self.argv[i];
+            if opt.eq_ignore_ascii_case(b"redirect") {
+                let Some(client) = parse_i64(&self.argv[i + 1]) else {
+                    return Ok(false);
+                };
+                let Some(id) = u64::try_from(client)
+                    .ok()
+                    .and_then(|c| self.ctx.directory.redis_id(c))
+                else {
+                    return Err(reply::error(
+                        "ERR The client ID you want redirect to does not exist",
+                    ));
+                };
+                self.argv[i + 1] = Bytes::from(id.to_string());
+                return Ok(true);
+            }
+            // PREFIX takes a value (which may read "redirect"); flags do not.
+            i += if opt.eq_ignore_ascii_case(b"prefix") {
+                2
+            } else {
+                1
+            };
+        }
+        Ok(false)
     }
 
     /// Releases the pin once no transaction state is left on it.

@@ -1,0 +1,75 @@
+//! Which upstream connection stands for which client, for the commands that
+//! name another client by id: `CLIENT TRACKING on REDIRECT <id>` takes the id
+//! a client got from `CLIENT ID`, which is nearcache's; Redis knows that
+//! client only by the Redis id of the dedicated connection it is pinned to
+//! (a subscriber to `__redis__:invalidate` always is).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Sessions pinned to a dedicated connection, by nearcache id → Redis id.
+#[derive(Debug, Default)]
+pub struct Directory {
+    pinned: Mutex<HashMap<u64, u64>>,
+}
+
+/// A session's entry in the [`Directory`], removed when dropped (when the
+/// session lets go of the connection).
+#[derive(Debug)]
+pub struct Listing {
+    directory: Arc<Directory>,
+    session: u64,
+    redis_id: u64,
+}
+
+impl Directory {
+    /// Records that `session` is pinned to the connection Redis calls
+    /// `redis_id`, for as long as the returned listing lives.
+    pub fn list(self: &Arc<Self>, session: u64, redis_id: u64) -> Listing {
+        self.lock().insert(session, redis_id);
+        Listing {
+            directory: self.clone(),
+            session,
+            redis_id,
+        }
+    }
+
+    /// Redis's id for the connection `session` is pinned to, if it is.
+    pub fn redis_id(&self, session: u64) -> Option<u64> {
+        self.lock().get(&session).copied()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, u64>> {
+        self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        let mut pinned = self.directory.lock();
+        // A newer pin of the same session may have replaced this entry.
+        if pinned.get(&self.session) == Some(&self.redis_id) {
+            pinned.remove(&self.session);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_lasts_as_long_as_the_pin_and_no_longer() {
+        let d = Arc::new(Directory::default());
+        let first = d.list(7, 100);
+        assert_eq!(d.redis_id(7), Some(100));
+        assert_eq!(d.redis_id(8), None);
+        // Re-pinned: the new connection replaces the old one, and the old
+        // listing going away afterwards leaves the new one in place.
+        let second = d.list(7, 200);
+        drop(first);
+        assert_eq!(d.redis_id(7), Some(200));
+        drop(second);
+        assert_eq!(d.redis_id(7), None);
+    }
+}
