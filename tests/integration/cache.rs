@@ -756,14 +756,9 @@ async fn resp2_and_resp3_clients_each_get_their_own_encoding() {
     negative.negative_ttl = Some(Dur(Duration::from_secs(10)));
     let proxy = proxy_with(&redis, vec![rule("c:", Duration::from_secs(10)), negative]).await;
     let mut d2 = Raw::connect(redis.port()).await;
-    let mut d3 = Raw::connect(redis.port()).await;
+    let mut d3 = Raw::connect_resp3(redis.port()).await;
     let mut p2 = Raw::connect(proxy.port()).await;
-    let mut p3 = Raw::connect(proxy.port()).await;
-    for c in [&mut d3, &mut p3] {
-        c.resp3 = true;
-        let hello = c.cmd(&["HELLO", "3"]).await;
-        assert!(hello.starts_with(b"%"), "HELLO 3: {hello:?}");
-    }
+    let mut p3 = Raw::connect_resp3(proxy.port()).await;
 
     assert_eq!(d2.cmd(&["HSET", "c:h", "f", "v", "g", "w"]).await, int(2));
     let want2 = d2.cmd(&["HGETALL", "c:h"]).await;
@@ -1178,13 +1173,8 @@ async fn mget_serves_cached_keys_from_l1_and_fetches_only_the_rest() {
     assert_eq!(redis.calls("pttl"), 0);
 
     // RESP3: its own entries, and Redis's RESP3 bytes (nulls as `_`).
-    let mut d3 = Raw::connect(redis.port()).await;
-    let mut p3 = Raw::connect(proxy.port()).await;
-    for c in [&mut d3, &mut p3] {
-        c.resp3 = true;
-        let hello = c.cmd(&["HELLO", "3"]).await;
-        assert!(hello.starts_with(b"%"), "HELLO 3: {hello:?}");
-    }
+    let mut d3 = Raw::connect_resp3(redis.port()).await;
+    let mut p3 = Raw::connect_resp3(proxy.port()).await;
     let want3 = d3.cmd(&mget).await;
     assert_eq!(
         want3,

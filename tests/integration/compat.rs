@@ -42,6 +42,15 @@ impl Raw {
         }
     }
 
+    /// Connects and switches to RESP3 (`HELLO 3`, whose reply must be a map).
+    pub(crate) async fn connect_resp3(port: u16) -> Raw {
+        let mut r = Raw::connect(port).await;
+        r.resp3 = true;
+        let hello = r.cmd(&["HELLO", "3"]).await;
+        assert!(hello.starts_with(b"%"), "HELLO 3: {hello:?}");
+        r
+    }
+
     /// Sends one command as a RESP array of bulk strings.
     pub(crate) async fn send(&mut self, args: &[&[u8]]) {
         self.write(&encode(args)).await;
@@ -854,9 +863,7 @@ async fn hello_3_switches_replies_to_resp3_types() {
     assert_eq!(r.cmd(&["EXISTS", "h"]).await, b":1\r\n"[..]);
 
     // The same commands directly against Redis in RESP3 give the same bytes.
-    let mut direct = Raw::connect(redis.port()).await;
-    direct.resp3 = true;
-    let _ = direct.cmd(&["HELLO", "3"]).await;
+    let mut direct = Raw::connect_resp3(redis.port()).await;
     assert_eq!(direct.cmd(&["HGETALL", "h"]).await, map);
     assert_eq!(direct.cmd(&["ZSCORE", "z", "m"]).await, b",1.5\r\n"[..]);
 

@@ -340,10 +340,7 @@ async fn resp3_pubsub_uses_push_frames_and_still_answers_commands() {
     let mut publisher = proxy.conn().await;
     let _: () = q(&mut publisher, &["SET", "k", "v"]).await;
 
-    let mut s = Raw::connect(proxy.port()).await;
-    s.resp3 = true;
-    let hello = s.cmd(&["HELLO", "3"]).await;
-    assert_eq!(hello[0], b'%');
+    let mut s = Raw::connect_resp3(proxy.port()).await;
 
     let confirm = s.cmd(&["SUBSCRIBE", "ch"]).await;
     assert_eq!(confirm, array('>', &["subscribe", "ch", ":1"])[..]);
@@ -378,9 +375,7 @@ async fn client_tracking_pushes_invalidations_through_the_proxy() {
     let mut writer = proxy.conn().await;
     let _: () = q(&mut writer, &["SET", "tk", "1"]).await;
 
-    let mut t = Raw::connect(proxy.port()).await;
-    t.resp3 = true;
-    assert_eq!(t.cmd(&["HELLO", "3"]).await[0], b'%');
+    let mut t = Raw::connect_resp3(proxy.port()).await;
     assert_eq!(t.cmd(&["CLIENT", "TRACKING", "on"]).await, OK);
     assert_eq!(t.cmd(&["GET", "tk"]).await, bulk("1").as_bytes()[..]);
     let _: () = q(&mut writer, &["SET", "tk", "2"]).await;
