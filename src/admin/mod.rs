@@ -92,7 +92,7 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
     let s = &bus.stats;
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let d = &s.delay_us;
-    let fields: [(&str, i64); 16] = [
+    let fields: [(&str, i64); 17] = [
         ("healthy", i64::from(bus.healthy())),
         ("published", n(s.published.load(Relaxed))),
         ("published_keys", n(s.published_keys.load(Relaxed))),
@@ -104,6 +104,7 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
         ("dropped_keys", n(s.dropped_keys.load(Relaxed))),
         ("queued_keys", n(s.queued_keys.load(Relaxed) as u64)),
         ("silent_peers", n(s.silent_peers.load(Relaxed))),
+        ("peers_left", n(s.peers_left.load(Relaxed))),
         ("delay_samples", n(d.count())),
         ("delay_avg_us", n(d.mean())),
         ("delay_p50_us", n(d.quantile(0.5))),

@@ -7,7 +7,9 @@
 //! "NC" | version u8 = 1 | kind u8 | id_len u8 | instance id | seq u64 BE
 //!      | sent_at_us u64 BE (Unix time) | count u32 BE | count × (db u32 BE | len u32 BE | key)
 //! kind: 1 = keys, 2 = flush everything, 3 = resync (no entries; only the
-//! sequence number matters), 4 = pattern (one entry: db u32::MAX, the glob)
+//! sequence number matters), 4 = pattern (one entry: db u32::MAX, the glob),
+//! 5 = leave (no entries: the sender shut down cleanly, after everything it
+//! published; a build that predates it cannot read it, and flushes)
 //! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -26,6 +28,9 @@ pub enum Kind {
     Resync = 3,
     /// Drop keys matching a glob.
     Pattern = 4,
+    /// The sender is shutting down cleanly: nothing follows, and its silence
+    /// from now on is no reason to flush.
+    Leave = 5,
 }
 
 /// A decoded message.
@@ -125,6 +130,7 @@ impl Message {
             2 => Kind::Flush,
             3 => Kind::Resync,
             4 => Kind::Pattern,
+            5 => Kind::Leave,
             _ => return Err(DecodeError::Malformed),
         };
         let need = |buf: &Bytes, n: usize| {

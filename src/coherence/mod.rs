@@ -18,6 +18,9 @@
 //! - **Bus loss is visible**: while NATS is unreachable, L1 is not served
 //!   (`bypass`) or served for at most `max_staleness` (`serve-stale`); when the
 //!   bus returns, L1 is flushed before it is served again.
+//! - **A clean shutdown costs peers nothing**: the instance publishes what
+//!   it has queued, then a leave message; peers forget it instead of
+//!   flushing when its heartbeats stop.
 //! - A message from a build that speaks another format version cannot be
 //!   applied, so it flushes L1 rather than being ignored.
 
@@ -30,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::{Invalidation, L1};
 use crate::config::{CoherenceConfig, LossPolicy};
@@ -66,6 +69,8 @@ pub struct BusStats {
     pub delay_us: Histogram,
     /// Peers that fell silent past `peer_timeout` (each flushed L1).
     pub silent_peers: AtomicU64,
+    /// Peers that said goodbye on a clean shutdown (no flush needed).
+    pub peers_left: AtomicU64,
 }
 
 /// What sessions send to the publisher; invalidations carry the time (µs,
@@ -77,6 +82,9 @@ enum Outgoing {
     Pattern(Bytes, u64),
     /// After a reconnect: our sequence number, so peers see what we lost.
     Resync,
+    /// Shutting down: tell peers, after everything queued before, and
+    /// report on the sender once NATS has it.
+    Leave(oneshot::Sender<()>),
 }
 
 /// A running bus.
@@ -281,6 +289,23 @@ impl Bus {
     /// Asks every peer to flush its L1.
     pub fn publish_flush(&self) {
         self.queue.push(Outgoing::Flush(now_us()), self.healthy());
+    }
+
+    /// Says goodbye on a clean shutdown, once no more writes can come:
+    /// publishes what is still queued, then a leave message, and waits (at
+    /// most `within`) until NATS has them. Peers then forget this instance
+    /// instead of flushing their L1 when its heartbeats stop, as they must
+    /// for an instance that vanishes without a word.
+    pub async fn leave(&self, within: Duration) {
+        if !self.healthy() {
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.queue.tx.send(Outgoing::Leave(tx)).is_ok()
+            && tokio::time::timeout(within, rx).await.is_ok()
+        {
+            tracing::info!("left the coherence bus");
+        }
     }
 }
 
@@ -498,8 +523,9 @@ async fn publish(
         // When the oldest of `keys` was queued.
         let mut keys_at = u64::MAX;
         let mut out: Vec<Bytes> = Vec::new();
+        let mut leaving = None;
         let mut take = |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| {
-            if !matches!(item, Outgoing::Resync) {
+            if !matches!(item, Outgoing::Resync | Outgoing::Leave(_)) {
                 p.stats.queued_keys.fetch_sub(item.weight(), SeqCst);
             }
             if let Outgoing::Keys(k, at) = item {
@@ -524,6 +550,10 @@ async fn publish(
                     p.message(Kind::Flush, Vec::new(), at)
                 }
                 Outgoing::Pattern(pat, at) => p.message(Kind::Pattern, vec![(u32::MAX, pat)], at),
+                Outgoing::Leave(done) => {
+                    leaving = Some(done);
+                    p.message(Kind::Leave, Vec::new(), now_us())
+                }
                 // Resync (keys returned above).
                 _ => p.message(Kind::Resync, Vec::new(), now_us()),
             });
@@ -566,6 +596,13 @@ async fn publish(
                     tracing::warn!(error = %e, "publishing an invalidation failed");
                 }
             }
+        }
+        if let Some(done) = leaving {
+            // Nothing may follow a leave: peers no longer track us.
+            if client.flush().await.is_ok() {
+                let _ = done.send(());
+            }
+            return;
         }
     }
 }
@@ -680,6 +717,13 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
             }
             // A heartbeat: not an invalidation, so no delay to count.
             Kind::Resync => continue,
+            Kind::Leave => {
+                last_seen.remove(&m.instance);
+                last_seq.remove(&m.instance);
+                stats.peers_left.fetch_add(1, SeqCst);
+                tracing::info!(peer = %m.instance, "peer left the bus");
+                continue;
+            }
         }
         stats.delay_us.record(now_us().saturating_sub(m.sent_at_us));
     }

@@ -226,4 +226,8 @@ async fn accept_loop(
         );
         sessions.abort_all();
     }
+    // Every acknowledged write's invalidation is queued by now.
+    if let Some(bus) = &ctx.bus {
+        bus.leave(std::time::Duration::from_secs(1)).await;
+    }
 }

@@ -4,7 +4,8 @@
 //! "Served from L1" / "went upstream" is always proved with Redis's own
 //! `INFO commandstats` after `CONFIG RESETSTAT`, never with timing. Waiting for
 //! the bus is a bounded poll of `PROXY STATS` (its `bus` map); sleeps appear
-//! only to let `max_staleness` elapse, with a generous margin.
+//! only to let `max_staleness` or `peer_timeout` elapse, with a generous
+//! margin.
 
 #![allow(clippy::unwrap_used)]
 
@@ -220,8 +221,8 @@ struct Cluster {
     redis: RedisServer,
     nats: NatsServer,
     cfg: Config,
-    /// Kept alive for the test's duration.
-    _proxies: Vec<TestProxy>,
+    /// Kept alive for the test's duration (or shut down by it).
+    proxies: Vec<TestProxy>,
     conns: Vec<MultiplexedConnection>,
 }
 
@@ -273,7 +274,7 @@ impl Cluster {
             redis,
             nats,
             cfg: base,
-            _proxies: proxies,
+            proxies,
             conns,
         };
         cluster.introduce().await;
@@ -509,6 +510,41 @@ async fn nats_over_tls_with_a_private_ca() {
     })
     .await;
     write_on_a_evicts_on_b(c).await;
+}
+
+/// Guards `Bus::leave` → `receive` (`Kind::Leave`): an instance shut down
+/// cleanly says goodbye after its last invalidation, and its peers forget it
+/// rather than flush their L1 when its heartbeats stop — a rolling restart
+/// does not empty every other instance's cache. (An instance that vanishes
+/// without a word still costs a flush: the checker's paused-proxy phase.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_says_goodbye_and_peers_keep_their_l1() {
+    let mut c = Cluster::start(2).await;
+    for k in ["t:k", "t:kept"] {
+        set_direct(&c.redis, k, "old");
+        assert_eq!(cache_it(&mut c.conns[1], &c.redis, k).await, "old");
+    }
+    let b0 = c.bus(1).await;
+    // A write acknowledged just before the shutdown still reaches B.
+    let () = c.conns[0].set("t:k", "new").await.unwrap();
+    c.proxies.remove(0).shutdown().await;
+    let b1 = until_bus(&mut c.conns[1], "B to see A leave", POLL_LIMIT, |s| {
+        s.get("peers_left") > b0.get("peers_left")
+    })
+    .await;
+    assert!(b1.get("applied_keys") > b0.get("applied_keys"), "{b1:?}");
+    assert_eq!(get(&mut c.conns[1], "t:k").await.as_deref(), Some("new"));
+
+    // Well past peer_timeout (100 ms): A's silence flushed nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b2 = c.bus(1).await;
+    assert_eq!(b2.get("silent_peers"), b0.get("silent_peers"), "{b2:?}");
+    assert_eq!(b2.get("flushes"), b0.get("flushes"), "{b2:?}");
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:kept", "old", 2).await,
+        0,
+        "B's L1 was flushed after A left"
+    );
 }
 
 /// Guards `receive`'s own-message filter: A's writes reach B, never A itself.
