@@ -166,6 +166,12 @@ impl Bus {
         if !cfg.tls_ca_file.is_empty() {
             opts = opts.add_root_certificates(cfg.tls_ca_file.clone().into());
         }
+        if !cfg.tls_cert_file.is_empty() {
+            opts = opts.add_client_certificate(
+                cfg.tls_cert_file.clone().into(),
+                cfg.tls_key_file.clone().into(),
+            );
+        }
         let events = EventHandler {
             healthy: healthy.clone(),
             down_at_ms: down_at_ms.clone(),

@@ -225,6 +225,11 @@ pub struct CoherenceConfig {
     pub tls_required: bool,
     /// CA certificates (PEM) to verify the NATS server with.
     pub tls_ca_file: String,
+    /// A client certificate (PEM), for a NATS server that verifies its
+    /// clients (mutual TLS); goes with `tls_key_file`.
+    pub tls_cert_file: String,
+    /// The client certificate's private key (PEM).
+    pub tls_key_file: String,
     /// While the bus is down: `bypass` (L1 is not served; default) or
     /// `serve-stale` (L1 is served for up to `max_staleness`, then bypassed).
     /// Either way L1 is flushed when the bus comes back.
@@ -271,6 +276,8 @@ impl Default for CoherenceConfig {
             creds_file: String::new(),
             tls_required: false,
             tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
             loss_policy: LossPolicy::Bypass,
             max_staleness: Duration(std::time::Duration::from_secs(1)),
             batch_delay: Duration(std::time::Duration::from_millis(1)),
@@ -606,6 +613,30 @@ impl Config {
         if c.max_queued_keys == 0 {
             bad("coherence.max_queued_keys", "must be at least 1".into());
         }
+        if c.tls_cert_file.is_empty() != c.tls_key_file.is_empty() {
+            bad(
+                "coherence.tls_cert_file",
+                "tls_cert_file and tls_key_file go together: set both or neither".into(),
+            );
+        }
+        // Unreadable at start-up would mean a bus that never connects, each
+        // attempt failing alike: say so now, naming the field.
+        for (field, path) in [
+            ("coherence.tls_ca_file", &c.tls_ca_file),
+            ("coherence.tls_cert_file", &c.tls_cert_file),
+            ("coherence.tls_key_file", &c.tls_key_file),
+            ("coherence.creds_file", &c.creds_file),
+        ] {
+            if path.is_empty() {
+                continue;
+            }
+            // (metadata, not open: opening a FIFO would block.)
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => bad(field, format!("cannot read {path}: not a file")),
+                Err(e) => bad(field, format!("cannot read {path}: {e}")),
+            }
+        }
         if c.batch_delay.0 > std::time::Duration::from_millis(100) {
             bad(
                 "coherence.batch_delay",
@@ -764,6 +795,24 @@ mod tests {
             "cache.rules[0] (pattern \"c:*\").pattern: set either prefix or pattern",
             "cache.rules[1] (pattern \"\").pattern: must not be empty",
             "cache.rules[3] (pattern \"x*\").pattern: another rule has the same pattern",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn nats_tls_files_must_be_readable_and_cert_and_key_go_together() {
+        let bad = Config::from_toml(
+            "[coherence]\ntls_ca_file = \"/nonexistent/ca.pem\"\n\
+             tls_cert_file = \"/nonexistent/client.pem\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap();
+        let err = bad.validate("c.toml").unwrap_err().to_string();
+        for want in [
+            "coherence.tls_ca_file: cannot read /nonexistent/ca.pem",
+            "coherence.tls_cert_file: tls_cert_file and tls_key_file go together",
+            "coherence.tls_cert_file: cannot read /nonexistent/client.pem",
         ] {
             assert!(err.contains(want), "missing {want:?} in {err}");
         }

@@ -495,18 +495,45 @@ async fn nats_token_authenticates_the_bus() {
 /// certificate from a private CA that `tls_ca_file` names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_over_tls_with_a_private_ca() {
-    let certs = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = tls_certificates(certs.path());
+    let dir = tempfile::tempdir().unwrap();
+    let tls = tls_certificates(dir.path());
     let nats = NatsServer::start_with(&[
         "--tls",
         "--tlscert",
-        cert.to_str().unwrap(),
+        tls.server_cert.to_str().unwrap(),
         "--tlskey",
-        key.to_str().unwrap(),
+        tls.server_key.to_str().unwrap(),
     ]);
     let c = Cluster::start_on(nats, 2, |_, cfg| {
         cfg.coherence.tls_required = true;
-        cfg.coherence.tls_ca_file = ca.to_str().unwrap().into();
+        cfg.coherence.tls_ca_file = tls.ca.to_str().unwrap().into();
+    })
+    .await;
+    write_on_a_evicts_on_b(c).await;
+}
+
+/// Guards `tls_cert_file`/`tls_key_file`: a NATS that verifies its clients'
+/// certificates (mutual TLS) accepts instances that present one signed by
+/// its CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_with_mutual_tls_takes_the_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = tls_certificates(dir.path());
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let nats = NatsServer::start_with(&[
+        "--tlsverify",
+        "--tlscert",
+        &path(&tls.server_cert),
+        "--tlskey",
+        &path(&tls.server_key),
+        "--tlscacert",
+        &path(&tls.ca),
+    ]);
+    let c = Cluster::start_on(nats, 2, |_, cfg| {
+        cfg.coherence.tls_required = true;
+        cfg.coherence.tls_ca_file = path(&tls.ca);
+        cfg.coherence.tls_cert_file = path(&tls.client_cert);
+        cfg.coherence.tls_key_file = path(&tls.client_key);
     })
     .await;
     write_on_a_evicts_on_b(c).await;

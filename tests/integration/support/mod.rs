@@ -590,9 +590,20 @@ impl Drop for TcpRelay {
     }
 }
 
-/// A throwaway CA and a certificate it signed for 127.0.0.1 (P-256), made
-/// with the `openssl` command in `dir`: `(ca.pem, server.pem, server.key)`.
-pub fn tls_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+/// Certificates for TLS tests, made with the `openssl` command (P-256).
+pub struct TlsFiles {
+    /// A throwaway CA.
+    pub ca: PathBuf,
+    /// A server certificate for 127.0.0.1 that the CA signed, and its key.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// A client certificate (CN nearcache) that the CA signed, and its key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// Makes a CA and a server and a client certificate it signed, in `dir`.
+pub fn tls_certificates(dir: &Path) -> TlsFiles {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -625,33 +636,50 @@ pub fn tls_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         &["-keyout", "ca.key", "-out", "ca.pem"],
     ]
     .concat());
-    run(&[
-        &["req", "-subj", "/CN=127.0.0.1"][..],
-        &ec,
-        &["-keyout", "server.key", "-out", "server.csr"],
-    ]
-    .concat());
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write san.ext");
-    run(&[
-        "x509",
-        "-req",
-        "-days",
-        "1",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-    (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    )
+    // `name`.pem and `name`.key for `subject`, signed by the CA, with the
+    // X.509 extensions in `ext`.
+    let signed = |name: &str, subject: &str, ext: &str| {
+        let (key, csr, pem, extfile) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        run(&[
+            &["req", "-subj", subject][..],
+            &ec,
+            &["-keyout", &key, "-out", &csr],
+        ]
+        .concat());
+        std::fs::write(dir.join(&extfile), ext).expect("write the extensions file");
+        run(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            &extfile,
+            "-out",
+            &pem,
+        ]);
+        (dir.join(pem), dir.join(key))
+    };
+    let (server_cert, server_key) =
+        signed("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1\n");
+    let (client_cert, client_key) =
+        signed("client", "/CN=nearcache", "extendedKeyUsage=clientAuth\n");
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        server_cert,
+        server_key,
+        client_cert,
+        client_key,
+    }
 }
