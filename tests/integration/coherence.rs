@@ -491,6 +491,21 @@ async fn nats_token_authenticates_the_bus() {
     write_on_a_evicts_on_b(c).await;
 }
 
+/// Guards `creds_file`: a nats-server in operator (JWT) mode admits the
+/// instances by their user's `.creds` file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_creds_file_authenticates_the_bus() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nats-jwt");
+    let conf = fixtures.join("jwt.conf");
+    let creds = fixtures.join("TestUser.creds");
+    let nats = NatsServer::start_with(&["-c", conf.to_str().unwrap()]);
+    let c = Cluster::start_on(nats, 2, |_, cfg| {
+        cfg.coherence.creds_file = creds.to_str().unwrap().into();
+    })
+    .await;
+    write_on_a_evicts_on_b(c).await;
+}
+
 /// Guards the TLS options of `Bus::start`: a NATS that requires TLS, with a
 /// certificate from a private CA that `tls_ca_file` names.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
