@@ -530,6 +530,8 @@ async fn publish(
         let mut keys_at = u64::MAX;
         let mut out: Vec<Bytes> = Vec::new();
         let mut leaving = None;
+        // What NATS takes in one message (server_info() clones, so once).
+        let limit = max_payload(&client);
         let mut take = |item: Outgoing, keys: &mut Vec<(u32, Bytes)>, out: &mut Vec<Bytes>| {
             if !matches!(item, Outgoing::Resync | Outgoing::Leave(_)) {
                 p.stats.queued_keys.fetch_sub(item.weight(), SeqCst);
@@ -542,7 +544,7 @@ async fn publish(
             // Keys queued before this message are numbered and sent before
             // it: peers must see sequence numbers in order, or they flush.
             if !keys.is_empty() {
-                p.keys_messages(std::mem::take(keys), keys_at, max_payload(&client), out);
+                p.keys_messages(std::mem::take(keys), keys_at, limit, out);
                 keys_at = u64::MAX;
             }
             out.push(match item {
@@ -550,8 +552,7 @@ async fn publish(
                 // A glob too long for one message: dropping everything
                 // covers it.
                 Outgoing::Pattern(pat, at)
-                    if Message::overhead(&p.instance) + Message::entry_size(&pat)
-                        > max_payload(&client) =>
+                    if Message::overhead(&p.instance) + Message::entry_size(&pat) > limit =>
                 {
                     p.message(Kind::Flush, Vec::new(), at)
                 }
@@ -587,7 +588,7 @@ async fn publish(
         // (Keys that left early, ahead of a flush or pattern, are rare
         // enough not to count against the rate.)
         if !keys.is_empty() {
-            p.keys_messages(keys, keys_at, max_payload(&client), &mut out);
+            p.keys_messages(keys, keys_at, limit, &mut out);
             last_keys_sent = Some(tokio::time::Instant::now());
         }
         for payload in out {

@@ -39,6 +39,8 @@ pub struct Context {
     pub bus: Option<Arc<crate::coherence::Bus>>,
     /// Sessions pinned to dedicated connections, by their Redis ids.
     pub directory: Arc<directory::Directory>,
+    /// Redis's own invalidations, if `coherence.redis_tracking` is on.
+    pub tracking: Option<Arc<crate::coherence::tracking::Tracking>>,
 }
 
 /// Why the proxy could not start.
@@ -118,14 +120,15 @@ impl Proxy {
             }
             (_, true) => None,
         };
-        if let (Some(l1), true) = (&l1, cfg.coherence.redis_tracking) {
-            crate::coherence::tracking::spawn(
+        let tracking = match (&l1, cfg.coherence.redis_tracking) {
+            (Some(l1), true) => Some(crate::coherence::tracking::spawn(
                 url.clone(),
                 l1.cached_prefixes(),
                 l1.clone(),
                 cfg.upstream.connect_timeout.0,
-            );
-        }
+            )),
+            _ => None,
+        };
         let ctx = Arc::new(Context {
             l1,
             bus,
@@ -134,6 +137,7 @@ impl Proxy {
             upstream,
             default_pool,
             directory: Arc::default(),
+            tracking,
         });
         if let Some(l1) = &ctx.l1 {
             // Hits bypass moka, so its expiry and eviction run on a tick.

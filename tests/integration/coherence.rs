@@ -1178,23 +1178,37 @@ async fn redis_tracking_drops_values_written_directly_to_redis() {
     let proxy = TestProxy::start_with(cfg).await;
     let mut c = proxy.conn().await;
 
-    // Tracking is enabled in the background (then L1 is flushed): wait until
-    // Redis lists a broadcast-tracking client (flags t and B).
+    // Tracking is enabled in the background, then L1 is flushed: wait until
+    // nearcache reports it active (which it does after that flush, so no
+    // flush can land between the two reads of `cache_it` below).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let clients: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query(&mut redis.direct())
+        let v: Value = redis::cmd("PROXY")
+            .arg("STATS")
+            .query_async(&mut c)
+            .await
             .unwrap();
-        if clients.lines().any(|l| l.contains("flags=tB")) {
+        let active = pairs(&v)
+            .into_iter()
+            .find_map(|(k, v)| (k == "redis_tracking").then_some(v));
+        if active == Some(Value::Int(1)) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "no tracking client registered: {clients}"
+            "redis tracking never became active: {v:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Redis agrees: a broadcast-tracking client (flags t and B).
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap();
+    assert!(
+        clients.lines().any(|l| l.contains("flags=tB")),
+        "no tracking client registered: {clients}"
+    );
 
     set_direct(&redis, "t:k", "old");
     assert_eq!(cache_it(&mut c, &redis, "t:k").await, "old");

@@ -357,7 +357,9 @@ impl Session {
             self.note_write(spec);
         }
         let mut frame = frame;
-        if spec.is_some_and(|s| s.name == "client|tracking") {
+        // (The route first: an enum compare on every command, the name only
+        // for the rare relaying ones.)
+        if route == Route::Relay && spec.is_some_and(|s| s.name == "client|tracking") {
             match self.redirect_to_redis_id() {
                 // The argument changed: the command is sent re-encoded.
                 Ok(true) => frame = None,
