@@ -130,6 +130,14 @@ impl Parser {
         }
     }
 
+    /// Hands back the command just parsed, whose frame began at `start`: the
+    /// next call to [`next`](Self::next) parses it again. (For a caller that
+    /// must not run it yet.)
+    pub fn unread(&mut self, start: usize) {
+        debug_assert!(self.partial.is_none() && start <= self.pos);
+        self.pos = start;
+    }
+
     /// Tells the parser the caller removed the first `n` bytes of the buffer.
     /// `n` must not exceed the end of the last complete command.
     pub fn consume(&mut self, n: usize) {

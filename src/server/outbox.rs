@@ -120,6 +120,27 @@ impl Outbox {
         self.slots.is_empty()
     }
 
+    /// True while some reply from Redis is still to come (not counting
+    /// relayed frames).
+    pub fn awaits_upstream(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s, Slot::Upstream { .. }))
+    }
+
+    /// Waits until every reply from Redis queued so far has arrived (they are
+    /// written to the client later, in order, as usual).
+    pub async fn settle_upstream(&mut self) {
+        for slot in &mut self.slots {
+            if let Slot::Upstream { rx, .. } = slot {
+                let replies = (&mut *rx).await.unwrap_or_else(|_| Err(lost()));
+                let (tx, answered) = oneshot::channel();
+                let _ = tx.send(replies);
+                *rx = answered;
+            }
+        }
+    }
+
     /// True while the head slot is a relay (the client is subscribed or
     /// monitoring), which exempts it from the idle timeout.
     pub fn relaying(&self) -> bool {

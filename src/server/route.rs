@@ -56,6 +56,37 @@ pub enum Route {
     Proxy,
 }
 
+/// Commands that may block their client: Redis runs nothing else from that
+/// client until they answer. (XREAD and XREADGROUP only with BLOCK.)
+const MAY_BLOCK: &[&str] = &[
+    "blpop",
+    "brpop",
+    "brpoplpush",
+    "blmove",
+    "blmpop",
+    "bzpopmin",
+    "bzpopmax",
+    "bzmpop",
+    "wait",
+    "waitaof",
+];
+
+/// Whether a command may block its client, judged from its name and
+/// arguments without routing it (the input loop asks this of every command,
+/// so a first-byte test settles nearly all of them).
+pub fn may_block<'a>(name: &[u8], mut args: impl Iterator<Item = &'a [u8]>) -> bool {
+    match name.first() {
+        Some(b'b' | b'B' | b'w' | b'W') => MAY_BLOCK
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes())),
+        Some(b'x' | b'X') => {
+            (name.eq_ignore_ascii_case(b"xread") || name.eq_ignore_ascii_case(b"xreadgroup"))
+                && args.any(|a| a.eq_ignore_ascii_case(b"block"))
+        }
+        _ => false,
+    }
+}
+
 /// Routes a command and returns its spec too (None for unknown commands),
 /// so the caller does not look it up twice.
 pub fn route_spec(argv: &[Bytes]) -> (Route, Option<&'static CommandSpec>) {
@@ -173,6 +204,29 @@ mod tests {
         assert_eq!(r(&["CLIENT", "SETNAME", "x"]), Route::ClientSetName);
         assert_eq!(r(&["select", "2"]), Route::Select);
         assert!(matches!(r(&["PSYNC", "?", "-1"]), Route::Refuse(_)));
+    }
+
+    #[test]
+    fn may_block_names_exactly_the_commands_routed_as_blocking() {
+        let blocks =
+            |args: &[&str]| may_block(args[0].as_bytes(), args[1..].iter().map(|a| a.as_bytes()));
+        for spec in command::all() {
+            let name = spec.name.to_uppercase();
+            // As many arguments as the arity asks; the route then depends on
+            // the name (and, for XREAD, on BLOCK).
+            let argc = (1..16)
+                .find(|&n| spec.arity_ok(n))
+                .expect("some arity fits");
+            let mut args = vec![name.as_str()];
+            args.extend(std::iter::repeat_n("1", argc - 1));
+            let routed = matches!(r(&args), Route::Blocking | Route::Wait);
+            assert_eq!(blocks(&args), routed, "{name}");
+        }
+        assert!(blocks(&["waitaof", "1", "0", "100"]));
+        assert!(blocks(&["XREADGROUP", "GROUP", "g", "c", "block", "0"]));
+        assert!(!blocks(&["XREAD", "STREAMS", "s", "0"]));
+        assert!(!blocks(&["BITCOUNT", "k"]));
+        assert!(!blocks(&["GET", "k"]));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -83,9 +84,16 @@ pub enum Op {
 pub struct Conn {
     tx: mpsc::UnboundedSender<Op>,
     redis_id: u64,
+    serial: u64,
 }
 
 impl Conn {
+    /// A number no other connection of this process has (never 0).
+    #[inline]
+    pub fn serial(&self) -> u64 {
+        self.serial
+    }
+
     /// Redis's id for this connection (its `CLIENT ID`; 0 if unknown).
     pub fn redis_id(&self) -> u64 {
         self.redis_id
@@ -179,9 +187,14 @@ enum Pending {
 /// Starts the task for an established (already handshaken) connection.
 /// `leftover` holds bytes the handshake read past its own replies.
 pub fn spawn(stream: TcpStream, leftover: BytesMut, opts: ConnOptions, redis_id: u64) -> Conn {
+    static SERIAL: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(run(stream, leftover, rx, opts));
-    Conn { tx, redis_id }
+    Conn {
+        tx,
+        redis_id,
+        serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+    }
 }
 
 /// Bytes of queued requests written in one batch, at most.
@@ -221,16 +234,20 @@ async fn run(
                 if let Err(e) = deliver(&mut rbuf, &mut scanner, &mut pending, &mut got, &mut got_bytes, &mut relaying, &opts).await {
                     break e;
                 }
+                if orphaned && !awaited(&pending) {
+                    return;
+                }
                 if rbuf.capacity() - rbuf.len() < 4096 {
                     rbuf.reserve(64 * 1024);
                 }
             }
             op = rx.recv(), if !orphaned => {
                 let Some(op) = op else {
-                    // Every handle is gone. A relay still being read (the last
-                    // command was RESET, whose +RESET is on its way) runs to its
-                    // end; anything else is wanted by nobody.
-                    if matches!(pending.front(), Some(Pending::Relay(tx)) if !tx.is_closed()) {
+                    // Every handle is gone, but what was written is still
+                    // answered to whoever waits for it: a session that drops
+                    // a dirty pin right after its last commands, a relay whose
+                    // RESET's +RESET is on its way. Then the connection closes.
+                    if awaited(&pending) {
                         orphaned = true;
                         continue;
                     }
@@ -263,6 +280,9 @@ async fn run(
             _ = tick.tick(), if !pending.is_empty() => {
                 if let Some(e) = check_head(&pending, &opts) {
                     break e;
+                }
+                if orphaned && !awaited(&pending) {
+                    return;
                 }
             }
         }
@@ -387,6 +407,15 @@ async fn deliver(
             }
         }
     }
+}
+
+/// Whether anyone still waits for a reply or a relayed frame.
+fn awaited(pending: &VecDeque<Pending>) -> bool {
+    pending.iter().any(|p| match p {
+        Pending::Replies { tx, .. } => !tx.is_closed(),
+        Pending::Relay(tx) => !tx.is_closed(),
+        Pending::Release(_) => false,
+    })
 }
 
 /// Returns released connections whose earlier replies have all arrived.

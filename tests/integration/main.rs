@@ -18,4 +18,5 @@ mod checker;
 mod cli;
 mod coherence;
 mod compat;
+mod differential;
 mod stateful;

@@ -964,3 +964,145 @@ async fn quit_answers_ok_and_closes() {
     let v: Option<String> = q(&mut d, &["GET", "after-quit"]).await;
     assert_eq!(v, None);
 }
+
+// ------------------------------------------- a pipeline keeps Redis's order
+//
+// Redis runs one connection's commands strictly in order. nearcache spreads a
+// client's pipeline over several connections (shared, dedicated, another
+// database's), and answers some commands itself, yet the client must not be
+// able to tell.
+
+/// Writes `cmds` in one go and reads one reply per command.
+async fn pipelined(conn: &mut Raw, cmds: &[&[&str]]) -> Vec<Vec<u8>> {
+    let mut wire = Vec::new();
+    for c in cmds {
+        let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
+        wire.extend_from_slice(&encode(&args));
+    }
+    conn.write(&wire).await;
+    let mut replies = Vec::with_capacity(cmds.len());
+    for _ in cmds {
+        replies.push(conn.frame().await.to_vec());
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_pipelined_behind_exec_run_after_the_transaction() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    for n in 1..=20 {
+        // EXEC runs on the dedicated connection, GET on the shared one.
+        let replies = pipelined(
+            &mut p,
+            &[&["MULTI"], &["INCR", "tx"], &["EXEC"], &["GET", "tx"]],
+        )
+        .await;
+        assert_eq!(replies[2], format!("*1\r\n:{n}\r\n").into_bytes());
+        assert_eq!(replies[3], bulk(&n.to_string()).into_bytes(), "round {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_in_a_pipeline_moves_only_the_commands_after_it() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let replies = pipelined(
+        &mut p,
+        &[
+            &["SET", "before", "0"],
+            &["SELECT", "1"],
+            &["SET", "after", "1"],
+            &["GET", "before"],
+        ],
+    )
+    .await;
+    assert_eq!(replies, [OK, OK, OK, b"$-1\r\n"]);
+    let mut db0 = direct_async(&redis, 0).await;
+    let mut db1 = direct_async(&redis, 1).await;
+    let placed: (Option<String>, Option<String>) = (
+        q(&mut db0, &["GET", "before"]).await,
+        q(&mut db1, &["GET", "after"]).await,
+    );
+    assert_eq!(placed, (Some("0".into()), Some("1".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_the_proxy_makes_keep_their_place_in_a_pipeline() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let replies = pipelined(
+        &mut p,
+        &[
+            &["SET", "k", "1"],
+            &["GET"],
+            &["CLIENT", "SETNAME", "me"],
+            &["INCR", "k"],
+            &["CLIENT", "GETNAME"],
+            &["INCR", "k"],
+            &["QUIT"],
+        ],
+    )
+    .await;
+    assert_eq!(
+        replies,
+        [
+            OK,
+            b"-ERR wrong number of arguments for 'get' command\r\n",
+            OK,
+            b":2\r\n",
+            b"$2\r\nme\r\n",
+            b":3\r\n",
+            OK,
+        ]
+    );
+    p.expect_eof().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_that_selected_another_database_hands_the_session_over_there() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    // Where SELECT inside a pin leaves the client: at once outside a
+    // transaction, at EXEC inside one, nowhere if it is discarded.
+    let cases: [(&[&[&str]], &str, u32); 3] = [
+        (&[&["WATCH", "w"], &["SELECT", "1"], &["UNWATCH"]], "x", 1),
+        (&[&["MULTI"], &["SELECT", "1"], &["EXEC"]], "y", 1),
+        (&[&["MULTI"], &["SELECT", "1"], &["DISCARD"]], "z", 0),
+    ];
+    for (pin, key, db) in cases {
+        let mut p = Raw::connect(proxy.port()).await;
+        let set = ["SET", key, "v"];
+        let mut cmds = pin.to_vec();
+        cmds.push(&set);
+        let replies = pipelined(&mut p, &cmds).await;
+        assert!(
+            replies.iter().all(|r| !r.starts_with(b"-")),
+            "{pin:?}: {replies:?}"
+        );
+        let mut d = direct_async(&redis, db).await;
+        let found: Option<String> = q(&mut d, &["GET", key]).await;
+        assert_eq!(
+            found.as_deref(),
+            Some("v"),
+            "{pin:?} then SET {key}: not in db {db}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_pipelined_behind_a_blocking_command_wait_for_it() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    // Redis runs RPUSH only once BLPOP has timed out: BLPOP gets nothing.
+    let replies = pipelined(
+        &mut p,
+        &[&["BLPOP", "q", "0.2"], &["RPUSH", "q", "x"], &["LLEN", "q"]],
+    )
+    .await;
+    assert_eq!(replies, [&b"*-1\r\n"[..], b":1\r\n", b":1\r\n"]);
+}

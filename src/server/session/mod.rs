@@ -32,7 +32,7 @@ mod cached;
 use super::Context;
 use super::directory::Listing;
 use super::outbox::{Outbox, Slot};
-use super::route::{Route, route_spec};
+use super::route::{Route, may_block, route_spec};
 use crate::cache::Invalidation;
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
@@ -95,6 +95,8 @@ pub struct Session {
     /// The shared connection this session pipelines through (sticky, so a
     /// client's commands stay ordered relative to each other).
     conn: Option<Conn>,
+    /// The [serial](Conn::serial) of the connection the session last sent to.
+    last_conn: u64,
     pin: Option<Pin>,
     out: Outbox,
     argv: Vec<Bytes>,
@@ -145,6 +147,7 @@ pub async fn serve(
         name: None,
         authed: ctx.cfg.server.password.is_none(),
         conn: None,
+        last_conn: 0,
         pin: None,
         out: Outbox::new(ctx.l1.clone(), ctx.bus.clone()),
         argv: Vec::with_capacity(8),
@@ -167,8 +170,8 @@ pub async fn serve(
     let max_pending = ctx.cfg.server.max_pending_replies;
     let mut shutdown = std::pin::pin!(shutdown_requested(shutdown));
     let mut reading = true;
-    // Complete commands may be buffered but unparsed (the reply budget ran out).
-    let mut backlog = false;
+    // Complete commands may be buffered but unparsed, and why.
+    let mut backlog = Backlog::None;
     loop {
         if session.out.collect() {
             let _ = stream.write_all(&session.out.buf).await;
@@ -181,9 +184,13 @@ pub async fn serve(
             session.out.buf.clear();
         }
         let room = max_pending.saturating_sub(session.out.pending_replies());
-        if backlog && room > 0 {
+        // Redis runs one command of a client at a time, and one that blocks
+        // holds back the rest; nearcache runs it on another connection, so
+        // it waits for the replies before it, and what follows it for its own.
+        let held = backlog == Backlog::Blocking && session.out.awaits_upstream();
+        if backlog != Backlog::None && room > 0 && !held {
             match input.dispatch(&mut session, room).await {
-                Ok(more) => backlog = more,
+                Ok(b) => backlog = b,
                 Err(()) => reading = false,
             }
             continue;
@@ -191,7 +198,11 @@ pub async fn serve(
         if !reading && session.out.is_empty() {
             break;
         }
-        let can_read = reading && room > 0 && !backlog;
+        // While held, input is still read (up to a bound), so a client that
+        // leaves is noticed and its blocked command abandoned.
+        let can_read = reading
+            && room > 0
+            && (backlog == Backlog::None || (held && input.buf.len() < HELD_INPUT_LIMIT));
         let relaying = session.out.relaying();
         tokio::select! {
             biased;
@@ -208,8 +219,9 @@ pub async fn serve(
                     }
                     continue;
                 }
+                Ok(_) if backlog != Backlog::None => {}
                 Ok(_) => match input.dispatch(&mut session, room).await {
-                    Ok(more) => backlog = more,
+                    Ok(b) => backlog = b,
                     Err(()) => reading = false,
                 },
             },
@@ -231,6 +243,20 @@ pub async fn serve(
     let _ = stream.shutdown().await;
 }
 
+/// Why complete commands were left in the input buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backlog {
+    /// None were.
+    None,
+    /// The reply budget ran out.
+    Full,
+    /// A command that may block is next, or was just sent: see `held`.
+    Blocking,
+}
+
+/// How much input a session held behind a blocking command still reads.
+const HELD_INPUT_LIMIT: usize = 1 << 20;
+
 /// A client's unparsed input and the per-read scratch vectors (reused, so a
 /// read allocates nothing).
 struct Input {
@@ -242,21 +268,43 @@ struct Input {
 
 impl Input {
     /// Parses up to `room` commands from the buffer and runs them through the
-    /// session. `Ok(true)`: complete commands remain (budget exhausted);
-    /// `Err(())`: the client is finished (protocol error or QUIT).
-    async fn dispatch(&mut self, session: &mut Session, room: usize) -> Result<bool, ()> {
+    /// session, stopping before a command that may block unless every earlier
+    /// reply is in, and right after it. `Ok(backlog)`: whether complete
+    /// commands remain, and why; `Err(())`: the client is finished (protocol
+    /// error or QUIT).
+    async fn dispatch(&mut self, session: &mut Session, room: usize) -> Result<Backlog, ()> {
         self.cmds.clear();
         self.ranges.clear();
         let mut consumed = 0;
         let mut error = None;
-        let mut more = false;
+        let mut backlog = Backlog::None;
         loop {
             if self.cmds.len() >= room {
-                more = true;
+                backlog = Backlog::Full;
                 break;
             }
             match self.parser.next(&self.buf) {
                 Ok(Some(parsed)) => {
+                    let blocks = match &parsed {
+                        Parsed::Resp { .. } => {
+                            let args = self.parser.args();
+                            may_block(
+                                &self.buf[args[0].clone()],
+                                args[1..].iter().map(|r| &self.buf[r.clone()]),
+                            )
+                        }
+                        Parsed::Inline { args, .. } => args
+                            .first()
+                            .is_some_and(|name| may_block(name, args[1..].iter().map(|a| &a[..]))),
+                        Parsed::Empty { .. } => false,
+                    };
+                    if blocks {
+                        backlog = Backlog::Blocking;
+                        if !self.cmds.is_empty() || session.out.awaits_upstream() {
+                            self.parser.unread(parsed.frame().start);
+                            break;
+                        }
+                    }
                     consumed = parsed.frame().end;
                     match parsed {
                         Parsed::Resp { frame } => {
@@ -269,6 +317,9 @@ impl Input {
                         }
                         Parsed::Inline { args, .. } => self.cmds.push(Cmd::Inline(args)),
                         Parsed::Empty { .. } => {}
+                    }
+                    if blocks {
+                        break;
                     }
                 }
                 Ok(None) => break,
@@ -290,7 +341,7 @@ impl Input {
         if flow == Flow::Stop {
             return Err(());
         }
-        Ok(more)
+        Ok(backlog)
     }
 }
 
@@ -344,6 +395,14 @@ impl Session {
     /// `chunk` (None for inline commands, which are re-encoded).
     async fn handle(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) -> Flow {
         let (route, spec) = route_spec(&self.argv);
+        // Only forwarded commands join the run of commands waiting to go
+        // upstream together. Anything else is answered here or changes the
+        // session (SELECT moves it to another database's connection), so the
+        // run goes first: its replies come first, on the connection it was
+        // read for.
+        if route != Route::Forward {
+            self.flush_run(chunk).await;
+        }
         if !self.authed
             && !matches!(
                 route,
@@ -411,10 +470,21 @@ impl Session {
                     // The pinned connection's replies must switch protocol too,
                     // so Redis itself answers.
                     pin.dirty = true;
-                    if let Some(p) = requested_protocol(&self.argv) {
-                        self.proto = p;
+                    let requested = requested_protocol(&self.argv);
+                    if pin.in_multi {
+                        // Queued: it takes effect at EXEC, if at all; the
+                        // unpin reads back what the connection ended up with.
+                        if let Some(p) = requested {
+                            self.proto = p;
+                        }
+                        self.forward(chunk, frame, true).await;
+                    } else {
+                        let r = self.ask_pinned(chunk, frame).await;
+                        if let (Some(p), Some(b'%' | b'*')) = (requested, r.first()) {
+                            self.proto = p;
+                        }
+                        self.reply(r);
                     }
-                    self.forward(chunk, frame, true).await;
                 } else {
                     let r = self.hello().await;
                     self.reply(r);
@@ -489,7 +559,7 @@ impl Session {
                     None => encode_command(&self.argv),
                 };
                 let inv = std::mem::take(&mut self.pending_inv);
-                self.send_pinned(frames, 1, true, inv);
+                self.send_pinned(frames, 1, true, inv).await;
             }
             Route::Blocking => self.blocking(chunk, frame).await,
             Route::Wait => self.wait(chunk, frame).await,
@@ -617,18 +687,36 @@ impl Session {
 
     /// The sticky shared connection, or a fresh one from the pool.
     async fn shared_conn(&mut self) -> Result<Conn, UpstreamError> {
-        if let Some(conn) = self.conn.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(conn.clone());
-        }
-        let conn = self.pool.shared().await?;
-        self.conn = Some(conn.clone());
+        let conn = match self.conn.as_ref().filter(|c| !c.is_closed()) {
+            Some(conn) => conn.clone(),
+            None => {
+                let conn = self.pool.shared().await?;
+                self.conn = Some(conn.clone());
+                conn
+            }
+        };
+        self.order_after(conn.serial()).await;
         Ok(conn)
+    }
+
+    /// Called before sending on a connection. Redis runs each connection's
+    /// commands in order, and nothing orders two connections: when the
+    /// session last sent on another one (it was pinned, or in another
+    /// database), the replies to what it sent there come in first, so that,
+    /// say, a `GET` pipelined behind `EXEC` runs after the transaction.
+    async fn order_after(&mut self, serial: u64) {
+        if self.last_conn != serial {
+            if self.out.awaits_upstream() {
+                self.out.settle_upstream().await;
+            }
+            self.last_conn = serial;
+        }
     }
 
     /// Sends `count` commands upstream and queues the slot for their replies.
     async fn send_upstream(&mut self, frames: Bytes, count: u32, pinned: bool, inv: Invalidation) {
         if pinned {
-            return self.send_pinned(frames, count, false, inv);
+            return self.send_pinned(frames, count, false, inv).await;
         }
         let (tx, rx) = oneshot::channel();
         let mut op = Op::Send {
@@ -662,7 +750,11 @@ impl Session {
     }
 
     /// Sends commands over the pinned connection (written only, when relaying).
-    fn send_pinned(&mut self, frames: Bytes, count: u32, blocking: bool, inv: Invalidation) {
+    async fn send_pinned(&mut self, frames: Bytes, count: u32, blocking: bool, inv: Invalidation) {
+        let Some(serial) = self.pin.as_ref().map(|p| p.conn.serial()) else {
+            return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
+        };
+        self.order_after(serial).await;
         let Some(pin) = &self.pin else {
             return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
         };
@@ -705,6 +797,7 @@ impl Session {
             Ok(conn) => conn,
             Err(e) => return self.reply(e.to_reply()),
         };
+        self.order_after(conn.serial()).await;
         let (tx, rx) = oneshot::channel();
         let op = Op::Send {
             frames,
@@ -840,9 +933,82 @@ impl Session {
         }
         self.flush_run(chunk).await;
         if let Some(pin) = self.pin.take() {
-            if !pin.dirty {
+            if pin.dirty {
+                self.settle(pin).await;
+            } else {
                 let _ = pin.conn.send(Op::Release(pin.conn.clone()));
             }
+        }
+    }
+
+    /// Sends the current command on the pinned connection and waits for its
+    /// reply (for the rare commands whose outcome decides how the session
+    /// goes on). The commands before it are already on their way.
+    async fn ask_pinned(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) -> Bytes {
+        let frames = match frame {
+            Some(f) => chunk.slice(f),
+            None => encode_command(&self.argv),
+        };
+        let lost = || UpstreamError::ConnectionLost.to_reply();
+        let Some(serial) = self.pin.as_ref().map(|p| p.conn.serial()) else {
+            return lost();
+        };
+        self.order_after(serial).await;
+        let Some(pin) = &self.pin else {
+            return lost();
+        };
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Send {
+            frames,
+            replies: 1,
+            blocking: false,
+            tx,
+        };
+        if pin.conn.send(op).is_err() {
+            self.pin = None;
+            return lost();
+        }
+        match rx.await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(failed)) => failed.error.to_reply(),
+            Err(_) => lost(),
+        }
+    }
+
+    /// Leaves a pinned connection whose database or protocol changed while
+    /// pinned (SELECT or HELLO, perhaps inside a transaction that may or may
+    /// not have run them): asks it where it ended up (`CLIENT INFO`'s `db=`
+    /// and `resp=`) and moves the session to the shared connections of that
+    /// database and protocol, as the client expects. The connection then
+    /// closes, once its last replies are delivered.
+    async fn settle(&mut self, pin: Pin) {
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Send {
+            frames: encode_command(&[&b"CLIENT"[..], b"INFO"]),
+            replies: 1,
+            blocking: false,
+            tx,
+        };
+        let sent = pin.conn.send(op).is_ok();
+        drop(pin);
+        let (mut db, mut proto) = (self.db, self.proto);
+        if let (true, Ok(Ok(info))) = (sent, rx.await) {
+            if let Some(n) = info_field(&info, b"db=").and_then(|n| u32::try_from(n).ok()) {
+                db = n;
+            }
+            match info_field(&info, b"resp=") {
+                Some(2) => proto = Protocol::Resp2,
+                Some(3) => proto = Protocol::Resp3,
+                _ => {}
+            }
+        }
+        if let Err(e) = self.switch_pool(db, proto).await {
+            // (Redis just accepted that database on the pin, so this is not
+            // expected.) The session stays where its commands will go, so its
+            // invalidations name the database its writes land in.
+            tracing::warn!(db, error = %e, "no shared connection for the database a pin left");
+            let key = self.pool.key();
+            (self.db, self.proto) = (key.db, key.proto);
         }
     }
 
@@ -857,6 +1023,10 @@ impl Session {
             None => encode_command(&self.argv),
         };
         let (tx, rx) = mpsc::channel(1024);
+        let Some(serial) = self.pin.as_ref().map(|p| p.conn.serial()) else {
+            return;
+        };
+        self.order_after(serial).await;
         let Some(pin) = &mut self.pin else { return };
         if pin.conn.send(Op::Relay { frames, tx }).is_err() {
             self.pin = None;
@@ -876,8 +1046,21 @@ impl Session {
         };
         if let Some(pin) = &mut self.pin {
             pin.dirty = true;
-            self.db = db;
-            return self.forward(chunk, frame, true).await;
+            if pin.in_multi {
+                // Queued: it takes effect at EXEC, if at all. The keys of the
+                // writes queued after it are taken in `db` (more invalidation
+                // rather than less), and the unpin reads back where the
+                // connection ended up.
+                self.db = db;
+                return self.forward(chunk, frame, true).await;
+            }
+            // Effective now if Redis accepts it: the writes that follow (and
+            // their invalidations) are in `db` only then.
+            let r = self.ask_pinned(chunk, frame).await;
+            if &r[..] == OK {
+                self.db = db;
+            }
+            return self.reply(r);
         }
         match self.switch_pool(db, self.proto).await {
             Ok(()) => self.reply(Bytes::from_static(OK)),
@@ -1024,6 +1207,19 @@ impl Session {
     fn push(&mut self, slot: Slot) {
         self.out.push(slot);
     }
+}
+
+/// A numeric `name=` field of a `CLIENT INFO` reply (` db=0 `).
+fn info_field(info: &[u8], name: &[u8]) -> Option<i64> {
+    let at = info
+        .windows(name.len() + 1)
+        .position(|w| w[0] == b' ' && &w[1..] == name)?;
+    let rest = &info[at + 1 + name.len()..];
+    let end = rest
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(rest.len());
+    parse_i64(&rest[..end])
 }
 
 /// Where WAIT's preliminary write goes (see `Session::wait`).
