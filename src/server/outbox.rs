@@ -141,6 +141,25 @@ impl Outbox {
         }
     }
 
+    /// Waits for the replies of the slot queued last, if it is a request to
+    /// Redis, leaving the slot in place for [`Outbox::answer_last`].
+    pub async fn last_replies(&mut self) -> Option<Replies> {
+        let Some(Slot::Upstream { rx, .. }) = self.slots.back_mut() else {
+            return None;
+        };
+        Some((&mut *rx).await.unwrap_or_else(|_| Err(lost())))
+    }
+
+    /// Answers the slot queued last with `replies` (after
+    /// [`Outbox::last_replies`] took its own).
+    pub fn answer_last(&mut self, replies: Replies) {
+        if let Some(Slot::Upstream { rx, .. }) = self.slots.back_mut() {
+            let (tx, answered) = oneshot::channel();
+            let _ = tx.send(replies);
+            *rx = answered;
+        }
+    }
+
     /// True while the head slot is a relay (the client is subscribed or
     /// monitoring), which exempts it from the idle timeout.
     pub fn relaying(&self) -> bool {

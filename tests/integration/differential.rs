@@ -100,7 +100,7 @@ fn command(rng: &mut Rng) -> Vec<String> {
         1 | 2 => {
             let k = key(rng, STRINGS);
             let v = value(rng);
-            match rng.below(14) {
+            match rng.below(16) {
                 0 => s(&["SET", &k, &v]),
                 1 => s(&["SET", &k, &v, rng.pick(&["NX", "XX", "GET", "KEEPTTL"])]),
                 2 => s(&["APPEND", &k, &v]),
@@ -123,6 +123,8 @@ fn command(rng: &mut Rng) -> Vec<String> {
                 }
                 11 => s(&["INCRBYFLOAT", &k, "1.5"]),
                 12 => s(&["SETEX", &k, "1000", &v]),
+                13 => s(&["SUBSTR", &k, "0", "2"]),
+                14 => s(&["LCS", &k, &key(rng, STRINGS)]),
                 _ => s(&["GETEX", &k, "PERSIST"]),
             }
         }
@@ -130,7 +132,7 @@ fn command(rng: &mut Rng) -> Vec<String> {
         3 | 4 => {
             let fam = [STRINGS, HASHES, LISTS, SETS, ZSETS][rng.below(5)];
             let (a, b) = (key(rng, fam), key(rng, fam));
-            match rng.below(13) {
+            match rng.below(14) {
                 0 => s(&["DEL", &a]),
                 1 => s(&["UNLINK", &a, &b]),
                 2 => s(&["RENAME", &a, &b]),
@@ -143,6 +145,7 @@ fn command(rng: &mut Rng) -> Vec<String> {
                 9 => s(&["PERSIST", &a]),
                 10 => s(&["TYPE", &a]),
                 11 => s(&["EXISTS", &a, &b]),
+                12 => s(&["EXPIRE", &a, "0"]),
                 _ => s(&["OBJECT", "ENCODING", &a]),
             }
         }
@@ -252,10 +255,12 @@ fn command(rng: &mut Rng) -> Vec<String> {
                 _ => s(&["ZMSCORE", &k, m, "m9"]),
             }
         }
-        // Scripts: declared keys, undeclared keys, read-only.
+        // Scripts and functions: declared keys, undeclared keys, read-only.
         17 => {
             let k = key(rng, STRINGS);
-            match rng.below(3) {
+            match rng.below(5) {
+                3 => s(&["FCALL", "setk", "1", &k, &value(rng)]),
+                4 => s(&["FCALL_RO", "getk", "1", &k]),
                 0 => s(&[
                     "EVAL",
                     "return redis.call('SET', KEYS[1], ARGV[1])",
@@ -278,7 +283,9 @@ fn command(rng: &mut Rng) -> Vec<String> {
             6 => s(&["FLUSHALL"]),
             7 => s(&["EXEC"]),
             8 => s(&["DISCARD"]),
-            _ => s(&["PING"]),
+            9 => s(&["CLIENT", "SETNAME", rng.pick(&["n1", "n2"])]),
+            10 => s(&["CLIENT", "GETNAME"]),
+            _ => s(&["ECHO", &value(rng)]),
         },
         // HyperLogLogs live in strings: PFCOUNT may rewrite the cached
         // cardinality inside the value a GET returns.
@@ -322,6 +329,11 @@ fn command(rng: &mut Rng) -> Vec<String> {
     c.shrink_to_fit();
     c
 }
+
+/// Functions for FCALL: one that writes its key, one read-only.
+const LIBRARY: &str = "#!lua name=difflib
+redis.register_function('setk', function(keys, args) return redis.call('SET', keys[1], args[1]) end)
+redis.register_function{function_name='getk', callback=function(keys, args) return redis.call('GET', keys[1]) end, flags={'no-writes'}}";
 
 /// A batch for one connection: one to six commands, now and then wrapped in
 /// MULTI/EXEC (or DISCARD), or preceded by a SELECT.
@@ -381,7 +393,8 @@ impl Side {
         let mut wire = Vec::new();
         for (c, &inline) in cmds.iter().zip(inline) {
             if inline {
-                wire.extend_from_slice(c.join(" ").as_bytes());
+                let line: Vec<String> = c.iter().map(|a| inline_arg(a)).collect();
+                wire.extend_from_slice(line.join(" ").as_bytes());
                 wire.extend_from_slice(b"\r\n");
             } else {
                 let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
@@ -398,12 +411,24 @@ impl Side {
     }
 }
 
-/// An argument that survives inline encoding unchanged.
-fn is_plain(arg: &str) -> bool {
-    !arg.is_empty()
-        && arg
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b":.-+*_".contains(&b))
+/// An argument as an inline command spells it: bare when it can be, else
+/// double-quoted with Redis's escapes (`\"`, `\\`, `\xHH`).
+fn inline_arg(arg: &str) -> String {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b":.-+*_".contains(&b);
+    if !arg.is_empty() && arg.bytes().all(plain) {
+        return arg.to_owned();
+    }
+    let mut out = String::from("\"");
+    for b in arg.bytes() {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b' '..=b'~' => out.push(char::from(b)),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn cache_everything() -> RuleConfig {
@@ -429,6 +454,13 @@ async fn replay(seed: u64, ops: usize) {
     let proxy = TestProxy::start_with(cfg).await;
     let mut direct = Side::connect(oracle.port()).await;
     let mut proxied = Side::connect(proxy.port()).await;
+    let load = [vec![
+        "FUNCTION".to_owned(),
+        "LOAD".to_owned(),
+        LIBRARY.to_owned(),
+    ]];
+    let loaded = direct.run(0, &load, &[false]).await;
+    assert_eq!(proxied.run(0, &load, &[false]).await, loaded);
 
     let mut rng = Rng(seed);
     let mut history: Vec<String> = Vec::new();
@@ -442,10 +474,7 @@ async fn replay(seed: u64, ops: usize) {
                 cmds.insert(at + 1, vec!["HELLO".to_owned(), "3".to_owned()]);
             }
         }
-        let inline: Vec<bool> = cmds
-            .iter()
-            .map(|c| c.iter().all(|a| is_plain(a)) && rng.chance(20))
-            .collect();
+        let inline: Vec<bool> = cmds.iter().map(|_| rng.chance(15)).collect();
         let want = direct.run(conn, &cmds, &inline).await;
         let got = proxied.run(conn, &cmds, &inline).await;
         for (j, c) in cmds.iter().enumerate() {

@@ -1106,3 +1106,41 @@ async fn commands_pipelined_behind_a_blocking_command_wait_for_it() {
     .await;
     assert_eq!(replies, [&b"*-1\r\n"[..], b":1\r\n", b":1\r\n"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_commands_inside_multi_are_queued_and_answered_in_exec() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    // As Redis does: queued, then run at EXEC in their place.
+    let replies = pipelined(
+        &mut p,
+        &[
+            &["CLIENT", "SETNAME", "a"],
+            &["MULTI"],
+            &["CLIENT", "SETNAME", "b"],
+            &["CLIENT", "GETNAME"],
+            &["ECHO", "x"],
+            &["EXEC"],
+            &["CLIENT", "GETNAME"],
+        ],
+    )
+    .await;
+    let exec = b"*3\r\n+OK\r\n$1\r\nb\r\n$1\r\nx\r\n";
+    assert_eq!(
+        replies,
+        [OK, OK, QUEUED, QUEUED, QUEUED, exec, b"$1\r\nb\r\n"]
+    );
+    // Discarded, they never run.
+    let replies = pipelined(
+        &mut p,
+        &[
+            &["MULTI"],
+            &["CLIENT", "SETNAME", "c"],
+            &["DISCARD"],
+            &["CLIENT", "GETNAME"],
+        ],
+    )
+    .await;
+    assert_eq!(replies, [OK, QUEUED, OK, b"$1\r\nb\r\n"]);
+}

@@ -72,6 +72,13 @@ struct Pin {
     dirty: bool,
     /// Keys written inside MULTI, applied at EXEC.
     txn_inv: Invalidation,
+    /// Commands Redis queued since MULTI.
+    txn_queued: u32,
+    /// Commands inside MULTI that nearcache answers itself (CLIENT SETNAME,
+    /// GETNAME, ID, AUTH): Redis queues them and runs them at EXEC, so they
+    /// are answered there, spliced into EXEC's reply after the `u32` queued
+    /// commands before them.
+    txn_local: Vec<(u32, Route, Vec<Bytes>)>,
     /// This session in the directory of pinned sessions, while pinned.
     _listing: Option<Listing>,
 }
@@ -461,6 +468,15 @@ impl Session {
                 self.push(Slot::Close);
                 return Flow::Stop;
             }
+            Route::ClientSetName | Route::ClientGetName | Route::ClientId | Route::Auth
+                if self.pin.as_ref().is_some_and(|p| p.in_multi) =>
+            {
+                if let Some(pin) = &mut self.pin {
+                    pin.txn_local
+                        .push((pin.txn_queued, route, std::mem::take(&mut self.argv)));
+                }
+                self.reply(Bytes::from_static(b"+QUEUED\r\n"));
+            }
             Route::Auth => {
                 let r = self.auth();
                 self.reply(r);
@@ -518,14 +534,22 @@ impl Session {
                 if self.pin.is_none() && !self.pin_dedicated().await {
                     return Flow::Continue;
                 }
+                // Forwarded first: MULTI itself is not one of the commands
+                // the transaction queues.
+                self.forward(chunk, frame, true).await;
                 if let Some(pin) = &mut self.pin {
                     match route {
-                        Route::Multi => pin.in_multi = true,
+                        // (A nested MULTI is Redis's error; the first stands.)
+                        Route::Multi if !pin.in_multi => {
+                            pin.in_multi = true;
+                            pin.txn_queued = 0;
+                            pin.txn_local.clear();
+                        }
+                        Route::Multi => {}
                         _ if !pin.in_multi => pin.watching = true,
                         _ => {}
                     }
                 }
-                self.forward(chunk, frame, true).await;
             }
             Route::EndTransaction | Route::Unwatch => {
                 let Some(pin) = &mut self.pin else {
@@ -533,20 +557,29 @@ impl Session {
                     self.forward(chunk, frame, false).await;
                     return Flow::Continue;
                 };
+                let mut local = Vec::new();
                 match route {
                     Route::EndTransaction if pin.in_multi => {
                         pin.in_multi = false;
                         pin.watching = false;
+                        local = std::mem::take(&mut pin.txn_local);
                         if spec.is_some_and(|s| s.name == "exec") {
                             self.exec_writes();
-                        } else if let Some(pin) = &mut self.pin {
-                            pin.txn_inv = Invalidation::default();
+                        } else {
+                            local.clear();
+                            if let Some(pin) = &mut self.pin {
+                                pin.txn_inv = Invalidation::default();
+                            }
                         }
                     }
                     Route::Unwatch if !pin.in_multi => pin.watching = false,
                     _ => {}
                 }
                 self.forward(chunk, frame, true).await;
+                if !local.is_empty() {
+                    self.flush_run(chunk).await;
+                    self.exec_local(local).await;
+                }
                 self.maybe_unpin(chunk).await;
             }
             Route::Blocking | Route::Wait if self.pin.is_some() => {
@@ -558,6 +591,9 @@ impl Session {
                     Some(f) => chunk.slice(f),
                     None => encode_command(&self.argv),
                 };
+                if let Some(pin) = self.pin.as_mut().filter(|p| p.in_multi) {
+                    pin.txn_queued += 1;
+                }
                 let inv = std::mem::take(&mut self.pending_inv);
                 self.send_pinned(frames, 1, true, inv).await;
             }
@@ -652,6 +688,9 @@ impl Session {
 
     /// Adds the current command to the pending run (or sends an inline one).
     async fn forward(&mut self, chunk: &Bytes, frame: Option<Range<usize>>, pinned: bool) {
+        if let Some(pin) = self.pin.as_mut().filter(|p| pinned && p.in_multi) {
+            pin.txn_queued += 1;
+        }
         let Some(frame) = frame else {
             self.flush_run(chunk).await;
             let bytes = encode_command(&self.argv);
@@ -878,6 +917,8 @@ impl Session {
                     watching: false,
                     dirty: false,
                     txn_inv: Invalidation::default(),
+                    txn_queued: 0,
+                    txn_local: Vec::new(),
                 });
                 true
             }
@@ -973,6 +1014,68 @@ impl Session {
             Ok(Err(failed)) => failed.error.to_reply(),
             Err(_) => lost(),
         }
+    }
+
+    /// EXEC of a transaction that queued commands nearcache answers itself:
+    /// once Redis's reply is in (so their effects precede what follows), runs
+    /// them in order and splices their replies into EXEC's array. If the
+    /// transaction did not run (a WATCH fired, EXECABORT), neither do they.
+    async fn exec_local(&mut self, local: Vec<(u32, Route, Vec<Bytes>)>) {
+        let Some(Ok(reply)) = self.out.last_replies().await else {
+            return;
+        };
+        let spliced = self.splice_exec(&reply, local);
+        self.out.answer_last(Ok(spliced.unwrap_or(reply)));
+    }
+
+    fn splice_exec(&mut self, exec: &Bytes, local: Vec<(u32, Route, Vec<Bytes>)>) -> Option<Bytes> {
+        let header_end = exec.iter().position(|&b| b == b'\n')? + 1;
+        if exec.first() != Some(&b'*') {
+            return None;
+        }
+        let n = usize::try_from(parse_i64(&exec[1..header_end - 2])?).ok()?;
+        let mut elements = Vec::with_capacity(n);
+        let mut at = header_end;
+        for _ in 0..n {
+            let len = ReplyScanner::new().scan(&exec[at..]).ok()??;
+            elements.push(at..at + len);
+            at += len;
+        }
+        let mut out = BytesMut::with_capacity(exec.len() + 64 * local.len());
+        out.extend_from_slice(format!("*{}\r\n", n + local.len()).as_bytes());
+        let mut next = 0;
+        let saved = std::mem::take(&mut self.argv);
+        for (before, route, argv) in local {
+            let before = (before as usize).min(n);
+            for e in &elements[next..before.max(next)] {
+                out.extend_from_slice(&exec[e.clone()]);
+            }
+            next = before.max(next);
+            self.argv = argv;
+            let r = match route {
+                Route::ClientSetName => self.set_name(),
+                Route::Auth => self.auth(),
+                Route::ClientId => {
+                    let mut r = Reply::new(self.proto);
+                    r.int(self.id as i64);
+                    r.finish()
+                }
+                _ => {
+                    let mut r = Reply::new(self.proto);
+                    match &self.name {
+                        Some(name) => r.bulk(name),
+                        None => r.null(),
+                    };
+                    r.finish()
+                }
+            };
+            out.extend_from_slice(&r);
+        }
+        self.argv = saved;
+        for e in &elements[next..] {
+            out.extend_from_slice(&exec[e.clone()]);
+        }
+        Some(out.freeze())
     }
 
     /// Leaves a pinned connection whose database or protocol changed while
