@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# A/B of nearcache builds (or configs): one redis-server, one nearcache per
+# argument, all up at once; each round runs redis-benchmark against Redis
+# directly and through every nearcache, rotating which goes first, and prints
+# requests/s per run plus the share of the machine left idle during it. For
+# telling a regression from this VM's noise: the builds see the same machine
+# at the same time.
+#
+# Usage: scripts/bench-ab.sh BINARY[@CONFIG] BINARY[@CONFIG] ...
+#   e.g. scripts/bench-ab.sh /tmp/nearcache-before target/release/nearcache
+# Env:   T=get  P=16  N=1000000  ROUNDS=4  (redis-benchmark -t, -P, -n; rounds)
+#        CLIENTS=50 DATA_SIZE=64 KEYSPACE=100000
+#
+# Needs redis-server and redis-benchmark; everything on 127.0.0.1, free ports;
+# every process started here is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+(($# > 0)) || { echo "usage: $0 BINARY[@CONFIG] ..." >&2; exit 2; }
+T=${T:-get} P=${P:-16} N=${N:-1000000} ROUNDS=${ROUNDS:-4}
+CLIENTS=${CLIENTS:-50} DATA_SIZE=${DATA_SIZE:-64} KEYSPACE=${KEYSPACE:-100000}
+HOST=127.0.0.1
+source scripts/lib/deps.sh
+ensure_commands redis-server:redis-server redis-benchmark:redis-tools redis-cli:redis-tools
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/nearcache-ab.XXXXXX")
+pids=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+wait_ping() { # port
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [[ $(redis-cli -h "$HOST" -p "$1" ping 2>/dev/null) == PONG ]] && return 0
+        sleep 0.1
+    done
+    echo "nothing answers PING on $HOST:$1" >&2
+    exit 1
+}
+
+redis_port=$(free_port)
+redis-server --bind "$HOST" --port "$redis_port" --save '' --appendonly no \
+    --dir "$work" --logfile "$work/redis.log" &
+pids+=("$!")
+wait_ping "$redis_port"
+# The keyspace exists, so GETs read values.
+redis-benchmark -h "$HOST" -p "$redis_port" -c "$CLIENTS" -n $((KEYSPACE * 20)) -P 16 \
+    -d "$DATA_SIZE" -r "$KEYSPACE" -t set -q >/dev/null 2>&1
+
+ports=("$redis_port") names=(direct)
+for arg in "$@"; do
+    bin=${arg%@*} cfg=
+    [[ $arg == *@* ]] && cfg=${arg#*@}
+    port=$(free_port)
+    args=(--listen "$HOST:$port" --upstream "redis://$HOST:$redis_port")
+    [[ -n $cfg ]] && args+=(--config "$cfg")
+    NEARCACHE_LOG=warn "$bin" "${args[@]}" >"$work/nc-$port.log" 2>&1 &
+    pids+=("$!")
+    wait_ping "$port"
+    ports+=("$port") names+=("$arg")
+done
+
+# Busy and idle jiffies of the whole machine.
+cpu() { awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
+n=${#ports[@]}
+printf 'round\t%-40s\trps\tidle%%\n' target
+for ((round = 0; round < ROUNDS; round++)); do
+    for ((k = 0; k < n; k++)); do
+        j=$(((k + round) % n))
+        read -r b0 i0 < <(cpu)
+        rps=$(redis-benchmark -h "$HOST" -p "${ports[$j]}" -c "$CLIENTS" -n "$N" -P "$P" \
+            -r "$KEYSPACE" -d "$DATA_SIZE" -t "$T" -q 2>/dev/null | tr '\r' '\n' \
+            | grep -a 'requests per second' | tail -1 | awk '{print int($2)}')
+        read -r b1 i1 < <(cpu)
+        printf '%d\t%-40s\t%s\t%d\n' "$round" "${names[$j]}" "$rps" \
+            $((100 * (i1 - i0) / (b1 - b0 + i1 - i0 + 1)))
+    done
+done
