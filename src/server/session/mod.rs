@@ -453,6 +453,7 @@ impl Session {
                     .and_then(|l1| cached::with_upstream_ttl(l1, &self.argv))
                 {
                     self.flush_run(chunk).await;
+                    self.count_queued();
                     let inv = std::mem::take(&mut self.pending_inv);
                     self.send_upstream(set, 1, self.pin.is_some(), inv).await;
                     return Flow::Continue;
@@ -477,8 +478,8 @@ impl Session {
                 }
                 self.reply(Bytes::from_static(b"+QUEUED\r\n"));
             }
-            Route::Auth => {
-                let r = self.auth();
+            Route::Auth | Route::ClientSetName | Route::ClientGetName | Route::ClientId => {
+                let r = self.local_reply(route);
                 self.reply(r);
             }
             Route::Hello => {
@@ -512,23 +513,6 @@ impl Session {
                 self.pin = None;
                 self.reset_state().await;
                 self.reply(Bytes::from_static(b"+RESET\r\n"));
-            }
-            Route::ClientSetName => {
-                let r = self.set_name();
-                self.reply(r);
-            }
-            Route::ClientGetName => {
-                let mut r = Reply::new(self.proto);
-                match &self.name {
-                    Some(name) => r.bulk(name),
-                    None => r.null(),
-                };
-                self.reply(r.finish());
-            }
-            Route::ClientId => {
-                let mut r = Reply::new(self.proto);
-                r.int(self.id as i64);
-                self.reply(r.finish());
             }
             Route::Multi | Route::Watch => {
                 if self.pin.is_none() && !self.pin_dedicated().await {
@@ -591,24 +575,21 @@ impl Session {
                     Some(f) => chunk.slice(f),
                     None => encode_command(&self.argv),
                 };
-                if let Some(pin) = self.pin.as_mut().filter(|p| p.in_multi) {
-                    pin.txn_queued += 1;
-                }
+                self.count_queued();
                 let inv = std::mem::take(&mut self.pending_inv);
                 self.send_pinned(frames, 1, true, inv).await;
             }
             Route::Blocking => self.blocking(chunk, frame).await,
             Route::Wait => self.wait(chunk, frame).await,
             Route::Relay => self.start_relay(chunk, frame).await,
-            Route::Refuse(msg) => self.reply(reply::error(msg)),
             Route::WrongArity(_) if self.pin.as_ref().is_some_and(|p| p.in_multi) => {
                 // Redis must see it: a queuing error makes EXEC fail with
                 // EXECABORT, and answering here would let the rest commit.
                 self.forward(chunk, frame, true).await;
             }
-            Route::WrongArity(name) => {
-                let msg = format!("ERR wrong number of arguments for '{name}' command");
-                self.reply(reply::error(&msg));
+            Route::Refuse(_) | Route::WrongArity(_) => {
+                let r = self.local_reply(route);
+                self.reply(r);
             }
         }
         Flow::Continue
@@ -628,26 +609,7 @@ impl Session {
             | Route::ClientGetName
             | Route::Refuse(_)
             | Route::WrongArity(_) => {
-                let r = match route {
-                    Route::Auth => self.auth(),
-                    Route::Refuse(msg) => reply::error(msg),
-                    Route::WrongArity(name) => reply::error(&format!(
-                        "ERR wrong number of arguments for '{name}' command"
-                    )),
-                    Route::ClientId => {
-                        let mut r = Reply::new(self.proto);
-                        r.int(self.id as i64);
-                        r.finish()
-                    }
-                    _ => {
-                        let mut r = Reply::new(self.proto);
-                        match &self.name {
-                            Some(name) => r.bulk(name),
-                            None => r.null(),
-                        };
-                        r.finish()
-                    }
-                };
+                let r = self.local_reply(route);
                 self.flush_run(chunk).await;
                 if let Some(pin) = &self.pin {
                     let _ = pin.conn.send(Op::Inject(r));
@@ -686,10 +648,18 @@ impl Session {
         }
     }
 
+    /// Counts a command sent to the pinned connection inside MULTI (Redis
+    /// queues it), for [`Session::exec_local`]'s splicing.
+    fn count_queued(&mut self) {
+        if let Some(pin) = self.pin.as_mut().filter(|p| p.in_multi) {
+            pin.txn_queued += 1;
+        }
+    }
+
     /// Adds the current command to the pending run (or sends an inline one).
     async fn forward(&mut self, chunk: &Bytes, frame: Option<Range<usize>>, pinned: bool) {
-        if let Some(pin) = self.pin.as_mut().filter(|p| pinned && p.in_multi) {
-            pin.txn_queued += 1;
+        if pinned {
+            self.count_queued();
         }
         let Some(frame) = frame else {
             self.flush_run(chunk).await;
@@ -752,6 +722,13 @@ impl Session {
         }
     }
 
+    /// [`Session::order_after`] for the pinned connection, if any.
+    async fn order_for_pin(&mut self) {
+        if let Some(serial) = self.pin.as_ref().map(|p| p.conn.serial()) {
+            self.order_after(serial).await;
+        }
+    }
+
     /// Sends `count` commands upstream and queues the slot for their replies.
     async fn send_upstream(&mut self, frames: Bytes, count: u32, pinned: bool, inv: Invalidation) {
         if pinned {
@@ -790,10 +767,7 @@ impl Session {
 
     /// Sends commands over the pinned connection (written only, when relaying).
     async fn send_pinned(&mut self, frames: Bytes, count: u32, blocking: bool, inv: Invalidation) {
-        let Some(serial) = self.pin.as_ref().map(|p| p.conn.serial()) else {
-            return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
-        };
-        self.order_after(serial).await;
+        self.order_for_pin().await;
         let Some(pin) = &self.pin else {
             return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
         };
@@ -991,10 +965,7 @@ impl Session {
             None => encode_command(&self.argv),
         };
         let lost = || UpstreamError::ConnectionLost.to_reply();
-        let Some(serial) = self.pin.as_ref().map(|p| p.conn.serial()) else {
-            return lost();
-        };
-        self.order_after(serial).await;
+        self.order_for_pin().await;
         let Some(pin) = &self.pin else {
             return lost();
         };
@@ -1052,23 +1023,7 @@ impl Session {
             }
             next = before.max(next);
             self.argv = argv;
-            let r = match route {
-                Route::ClientSetName => self.set_name(),
-                Route::Auth => self.auth(),
-                Route::ClientId => {
-                    let mut r = Reply::new(self.proto);
-                    r.int(self.id as i64);
-                    r.finish()
-                }
-                _ => {
-                    let mut r = Reply::new(self.proto);
-                    match &self.name {
-                        Some(name) => r.bulk(name),
-                        None => r.null(),
-                    };
-                    r.finish()
-                }
-            };
+            let r = self.local_reply(route);
             out.extend_from_slice(&r);
         }
         self.argv = saved;
@@ -1126,10 +1081,7 @@ impl Session {
             None => encode_command(&self.argv),
         };
         let (tx, rx) = mpsc::channel(1024);
-        let Some(serial) = self.pin.as_ref().map(|p| p.conn.serial()) else {
-            return;
-        };
-        self.order_after(serial).await;
+        self.order_for_pin().await;
         let Some(pin) = &mut self.pin else { return };
         if pin.conn.send(Op::Relay { frames, tx }).is_err() {
             self.pin = None;
@@ -1280,6 +1232,33 @@ impl Session {
         r.finish()
     }
 
+    /// The reply to a command nearcache answers itself, from the session's
+    /// state (the command is in `argv`).
+    fn local_reply(&mut self, route: Route) -> Bytes {
+        match route {
+            Route::Auth => self.auth(),
+            Route::ClientSetName => self.set_name(),
+            Route::ClientGetName => {
+                let mut r = Reply::new(self.proto);
+                match &self.name {
+                    Some(name) => r.bulk(name),
+                    None => r.null(),
+                };
+                r.finish()
+            }
+            Route::ClientId => {
+                let mut r = Reply::new(self.proto);
+                r.int(self.id as i64);
+                r.finish()
+            }
+            Route::Refuse(msg) => reply::error(msg),
+            Route::WrongArity(name) => reply::error(&format!(
+                "ERR wrong number of arguments for '{name}' command"
+            )),
+            _ => reply::error("ERR internal: not a command nearcache answers"),
+        }
+    }
+
     fn set_name(&mut self) -> Bytes {
         let Some(name) = self.argv.get(2) else {
             return reply::error("ERR wrong number of arguments for 'client|setname' command");
@@ -1390,4 +1369,23 @@ fn valid_client_name(name: &[u8]) -> bool {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_field_reads_numbers_from_client_info_in_either_protocol() {
+        let resp2 = b"$80\r\nid=7 addr=127.0.0.1:5 laddr=127.0.0.1:6379 fd=8 name=nearcache db=3 sub=0 resp=2\n\r\n";
+        assert_eq!(info_field(resp2, b"db="), Some(3));
+        assert_eq!(info_field(resp2, b"resp="), Some(2));
+        assert_eq!(info_field(resp2, b"fd="), Some(8));
+        let resp3 = b"=40\r\ntxt:id=7 db=12 multi=-1 resp=3\n\r\n";
+        assert_eq!(info_field(resp3, b"db="), Some(12));
+        assert_eq!(info_field(resp3, b"resp="), Some(3));
+        // A field name inside another's (`laddr=` holds `addr=`) or absent.
+        assert_eq!(info_field(b"$9\r\nladdr=1 x\r\n", b"addr="), None);
+        assert_eq!(info_field(resp3, b"qbuf="), None);
+    }
 }
