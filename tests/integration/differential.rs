@@ -8,7 +8,9 @@
 //! key position, a destination key, another database, a script, a
 //! transaction, SWAPDB…) shows up as a stale reply on a later read; and
 //! since a pipeline's commands spread over shared, dedicated and other
-//! databases' connections, so does any reordering among them. The
+//! databases' connections, so does any reordering among them. A fourth
+//! connection subscribes (and re-subscribes) to channels the stream
+//! publishes to; after every batch, the messages it got must match too. The
 //! stream is seeded, so a failure names its seed and replays exactly
 //! (`NEARCACHE_DIFF_SEED=<seed>`; `NEARCACHE_DIFF_OPS` sets the length).
 
@@ -60,6 +62,7 @@ const LISTS: &[&str] = &["l0", "l1", "l2"];
 const SETS: &[&str] = &["t0", "t1", "t2"];
 const ZSETS: &[&str] = &["z0", "z1", "z2"];
 const FIELDS: &[&str] = &["f0", "f1", "f2", "f3"];
+const CHANNELS: &[&str] = &["c0", "c1", "c2"];
 const VALUES: &[&str] = &["", "a", "bc", "12", "-3", "hello", "7.5", "x\0y"];
 
 /// A key of the family, or now and then of any family (WRONGTYPE replies and
@@ -80,7 +83,7 @@ fn value(rng: &mut Rng) -> String {
 /// One random command (not a transaction or connection-state command).
 fn command(rng: &mut Rng) -> Vec<String> {
     let s = |v: &[&str]| v.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
-    let mut c: Vec<String> = match rng.below(24) {
+    let mut c: Vec<String> = match rng.below(25) {
         // Strings: reads.
         0 => {
             let k = key(rng, STRINGS);
@@ -287,6 +290,7 @@ fn command(rng: &mut Rng) -> Vec<String> {
             8 => s(&["DISCARD"]),
             9 => s(&["CLIENT", "SETNAME", rng.pick(&["n1", "n2"])]),
             10 => s(&["CLIENT", "GETNAME"]),
+
             _ => s(&["ECHO", &value(rng)]),
         },
         // HyperLogLogs live in strings: PFCOUNT may rewrite the cached
@@ -315,6 +319,8 @@ fn command(rng: &mut Rng) -> Vec<String> {
                 _ => s(&["BZPOPMAX", &y, "0.01"]),
             }
         }
+        // Messages for the subscriber (see `Side::drain`).
+        21 => s(&["PUBLISH", rng.pick(CHANNELS), &value(rng)]),
         // More reads of what is most often cached.
         _ => {
             let fam = [STRINGS, HASHES, LISTS, SETS, ZSETS][rng.below(5)];
@@ -376,16 +382,44 @@ fn batch(rng: &mut Rng) -> Vec<Vec<String>> {
 /// Three connections per side (two RESP2, one RESP3), paired by index.
 struct Side {
     conns: Vec<Raw>,
+    /// A subscriber (RESP3 when `resp3`), receiving what PUBLISH sends.
+    sub: Raw,
 }
 
 impl Side {
-    async fn connect(port: u16) -> Side {
+    async fn connect(port: u16, resp3: bool) -> Side {
         Side {
             conns: vec![
                 Raw::connect(port).await,
                 Raw::connect(port).await,
                 Raw::connect_resp3(port).await,
             ],
+            sub: if resp3 {
+                Raw::connect_resp3(port).await
+            } else {
+                Raw::connect(port).await
+            },
+        }
+    }
+
+    /// Sends `cmds` and a PING on the subscriber, returns every frame up to
+    /// PING's answer: the messages published so far, then the replies.
+    async fn drain(&mut self, cmds: &[Vec<String>]) -> Vec<Bytes> {
+        let mut wire = Vec::new();
+        for c in cmds.iter().chain([&vec!["PING".to_owned()]]) {
+            let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
+            wire.extend_from_slice(&encode(&args));
+        }
+        self.sub.write(&wire).await;
+        let mut frames = Vec::new();
+        loop {
+            let f = self.sub.frame().await;
+            // Subscribed RESP2 answers PING with an array; otherwise +PONG.
+            let pong = &f[..] == b"*2\r\n$4\r\npong\r\n$0\r\n\r\n" || &f[..] == b"+PONG\r\n";
+            frames.push(f);
+            if pong {
+                return frames;
+            }
         }
     }
 
@@ -461,8 +495,14 @@ async fn replay(seed: u64, ops: usize) {
         cfg.upstream.pool_size = 1;
     }
     let proxy = TestProxy::start_with(cfg).await;
-    let mut direct = Side::connect(oracle.port()).await;
-    let mut proxied = Side::connect(proxy.port()).await;
+    let sub_resp3 = seed % 2 == 1;
+    let mut direct = Side::connect(oracle.port(), sub_resp3).await;
+    let mut proxied = Side::connect(proxy.port(), sub_resp3).await;
+    let subscribe = [vec!["SUBSCRIBE".to_owned(), "c0".to_owned()]];
+    assert_eq!(
+        proxied.drain(&subscribe).await,
+        direct.drain(&subscribe).await
+    );
     let load = [vec![
         "FUNCTION".to_owned(),
         "LOAD".to_owned(),
@@ -474,6 +514,7 @@ async fn replay(seed: u64, ops: usize) {
     let mut rng = Rng(seed);
     let mut history: Vec<String> = Vec::new();
     let mut sent = 0;
+    let mut messages = 0;
     while sent < ops {
         let conn = rng.below(3);
         let mut cmds = batch(&mut rng);
@@ -510,7 +551,38 @@ async fn replay(seed: u64, ops: usize) {
             }
         }
         sent += cmds.len();
+        // What the subscriber got so far, and now and then a change of what
+        // it listens to.
+        let mut sub = Vec::new();
+        if rng.chance(15) {
+            let ch = rng.pick(CHANNELS).to_owned();
+            let op = rng.pick(&["SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE"]);
+            let arg = if op.starts_with('P') {
+                "c*".to_owned()
+            } else {
+                ch
+            };
+            sub.push(vec![op.to_owned(), arg]);
+        }
+        let want = direct.drain(&sub).await;
+        let got = proxied.drain(&sub).await;
+        messages += want
+            .iter()
+            .filter(|f| f.windows(9).any(|w| w == b"message\r\n"))
+            .count();
+        assert_eq!(
+            got,
+            want,
+            "seed {seed}, subscriber after command {} ({sub:?}); the last commands:\n{}",
+            history.len(),
+            history[history.len().saturating_sub(20)..].join("\n")
+        );
     }
+    // (The stream is long enough that some PUBLISH found the subscriber.)
+    assert!(
+        messages > 0 || ops < 1000,
+        "seed {seed}: no message was delivered"
+    );
     proxy.shutdown().await;
 }
 
