@@ -1499,3 +1499,37 @@ async fn refresh_ahead_keeps_hot_keys_read_by_mget_from_missing() {
         "{reads} MGETs of 1 s entries over {SPAN:?} missed once: {st:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_and_move_into_another_database_drop_what_l1_holds_there() {
+    let redis = RedisServer::start();
+    let mut cached = rule("c:", Duration::from_secs(10));
+    cached.negative_ttl = Some(Dur(Duration::from_secs(10)));
+    let proxy = proxy_with(&redis, vec![cached]).await;
+    let mut p0 = Raw::connect(proxy.port()).await;
+    let mut p1 = Raw::connect(proxy.port()).await;
+    assert_eq!(p1.cmd(&["SELECT", "1"]).await, OK);
+    let mut d = Raw::connect(redis.port()).await;
+
+    // COPY … DB 1 REPLACE onto a value L1 holds for database 1.
+    assert_eq!(d.cmd(&["SET", "c:src", "new"]).await, OK);
+    assert_eq!(d.cmd(&["SELECT", "1"]).await, OK);
+    assert_eq!(d.cmd(&["SET", "c:dst", "old"]).await, OK);
+    assert_eq!(
+        cache_it(&mut p1, &redis, &["GET", "c:dst"]).await,
+        bulk("old")
+    );
+    assert_eq!(
+        p0.cmd(&["COPY", "c:src", "c:dst", "DB", "1", "REPLACE"])
+            .await,
+        int(1)
+    );
+    assert_eq!(p1.cmd(&["GET", "c:dst"]).await, bulk("new"), "COPY DB 1");
+
+    // MOVE into database 1, where L1 holds the key's absence.
+    assert_eq!(d.cmd(&["SELECT", "0"]).await, OK);
+    assert_eq!(d.cmd(&["SET", "c:mv", "v"]).await, OK);
+    assert_eq!(cache_it(&mut p1, &redis, &["GET", "c:mv"]).await, NIL);
+    assert_eq!(p0.cmd(&["MOVE", "c:mv", "1"]).await, int(1));
+    assert_eq!(p1.cmd(&["GET", "c:mv"]).await, bulk("v"), "MOVE into db 1");
+}

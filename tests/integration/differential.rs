@@ -137,20 +137,22 @@ fn command(rng: &mut Rng) -> Vec<String> {
         3 | 4 => {
             let fam = [STRINGS, HASHES, LISTS, SETS, ZSETS][rng.below(5)];
             let (a, b) = (key(rng, fam), key(rng, fam));
-            match rng.below(14) {
-                0 => s(&["DEL", &a]),
-                1 => s(&["UNLINK", &a, &b]),
-                2 => s(&["RENAME", &a, &b]),
-                3 => s(&["RENAMENX", &a, &b]),
-                4 => s(&["COPY", &a, &b]),
-                5 => s(&["COPY", &a, &b, "REPLACE"]),
-                6 => s(&["COPY", &a, &b, "DB", &rng.int(0, 1), "REPLACE"]),
-                7 => s(&["MOVE", &a, &rng.int(0, 1)]),
-                8 => s(&["EXPIRE", &a, "1000"]),
-                9 => s(&["PERSIST", &a]),
-                10 => s(&["TYPE", &a]),
-                11 => s(&["EXISTS", &a, &b]),
-                12 => s(&["EXPIRE", &a, "0"]),
+            // (Copies and moves flush L1, which would hide a missed key if
+            // they were frequent: they are rare.)
+            match rng.below(40) {
+                0..=5 => s(&["DEL", &a]),
+                6..=10 => s(&["UNLINK", &a, &b]),
+                11..=15 => s(&["RENAME", &a, &b]),
+                16..=19 => s(&["RENAMENX", &a, &b]),
+                20 => s(&["COPY", &a, &b]),
+                21 => s(&["COPY", &a, &b, "REPLACE"]),
+                22 => s(&["COPY", &a, &b, "DB", &rng.int(0, 1), "REPLACE"]),
+                23 => s(&["MOVE", &a, &rng.int(0, 1)]),
+                24..=27 => s(&["EXPIRE", &a, "1000"]),
+                28..=30 => s(&["PERSIST", &a]),
+                31..=33 => s(&["TYPE", &a]),
+                34 | 35 => s(&["EXISTS", &a, &b]),
+                36 | 37 => s(&["EXPIRE", &a, "0"]),
                 _ => s(&["OBJECT", "ENCODING", &a]),
             }
         }
@@ -278,7 +280,8 @@ fn command(rng: &mut Rng) -> Vec<String> {
             }
         }
         // Whole databases, and the rare mistake.
-        18 => match rng.below(12) {
+        // (SWAPDB and the flushes empty L1: rare, as above.)
+        18 => match rng.below(24) {
             0 => s(&["SWAPDB", "0", "1"]),
             1 => s(&["FLUSHDB"]),
             2 => s(&["DBSIZE"]),
@@ -290,7 +293,7 @@ fn command(rng: &mut Rng) -> Vec<String> {
             8 => s(&["DISCARD"]),
             9 => s(&["CLIENT", "SETNAME", rng.pick(&["n1", "n2"])]),
             10 => s(&["CLIENT", "GETNAME"]),
-
+            11..=17 => s(&["PING"]),
             _ => s(&["ECHO", &value(rng)]),
         },
         // HyperLogLogs live in strings: PFCOUNT may rewrite the cached
@@ -343,6 +346,25 @@ const LIBRARY: &str = "#!lua name=difflib
 redis.register_function('setk', function(keys, args) return redis.call('SET', keys[1], args[1]) end)
 redis.register_function{function_name='getk', callback=function(keys, args) return redis.call('GET', keys[1]) end, flags={'no-writes'}}";
 
+/// A read of the first key `cmd` names (if any), by the command its family
+/// is usually read with.
+fn read_back(cmd: &[String]) -> Option<Vec<String>> {
+    let all = [STRINGS, HASHES, LISTS, SETS, ZSETS];
+    let k = cmd[1..]
+        .iter()
+        .find(|a| all.iter().any(|f| f.contains(&a.as_str())))?;
+    let read: &[&str] = match k.as_bytes()[0] {
+        b's' => &["GET"],
+        b'h' => &["HGETALL"],
+        b'l' => &["LRANGE", "0", "-1"],
+        b't' => &["SMEMBERS"],
+        _ => &["ZRANGE", "0", "-1", "WITHSCORES"],
+    };
+    let mut out = vec![read[0].to_owned(), k.clone()];
+    out.extend(read[1..].iter().map(|a| (*a).to_owned()));
+    Some(out)
+}
+
 /// A batch for one connection: one to six commands, now and then wrapped in
 /// MULTI/EXEC (or DISCARD), or preceded by a SELECT.
 fn batch(rng: &mut Rng) -> Vec<Vec<String>> {
@@ -369,7 +391,12 @@ fn batch(rng: &mut Rng) -> Vec<Vec<String>> {
             // A transaction's writes land in whatever database it selects.
             out.push(select(rng));
         }
-        out.push(command(rng));
+        let c = command(rng);
+        // Often, read back a key the command named: a write whose keys L1
+        // did not drop shows up at once.
+        let read = rng.chance(35).then(|| read_back(&c)).flatten();
+        out.push(c);
+        out.extend(read);
     }
     if tx {
         out.push(vec![
