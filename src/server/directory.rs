@@ -1,13 +1,15 @@
 //! Which upstream connection stands for which client, for the commands that
-//! name another client by id: `CLIENT TRACKING on REDIRECT <id>` takes the id
-//! a client got from `CLIENT ID`, which is nearcache's; Redis knows that
-//! client only by the Redis id of the dedicated connection it is pinned to
-//! (a subscriber to `__redis__:invalidate` always is).
+//! name another client by id: `CLIENT TRACKING on REDIRECT <id>` and `CLIENT
+//! UNBLOCK <id>` take the id a client got from `CLIENT ID`, which is
+//! nearcache's; Redis knows that client only by the Redis id of the dedicated
+//! connection it is pinned to (a subscriber to `__redis__:invalidate` always
+//! is) or blocked on.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Sessions pinned to a dedicated connection, by nearcache id → Redis id.
+/// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
+/// id → Redis id.
 #[derive(Debug, Default)]
 pub struct Directory {
     pinned: Mutex<HashMap<u64, u64>>,

@@ -31,6 +31,8 @@ pub enum Route {
     ClientGetName,
     /// `CLIENT ID`: the proxy's id for this client.
     ClientId,
+    /// `CLIENT UNBLOCK <id>`: the id is the proxy's; Redis needs its own.
+    ClientUnblock,
     /// `MULTI`: pins a dedicated connection.
     Multi,
     /// `WATCH`: pins a dedicated connection.
@@ -131,6 +133,7 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         "client|setname" => Route::ClientSetName,
         "client|getname" => Route::ClientGetName,
         "client|id" => Route::ClientId,
+        "client|unblock" => Route::ClientUnblock,
         "client|reply" => match argv.get(2) {
             Some(mode) if mode.eq_ignore_ascii_case(b"on") => Route::Forward,
             _ => Route::Relay,
@@ -202,6 +205,7 @@ mod tests {
         assert_eq!(r(&["CLIENT", "REPLY", "OFF"]), Route::Relay);
         assert_eq!(r(&["CLIENT", "REPLY", "ON"]), Route::Forward);
         assert_eq!(r(&["CLIENT", "SETNAME", "x"]), Route::ClientSetName);
+        assert_eq!(r(&["client", "unblock", "7"]), Route::ClientUnblock);
         assert_eq!(r(&["select", "2"]), Route::Select);
         assert!(matches!(r(&["PSYNC", "?", "-1"]), Route::Refuse(_)));
     }

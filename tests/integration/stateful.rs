@@ -1144,3 +1144,42 @@ async fn connection_commands_inside_multi_are_queued_and_answered_in_exec() {
     .await;
     assert_eq!(replies, [OK, QUEUED, OK, b"$1\r\nb\r\n"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_unblock_takes_the_id_client_id_answered() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut d = direct_async(&redis, 0).await;
+    let mut a = Raw::connect(proxy.port()).await;
+    let mut b = Raw::connect(proxy.port()).await;
+    let id = a.cmd(&["CLIENT", "ID"]).await;
+    let id = std::str::from_utf8(&id[1..id.len() - 2])
+        .unwrap()
+        .to_owned();
+
+    a.send_str(&["BLPOP", "q", "0"]).await;
+    wait_blocked(&mut d, 1).await;
+    assert_eq!(b.cmd(&["CLIENT", "UNBLOCK", &id]).await, b":1\r\n"[..]);
+    assert_eq!(a.frame().await, b"*-1\r\n"[..], "unblocked as by a timeout");
+
+    a.send_str(&["BRPOP", "q", "0"]).await;
+    wait_blocked(&mut d, 1).await;
+    assert_eq!(
+        b.cmd(&["CLIENT", "UNBLOCK", &id, "ERROR"]).await,
+        b":1\r\n"[..]
+    );
+    assert!(a.frame().await.starts_with(b"-UNBLOCKED"));
+
+    // Not blocked, or no such client: 0, and bad arguments get Redis's own
+    // errors, as directly.
+    let mut direct = Raw::connect(redis.port()).await;
+    for args in [
+        &["CLIENT", "UNBLOCK", &id][..],
+        &["CLIENT", "UNBLOCK", "987654"],
+        &["CLIENT", "UNBLOCK", "x"],
+        &["CLIENT", "UNBLOCK", &id, "LATER"],
+    ] {
+        assert_eq!(b.cmd(args).await, direct.cmd(args).await, "{args:?}");
+    }
+    assert_eq!(a.cmd(&["PING"]).await, b"+PONG\r\n"[..]);
+}

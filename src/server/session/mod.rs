@@ -508,6 +508,22 @@ impl Session {
                 }
             }
             Route::Select => self.select(chunk, frame).await,
+            Route::ClientUnblock => {
+                // The id is nearcache's (what CLIENT ID answered); Redis knows
+                // that client by the connection it is blocked or pinned on.
+                // Any other id becomes one no Redis client has, so Redis still
+                // checks the arguments and answers 0 as for a stranger.
+                let target = self.argv.get(2).and_then(|a| parse_i64(a));
+                if let Some(id) = target {
+                    let redis_id = u64::try_from(id)
+                        .ok()
+                        .and_then(|id| self.ctx.directory.redis_id(id))
+                        .unwrap_or(i64::MAX as u64);
+                    self.argv[2] = Bytes::from(redis_id.to_string());
+                    frame = None;
+                }
+                self.forward(chunk, frame, self.pin.is_some()).await;
+            }
             Route::Reset => {
                 self.flush_run(chunk).await;
                 self.pin = None;
@@ -818,13 +834,34 @@ impl Session {
             blocking: true,
             tx,
         };
+        // While blocked, `CLIENT UNBLOCK <this client's id>` finds it here.
+        let listing =
+            (conn.redis_id() != 0).then(|| self.ctx.directory.list(self.id, conn.redis_id()));
         if conn.send(op).is_err() {
             return self.reply(UpstreamError::ConnectionLost.to_reply());
         }
-        let _ = conn.send(Op::Release(conn.clone()));
+        let (mut client_tx, client_rx) = oneshot::channel();
+        tokio::spawn(async move {
+            tokio::select! {
+                replies = rx => {
+                    // Unlisted before the connection can serve another
+                    // client, so an unblock by this id never reaches theirs.
+                    drop(listing);
+                    let _ = conn.send(Op::Release(conn.clone()));
+                    let _ = client_tx.send(replies.unwrap_or_else(|_| Err(Failed {
+                        partial: Bytes::new(),
+                        got: 0,
+                        error: UpstreamError::ConnectionLost,
+                    })));
+                }
+                // The client left: dropping `rx` tells the connection nobody
+                // waits, and it closes rather than let the pop take an item.
+                _ = client_tx.closed() => {}
+            }
+        });
         let inv = std::mem::take(&mut self.pending_inv);
         self.push(Slot::Upstream {
-            rx,
+            rx: client_rx,
             count: 1,
             blocking: true,
             inv,
