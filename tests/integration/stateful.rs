@@ -1183,3 +1183,35 @@ async fn client_unblock_takes_the_id_client_id_answered() {
     }
     assert_eq!(a.cmd(&["PING"]).await, b"+PONG\r\n"[..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_inside_watch_switches_protocol_and_reports_the_clients_id() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let id = p.cmd(&["CLIENT", "ID"]).await;
+    assert_eq!(p.cmd(&["WATCH", "w"]).await, OK);
+    // Redis answers on the pinned connection, with its own id for it.
+    p.resp3 = true;
+    p.send_str(&["HELLO", "3"]).await;
+    let hello = p.frame3().await;
+    let OwnedFrame::Map { data, .. } = hello else {
+        panic!("HELLO 3 inside WATCH: {hello:?}");
+    };
+    let reported = data.get(&blob("id")).cloned();
+    let id: i64 = std::str::from_utf8(&id[1..id.len() - 2])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        reported,
+        Some(OwnedFrame::Number {
+            data: id,
+            attributes: None
+        })
+    );
+    // The pin's replies are RESP3 now.
+    assert_eq!(p.cmd(&["HGETALL", "nosuch"]).await, b"%0\r\n"[..]);
+    assert_eq!(p.cmd(&["UNWATCH"]).await, OK);
+    assert_eq!(p.cmd(&["HGETALL", "nosuch"]).await, b"%0\r\n"[..]);
+}

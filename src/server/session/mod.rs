@@ -496,9 +496,14 @@ impl Session {
                         }
                         self.forward(chunk, frame, true).await;
                     } else {
-                        let r = self.ask_pinned(chunk, frame).await;
+                        let mut r = self.ask_pinned(chunk, frame).await;
                         if let (Some(p), Some(b'%' | b'*')) = (requested, r.first()) {
                             self.proto = p;
+                        }
+                        // Redis reports its id for the pinned connection; the
+                        // client's id is nearcache's, as CLIENT ID says.
+                        if let Some(ours) = with_hello_id(&r, self.id) {
+                            r = ours;
                         }
                         self.reply(r);
                     }
@@ -1328,6 +1333,18 @@ impl Session {
     }
 }
 
+/// `HELLO`'s reply with the value of its `id` field replaced by `id`.
+fn with_hello_id(hello: &[u8], id: u64) -> Option<Bytes> {
+    const KEY: &[u8] = b"$2\r\nid\r\n:";
+    let at = hello.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let end = at + hello[at..].iter().position(|&b| b == b'\r')?;
+    let mut out = BytesMut::with_capacity(hello.len() + 20);
+    out.extend_from_slice(&hello[..at]);
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(&hello[end..]);
+    Some(out.freeze())
+}
+
 /// A numeric `name=` field of a `CLIENT INFO` reply (` db=0 `).
 fn info_field(info: &[u8], name: &[u8]) -> Option<i64> {
     let at = info
@@ -1411,6 +1428,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_hello_id_replaces_only_the_id() {
+        let hello =
+            b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$2\r\nid\r\n:1234\r\n$5\r\nproto\r\n:3\r\n";
+        let ours = with_hello_id(hello, 7).expect("has an id");
+        assert_eq!(
+            &ours[..],
+            b"%3\r\n$6\r\nserver\r\n$5\r\nredis\r\n$2\r\nid\r\n:7\r\n$5\r\nproto\r\n:3\r\n"
+        );
+        assert_eq!(with_hello_id(b"-NOPROTO sorry\r\n", 7), None);
+    }
 
     #[test]
     fn info_field_reads_numbers_from_client_info_in_either_protocol() {
