@@ -178,6 +178,8 @@ pub(super) struct KeyEntry {
     pub(super) rule: usize,
     pub(super) weight: u32,
     pub(super) variants: Variants,
+    /// The key's generation (stripe, flush epoch) its last fill began at.
+    pub(super) generation: (u64, u64),
 }
 
 impl KeyEntry {
@@ -190,6 +192,7 @@ impl KeyEntry {
             rule,
             variants,
             weight: u32::try_from(bytes).unwrap_or(u32::MAX),
+            generation: (0, 0),
         }
     }
 

@@ -341,8 +341,13 @@ impl L1 {
         };
         let hash = self.index.hash(db, key);
         let id = Bytes::from(id);
+        let generation = (token.generation, token.epoch);
         let mut variants: Variants = match self.entries.get(&id) {
-            Some(old) => old
+            // Other variants of the key are kept only if they were filled at
+            // this same generation: one from before an invalidation may be a
+            // stale fill that lost its race and is about to remove itself;
+            // copied into this entry, it would outlive that.
+            Some(old) if old.generation == generation => old
                 .variants
                 .iter()
                 .filter(|v| {
@@ -351,10 +356,12 @@ impl L1 {
                 })
                 .cloned()
                 .collect(),
-            None => Variants::new(),
+            _ => Variants::new(),
         };
         variants.push(variant);
-        let entry = Arc::new(KeyEntry::new(hash, rule, variants));
+        let mut entry = KeyEntry::new(hash, rule, variants);
+        entry.generation = generation;
+        let entry = Arc::new(entry);
         stats.bytes.fetch_add(i64::from(entry.weight), SeqCst);
         // Index first: if moka evicts the entry at once, its listener then
         // finds it in the index and removes it there too.
@@ -676,6 +683,57 @@ mod tests {
             Duration::from_secs(5),
             None
         ));
+    }
+
+    /// Another race: fill A began before an invalidation and is inserted
+    /// just after it, so A is about to remove itself (its re-check sees the
+    /// generation moved); meanwhile fill B, begun after the invalidation,
+    /// must not copy A's variant into its own entry, where it would outlive
+    /// A's clean-up. Here the generation moves without removing A's entry
+    /// (another key in the same stripe is invalidated), which is the state B
+    /// finds in that window.
+    #[test]
+    fn a_fill_never_carries_over_variants_from_an_older_generation() {
+        let c = l1(1 << 20);
+        let mut s = Vec::new();
+        let stripe_mate = (0..10_000)
+            .map(|i| format!("t:other{i}").into_bytes())
+            .find(|k| stripe(0, k) == stripe(0, b"t:a"))
+            .expect("some key shares the stripe");
+        let fill = |t: FillToken, proto: Protocol, reply: &[u8]| {
+            c.fill(
+                t,
+                0,
+                b"t:a",
+                0,
+                proto,
+                REQ,
+                reply,
+                Duration::from_secs(5),
+                None,
+            )
+        };
+        assert!(fill(
+            c.begin_fill(0, b"t:a"),
+            Protocol::Resp2,
+            b"$3\r\nold\r\n"
+        ));
+        c.invalidate(0, &stripe_mate, &mut s);
+        assert!(fill(
+            c.begin_fill(0, b"t:a"),
+            Protocol::Resp3,
+            b"$3\r\nnew\r\n"
+        ));
+        assert_eq!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ), None);
+        assert!(lookup(&c, 0, b"t:a", Protocol::Resp3, REQ).is_some());
+        // Without a generation change in between, variants are kept together.
+        assert!(fill(
+            c.begin_fill(0, b"t:a"),
+            Protocol::Resp2,
+            b"$3\r\nnew\r\n"
+        ));
+        assert!(lookup(&c, 0, b"t:a", Protocol::Resp3, REQ).is_some());
+        assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_some());
     }
 
     #[test]

@@ -149,6 +149,17 @@ mod tests {
     }
 
     #[test]
+    fn modifies_keys_covers_writes_scripts_and_pfcount_but_not_reads() {
+        let modifies = |name: &str| lookup(name.as_bytes()).expect(name).modifies_keys();
+        for name in ["set", "del", "lpush", "eval", "fcall", "pfcount", "pfadd"] {
+            assert!(modifies(name), "{name}");
+        }
+        for name in ["get", "hgetall", "mget", "eval_ro", "fcall_ro", "ping"] {
+            assert!(!modifies(name), "{name}");
+        }
+    }
+
+    #[test]
     fn lookup_ignores_case_and_rejects_unknown_names() {
         let get = lookup(b"gEt").expect("GET");
         assert_eq!(get.name, "get");

@@ -153,6 +153,21 @@ impl CommandSpec {
         self.flags & flags == flags
     }
 
+    /// True when some key spec may change its keys (RW, OW, RM, UPDATE,
+    /// INSERT, DELETE): every write, scripts, and the odd command flagged
+    /// read-only that still rewrites its key — PFCOUNT stores the cardinality
+    /// it computes in the value, which GET then returns.
+    #[inline]
+    pub fn modifies_keys(&self) -> bool {
+        const CHANGES: u16 = key_flag::RW
+            | key_flag::OW
+            | key_flag::RM
+            | key_flag::UPDATE
+            | key_flag::INSERT
+            | key_flag::DELETE;
+        self.key_specs.iter().any(|k| k.flags & CHANGES != 0)
+    }
+
     /// True when `argc` (arguments including the command name) fits the arity.
     #[inline]
     pub const fn arity_ok(&self, argc: usize) -> bool {

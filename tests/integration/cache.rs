@@ -1533,3 +1533,19 @@ async fn copy_and_move_into_another_database_drop_what_l1_holds_there() {
     assert_eq!(p0.cmd(&["MOVE", "c:mv", "1"]).await, int(1));
     assert_eq!(p1.cmd(&["GET", "c:mv"]).await, bulk("v"), "MOVE into db 1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pfcount_rewriting_its_key_drops_the_cached_value() {
+    let redis = RedisServer::start();
+    let proxy = proxy_c(&redis).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    let mut d = Raw::connect(redis.port()).await;
+    assert_eq!(p.cmd(&["PFADD", "c:hll", "a", "b", "c"]).await, int(1));
+    let before = cache_it(&mut p, &redis, &["GET", "c:hll"]).await;
+    // Flagged read-only, PFCOUNT still stores the cardinality it computed in
+    // the value (the HLL header's cache), which GET returns.
+    assert_eq!(p.cmd(&["PFCOUNT", "c:hll"]).await, int(3));
+    let after = d.cmd(&["GET", "c:hll"]).await;
+    assert_ne!(before, after, "PFCOUNT left the value as it was");
+    assert_eq!(p.cmd(&["GET", "c:hll"]).await, after);
+}

@@ -563,7 +563,7 @@ async fn replay(seed: u64, ops: usize) {
                 got[j] == want[j]
             };
             if !same {
-                let recent = history.len().saturating_sub(40);
+                let recent = history.len().saturating_sub(400);
                 panic!(
                     "seed {seed}, command {}: `{}` on conn {conn}\n\
                      Redis answered {:?}\nnearcache answered {:?}\n\
@@ -620,7 +620,7 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_commands_through_a_caching_proxy_answer_as_redis_does() {
     let ops = env_or("NEARCACHE_DIFF_OPS", 4000);
     match std::env::var("NEARCACHE_DIFF_SEED")

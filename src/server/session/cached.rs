@@ -412,10 +412,10 @@ impl Session {
     /// for EXEC, which is when Redis applies them.
     pub(super) fn note_write(&mut self, spec: &CommandSpec) {
         let Some(l1) = &self.ctx.l1 else { return };
-        let script = matches!(spec.name, "eval" | "evalsha" | "fcall");
-        if !spec.has(flag::WRITE) && !script {
+        if !spec.has(flag::WRITE) && !spec.modifies_keys() {
             return;
         }
+        let script = matches!(spec.name, "eval" | "evalsha" | "fcall");
         let mut inv = Invalidation::default();
         match spec.name {
             "flushdb" | "flushall" | "swapdb" => inv.flush = true,
