@@ -11,8 +11,11 @@
 //! - **No stale fill.** Invalidations bump a generation (a stripe of atomic
 //!   counters hashed by key, plus an epoch for whole flushes). A miss records
 //!   the generation when it starts; its fill is discarded if the generation
-//!   moved, and re-checked after inserting, so an invalidation that races the
-//!   insert removes it either way.
+//!   moved. The check and the insert happen under the stripe's lock (and the
+//!   epoch's, shared), which every invalidation takes too, so a fill that
+//!   lost the race is never visible, not even between its insert and a
+//!   re-check; and a fill keeps a key's other variants only if they were
+//!   filled at its own generation.
 //! - **Single flight.** Concurrent misses for the same variant share one
 //!   upstream fetch.
 //! - **Hits skip moka.** moka owns weight, expiry and eviction, but its read
@@ -28,7 +31,7 @@ pub mod stats;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -157,7 +160,14 @@ pub struct L1 {
     entries: Cache<Bytes, Arc<KeyEntry>>,
     index: Arc<Index>,
     stripes: Box<[AtomicU64]>,
+    /// One per stripe: a fill checks the generation and inserts under it, and
+    /// an invalidation moves the generation and removes under it, so a fill
+    /// that lost the race is never visible, not even for an instant.
+    stripe_locks: Box<[Mutex<()>]>,
     epoch: AtomicU64,
+    /// Fills hold it shared; whatever moves the epoch (flushes, pattern
+    /// invalidations) holds it exclusively — the same guarantee for them.
+    epoch_lock: RwLock<()>,
     /// Databases that have had fills (bit n = db n, db ≥ 63 share bit 63), so
     /// an invalidation that names no database visits only those.
     dbs_seen: AtomicU64,
@@ -211,7 +221,9 @@ impl L1 {
             entries,
             index,
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            stripe_locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             epoch: AtomicU64::new(0),
+            epoch_lock: RwLock::new(()),
             dbs_seen: AtomicU64::new(0),
             inflight: Mutex::new(HashMap::new()),
         }))
@@ -306,6 +318,12 @@ impl L1 {
         }
     }
 
+    fn lock_stripe(&self, stripe: usize) -> MutexGuard<'_, ()> {
+        self.stripe_locks[stripe]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn moved(&self, t: &FillToken) -> bool {
         self.stripes[t.stripe].load(SeqCst) != t.generation || self.epoch.load(SeqCst) != t.epoch
     }
@@ -326,6 +344,8 @@ impl L1 {
         refresh_ahead: Option<f64>,
     ) -> bool {
         let stats = &self.stats[rule];
+        let _epoch = self.epoch_lock.read().unwrap_or_else(|e| e.into_inner());
+        let _stripe = self.lock_stripe(token.stripe);
         if self.moved(&token) {
             RuleStats::inc(&stats.stale_fills_rejected);
             return false;
@@ -366,15 +386,7 @@ impl L1 {
         // Index first: if moka evicts the entry at once, its listener then
         // finds it in the index and removes it there too.
         self.index.insert(&entry);
-        self.entries.insert(id.clone(), entry);
-        // An invalidation may have run between the check above and the
-        // insert; if so, it may have missed what we just inserted.
-        if self.moved(&token) {
-            self.index.remove(db, key);
-            self.entries.invalidate(&id);
-            RuleStats::inc(&stats.stale_fills_rejected);
-            return false;
-        }
+        self.entries.insert(id, entry);
         RuleStats::inc(&stats.fills);
         true
     }
@@ -382,11 +394,12 @@ impl L1 {
     /// Drops every cached reply for `key` and moves its generation, so fills
     /// already in flight are discarded.
     pub fn invalidate(&self, db: u32, key: &[u8], scratch: &mut Vec<u8>) {
-        self.stripes[stripe(db, key)].fetch_add(1, SeqCst);
-        // moka holds nothing the index lacks (fills index first, and a fill
-        // that races this re-checks the generation moved above and removes
-        // itself), so a key not cached here costs no moka lookup: the usual
-        // case for a peer's invalidations.
+        let stripe = stripe(db, key);
+        let _stripe = self.lock_stripe(stripe);
+        self.stripes[stripe].fetch_add(1, SeqCst);
+        // moka holds nothing the index lacks (a fill inserts into both under
+        // this stripe's lock), so a key not cached here costs no moka
+        // lookup: the usual case for a peer's invalidations.
         if !self.index.remove(db, key) {
             return;
         }
@@ -414,6 +427,7 @@ impl L1 {
     }
 
     fn invalidate_matching_key(&self, key: &[u8]) {
+        let _epoch = self.epoch_lock.write().unwrap_or_else(|e| e.into_inner());
         self.epoch.fetch_add(1, SeqCst);
         let ids = self.index.ids_where(|id| id.len() >= 4 && &id[4..] == key);
         for id in &ids {
@@ -426,6 +440,7 @@ impl L1 {
     /// `pattern`; returns how many. Moves the flush epoch too, so fills in
     /// flight for matching keys are discarded.
     pub fn invalidate_matching(&self, pattern: &[u8]) -> usize {
+        let _epoch = self.epoch_lock.write().unwrap_or_else(|e| e.into_inner());
         self.epoch.fetch_add(1, SeqCst);
         let ids = self
             .index
@@ -441,6 +456,7 @@ impl L1 {
 
     /// Drops everything (FLUSHDB, FLUSHALL, SWAPDB, scripts with undeclared keys).
     pub fn flush(&self) {
+        let _epoch = self.epoch_lock.write().unwrap_or_else(|e| e.into_inner());
         self.epoch.fetch_add(1, SeqCst);
         self.index.clear();
         self.entries.invalidate_all();
@@ -734,6 +750,57 @@ mod tests {
         ));
         assert!(lookup(&c, 0, b"t:a", Protocol::Resp3, REQ).is_some());
         assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_some());
+    }
+
+    /// Fills racing invalidations from other threads: once an invalidation
+    /// has returned, no hit may serve a value from before it — not even a
+    /// stale fill that is about to be discarded. (The value a filler stores
+    /// is the version it read after taking its token, so a fill is stale
+    /// exactly when an invalidation came after its token.)
+    #[test]
+    fn concurrent_fills_never_serve_a_value_older_than_an_invalidation() {
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let c = l1(1 << 24);
+        let version = AtomicU64::new(0);
+        let invalidated = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    while !stop.load(SeqCst) {
+                        let t = c.begin_fill(0, b"t:a");
+                        let v = version.load(SeqCst).to_string();
+                        c.fill(
+                            t,
+                            0,
+                            b"t:a",
+                            0,
+                            Protocol::Resp2,
+                            REQ,
+                            v.as_bytes(),
+                            Duration::from_secs(60),
+                            None,
+                        );
+                    }
+                });
+            }
+            scope.spawn(|| {
+                while !stop.load(SeqCst) {
+                    let floor = invalidated.load(SeqCst);
+                    if let Some((v, _)) = lookup(&c, 0, b"t:a", Protocol::Resp2, REQ) {
+                        let v: u64 = std::str::from_utf8(&v).unwrap().parse().unwrap();
+                        assert!(v >= floor, "served version {v} after invalidation {floor}");
+                    }
+                }
+            });
+            let mut s = Vec::new();
+            for i in 1..=300_000 {
+                version.store(i, SeqCst);
+                c.invalidate(0, b"t:a", &mut s);
+                invalidated.store(i, SeqCst);
+            }
+            stop.store(true, SeqCst);
+        });
     }
 
     #[test]
