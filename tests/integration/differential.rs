@@ -563,7 +563,7 @@ async fn replay(seed: u64, ops: usize) {
                 got[j] == want[j]
             };
             if !same {
-                let recent = history.len().saturating_sub(400);
+                let recent = history.len().saturating_sub(60);
                 panic!(
                     "seed {seed}, command {}: `{}` on conn {conn}\n\
                      Redis answered {:?}\nnearcache answered {:?}\n\
