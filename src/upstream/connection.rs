@@ -78,6 +78,25 @@ pub enum Op {
     Release(Conn),
 }
 
+impl Op {
+    /// A request of `frames` answered by `replies` reply frames, and the
+    /// receiver they will arrive on.
+    pub fn request(
+        frames: Bytes,
+        replies: u32,
+        blocking: bool,
+    ) -> (Op, oneshot::Receiver<Replies>) {
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Send {
+            frames,
+            replies,
+            blocking,
+            tx,
+        };
+        (op, rx)
+    }
+}
+
 /// A handle to a connection task; cheap to clone. When every handle is gone
 /// the task closes the connection.
 #[derive(Debug, Clone)]

@@ -92,13 +92,7 @@ impl Session {
     /// Sends `frames` (answered by `replies` frames) on the shared connection;
     /// the result is awaited by a task, not by the session.
     async fn request(&mut self, frames: Bytes, replies: u32) -> Sent {
-        let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            frames,
-            replies,
-            blocking: false,
-            tx,
-        };
+        let (op, rx) = Op::request(frames, replies, false);
         let sent = match self.shared_conn().await {
             Ok(conn) => conn.send(op).map_err(|_| UpstreamError::ConnectionLost),
             Err(e) => Err(e),

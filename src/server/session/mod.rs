@@ -755,13 +755,7 @@ impl Session {
         if pinned {
             return self.send_pinned(frames, count, false, inv).await;
         }
-        let (tx, rx) = oneshot::channel();
-        let mut op = Op::Send {
-            frames,
-            replies: count,
-            blocking: false,
-            tx,
-        };
+        let (mut op, rx) = Op::request(frames, count, false);
         // The sticky connection first; if it died, one fresh one from the pool.
         for _ in 0..2 {
             let conn = match self.shared_conn().await {
@@ -798,13 +792,7 @@ impl Session {
             }
             return;
         }
-        let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            frames,
-            replies: count,
-            blocking,
-            tx,
-        };
+        let (op, rx) = Op::request(frames, count, blocking);
         if pin.conn.send(op).is_err() {
             // The dedicated connection died: its state (MULTI, WATCH) is gone,
             // so the client must hear about it.
@@ -832,13 +820,7 @@ impl Session {
             Err(e) => return self.reply(e.to_reply()),
         };
         self.order_after(conn.serial()).await;
-        let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            frames,
-            replies: 1,
-            blocking: true,
-            tx,
-        };
+        let (op, rx) = Op::request(frames, 1, true);
         // While blocked, `CLIENT UNBLOCK <this client's id>` finds it here.
         let listing =
             (conn.redis_id() != 0).then(|| self.ctx.directory.list(self.id, conn.redis_id()));
@@ -1011,13 +993,7 @@ impl Session {
         let Some(pin) = &self.pin else {
             return lost();
         };
-        let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            frames,
-            replies: 1,
-            blocking: false,
-            tx,
-        };
+        let (op, rx) = Op::request(frames, 1, false);
         if pin.conn.send(op).is_err() {
             self.pin = None;
             return lost();
@@ -1082,13 +1058,7 @@ impl Session {
     /// database and protocol, as the client expects. The connection then
     /// closes, once its last replies are delivered.
     async fn settle(&mut self, pin: Pin) {
-        let (tx, rx) = oneshot::channel();
-        let op = Op::Send {
-            frames: encode_command(&[&b"CLIENT"[..], b"INFO"]),
-            replies: 1,
-            blocking: false,
-            tx,
-        };
+        let (op, rx) = Op::request(encode_command(&[&b"CLIENT"[..], b"INFO"]), 1, false);
         let sent = pin.conn.send(op).is_ok();
         drop(pin);
         let (mut db, mut proto) = (self.db, self.proto);
