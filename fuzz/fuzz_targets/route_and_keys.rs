@@ -7,14 +7,15 @@
 //!
 //! Checked: no panic; every key position lies inside argv and is never the
 //! command name; `has_unknown_keys` agrees with `key_positions`; a command
-//! `resolve` does not know is forwarded.
+//! `resolve` does not know is forwarded; every command routed as blocking is
+//! one `may_block` (the input loop's cheaper test) stops at.
 
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use nearcache::command::{self, keys};
-use nearcache::server::route::{Route, route};
+use nearcache::server::route::{Route, may_block, route};
 
 fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
@@ -24,6 +25,13 @@ fuzz_target!(|data: &[u8]| {
         // yields an empty command); `split` always yields at least one item.
         let owned: Vec<Bytes> = argv.iter().map(|a| Bytes::copy_from_slice(a)).collect();
         let r = route(&owned);
+        if matches!(r, Route::Blocking | Route::Wait) {
+            assert!(
+                may_block(argv[0], argv[1..].iter().copied()),
+                "routed {r:?} but may_block says no: {:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
 
         for a in &argv {
             let _ = command::lookup(a);
