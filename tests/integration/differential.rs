@@ -370,6 +370,17 @@ fn read_back(cmd: &[String]) -> Option<Vec<String>> {
 fn batch(rng: &mut Rng) -> Vec<Vec<String>> {
     let select = |rng: &mut Rng| vec!["SELECT".to_owned(), rng.int(0, 1)];
     let mut out = Vec::new();
+    if rng.chance(35) {
+        // Reads only, as a trading bot mostly sends: these hit L1, so the
+        // hit path is checked against Redis too.
+        let all = [STRINGS, HASHES, LISTS, SETS, ZSETS];
+        for _ in 0..2 + rng.below(6) {
+            let family = all[rng.below(all.len())];
+            let k = rng.pick(family).to_owned();
+            out.extend(read_back(&["GET".to_owned(), k]));
+        }
+        return out;
+    }
     if rng.chance(2) {
         out.push(vec!["RESET".to_owned()]);
     }
@@ -516,6 +527,11 @@ async fn replay(seed: u64, ops: usize) {
     cfg.cache.rules = vec![cache_everything()];
     // Odd seeds squeeze the limits, so pipelines stop and resume at their
     // reply budget and every dedicated connection is a fresh one.
+    // Every fourth seed (from 2) refreshes hits ahead after 60 ms, so
+    // background fetches race the writes all the time.
+    if seed % 4 == 2 {
+        cfg.cache.rules[0].refresh_ahead = Some(0.001);
+    }
     if seed % 2 == 1 {
         cfg.server.max_pending_replies = 3;
         cfg.upstream.max_idle_dedicated = 0;
