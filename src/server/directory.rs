@@ -8,11 +8,40 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::Notify;
+
 /// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
-/// id → Redis id.
+/// id → Redis id; and every session, by id, for `CLIENT KILL ID`.
 #[derive(Debug, Default)]
 pub struct Directory {
     pinned: Mutex<HashMap<u64, u64>>,
+    sessions: Mutex<HashMap<u64, Arc<Notify>>>,
+}
+
+/// A session's place in the [`Directory`] for as long as it runs.
+#[derive(Debug)]
+pub struct Enrollment {
+    directory: Arc<Directory>,
+    session: u64,
+    kill: Arc<Notify>,
+}
+
+impl Enrollment {
+    /// Resolves once another client has killed this session (a kill that came
+    /// before the call is not lost).
+    pub async fn killed(&self) {
+        self.kill.notified().await;
+    }
+}
+
+impl Drop for Enrollment {
+    fn drop(&mut self) {
+        self.directory
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.session);
+    }
 }
 
 /// A session's entry in the [`Directory`], removed when dropped (when the
@@ -33,6 +62,32 @@ impl Directory {
             directory: self.clone(),
             session,
             redis_id,
+        }
+    }
+
+    /// Enrolls a running session, until the enrollment is dropped.
+    pub fn enroll(self: &Arc<Self>, session: u64) -> Enrollment {
+        let kill = Arc::new(Notify::new());
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(session, kill.clone());
+        Enrollment {
+            directory: self.clone(),
+            session,
+            kill,
+        }
+    }
+
+    /// Tells `session` to close; false if no such session runs.
+    pub fn kill(&self, session: u64) -> bool {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        match sessions.get(&session) {
+            Some(kill) => {
+                kill.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
@@ -59,6 +114,18 @@ impl Drop for Listing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kill_reaches_an_enrolled_session_only() {
+        let d = Arc::new(Directory::default());
+        let e = d.enroll(3);
+        assert!(!d.kill(4));
+        assert!(d.kill(3));
+        // Delivered even though nobody was waiting yet.
+        futures_util::FutureExt::now_or_never(e.killed()).expect("the kill is kept");
+        drop(e);
+        assert!(!d.kill(3));
+    }
 
     #[test]
     fn a_listing_lasts_as_long_as_the_pin_and_no_longer() {

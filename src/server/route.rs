@@ -33,6 +33,8 @@ pub enum Route {
     ClientId,
     /// `CLIENT UNBLOCK <id>`: the id is the proxy's; Redis needs its own.
     ClientUnblock,
+    /// `CLIENT KILL …`: `ID <id>` names one of the proxy's clients.
+    ClientKill,
     /// `MULTI`: pins a dedicated connection.
     Multi,
     /// `WATCH`: pins a dedicated connection.
@@ -134,6 +136,7 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         "client|getname" => Route::ClientGetName,
         "client|id" => Route::ClientId,
         "client|unblock" => Route::ClientUnblock,
+        "client|kill" => Route::ClientKill,
         "client|reply" => match argv.get(2) {
             Some(mode) if mode.eq_ignore_ascii_case(b"on") => Route::Forward,
             _ => Route::Relay,

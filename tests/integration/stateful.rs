@@ -1215,3 +1215,39 @@ async fn hello_inside_watch_switches_protocol_and_reports_the_clients_id() {
     assert_eq!(p.cmd(&["UNWATCH"]).await, OK);
     assert_eq!(p.cmd(&["HGETALL", "nosuch"]).await, b"%0\r\n"[..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_kill_id_closes_the_client_client_id_named() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let id_of = |reply: &[u8]| {
+        std::str::from_utf8(&reply[1..reply.len() - 2])
+            .unwrap()
+            .to_owned()
+    };
+    let mut a = Raw::connect(proxy.port()).await;
+    let mut b = Raw::connect(proxy.port()).await;
+    let a_id = id_of(&a.cmd(&["CLIENT", "ID"]).await);
+    let b_id = id_of(&b.cmd(&["CLIENT", "ID"]).await);
+
+    assert_eq!(b.cmd(&["CLIENT", "KILL", "ID", &a_id]).await, b":1\r\n"[..]);
+    a.expect_eof().await;
+    assert_eq!(b.cmd(&["CLIENT", "KILL", "ID", &a_id]).await, b":0\r\n"[..]);
+    // The caller is spared unless it says otherwise.
+    assert_eq!(b.cmd(&["CLIENT", "KILL", "ID", &b_id]).await, b":0\r\n"[..]);
+    // Bad values get Redis's own errors.
+    let mut direct = Raw::connect(redis.port()).await;
+    for args in [
+        &["CLIENT", "KILL", "ID", "x"][..],
+        &["CLIENT", "KILL", "ID", "0"],
+        &["CLIENT", "KILL", "ID", "5", "SKIPME", "maybe"],
+    ] {
+        assert_eq!(b.cmd(args).await, direct.cmd(args).await, "{args:?}");
+    }
+    assert_eq!(
+        b.cmd(&["CLIENT", "KILL", "ID", &b_id, "SKIPME", "no"])
+            .await,
+        b":1\r\n"[..]
+    );
+    b.expect_eof().await;
+}

@@ -176,6 +176,8 @@ pub async fn serve(
     let idle = ctx.cfg.server.idle_timeout.0;
     let max_pending = ctx.cfg.server.max_pending_replies;
     let mut shutdown = std::pin::pin!(shutdown_requested(shutdown));
+    // `CLIENT KILL ID <this id>` from another client ends the session.
+    let enrollment = ctx.directory.enroll(id);
     let mut reading = true;
     // Complete commands may be buffered but unparsed, and why.
     let mut backlog = Backlog::None;
@@ -243,6 +245,7 @@ pub async fn serve(
                 continue;
             }
             _ = idle_expired(idle), if can_read && !relaying && session.out.is_empty() => break,
+            _ = enrollment.killed() => break,
         }
         let wanted = input.parser.bytes_wanted(input.buf.len());
         input.buf.reserve(wanted.max(4096));
@@ -513,6 +516,27 @@ impl Session {
                 }
             }
             Route::Select => self.select(chunk, frame).await,
+            Route::ClientKill => match kill_filter(&self.argv) {
+                Some(Ok((target, skip_me))) => {
+                    let me = target == self.id;
+                    let killed = if me {
+                        !skip_me
+                    } else {
+                        self.ctx.directory.kill(target)
+                    };
+                    let mut r = Reply::new(self.proto);
+                    r.int(i64::from(killed));
+                    self.reply(r.finish());
+                    if me && killed {
+                        self.push(Slot::Close);
+                        return Flow::Stop;
+                    }
+                }
+                Some(Err(msg)) => self.reply(reply::error(msg)),
+                // Other filters (ADDR, TYPE, USER…) and the old form: Redis's
+                // view, as documented.
+                None => self.forward(chunk, frame, self.pin.is_some()).await,
+            },
             Route::ClientUnblock => {
                 // The id is nearcache's (what CLIENT ID answered); Redis knows
                 // that client by the connection it is blocked or pinned on.
@@ -1301,6 +1325,37 @@ impl Session {
     fn push(&mut self, slot: Slot) {
         self.out.push(slot);
     }
+}
+
+/// `CLIENT KILL ID <id> [SKIPME yes|no]` (in any order): the client named and
+/// whether the caller is spared (the default). `None` for any other form;
+/// `Some(Err)` with Redis's error for a bad id or SKIPME value.
+fn kill_filter(argv: &[Bytes]) -> Option<Result<(u64, bool), &'static str>> {
+    let filters = argv
+        .get(2..)
+        .filter(|f| !f.is_empty() && f.len() % 2 == 0)?;
+    let (mut id, mut skip_me) = (None, true);
+    for pair in filters.chunks(2) {
+        let (name, value) = (&pair[0], &pair[1]);
+        if name.eq_ignore_ascii_case(b"id") {
+            id = Some(match parse_i64(value) {
+                Some(n) if n > 0 => n as u64,
+                Some(_) => return Some(Err("ERR client-id should be greater than 0")),
+                None => return Some(Err("ERR client-id should be greater than 0")),
+            });
+        } else if name.eq_ignore_ascii_case(b"skipme") {
+            skip_me = if value.eq_ignore_ascii_case(b"yes") {
+                true
+            } else if value.eq_ignore_ascii_case(b"no") {
+                false
+            } else {
+                return Some(Err("ERR syntax error"));
+            };
+        } else {
+            return None;
+        }
+    }
+    id.map(|id| Ok((id, skip_me)))
 }
 
 /// `HELLO`'s reply with the value of its `id` field replaced by `id`.
