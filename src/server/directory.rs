@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 /// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
 /// id → Redis id; and every session, by id, for `CLIENT KILL ID`.
 #[derive(Debug, Default)]
 pub struct Directory {
     pinned: Mutex<HashMap<u64, u64>>,
-    sessions: Mutex<HashMap<u64, Arc<Notify>>>,
+    sessions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
 }
 
 /// A session's place in the [`Directory`] for as long as it runs.
@@ -23,15 +23,6 @@ pub struct Directory {
 pub struct Enrollment {
     directory: Arc<Directory>,
     session: u64,
-    kill: Arc<Notify>,
-}
-
-impl Enrollment {
-    /// Resolves once another client has killed this session (a kill that came
-    /// before the call is not lost).
-    pub async fn killed(&self) {
-        self.kill.notified().await;
-    }
 }
 
 impl Drop for Enrollment {
@@ -65,30 +56,31 @@ impl Directory {
         }
     }
 
-    /// Enrolls a running session, until the enrollment is dropped.
-    pub fn enroll(self: &Arc<Self>, session: u64) -> Enrollment {
-        let kill = Arc::new(Notify::new());
+    /// Enrolls a running session until the enrollment is dropped; the
+    /// receiver answers `Ok` once another client kills it. (A oneshot: the
+    /// session polls it on every turn of its loop, and polling one takes no
+    /// lock.)
+    pub fn enroll(self: &Arc<Self>, session: u64) -> (Enrollment, oneshot::Receiver<()>) {
+        let (kill, killed) = oneshot::channel();
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(session, kill.clone());
-        Enrollment {
+            .insert(session, kill);
+        let enrollment = Enrollment {
             directory: self.clone(),
             session,
-            kill,
-        }
+        };
+        (enrollment, killed)
     }
 
     /// Tells `session` to close; false if no such session runs.
     pub fn kill(&self, session: u64) -> bool {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        match sessions.get(&session) {
-            Some(kill) => {
-                kill.notify_one();
-                true
-            }
-            None => false,
-        }
+        let kill = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&session);
+        kill.is_some_and(|k| k.send(()).is_ok())
     }
 
     /// Redis's id for the connection `session` is pinned to, if it is.
@@ -118,11 +110,11 @@ mod tests {
     #[test]
     fn a_kill_reaches_an_enrolled_session_only() {
         let d = Arc::new(Directory::default());
-        let e = d.enroll(3);
+        let (e, mut killed) = d.enroll(3);
         assert!(!d.kill(4));
         assert!(d.kill(3));
         // Delivered even though nobody was waiting yet.
-        futures_util::FutureExt::now_or_never(e.killed()).expect("the kill is kept");
+        assert_eq!(killed.try_recv(), Ok(()));
         drop(e);
         assert!(!d.kill(3));
     }

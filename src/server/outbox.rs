@@ -134,9 +134,7 @@ impl Outbox {
         for slot in &mut self.slots {
             if let Slot::Upstream { rx, .. } = slot {
                 let replies = (&mut *rx).await.unwrap_or_else(|_| Err(lost()));
-                let (tx, answered) = oneshot::channel();
-                let _ = tx.send(replies);
-                *rx = answered;
+                *rx = answered(replies);
             }
         }
     }
@@ -154,9 +152,7 @@ impl Outbox {
     /// [`Outbox::last_replies`] took its own).
     pub fn answer_last(&mut self, replies: Replies) {
         if let Some(Slot::Upstream { rx, .. }) = self.slots.back_mut() {
-            let (tx, answered) = oneshot::channel();
-            let _ = tx.send(replies);
-            *rx = answered;
+            *rx = answered(replies);
         }
     }
 
@@ -272,12 +268,16 @@ fn weight(slot: &Slot) -> usize {
     }
 }
 
+/// A receiver that already holds `replies` (for a slot whose replies were
+/// taken out early).
+fn answered(replies: Replies) -> oneshot::Receiver<Replies> {
+    let (tx, rx) = oneshot::channel();
+    let _ = tx.send(replies);
+    rx
+}
+
 fn lost() -> Failed {
-    Failed {
-        partial: Bytes::new(),
-        got: 0,
-        error: UpstreamError::ConnectionLost,
-    }
+    Failed::nothing(UpstreamError::ConnectionLost)
 }
 
 #[cfg(test)]

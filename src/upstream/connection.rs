@@ -39,6 +39,17 @@ pub struct Failed {
     pub error: UpstreamError,
 }
 
+impl Failed {
+    /// A failure before any reply frame arrived.
+    pub fn nothing(error: UpstreamError) -> Self {
+        Self {
+            partial: Bytes::new(),
+            got: 0,
+            error,
+        }
+    }
+}
+
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Replies>;
 
@@ -122,6 +133,15 @@ impl Conn {
     #[inline]
     pub fn send(&self, op: Op) -> Result<(), Op> {
         self.tx.send(op).map_err(|e| e.0)
+    }
+
+    /// Sends one command and waits for its reply (for the rare requests
+    /// whose answer decides what happens next).
+    pub async fn ask(&self, frames: Bytes) -> Replies {
+        let (op, rx) = Op::request(frames, 1, false);
+        let lost = || Failed::nothing(UpstreamError::ConnectionLost);
+        self.send(op).map_err(|_| lost())?;
+        rx.await.unwrap_or_else(|_| Err(lost()))
     }
 
     /// True once the connection task has ended.

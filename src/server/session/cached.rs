@@ -577,11 +577,7 @@ fn fill_ttl(policy: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Dura
 }
 
 fn lost(error: UpstreamError) -> Failed {
-    Failed {
-        partial: Bytes::new(),
-        got: 0,
-        error,
-    }
+    Failed::nothing(error)
 }
 
 #[cfg(test)]

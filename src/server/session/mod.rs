@@ -177,7 +177,7 @@ pub async fn serve(
     let max_pending = ctx.cfg.server.max_pending_replies;
     let mut shutdown = std::pin::pin!(shutdown_requested(shutdown));
     // `CLIENT KILL ID <this id>` from another client ends the session.
-    let enrollment = ctx.directory.enroll(id);
+    let (_enrollment, mut killed) = ctx.directory.enroll(id);
     let mut reading = true;
     // Complete commands may be buffered but unparsed, and why.
     let mut backlog = Backlog::None;
@@ -245,7 +245,8 @@ pub async fn serve(
                 continue;
             }
             _ = idle_expired(idle), if can_read && !relaying && session.out.is_empty() => break,
-            _ = enrollment.killed() => break,
+            // (Its sender stays in the directory until a kill sends on it.)
+            _ = &mut killed => break,
         }
         let wanted = input.parser.bytes_wanted(input.buf.len());
         input.buf.reserve(wanted.max(4096));
@@ -859,11 +860,9 @@ impl Session {
                     // client, so an unblock by this id never reaches theirs.
                     drop(listing);
                     let _ = conn.send(Op::Release(conn.clone()));
-                    let _ = client_tx.send(replies.unwrap_or_else(|_| Err(Failed {
-                        partial: Bytes::new(),
-                        got: 0,
-                        error: UpstreamError::ConnectionLost,
-                    })));
+                    let _ = client_tx.send(replies.unwrap_or_else(|_| {
+                        Err(Failed::nothing(UpstreamError::ConnectionLost))
+                    }));
                 }
                 // The client left: dropping `rx` tells the connection nobody
                 // waits, and it closes rather than let the pop take an item.
@@ -1014,18 +1013,16 @@ impl Session {
         };
         let lost = || UpstreamError::ConnectionLost.to_reply();
         self.order_for_pin().await;
-        let Some(pin) = &self.pin else {
+        let Some(conn) = self.pin.as_ref().map(|p| p.conn.clone()) else {
             return lost();
         };
-        let (op, rx) = Op::request(frames, 1, false);
-        if pin.conn.send(op).is_err() {
+        if conn.is_closed() {
             self.pin = None;
             return lost();
         }
-        match rx.await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(failed)) => failed.error.to_reply(),
-            Err(_) => lost(),
+        match conn.ask(frames).await {
+            Ok(reply) => reply,
+            Err(failed) => failed.error.to_reply(),
         }
     }
 
@@ -1059,11 +1056,12 @@ impl Session {
         let mut next = 0;
         let saved = std::mem::take(&mut self.argv);
         for (before, route, argv) in local {
-            let before = (before as usize).min(n);
-            for e in &elements[next..before.max(next)] {
+            // (Positions only grow: each local command came after the last.)
+            let upto = (before as usize).clamp(next, n);
+            for e in &elements[next..upto] {
                 out.extend_from_slice(&exec[e.clone()]);
             }
-            next = before.max(next);
+            next = upto;
             self.argv = argv;
             let r = self.local_reply(route);
             out.extend_from_slice(&r);
@@ -1082,11 +1080,13 @@ impl Session {
     /// database and protocol, as the client expects. The connection then
     /// closes, once its last replies are delivered.
     async fn settle(&mut self, pin: Pin) {
-        let (op, rx) = Op::request(encode_command(&[&b"CLIENT"[..], b"INFO"]), 1, false);
-        let sent = pin.conn.send(op).is_ok();
+        let info = pin
+            .conn
+            .ask(encode_command(&[&b"CLIENT"[..], b"INFO"]))
+            .await;
         drop(pin);
         let (mut db, mut proto) = (self.db, self.proto);
-        if let (true, Ok(Ok(info))) = (sent, rx.await) {
+        if let Ok(info) = info {
             if let Some(n) = info_field(&info, b"db=").and_then(|n| u32::try_from(n).ok()) {
                 db = n;
             }
@@ -1340,8 +1340,7 @@ fn kill_filter(argv: &[Bytes]) -> Option<Result<(u64, bool), &'static str>> {
         if name.eq_ignore_ascii_case(b"id") {
             id = Some(match parse_i64(value) {
                 Some(n) if n > 0 => n as u64,
-                Some(_) => return Some(Err("ERR client-id should be greater than 0")),
-                None => return Some(Err("ERR client-id should be greater than 0")),
+                _ => return Some(Err("ERR client-id should be greater than 0")),
             });
         } else if name.eq_ignore_ascii_case(b"skipme") {
             skip_me = if value.eq_ignore_ascii_case(b"yes") {
@@ -1395,11 +1394,7 @@ async fn wait_after(
     frames: Bytes,
     client: &mut oneshot::Sender<Replies>,
 ) -> Replies {
-    let lost = |error| Failed {
-        partial: Bytes::new(),
-        got: 0,
-        error,
-    };
+    let lost = Failed::nothing;
     tokio::select! {
         r = barrier => match r {
             Ok(Ok(_)) => {}
