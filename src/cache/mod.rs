@@ -310,6 +310,14 @@ impl L1 {
 
     /// Records where the key's generation stands as a miss begins.
     pub fn begin_fill(&self, db: u32, key: &[u8]) -> FillToken {
+        // The database is marked in use before the generation is read: an
+        // invalidation in every database ([`L1::invalidate_any_db`]) that
+        // skipped this one as unused would not move the generation, and a
+        // first fill racing it would store the old value.
+        let bit = 1 << db.min(63);
+        if self.dbs_seen.load(SeqCst) & bit == 0 {
+            self.dbs_seen.fetch_or(bit, SeqCst);
+        }
         let stripe = stripe(db, key);
         FillToken {
             stripe,
@@ -350,7 +358,6 @@ impl L1 {
             RuleStats::inc(&stats.stale_fills_rejected);
             return false;
         }
-        self.dbs_seen.fetch_or(1 << db.min(63), SeqCst);
         let mut id = Vec::new();
         key_id(db, key, &mut id);
         let now = Instant::now();
@@ -506,11 +513,16 @@ impl L1 {
     }
 }
 
+/// The database of an [`Invalidation`] key that must be dropped in every
+/// database: a script's keys, since a script may `SELECT` another database
+/// before it writes them (Redis 7 runs it there, and the caller stays put).
+pub const ANY_DB: u32 = u32::MAX;
+
 /// Keys a write touched, dropped from L1 when the write is dispatched and
 /// again when Redis acknowledges it (see `server::session`).
 #[derive(Debug, Default)]
 pub struct Invalidation {
-    /// (database, key) pairs.
+    /// (database, key) pairs; the database may be [`ANY_DB`].
     pub keys: Vec<(u32, Bytes)>,
     /// Drop everything (FLUSHDB, FLUSHALL, SWAPDB, undeclared script keys).
     pub flush: bool,
@@ -539,7 +551,11 @@ impl Invalidation {
             l1.flush();
         }
         for (db, key) in &self.keys {
-            l1.invalidate(*db, key, scratch);
+            if *db == ANY_DB {
+                l1.invalidate_any_db(key, scratch);
+            } else {
+                l1.invalidate(*db, key, scratch);
+            }
         }
     }
 }
@@ -699,6 +715,39 @@ mod tests {
             Duration::from_secs(5),
             None
         ));
+    }
+
+    /// The same race for an invalidation in every database (a script's key,
+    /// Redis's tracking message), with the miss the first ever in its
+    /// database: that invalidation must not skip the database as unused.
+    #[test]
+    fn no_stale_first_fill_in_a_database_after_an_invalidation_in_every_one() {
+        let c = l1(1 << 20);
+        let mut s = Vec::new();
+        let t = c.begin_fill(5, b"t:a");
+        Invalidation {
+            keys: vec![(ANY_DB, Bytes::from_static(b"t:a"))],
+            flush: false,
+        }
+        .apply(&c, &mut s);
+        let fill = |t| {
+            c.fill(
+                t,
+                5,
+                b"t:a",
+                0,
+                Protocol::Resp2,
+                REQ,
+                b"$3\r\nold\r\n",
+                Duration::from_secs(5),
+                None,
+            )
+        };
+        assert!(!fill(t), "a fill begun before the invalidation is stale");
+        // A cached key in another database is dropped too.
+        assert!(fill(c.begin_fill(5, b"t:a")));
+        c.invalidate_any_db(b"t:a", &mut s);
+        assert_eq!(lookup(&c, 5, b"t:a", Protocol::Resp2, REQ), None);
     }
 
     /// Another race: fill A began before an invalidation and is inserted

@@ -9,8 +9,11 @@
 //! kind: 1 = keys, 2 = flush everything, 3 = resync (no entries; only the
 //! sequence number matters), 4 = pattern (one entry: db u32::MAX, the glob),
 //! 5 = leave (no entries: the sender shut down cleanly, after everything it
-//! published; a build that predates it cannot read it, and flushes)
+//! published), 6 = keys in every database (entries' db is u32::MAX: a
+//! script's keys, since a script may SELECT another database)
 //! ```
+//!
+//! A build that predates a kind cannot read it, and flushes.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -31,6 +34,9 @@ pub enum Kind {
     /// The sender is shutting down cleanly: nothing follows, and its silence
     /// from now on is no reason to flush.
     Leave = 5,
+    /// Drop these keys in every database (a script's keys: it may have
+    /// selected another database before writing them).
+    AnyDbKeys = 6,
 }
 
 /// A decoded message.
@@ -131,6 +137,7 @@ impl Message {
             3 => Kind::Resync,
             4 => Kind::Pattern,
             5 => Kind::Leave,
+            6 => Kind::AnyDbKeys,
             _ => return Err(DecodeError::Malformed),
         };
         let need = |buf: &Bytes, n: usize| {
@@ -195,6 +202,42 @@ mod tests {
         );
         assert_eq!(Message::peek_sender(&wire), Some((&b"host-42"[..], 123)));
         assert_eq!(Message::decode(wire), Ok(m));
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_a_newer_kind_is_refused() {
+        let kinds = [
+            Kind::Keys,
+            Kind::Flush,
+            Kind::Resync,
+            Kind::Pattern,
+            Kind::Leave,
+            Kind::AnyDbKeys,
+        ];
+        for kind in kinds {
+            let m = Message {
+                kind,
+                instance: "i".into(),
+                seq: 1,
+                sent_at_us: 2,
+                entries: vec![(u32::MAX, Bytes::from_static(b"k"))],
+            };
+            assert_eq!(Message::decode(m.encode()), Ok(m));
+        }
+        // A kind from a later build is unreadable (the receiver flushes),
+        // never taken for one of ours.
+        let mut wire = BytesMut::from(
+            &Message {
+                kind: Kind::Keys,
+                instance: "i".into(),
+                seq: 1,
+                sent_at_us: 2,
+                entries: vec![(0, Bytes::from_static(b"k"))],
+            }
+            .encode()[..],
+        );
+        wire[3] = kinds.len() as u8 + 1;
+        assert_eq!(Message::decode(wire.freeze()), Err(DecodeError::Malformed));
     }
 
     #[test]

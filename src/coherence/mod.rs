@@ -35,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cache::{Invalidation, L1};
+use crate::cache::{ANY_DB, Invalidation, L1};
 use crate::config::{CoherenceConfig, LossPolicy};
 use crate::histogram::Histogram;
 use message::{Kind, Message};
@@ -454,9 +454,15 @@ impl Publisher {
         out: &mut Vec<Bytes>,
     ) {
         let room = max_payload.saturating_sub(Message::overhead(&self.instance));
-        let mut batch = Vec::new();
-        let mut bytes = 0;
+        // Keys in one database and keys in every database (a script's) go
+        // in messages of their own kinds; the order between them does not
+        // matter, as each only drops keys.
+        let mut batches = [
+            (Kind::Keys, Vec::new(), 0),
+            (Kind::AnyDbKeys, Vec::new(), 0),
+        ];
         for (db, key) in keys {
+            let (kind, batch, bytes) = &mut batches[usize::from(db == ANY_DB)];
             let size = Message::entry_size(&key);
             if size > room {
                 tracing::warn!(
@@ -464,30 +470,39 @@ impl Publisher {
                     max_payload,
                     "a key too long for one NATS message; peers flush L1 instead"
                 );
-                self.flush_keys(&mut batch, sent_at_us, out);
+                self.flush_keys(*kind, batch, sent_at_us, out);
                 out.push(self.message(Kind::Flush, Vec::new(), sent_at_us));
-                bytes = 0;
+                *bytes = 0;
                 continue;
             }
-            if batch.len() == self.max_keys || bytes + size > room {
-                self.flush_keys(&mut batch, sent_at_us, out);
-                bytes = 0;
+            if batch.len() == self.max_keys || *bytes + size > room {
+                self.flush_keys(*kind, batch, sent_at_us, out);
+                *bytes = 0;
             }
-            bytes += size;
+            *bytes += size;
             batch.push((db, key));
         }
-        self.flush_keys(&mut batch, sent_at_us, out);
+        for (kind, batch, _) in &mut batches {
+            self.flush_keys(*kind, batch, sent_at_us, out);
+        }
     }
 
-    /// Encodes `batch` (if not empty) as one keys message, leaving it empty.
-    fn flush_keys(&self, batch: &mut Vec<(u32, Bytes)>, sent_at_us: u64, out: &mut Vec<Bytes>) {
+    /// Encodes `batch` (if not empty) as one message of `kind`, leaving it
+    /// empty.
+    fn flush_keys(
+        &self,
+        kind: Kind,
+        batch: &mut Vec<(u32, Bytes)>,
+        sent_at_us: u64,
+        out: &mut Vec<Bytes>,
+    ) {
         if batch.is_empty() {
             return;
         }
         self.stats
             .published_keys
             .fetch_add(batch.len() as u64, SeqCst);
-        out.push(self.message(Kind::Keys, std::mem::take(batch), sent_at_us));
+        out.push(self.message(kind, std::mem::take(batch), sent_at_us));
     }
 }
 
@@ -712,6 +727,12 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                 }
                 stats.applied_keys.fetch_add(m.entries.len() as u64, SeqCst);
             }
+            Kind::AnyDbKeys => {
+                for (_, key) in &m.entries {
+                    l1.invalidate_any_db(key, &mut scratch);
+                }
+                stats.applied_keys.fetch_add(m.entries.len() as u64, SeqCst);
+            }
             Kind::Flush => {
                 l1.flush();
                 stats.flushes.fetch_add(1, SeqCst);
@@ -868,6 +889,28 @@ mod tests {
         let all: Vec<(u32, Bytes)> = got.into_iter().flat_map(|m| m.entries).collect();
         assert_eq!(all, keys, "every key, in order");
         assert_eq!(p.stats.published_keys.load(SeqCst), 6);
+    }
+
+    #[test]
+    fn keys_in_every_database_travel_in_messages_of_their_own_kind() {
+        let p = publisher(2);
+        let any = |k: &'static [u8]| (ANY_DB, Bytes::from_static(k));
+        let one = |k: &'static [u8]| (4, Bytes::from_static(k));
+        let mut out = Vec::new();
+        let keys = vec![one(b"a"), any(b"s1"), one(b"b"), any(b"s2"), any(b"s3")];
+        p.keys_messages(keys, 5, 1 << 20, &mut out);
+        let got: Vec<(Kind, Vec<(u32, Bytes)>)> = decoded(out)
+            .into_iter()
+            .map(|m| (m.kind, m.entries))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Kind::AnyDbKeys, vec![any(b"s1"), any(b"s2")]),
+                (Kind::Keys, vec![one(b"a"), one(b"b")]),
+                (Kind::AnyDbKeys, vec![any(b"s3")]),
+            ]
+        );
     }
 
     #[test]

@@ -382,6 +382,63 @@ async fn write_on_a_evicts_on_b(mut c: Cluster) {
     );
 }
 
+/// Guards `note_write`'s scripts (`ANY_DB`) and `Kind::AnyDbKeys`: a script
+/// called from db 0 that SELECTs db 1 before writing its declared key (Redis
+/// 7 runs it there; the caller stays in db 0) drops the key from db 1's L1,
+/// on the instance that ran it at once and on a peer within the bound — as
+/// that key, not as a flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_that_selects_another_database_evicts_its_keys_there_everywhere() {
+    let mut c = Cluster::start(2).await;
+    let db1 = |i: usize| {
+        redis::Client::open(format!("redis://127.0.0.1:{}/1", c.proxies[i].port())).unwrap()
+    };
+    let mut a1 = db1(0).get_multiplexed_async_connection().await.unwrap();
+    let mut b1 = db1(1).get_multiplexed_async_connection().await.unwrap();
+    let () = a1.set("t:s", "old").await.unwrap();
+    let () = a1.set("t:other", "other").await.unwrap();
+    assert_eq!(cache_it(&mut a1, &c.redis, "t:s").await, "old");
+    assert_eq!(cache_it(&mut b1, &c.redis, "t:s").await, "old");
+    assert_eq!(cache_it(&mut b1, &c.redis, "t:other").await, "other");
+    let b_before = c.bus(1).await;
+
+    let script = "redis.call('SELECT', 1); return redis.call('SET', KEYS[1], ARGV[1])";
+    let () = redis::cmd("EVAL")
+        .arg(script)
+        .arg(1)
+        .arg("t:s")
+        .arg("new")
+        .query_async(&mut c.conns[0])
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&mut c.conns[0], "t:s").await,
+        None,
+        "the caller stayed in db 0"
+    );
+    assert_eq!(
+        get(&mut a1, "t:s").await.as_deref(),
+        Some("new"),
+        "A, db 1, right after its own script was acknowledged"
+    );
+    let seen = until_served(&mut b1, "t:s", "new", "B, db 1, after A's script").await;
+    assert!(
+        seen <= STALENESS_BOUND,
+        "B served the old value for {seen:?} (bound: {STALENESS_BOUND:?})"
+    );
+    let b_after = c.bus(1).await;
+    assert_eq!(
+        b_after.get("flushes"),
+        b_before.get("flushes"),
+        "{b_after:?}"
+    );
+    assert_eq!(
+        upstream_reads(&mut b1, &c.redis, "t:other", "other", 2).await,
+        0,
+        "the script's key, not everything, was dropped on B"
+    );
+}
+
 /// Guards the credentials in `Bus::start`: with a NATS that requires a user
 /// and password, instances given them form a bus (a write on one evicts on
 /// the other); one given a wrong password is refused — it never serves L1,

@@ -265,7 +265,16 @@ fn command(rng: &mut Rng) -> Vec<String> {
         // Scripts and functions: declared keys, undeclared keys, read-only.
         17 => {
             let k = key(rng, STRINGS);
-            match rng.below(5) {
+            match rng.below(6) {
+                // Redis 7 runs the write in the database the script selects.
+                5 => s(&[
+                    "EVAL",
+                    "redis.call('SELECT', ARGV[2]); return redis.call('SET', KEYS[1], ARGV[1])",
+                    "1",
+                    &k,
+                    &value(rng),
+                    &rng.below(2).to_string(),
+                ]),
                 3 => s(&["FCALL", "setk", "1", &k, &value(rng)]),
                 4 => s(&["FCALL_RO", "getk", "1", &k]),
                 0 => s(&[

@@ -422,10 +422,13 @@ impl Session {
                     // A script may write keys it did not declare.
                     inv.flush = true;
                 } else {
+                    // A script may SELECT before it writes: its keys go in
+                    // every database (as cheap as one while only one is used).
+                    let db = if script { cache::ANY_DB } else { self.db };
                     for &(i, _) in &self.positions {
                         let key = &self.argv[i];
                         if l1.rule_for(key).is_some() {
-                            inv.keys.push((self.db, key.clone()));
+                            inv.keys.push((db, key.clone()));
                         }
                     }
                 }
