@@ -57,7 +57,7 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     };
     let (entries, bytes) = l1.usage();
     let rules: Vec<_> = l1.rule_stats().collect();
-    r.map(6);
+    r.map(7);
     bus_stats(&mut r, ctx);
     // 1 once Redis tracks the cached prefixes for us (and L1 was flushed
     // after it began), 0 while it does not, -1 when not configured.
@@ -65,6 +65,11 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
         i64::from(t.active.load(std::sync::atomic::Ordering::Relaxed))
     });
     r.bulk(b"redis_tracking").int(tracking);
+    // Keys Redis's invalidations named (-1 when not configured).
+    let tracked = ctx.tracking.as_ref().map_or(-1, |t| {
+        i64::try_from(t.keys.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX)
+    });
+    r.bulk(b"redis_tracking_keys").int(tracked);
     r.bulk(b"keys")
         .int(i64::try_from(entries).unwrap_or(i64::MAX));
     r.bulk(b"bytes")

@@ -10,7 +10,7 @@
 //! services) is logged once and nearcache falls back to rule TTLs alone.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -28,6 +28,8 @@ use crate::upstream::{UpstreamError, encode_command, handshake};
 pub struct Tracking {
     /// Tracking is enabled on a live connection.
     pub active: AtomicBool,
+    /// Keys Redis reported written (each dropped from L1 in every database).
+    pub keys: AtomicU64,
 }
 
 /// Starts the tracking task for `prefixes` (an empty prefix tracks every key).
@@ -104,6 +106,7 @@ async fn session(
                     for key in keys {
                         if let OwnedFrame::BlobString { data, .. } = key {
                             l1.invalidate_any_db(data, &mut scratch);
+                            state.keys.fetch_add(1, SeqCst);
                         }
                     }
                 }

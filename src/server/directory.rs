@@ -1,21 +1,40 @@
-//! Which upstream connection stands for which client, for the commands that
-//! name another client by id: `CLIENT TRACKING on REDIRECT <id>` and `CLIENT
-//! UNBLOCK <id>` take the id a client got from `CLIENT ID`, which is
-//! nearcache's; Redis knows that client only by the Redis id of the dedicated
-//! connection it is pinned to (a subscriber to `__redis__:invalidate` always
-//! is) or blocked on.
+//! Nearcache's clients, for the commands that name another client: `CLIENT
+//! KILL` closes nearcache's clients (not the upstream connections they
+//! share), and `CLIENT TRACKING on REDIRECT <id>` and `CLIENT UNBLOCK <id>`
+//! take the id a client got from `CLIENT ID`, which is nearcache's; Redis
+//! knows that client only by the Redis id of the dedicated connection it is
+//! pinned to (a subscriber to `__redis__:invalidate` always is) or blocked
+//! on.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use crate::protocol::parser::parse_i64;
+
 /// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
-/// id → Redis id; and every session, by id, for `CLIENT KILL ID`.
+/// id → Redis id; and every session, by id, for `CLIENT KILL`.
 #[derive(Debug, Default)]
 pub struct Directory {
     pinned: Mutex<HashMap<u64, u64>>,
-    sessions: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    sessions: Mutex<HashMap<u64, Client>>,
+}
+
+/// What `CLIENT KILL`'s filters look at in a running session.
+#[derive(Debug)]
+struct Client {
+    /// Taken when the session is told to close.
+    kill: Option<oneshot::Sender<()>>,
+    /// `ip:port` of the client, as Redis writes it (`[ip6]:port`).
+    addr: String,
+    /// `ip:port` of nearcache's end of the connection.
+    laddr: String,
+    /// Subscribed (Redis's `pubsub` client type).
+    pubsub: Arc<AtomicBool>,
 }
 
 /// A session's place in the [`Directory`] for as long as it runs.
@@ -23,6 +42,15 @@ pub struct Directory {
 pub struct Enrollment {
     directory: Arc<Directory>,
     session: u64,
+    pubsub: Arc<AtomicBool>,
+}
+
+impl Enrollment {
+    /// Marks the session as subscribed (from its first SUBSCRIBE, PSUBSCRIBE
+    /// or SSUBSCRIBE until RESET), or not.
+    pub fn set_pubsub(&self, on: bool) {
+        self.pubsub.store(on, Relaxed);
+    }
 }
 
 impl Drop for Enrollment {
@@ -33,6 +61,34 @@ impl Drop for Enrollment {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.session);
     }
+}
+
+/// A client type, as `CLIENT KILL TYPE` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientType {
+    /// Any client that is not one of the others.
+    Normal,
+    /// A replica (never a client of nearcache, which refuses replication).
+    Replica,
+    /// The master link (never a client of nearcache).
+    Master,
+    /// A subscribed client.
+    Pubsub,
+}
+
+/// The filters of one `CLIENT KILL`, all of which a client must match.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KillFilter {
+    /// `ID`.
+    pub id: Option<u64>,
+    /// `ADDR` (or the old form's only argument).
+    pub addr: Option<Vec<u8>>,
+    /// `LADDR`.
+    pub laddr: Option<Vec<u8>>,
+    /// `TYPE`.
+    pub kind: Option<ClientType>,
+    /// `SKIPME yes` (the default in the filter form): the caller is spared.
+    pub skip_me: bool,
 }
 
 /// A session's entry in the [`Directory`], removed when dropped (when the
@@ -56,31 +112,60 @@ impl Directory {
         }
     }
 
-    /// Enrolls a running session until the enrollment is dropped; the
-    /// receiver answers `Ok` once another client kills it. (A oneshot: the
-    /// session polls it on every turn of its loop, and polling one takes no
-    /// lock.)
-    pub fn enroll(self: &Arc<Self>, session: u64) -> (Enrollment, oneshot::Receiver<()>) {
+    /// Enrolls a running session, connected from `addr` to nearcache's
+    /// `laddr`, until the enrollment is dropped; the receiver answers `Ok`
+    /// once another client kills it. (A oneshot: the session polls it on
+    /// every turn of its loop, and polling one takes no lock.)
+    pub fn enroll(
+        self: &Arc<Self>,
+        session: u64,
+        addr: SocketAddr,
+        laddr: SocketAddr,
+    ) -> (Enrollment, oneshot::Receiver<()>) {
         let (kill, killed) = oneshot::channel();
+        let pubsub = Arc::new(AtomicBool::new(false));
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(session, kill);
+            .insert(
+                session,
+                Client {
+                    kill: Some(kill),
+                    addr: addr.to_string(),
+                    laddr: laddr.to_string(),
+                    pubsub: pubsub.clone(),
+                },
+            );
         let enrollment = Enrollment {
             directory: self.clone(),
             session,
+            pubsub,
         };
         (enrollment, killed)
     }
 
-    /// Tells `session` to close; false if no such session runs.
-    pub fn kill(&self, session: u64) -> bool {
-        let kill = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&session);
-        kill.is_some_and(|k| k.send(()).is_ok())
+    /// Tells every session `filter` matches to close, `caller` aside (it
+    /// closes itself, after its reply). Returns how many matched, the caller
+    /// included unless `SKIPME yes`, and whether the caller did.
+    pub fn kill(&self, filter: &KillFilter, caller: u64) -> (usize, bool) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut killed, mut me) = (0, false);
+        for (&id, client) in sessions.iter_mut() {
+            if !filter.matches(id, client) || (id == caller && filter.skip_me) {
+                continue;
+            }
+            if id == caller {
+                me = true;
+            } else if let Some(kill) = client.kill.take() {
+                // Already told (a second kill meanwhile) counts once, as a
+                // client Redis has already freed is no longer listed.
+                let _ = kill.send(());
+            } else {
+                continue;
+            }
+            killed += 1;
+        }
+        (killed, me)
     }
 
     /// Redis's id for the connection `session` is pinned to, if it is.
@@ -90,6 +175,101 @@ impl Directory {
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, u64>> {
         self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How `CLIENT KILL` was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillForm {
+    /// `CLIENT KILL ip:port`: answers `+OK`, or an error if no client matched.
+    Old,
+    /// `CLIENT KILL <filter> <value> …`: answers how many clients matched.
+    Filters,
+}
+
+impl KillFilter {
+    /// Reads `CLIENT KILL`'s arguments (after `KILL`) as Redis does, with
+    /// Redis's error for the first bad one. Nearcache knows one user,
+    /// `default` (see `AUTH`), which every client is.
+    pub fn parse(args: &[Bytes]) -> Result<(KillFilter, KillForm), String> {
+        const SYNTAX: &str = "ERR syntax error";
+        if let [addr] = args {
+            let filter = KillFilter {
+                addr: Some(addr.to_vec()),
+                ..KillFilter::default()
+            };
+            return Ok((filter, KillForm::Old));
+        }
+        let mut filter = KillFilter {
+            skip_me: true,
+            ..KillFilter::default()
+        };
+        // Pair by pair, so the first bad one is the one reported (a name
+        // without a value is a syntax error where it stands).
+        for pair in args.chunks(2) {
+            let [name, value] = pair else {
+                return Err(SYNTAX.into());
+            };
+            let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+            let text = || String::from_utf8_lossy(value);
+            if is("id") {
+                filter.id = match parse_i64(value) {
+                    Some(n) if n > 0 => Some(n as u64),
+                    _ => return Err("ERR client-id should be greater than 0".into()),
+                };
+            } else if is("type") {
+                let kind = [
+                    ("normal", ClientType::Normal),
+                    ("slave", ClientType::Replica),
+                    ("replica", ClientType::Replica),
+                    ("master", ClientType::Master),
+                    ("pubsub", ClientType::Pubsub),
+                ]
+                .into_iter()
+                .find(|(n, _)| value.eq_ignore_ascii_case(n.as_bytes()));
+                match kind {
+                    Some((_, kind)) => filter.kind = Some(kind),
+                    None => return Err(format!("ERR Unknown client type '{}'", text())),
+                }
+            } else if is("addr") {
+                filter.addr = Some(value.to_vec());
+            } else if is("laddr") {
+                filter.laddr = Some(value.to_vec());
+            } else if is("user") {
+                if value.as_ref() != b"default" {
+                    return Err(format!("ERR No such user '{}'", text()));
+                }
+            } else if is("skipme") {
+                filter.skip_me = if value.eq_ignore_ascii_case(b"yes") {
+                    true
+                } else if value.eq_ignore_ascii_case(b"no") {
+                    false
+                } else {
+                    return Err(SYNTAX.into());
+                };
+            } else {
+                return Err(SYNTAX.into());
+            }
+        }
+        Ok((filter, KillForm::Filters))
+    }
+
+    fn matches(&self, id: u64, client: &Client) -> bool {
+        let kind = if client.pubsub.load(Relaxed) {
+            ClientType::Pubsub
+        } else {
+            ClientType::Normal
+        };
+        self.id.is_none_or(|want| want == id)
+            && self.kind.is_none_or(|want| want == kind)
+            && self
+                .addr
+                .as_deref()
+                .is_none_or(|want| want == client.addr.as_bytes())
+            && self
+                .laddr
+                .as_deref()
+                .is_none_or(|want| want == client.laddr.as_bytes())
     }
 }
 
@@ -107,16 +287,68 @@ impl Drop for Listing {
 mod tests {
     use super::*;
 
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn filter(args: &str) -> KillFilter {
+        let args: Vec<Bytes> = args
+            .split(' ')
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        KillFilter::parse(&args).expect("valid filter").0
+    }
+
     #[test]
-    fn a_kill_reaches_an_enrolled_session_only() {
+    fn a_kill_reaches_the_matching_sessions_once() {
         let d = Arc::new(Directory::default());
-        let (e, mut killed) = d.enroll(3);
-        assert!(!d.kill(4));
-        assert!(d.kill(3));
+        let (e3, mut killed3) = d.enroll(3, addr(1003), addr(6380));
+        let (e4, mut killed4) = d.enroll(4, addr(1004), addr(6380));
+        e4.set_pubsub(true);
+        assert_eq!(d.kill(&filter("ID 5"), 9), (0, false));
+        assert_eq!(d.kill(&filter("TYPE pubsub"), 9), (1, false));
+        assert_eq!(killed4.try_recv(), Ok(()));
+        // Told already: not counted again.
+        assert_eq!(d.kill(&filter("LADDR 127.0.0.1:6380"), 9), (1, false));
         // Delivered even though nobody was waiting yet.
-        assert_eq!(killed.try_recv(), Ok(()));
-        drop(e);
-        assert!(!d.kill(3));
+        assert_eq!(killed3.try_recv(), Ok(()));
+        drop((e3, e4));
+        assert_eq!(d.kill(&filter("ID 3"), 9), (0, false));
+    }
+
+    #[test]
+    fn the_caller_is_spared_unless_skipme_no_and_never_signalled() {
+        let d = Arc::new(Directory::default());
+        let (_e, mut killed) = d.enroll(3, addr(1003), addr(6380));
+        assert_eq!(d.kill(&filter("ADDR 127.0.0.1:1003"), 3), (0, false));
+        assert_eq!(
+            d.kill(&filter("ADDR 127.0.0.1:1003 SKIPME no"), 3),
+            (1, true)
+        );
+        // The caller closes itself, after its reply.
+        assert!(killed.try_recv().is_err());
+        let (f, form) =
+            KillFilter::parse(&[Bytes::from_static(b"127.0.0.1:1003")]).expect("the old form");
+        assert_eq!(form, KillForm::Old);
+        assert_eq!(d.kill(&f, 3), (1, true), "the old form spares no one");
+    }
+
+    #[test]
+    fn bad_filters_get_redis_errors_in_argument_order() {
+        let err = |args: &[&str]| {
+            let args: Vec<Bytes> = args
+                .iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect();
+            KillFilter::parse(&args).expect_err("a bad filter")
+        };
+        assert_eq!(err(&["TYPE", "x", "ADDR"]), "ERR Unknown client type 'x'");
+        assert_eq!(err(&["ADDR", "a", "TYPE"]), "ERR syntax error");
+        assert_eq!(err(&["ID", "-1"]), "ERR client-id should be greater than 0");
+        assert_eq!(err(&["USER", "bob"]), "ERR No such user 'bob'");
+        assert_eq!(err(&["SKIPME", "maybe"]), "ERR syntax error");
+        assert_eq!(err(&["MAXAGE", "5"]), "ERR syntax error");
+        assert_eq!(filter("USER default"), filter("SKIPME yes"));
     }
 
     #[test]

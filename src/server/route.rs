@@ -33,8 +33,11 @@ pub enum Route {
     ClientId,
     /// `CLIENT UNBLOCK <id>`: the id is the proxy's; Redis needs its own.
     ClientUnblock,
-    /// `CLIENT KILL …`: `ID <id>` names one of the proxy's clients.
+    /// `CLIENT KILL …`: closes the proxy's clients.
     ClientKill,
+    /// `CLIENT NO-EVICT on|off`: about the client's own connection, which
+    /// Redis never sees (its upstream connections are shared).
+    ClientNoEvict,
     /// `MULTI`: pins a dedicated connection.
     Multi,
     /// `WATCH`: pins a dedicated connection.
@@ -137,6 +140,7 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         "client|id" => Route::ClientId,
         "client|unblock" => Route::ClientUnblock,
         "client|kill" => Route::ClientKill,
+        "client|no-evict" => Route::ClientNoEvict,
         "client|reply" => match argv.get(2) {
             Some(mode) if mode.eq_ignore_ascii_case(b"on") => Route::Forward,
             _ => Route::Relay,
@@ -209,6 +213,7 @@ mod tests {
         assert_eq!(r(&["CLIENT", "REPLY", "ON"]), Route::Forward);
         assert_eq!(r(&["CLIENT", "SETNAME", "x"]), Route::ClientSetName);
         assert_eq!(r(&["client", "unblock", "7"]), Route::ClientUnblock);
+        assert_eq!(r(&["CLIENT", "NO-EVICT", "on"]), Route::ClientNoEvict);
         assert_eq!(r(&["select", "2"]), Route::Select);
         assert!(matches!(r(&["PSYNC", "?", "-1"]), Route::Refuse(_)));
     }

@@ -83,6 +83,9 @@ pub enum Op {
     /// Relay mode only: hand `bytes` to the client as if Redis had sent them,
     /// after every frame received so far (replies the proxy makes itself).
     Inject(Bytes),
+    /// Relay mode only: stop relaying after every frame handed over so far
+    /// (the client is closing: `CLIENT KILL` of itself).
+    EndRelay,
     /// Once every earlier request is answered, return this connection to its
     /// pool's idle list (dedicated connections only). Carries a sender so the
     /// connection stays open until then.
@@ -376,6 +379,13 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
         Op::Inject(bytes) => {
             if let Some(Pending::Relay(tx)) = pending.back() {
                 let _ = tx.send(bytes).await;
+            }
+        }
+        Op::EndRelay => {
+            // Dropping the sender ends the client's relay once it has taken
+            // every frame before this.
+            if let Some(Pending::Relay(_)) = pending.back() {
+                pending.pop_back();
             }
         }
     }

@@ -395,8 +395,16 @@ async fn a_script_that_selects_another_database_evicts_its_keys_there_everywhere
     };
     let mut a1 = db1(0).get_multiplexed_async_connection().await.unwrap();
     let mut b1 = db1(1).get_multiplexed_async_connection().await.unwrap();
-    let () = a1.set("t:s", "old").await.unwrap();
-    let () = a1.set("t:other", "other").await.unwrap();
+    // Written straight to Redis: a write through A would send B an
+    // invalidation that could land during B's first read below.
+    let mut direct1 = redis::Client::open(format!("{}/1", c.redis.url()))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let () = redis::cmd("MSET")
+        .arg(&["t:s", "old", "t:other", "other"])
+        .query(&mut direct1)
+        .unwrap();
     assert_eq!(cache_it(&mut a1, &c.redis, "t:s").await, "old");
     assert_eq!(cache_it(&mut b1, &c.redis, "t:s").await, "old");
     assert_eq!(cache_it(&mut b1, &c.redis, "t:other").await, "other");
@@ -1267,7 +1275,29 @@ async fn redis_tracking_drops_values_written_directly_to_redis() {
         "no tracking client registered: {clients}"
     );
 
+    // Redis broadcasts every write under a tracked prefix, this one too:
+    // wait for it, since an invalidation that lands while a read of the key
+    // is on its way to Redis rightly keeps that read out of L1.
     set_direct(&redis, "t:k", "old");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v: Value = redis::cmd("PROXY")
+            .arg("STATS")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let tracked = pairs(&v)
+            .into_iter()
+            .find_map(|(k, v)| (k == "redis_tracking_keys").then_some(v));
+        if matches!(tracked, Some(Value::Int(n)) if n >= 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis's invalidation of t:k never arrived: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(cache_it(&mut c, &redis, "t:k").await, "old");
     set_direct(&redis, "t:k", "new");
     let written = Instant::now();

@@ -51,6 +51,11 @@ impl Raw {
         r
     }
 
+    /// This end's `ip:port`: the client's address as the server sees it.
+    pub(crate) fn local_addr(&self) -> String {
+        self.stream.local_addr().unwrap().to_string()
+    }
+
     /// Sends one command as a RESP array of bulk strings.
     pub(crate) async fn send(&mut self, args: &[&[u8]]) {
         self.write(&encode(args)).await;

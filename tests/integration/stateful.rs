@@ -1216,6 +1216,179 @@ async fn hello_inside_watch_switches_protocol_and_reports_the_clients_id() {
     assert_eq!(p.cmd(&["HGETALL", "nosuch"]).await, b"%0\r\n"[..]);
 }
 
+/// Redis's ids of nearcache's shared upstream connections (named
+/// `nearcache`, neither subscribed nor monitoring).
+async fn shared_connections(direct: &mut Raw) -> Vec<String> {
+    let list = direct.cmd(&["CLIENT", "LIST"]).await;
+    String::from_utf8_lossy(&list)
+        .lines()
+        .filter(|l| l.contains(" name=nearcache ") && l.contains(" flags=N "))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(|id| {
+            id.trim_start_matches(|c: char| !c.is_ascii_digit())
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Guards `Session::client_kill` and `Directory::kill`: every form of CLIENT
+/// KILL closes nearcache's clients — by type (subscribers of either protocol
+/// are `pubsub`, a MONITOR is `normal`, as in Redis), address, local address,
+/// user — and never the upstream connections they share (Redis's view, where
+/// `TYPE normal` would fail every client's requests in flight). Counts,
+/// replies and errors as Redis gives them; inside MULTI it is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_kill_filters_close_nearcache_clients_never_shared_connections() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut direct = Raw::connect(redis.port()).await;
+    let mut a = Raw::connect(proxy.port()).await;
+    let mut s2 = Raw::connect(proxy.port()).await;
+    let mut s3 = Raw::connect_resp3(proxy.port()).await;
+    let mut m = Raw::connect(proxy.port()).await;
+    let mut b = Raw::connect(proxy.port()).await;
+    assert_eq!(a.cmd(&["GET", "k"]).await, b"$-1\r\n"[..]);
+    assert_eq!(b.cmd(&["GET", "k"]).await, b"$-1\r\n"[..]);
+    assert!(s2.cmd(&["SUBSCRIBE", "ch"]).await.starts_with(b"*3"));
+    assert!(s3.cmd(&["SUBSCRIBE", "ch"]).await.starts_with(b">3"));
+    assert_eq!(m.cmd(&["MONITOR"]).await, OK);
+    let shared = shared_connections(&mut direct).await;
+    assert!(!shared.is_empty(), "no shared connection in Redis's list");
+
+    assert_eq!(
+        b.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await,
+        b":2\r\n"[..]
+    );
+    s2.expect_eof().await;
+    s3.expect_eof().await;
+    let a_addr = a.local_addr();
+    assert_eq!(
+        b.cmd(&["CLIENT", "KILL", "ADDR", &a_addr]).await,
+        b":1\r\n"[..]
+    );
+    a.expect_eof().await;
+    // The caller is spared (SKIPME yes is the default); the monitor is not.
+    assert_eq!(
+        b.cmd(&["CLIENT", "KILL", "TYPE", "normal"]).await,
+        b":1\r\n"[..]
+    );
+    m.expect_eof().await;
+    for t in ["master", "replica", "slave"] {
+        assert_eq!(
+            b.cmd(&["CLIENT", "KILL", "TYPE", t]).await,
+            b":0\r\n"[..],
+            "{t}"
+        );
+    }
+    assert_eq!(
+        b.cmd(&["CLIENT", "KILL", "USER", "default"]).await,
+        b":0\r\n"[..],
+        "every client is the default user, and only the caller is left"
+    );
+    // The old form: +OK, or Redis's error when no client has the address.
+    let mut c = Raw::connect(proxy.port()).await;
+    assert_eq!(c.cmd(&["PING"]).await, b"+PONG\r\n"[..]);
+    assert_eq!(b.cmd(&["CLIENT", "KILL", &c.local_addr()]).await, OK);
+    c.expect_eof().await;
+    // Inside MULTI it is queued and runs at EXEC.
+    let mut d = Raw::connect(proxy.port()).await;
+    let d_id = d.cmd(&["CLIENT", "ID"]).await;
+    let d_id = std::str::from_utf8(&d_id[1..d_id.len() - 2])
+        .unwrap()
+        .to_owned();
+    assert_eq!(b.cmd(&["MULTI"]).await, OK);
+    assert_eq!(
+        b.cmd(&["CLIENT", "KILL", "ID", &d_id]).await,
+        b"+QUEUED\r\n"[..]
+    );
+    assert_eq!(d.cmd(&["PING"]).await, b"+PONG\r\n"[..], "not before EXEC");
+    assert_eq!(b.cmd(&["EXEC"]).await, b"*1\r\n:1\r\n"[..]);
+    d.expect_eof().await;
+    for args in [
+        &["CLIENT", "KILL", "1.2.3.4:5"][..],
+        &["CLIENT", "KILL", "TYPE", "nosuch"],
+        &["CLIENT", "KILL", "TYPE", "nosuch", "ADDR"],
+        &["CLIENT", "KILL", "ADDR", "x", "TYPE"],
+        &["CLIENT", "KILL", "USER", "nosuch"],
+        &["CLIENT", "KILL", "FOO", "bar"],
+        &["CLIENT", "KILL", "TYPE"],
+        &["CLIENT", "KILL", "ADDR", "1.2.3.4:5", "SKIPME", "no"],
+    ] {
+        assert_eq!(b.cmd(args).await, direct.cmd(args).await, "{args:?}");
+    }
+
+    let after = shared_connections(&mut direct).await;
+    for id in &shared {
+        assert!(
+            after.contains(id),
+            "shared connection {id} was closed: {after:?}"
+        );
+    }
+    // Killing itself (by nearcache's local address): the reply, then EOF.
+    let laddr = format!("127.0.0.1:{}", proxy.port());
+    assert_eq!(
+        b.cmd(&["CLIENT", "KILL", "LADDR", &laddr, "SKIPME", "no"])
+            .await,
+        b":1\r\n"[..]
+    );
+    b.expect_eof().await;
+}
+
+/// Guards `Route::ClientNoEvict`: answered as Redis answers it, and the flag
+/// never lands on a connection other clients share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_no_evict_is_answered_without_flagging_a_shared_connection() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut direct = Raw::connect(redis.port()).await;
+    let mut p = Raw::connect(proxy.port()).await;
+    for args in [
+        &["CLIENT", "NO-EVICT", "on"][..],
+        &["CLIENT", "NO-EVICT", "OFF"],
+        &["CLIENT", "NO-EVICT", "maybe"],
+        &["CLIENT", "NO-EVICT"],
+    ] {
+        assert_eq!(p.cmd(args).await, direct.cmd(args).await, "{args:?}");
+    }
+    assert_eq!(p.cmd(&["CLIENT", "NO-EVICT", "on"]).await, OK);
+    assert_eq!(p.cmd(&["MULTI"]).await, OK);
+    assert_eq!(
+        p.cmd(&["CLIENT", "NO-EVICT", "on"]).await,
+        b"+QUEUED\r\n"[..]
+    );
+    assert_eq!(p.cmd(&["EXEC"]).await, b"*1\r\n+OK\r\n"[..]);
+    let list = direct.cmd(&["CLIENT", "LIST"]).await;
+    let flagged: Vec<&str> = std::str::from_utf8(&list)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            l.contains(" name=nearcache ")
+                && l.split(' ')
+                    .any(|f| f.starts_with("flags=") && f.contains('e'))
+        })
+        .collect();
+    assert!(
+        flagged.is_empty(),
+        "no-evict on an upstream connection: {flagged:?}"
+    );
+}
+
+/// A subscriber (its commands relayed) may kill itself too: the reply comes
+/// through, then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_killing_itself_gets_its_reply_then_eof() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut s = Raw::connect_resp3(proxy.port()).await;
+    assert!(s.cmd(&["SUBSCRIBE", "ch"]).await.starts_with(b">3"));
+    assert_eq!(
+        s.cmd(&["CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "no"])
+            .await,
+        b":1\r\n"[..]
+    );
+    s.expect_eof().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_kill_id_closes_the_client_client_id_named() {
     let redis = RedisServer::start();

@@ -19,6 +19,7 @@
 //! subscriptions, a blocked command) pins the session to a dedicated upstream
 //! connection until it ends.
 
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod cached;
 
 use super::Context;
-use super::directory::Listing;
+use super::directory::{Enrollment, KillFilter, KillForm, Listing};
 use super::outbox::{Outbox, Slot};
 use super::route::{Route, may_block, route_spec};
 use crate::cache::Invalidation;
@@ -117,6 +118,11 @@ pub struct Session {
     positions: Vec<(usize, u16)>,
     /// An MGET's cached elements, reused (see `cached_mget`).
     mget_buf: Vec<u8>,
+    /// The session's entry in the directory, for `CLIENT KILL`.
+    enrollment: Enrollment,
+    /// The client killed itself (`CLIENT KILL … SKIPME no`): close after the
+    /// reply.
+    closing: bool,
 }
 
 /// Longest run of commands sent upstream as one request, so that replies to a
@@ -147,6 +153,13 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    // `CLIENT KILL` from another client ends the session.
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let (enrollment, mut killed) = ctx.directory.enroll(
+        id,
+        stream.peer_addr().unwrap_or(unknown),
+        stream.local_addr().unwrap_or(unknown),
+    );
     let mut session = Session {
         pool: ctx.default_pool.clone(),
         db: ctx.upstream.default_db(),
@@ -166,6 +179,8 @@ pub async fn serve(
         mget_buf: Vec::new(),
         id,
         ctx: ctx.clone(),
+        enrollment,
+        closing: false,
     };
     let mut input = Input {
         parser: Parser::new(ctx.limits),
@@ -176,8 +191,6 @@ pub async fn serve(
     let idle = ctx.cfg.server.idle_timeout.0;
     let max_pending = ctx.cfg.server.max_pending_replies;
     let mut shutdown = std::pin::pin!(shutdown_requested(shutdown));
-    // `CLIENT KILL ID <this id>` from another client ends the session.
-    let (_enrollment, mut killed) = ctx.directory.enroll(id);
     let mut reading = true;
     // Complete commands may be buffered but unparsed, and why.
     let mut backlog = Backlog::None;
@@ -473,7 +486,12 @@ impl Session {
                 self.push(Slot::Close);
                 return Flow::Stop;
             }
-            Route::ClientSetName | Route::ClientGetName | Route::ClientId | Route::Auth
+            Route::ClientSetName
+            | Route::ClientGetName
+            | Route::ClientId
+            | Route::ClientKill
+            | Route::ClientNoEvict
+            | Route::Auth
                 if self.pin.as_ref().is_some_and(|p| p.in_multi) =>
             {
                 if let Some(pin) = &mut self.pin {
@@ -482,9 +500,18 @@ impl Session {
                 }
                 self.reply(Bytes::from_static(b"+QUEUED\r\n"));
             }
-            Route::Auth | Route::ClientSetName | Route::ClientGetName | Route::ClientId => {
+            Route::Auth
+            | Route::ClientSetName
+            | Route::ClientGetName
+            | Route::ClientId
+            | Route::ClientKill
+            | Route::ClientNoEvict => {
                 let r = self.local_reply(route);
                 self.reply(r);
+                if self.closing {
+                    self.push(Slot::Close);
+                    return Flow::Stop;
+                }
             }
             Route::Hello => {
                 if let Some(pin) = &mut self.pin {
@@ -517,27 +544,6 @@ impl Session {
                 }
             }
             Route::Select => self.select(chunk, frame).await,
-            Route::ClientKill => match kill_filter(&self.argv) {
-                Some(Ok((target, skip_me))) => {
-                    let me = target == self.id;
-                    let killed = if me {
-                        !skip_me
-                    } else {
-                        self.ctx.directory.kill(target)
-                    };
-                    let mut r = Reply::new(self.proto);
-                    r.int(i64::from(killed));
-                    self.reply(r.finish());
-                    if me && killed {
-                        self.push(Slot::Close);
-                        return Flow::Stop;
-                    }
-                }
-                Some(Err(msg)) => self.reply(reply::error(msg)),
-                // Other filters (ADDR, TYPE, USER…) and the old form: Redis's
-                // view, as documented.
-                None => self.forward(chunk, frame, self.pin.is_some()).await,
-            },
             Route::ClientUnblock => {
                 // The id is nearcache's (what CLIENT ID answered); Redis knows
                 // that client by the connection it is blocked or pinned on.
@@ -609,6 +615,10 @@ impl Session {
                 if !local.is_empty() {
                     self.flush_run(chunk).await;
                     self.exec_local(local).await;
+                    if self.closing {
+                        self.push(Slot::Close);
+                        return Flow::Stop;
+                    }
                 }
                 self.maybe_unpin(chunk).await;
             }
@@ -653,12 +663,23 @@ impl Session {
             Route::Auth
             | Route::ClientId
             | Route::ClientGetName
+            | Route::ClientKill
+            | Route::ClientNoEvict
             | Route::Refuse(_)
             | Route::WrongArity(_) => {
                 let r = self.local_reply(route);
                 self.flush_run(chunk).await;
                 if let Some(pin) = &self.pin {
                     let _ = pin.conn.send(Op::Inject(r));
+                    if self.closing {
+                        // The relay ends after the reply, then the session.
+                        let _ = pin.conn.send(Op::EndRelay);
+                    }
+                }
+                if self.closing {
+                    self.pin = None;
+                    self.push(Slot::Close);
+                    return Flow::Stop;
                 }
                 Flow::Continue
             }
@@ -675,6 +696,7 @@ impl Session {
                         }
                     }
                     Route::ClientSetName => self.name = self.argv.get(2).map(owned),
+                    Route::Relay => self.note_subscribe(),
                     _ => {}
                 }
                 self.forward(chunk, frame, true).await;
@@ -1126,6 +1148,7 @@ impl Session {
         pin.relay = true;
         pin.dirty = true;
         self.push(Slot::Relay(rx));
+        self.note_subscribe();
     }
 
     async fn select(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) {
@@ -1287,11 +1310,41 @@ impl Session {
                 r.int(self.id as i64);
                 r.finish()
             }
+            Route::ClientKill => self.client_kill(),
+            // Redis never evicts a client of nearcache: there is nothing to
+            // protect, and the shared connection must not carry the flag.
+            Route::ClientNoEvict => match self.argv.get(2) {
+                Some(v) if v.eq_ignore_ascii_case(b"on") || v.eq_ignore_ascii_case(b"off") => {
+                    Bytes::from_static(OK)
+                }
+                _ => reply::error("ERR syntax error"),
+            },
             Route::Refuse(msg) => reply::error(msg),
             Route::WrongArity(name) => reply::error(&format!(
                 "ERR wrong number of arguments for '{name}' command"
             )),
             _ => reply::error("ERR internal: not a command nearcache answers"),
+        }
+    }
+
+    /// `CLIENT KILL`: closes nearcache's clients that match, never the
+    /// upstream connections they share (Redis's view, where `TYPE normal`
+    /// would take every client's requests in flight down with them).
+    fn client_kill(&mut self) -> Bytes {
+        let (filter, form) = match KillFilter::parse(self.argv.get(2..).unwrap_or_default()) {
+            Ok(parsed) => parsed,
+            Err(e) => return reply::error(&e),
+        };
+        let (killed, me) = self.ctx.directory.kill(&filter, self.id);
+        self.closing |= me;
+        match form {
+            KillForm::Old if killed == 0 => reply::error("ERR No such client"),
+            KillForm::Old => Bytes::from_static(OK),
+            KillForm::Filters => {
+                let mut r = Reply::new(self.proto);
+                r.int(killed as i64);
+                r.finish()
+            }
         }
     }
 
@@ -1308,7 +1361,20 @@ impl Session {
         Bytes::from_static(OK)
     }
 
+    /// A SUBSCRIBE of any kind makes the client `pubsub` for `CLIENT KILL
+    /// TYPE` (until RESET: unsubscribing from everything is not tracked).
+    fn note_subscribe(&self) {
+        let name = &self.argv[0];
+        if [&b"subscribe"[..], b"psubscribe", b"ssubscribe"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+        {
+            self.enrollment.set_pubsub(true);
+        }
+    }
+
     async fn reset_state(&mut self) {
+        self.enrollment.set_pubsub(false);
         self.name = None;
         self.authed = self.ctx.cfg.server.password.is_none();
         self.pool = self.ctx.default_pool.clone();
@@ -1325,36 +1391,6 @@ impl Session {
     fn push(&mut self, slot: Slot) {
         self.out.push(slot);
     }
-}
-
-/// `CLIENT KILL ID <id> [SKIPME yes|no]` (in any order): the client named and
-/// whether the caller is spared (the default). `None` for any other form;
-/// `Some(Err)` with Redis's error for a bad id or SKIPME value.
-fn kill_filter(argv: &[Bytes]) -> Option<Result<(u64, bool), &'static str>> {
-    let filters = argv
-        .get(2..)
-        .filter(|f| !f.is_empty() && f.len() % 2 == 0)?;
-    let (mut id, mut skip_me) = (None, true);
-    for pair in filters.chunks(2) {
-        let (name, value) = (&pair[0], &pair[1]);
-        if name.eq_ignore_ascii_case(b"id") {
-            id = Some(match parse_i64(value) {
-                Some(n) if n > 0 => n as u64,
-                _ => return Some(Err("ERR client-id should be greater than 0")),
-            });
-        } else if name.eq_ignore_ascii_case(b"skipme") {
-            skip_me = if value.eq_ignore_ascii_case(b"yes") {
-                true
-            } else if value.eq_ignore_ascii_case(b"no") {
-                false
-            } else {
-                return Some(Err("ERR syntax error"));
-            };
-        } else {
-            return None;
-        }
-    }
-    id.map(|id| Ok((id, skip_me)))
 }
 
 /// `HELLO`'s reply with the value of its `id` field replaced by `id`.
