@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point for checks; developers and CI (.ci/run) both run it.
-# Installs what the tests need on Debian when missing, then: rustfmt check,
+# Installs what the tests need on Debian when missing (Debian packages,
+# redis-py, ioredis), then: rustfmt check,
 # clippy with warnings as errors, and every test (unit, integration against
 # real redis-server/nats-server processes, end-to-end with the built binary).
 set -euo pipefail
@@ -8,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 source scripts/lib/deps.sh
 ensure_commands redis-server:redis-server redis-cli:redis-tools \
-    redis-benchmark:redis-tools nats-server:nats-server openssl:openssl
+    redis-benchmark:redis-tools nats-server:nats-server openssl:openssl \
+    node:nodejs npm:npm
 need cargo || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 need python3 || { echo "python3 not found: apt-get install -y python3 python3-pip" >&2; exit 1; }
 if ! python3 -c 'import redis' 2>/dev/null; then
@@ -16,6 +18,15 @@ if ! python3 -c 'import redis' 2>/dev/null; then
   python3 -m pip install -q redis 2>/dev/null \
     || python3 -m pip install -q --break-system-packages redis \
     || { echo "could not install redis-py: pip install redis" >&2; exit 1; }
+fi
+
+# ioredis, pinned by tests/node/package-lock.json; installed again whenever
+# the lock file is newer than what is installed.
+if [[ ! -d tests/node/node_modules/ioredis \
+      || tests/node/package-lock.json -nt tests/node/node_modules/.package-lock.json ]]; then
+  echo "== installing ioredis (npm ci in tests/node), for the client compatibility test"
+  npm ci --prefix tests/node --no-audit --no-fund --loglevel=error \
+    || { echo "could not install ioredis: cd tests/node && npm ci" >&2; exit 1; }
 fi
 
 echo "== cargo fmt --check"

@@ -7,10 +7,10 @@
 
 mod support;
 
+mod clients;
 mod command_keys;
 mod faults;
 mod lifecycle;
-mod python;
 mod smoke;
 
 mod cache;

@@ -1,0 +1,77 @@
+//! Real client libraries through the proxy, each driven by a script of its
+//! own language that runs its checks and exits non-zero on the first failure:
+//!
+//! - redis-py, the client most Python trading bots use:
+//!   `tests/python/redis_py_compat.py` (pipelines, MULTI with WATCH
+//!   conflicts, scripts, pub/sub, blocking pops, RESP3, SELECT);
+//! - ioredis, the Node.js one: `tests/node/ioredis_compat.js` (the ready
+//!   check and connection name, pipelines, SCAN streams, MULTI/WATCH,
+//!   `defineCommand` scripts, auto-pipelining against L1, pub/sub, blocking
+//!   pops, SELECT).
+//!
+//! `scripts/test.sh` installs both (`pip install redis`; `npm ci` in
+//! `tests/node`).
+
+use std::process::Command;
+use std::time::Duration;
+
+use nearcache::config::{ByteSize, Duration as Dur, RuleConfig};
+
+use crate::support::{RedisServer, TestProxy, config_for};
+
+/// Runs `program script PROXY_PORT REDIS_PORT` and fails with its output
+/// unless it succeeds.
+async fn run_checks(program: &str, script: &str, proxy: &TestProxy, redis: &RedisServer) {
+    let (proxy_port, redis_port) = (proxy.port(), redis.port());
+    let (program, path) = (program.to_owned(), script.to_owned());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&program)
+            .arg(&path)
+            .arg(proxy_port.to_string())
+            .arg(redis_port.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("{program} {path}: {e} (scripts/test.sh installs it)"))
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_works_unchanged_through_the_proxy() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/redis_py_compat.py"
+    );
+    run_checks("python3", script, &proxy, &redis).await;
+    proxy.shutdown().await;
+}
+
+/// The proxy caches `io:c:` (the script checks read-your-writes under
+/// auto-pipelining, and that a repeated read never reaches Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ioredis_works_unchanged_through_the_proxy() {
+    let redis = RedisServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.cache.rules = vec![RuleConfig {
+        prefix: "io:c:".into(),
+        pattern: None,
+        ttl: Dur(Duration::from_secs(60)),
+        cache: true,
+        negative_ttl: None,
+        max_value_size: ByteSize(1 << 20),
+        upstream_ttl: None,
+        refresh_ahead: None,
+    }];
+    let proxy = TestProxy::start_with(cfg).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/ioredis_compat.js");
+    run_checks("node", script, &proxy, &redis).await;
+    proxy.shutdown().await;
+}
