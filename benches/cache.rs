@@ -7,22 +7,13 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use nearcache::cache::{L1, Now};
-use nearcache::config::{ByteSize, CacheConfig, Duration as Dur, RuleConfig};
+use nearcache::config::{ByteSize, CacheConfig, RuleConfig};
 use nearcache::protocol::Protocol;
 
 fn l1(keys: usize) -> std::sync::Arc<L1> {
     let cache = L1::new(&CacheConfig {
         max_memory: ByteSize(256 << 20),
-        rules: vec![RuleConfig {
-            prefix: "ticker:".into(),
-            pattern: None,
-            ttl: Dur(Duration::from_secs(3600)),
-            cache: true,
-            negative_ttl: None,
-            max_value_size: ByteSize(1 << 20),
-            upstream_ttl: None,
-            refresh_ahead: None,
-        }],
+        rules: vec![RuleConfig::caching("ticker:", Duration::from_secs(3600))],
     })
     .expect("a caching rule");
     for i in 0..keys {

@@ -583,21 +583,12 @@ fn stripe(db: u32, key: &[u8]) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{ByteSize, Duration as Dur, RuleConfig};
+    use crate::config::{ByteSize, RuleConfig};
 
     fn l1(max: u64) -> Arc<L1> {
         L1::new(&CacheConfig {
             max_memory: ByteSize(max),
-            rules: vec![RuleConfig {
-                prefix: "t:".into(),
-                pattern: None,
-                ttl: Dur(Duration::from_secs(60)),
-                cache: true,
-                negative_ttl: None,
-                max_value_size: ByteSize(1 << 20),
-                upstream_ttl: None,
-                refresh_ahead: None,
-            }],
+            rules: vec![RuleConfig::caching("t:", Duration::from_secs(60))],
         })
         .unwrap()
     }
@@ -616,14 +607,9 @@ mod tests {
     #[test]
     fn tracking_prefixes_never_overlap() {
         let rule = |prefix: &str, pattern: Option<&str>, cache: bool| RuleConfig {
-            prefix: prefix.into(),
             pattern: pattern.map(Into::into),
-            ttl: Dur(Duration::from_secs(1)),
             cache,
-            negative_ttl: None,
-            max_value_size: ByteSize(1 << 20),
-            upstream_ttl: None,
-            refresh_ahead: None,
+            ..RuleConfig::caching(prefix, Duration::from_secs(1))
         };
         let c = L1::new(&CacheConfig {
             max_memory: ByteSize(1 << 20),

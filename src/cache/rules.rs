@@ -121,18 +121,13 @@ impl Rules {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{ByteSize, Duration as Dur};
+    use crate::config::ByteSize;
 
     fn rule(prefix: &str, cache: bool) -> RuleConfig {
         RuleConfig {
-            prefix: prefix.into(),
-            pattern: None,
-            ttl: Dur(Duration::from_secs(1)),
             cache,
-            negative_ttl: None,
             max_value_size: ByteSize(1024),
-            upstream_ttl: None,
-            refresh_ahead: None,
+            ..RuleConfig::caching(prefix, Duration::from_secs(1))
         }
     }
 

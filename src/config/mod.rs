@@ -174,6 +174,21 @@ pub struct RuleConfig {
 }
 
 impl RuleConfig {
+    /// A rule caching keys that start with `prefix` for `ttl`, every other
+    /// setting at its default (as a file giving only those two would).
+    pub fn caching(prefix: &str, ttl: std::time::Duration) -> RuleConfig {
+        RuleConfig {
+            prefix: prefix.into(),
+            pattern: None,
+            ttl: Duration(ttl),
+            cache: true,
+            negative_ttl: None,
+            max_value_size: default_max_value_size(),
+            upstream_ttl: None,
+            refresh_ahead: None,
+        }
+    }
+
     /// How messages name the rule: `("pattern", p)` or `("prefix", p)`.
     pub fn selector(&self) -> (&'static str, &str) {
         match &self.pattern {

@@ -32,16 +32,7 @@ const POLL_LIMIT: Duration = Duration::from_secs(10);
 
 /// A caching rule for `prefix` (no negative caching, 1 MiB values).
 fn rule(prefix: &str, ttl: Duration) -> RuleConfig {
-    RuleConfig {
-        prefix: prefix.into(),
-        pattern: None,
-        ttl: Dur(ttl),
-        cache: true,
-        negative_ttl: None,
-        max_value_size: ByteSize(1 << 20),
-        upstream_ttl: None,
-        refresh_ahead: None,
-    }
+    RuleConfig::caching(prefix, ttl)
 }
 
 fn ms(n: u64) -> Duration {

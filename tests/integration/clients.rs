@@ -15,7 +15,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use nearcache::config::{ByteSize, Duration as Dur, RuleConfig};
+use nearcache::config::RuleConfig;
 
 use crate::support::{RedisServer, TestProxy, config_for};
 
@@ -60,16 +60,7 @@ async fn redis_py_works_unchanged_through_the_proxy() {
 async fn ioredis_works_unchanged_through_the_proxy() {
     let redis = RedisServer::start();
     let mut cfg = config_for(&redis);
-    cfg.cache.rules = vec![RuleConfig {
-        prefix: "io:c:".into(),
-        pattern: None,
-        ttl: Dur(Duration::from_secs(60)),
-        cache: true,
-        negative_ttl: None,
-        max_value_size: ByteSize(1 << 20),
-        upstream_ttl: None,
-        refresh_ahead: None,
-    }];
+    cfg.cache.rules = vec![RuleConfig::caching("io:c:", Duration::from_secs(60))];
     let proxy = TestProxy::start_with(cfg).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/ioredis_compat.js");
     run_checks("node", script, &proxy, &redis).await;

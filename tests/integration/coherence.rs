@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use nearcache::Config;
 use nearcache::coherence::message::{Kind, Message};
-use nearcache::config::{ByteSize, Duration as Dur, LossPolicy, RuleConfig};
+use nearcache::config::{Duration as Dur, LossPolicy, RuleConfig};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value};
 use tokio::time::Instant;
@@ -32,16 +32,7 @@ const STALENESS_BOUND: Duration = Duration::from_millis(100);
 
 /// A caching rule for `prefix` (no negative caching, 1 MiB values).
 fn rule(prefix: &str, ttl: Duration) -> RuleConfig {
-    RuleConfig {
-        prefix: prefix.into(),
-        pattern: None,
-        ttl: Dur(ttl),
-        cache: true,
-        negative_ttl: None,
-        max_value_size: ByteSize(1 << 20),
-        upstream_ttl: None,
-        refresh_ahead: None,
-    }
+    RuleConfig::caching(prefix, ttl)
 }
 
 /// `CONFIG RESETSTAT` on Redis (through a direct connection).
@@ -152,6 +143,35 @@ async fn until_bus(
         assert!(
             Instant::now() < deadline,
             "timed out after {limit:?} waiting for {what}: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Polls `PROXY STATS` until its top-level integer `field` satisfies `done`
+/// (bounded).
+async fn until_stat(
+    c: &mut MultiplexedConnection,
+    field: &str,
+    what: &str,
+    done: impl Fn(i64) -> bool,
+) {
+    let deadline = Instant::now() + POLL_LIMIT;
+    loop {
+        let v: Value = redis::cmd("PROXY")
+            .arg("STATS")
+            .query_async(c)
+            .await
+            .unwrap();
+        let n = pairs(&v)
+            .into_iter()
+            .find_map(|(k, v)| (k == field).then_some(v));
+        if matches!(n, Some(Value::Int(n)) if done(n)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {v:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -1246,25 +1266,13 @@ async fn redis_tracking_drops_values_written_directly_to_redis() {
     // Tracking is enabled in the background, then L1 is flushed: wait until
     // nearcache reports it active (which it does after that flush, so no
     // flush can land between the two reads of `cache_it` below).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v: Value = redis::cmd("PROXY")
-            .arg("STATS")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        let active = pairs(&v)
-            .into_iter()
-            .find_map(|(k, v)| (k == "redis_tracking").then_some(v));
-        if active == Some(Value::Int(1)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redis tracking never became active: {v:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_stat(
+        &mut c,
+        "redis_tracking",
+        "redis tracking to be active",
+        |n| n == 1,
+    )
+    .await;
     // Redis agrees: a broadcast-tracking client (flags t and B).
     let clients: String = redis::cmd("CLIENT")
         .arg("LIST")
@@ -1279,25 +1287,13 @@ async fn redis_tracking_drops_values_written_directly_to_redis() {
     // wait for it, since an invalidation that lands while a read of the key
     // is on its way to Redis rightly keeps that read out of L1.
     set_direct(&redis, "t:k", "old");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v: Value = redis::cmd("PROXY")
-            .arg("STATS")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        let tracked = pairs(&v)
-            .into_iter()
-            .find_map(|(k, v)| (k == "redis_tracking_keys").then_some(v));
-        if matches!(tracked, Some(Value::Int(n)) if n >= 1) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Redis's invalidation of t:k never arrived: {v:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_stat(
+        &mut c,
+        "redis_tracking_keys",
+        "Redis's invalidation of t:k",
+        |n| n >= 1,
+    )
+    .await;
     assert_eq!(cache_it(&mut c, &redis, "t:k").await, "old");
     set_direct(&redis, "t:k", "new");
     let written = Instant::now();

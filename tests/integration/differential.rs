@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use nearcache::config::{ByteSize, Duration as Dur, RuleConfig};
+use nearcache::config::{Duration as Dur, RuleConfig};
 
 use crate::compat::{Raw, encode};
 use crate::support::{RedisServer, TestProxy, config_for};
@@ -516,14 +516,8 @@ fn inline_arg(arg: &str) -> String {
 
 fn cache_everything() -> RuleConfig {
     RuleConfig {
-        prefix: String::new(),
-        pattern: None,
-        ttl: Dur(Duration::from_secs(60)),
-        cache: true,
         negative_ttl: Some(Dur(Duration::from_secs(60))),
-        max_value_size: ByteSize(1 << 20),
-        upstream_ttl: None,
-        refresh_ahead: None,
+        ..RuleConfig::caching("", Duration::from_secs(60))
     }
 }
 

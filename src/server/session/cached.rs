@@ -634,14 +634,9 @@ mod tests {
         let l1 = L1::new(&CacheConfig {
             max_memory: ByteSize(1 << 20),
             rules: vec![RuleConfig {
-                prefix: "t:".into(),
-                pattern: None,
-                ttl: Dur(Duration::from_secs(1)),
-                cache: true,
-                negative_ttl: None,
                 max_value_size: ByteSize(1024),
                 upstream_ttl: Some(Dur(Duration::from_secs(2))),
-                refresh_ahead: None,
+                ..RuleConfig::caching("t:", Duration::from_secs(1))
             }],
         })
         .expect("caching rule");
