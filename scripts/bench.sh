@@ -8,7 +8,9 @@
 # CPU per request is the delta of the process's CPU time over one run (sum of
 # /proc/PID/task/*/schedstat run times, in ns; /proc/PID/stat utime+stime if
 # the thread set changed) divided by the requests sent. On a shared machine it
-# is steadier than requests/s.
+# is steadier than requests/s. redis-benchmark's own CPU is read with
+# /usr/bin/time, and the summary's "CPU-bound ratio" is the throughput ratio
+# the CPU allows when client, Redis and nearcache share the same cores.
 #
 # Usage: scripts/bench.sh
 # Env:   ROUNDS=3             rounds (medians are over rounds)
@@ -31,7 +33,7 @@
 #                             the direct and the proxied runs (Redis "at a
 #                             distance"; tokio's timer rounds up to whole ms)
 #
-# Needs: cargo, python3, redis-server and redis-benchmark (installed with
+# Needs: cargo, python3, redis-server, redis-benchmark and /usr/bin/time (installed with
 # apt-get if missing). Everything listens on and connects to 127.0.0.1 only,
 # on free ports; every process started here is stopped on exit.
 set -euo pipefail
@@ -65,7 +67,8 @@ done
 command -v cargo >/dev/null || die "cargo not found; install Rust from https://rustup.rs"
 command -v python3 >/dev/null || die "python3 not found; apt-get install -y python3"
 source scripts/lib/deps.sh
-ensure_commands redis-server:redis-server redis-benchmark:redis-tools redis-cli:redis-tools
+ensure_commands redis-server:redis-server redis-benchmark:redis-tools redis-cli:redis-tools \
+    /usr/bin/time:time
 [[ -r /proc/self/stat ]] || die "needs Linux /proc to measure CPU time"
 
 # --- build -------------------------------------------------------------------
@@ -180,7 +183,7 @@ cpu_delta() {
 }
 
 results=$work/results.tsv
-printf 'round\ttest\tpipeline\tside\trequests\trps\tp50_ms\tp99_ms\tproxy_cpu_ns\tredis_cpu_ns\n' >"$results"
+printf 'round\ttest\tpipeline\tside\trequests\trps\tp50_ms\tp99_ms\tproxy_cpu_ns\tredis_cpu_ns\tclient_cpu_ns\n' >"$results"
 
 run_cell() { # round test pipeline side
     local round=$1 test=$2 pipe=$3 side=$4 port n csv r0 r1 p0 p1
@@ -188,7 +191,9 @@ run_cell() { # round test pipeline side
     if ((pipe == 1)); then n=$N_P1; else n=$N_P16; fi
     r0=$(cpu_sample "$redis_pid")
     p0=$(cpu_sample "$proxy_pid")
-    csv=$(redis-benchmark -h "$HOST" -p "$port" -c "$CLIENTS" -n "$n" -d "$DATA_SIZE" \
+    # redis-benchmark's own CPU too (user + system, 10 ms resolution).
+    csv=$(/usr/bin/time -f '%U %S' -o "$work/client-time" \
+        redis-benchmark -h "$HOST" -p "$port" -c "$CLIENTS" -n "$n" -d "$DATA_SIZE" \
         -r "$KEYSPACE" -P "$pipe" -t "$test" --csv -q 2>"$work/redis-benchmark.log") \
         || die "redis-benchmark failed: $(tail -n 5 "$work/redis-benchmark.log")"
     p1=$(cpu_sample "$proxy_pid")
@@ -196,15 +201,17 @@ run_cell() { # round test pipeline side
     kill -0 "$proxy_pid" 2>/dev/null || die "nearcache died during $test P$pipe"
     kill -0 "$redis_pid" 2>/dev/null || die "redis-server died during $test P$pipe"
     CSV=$csv python3 - "$round" "$test" "$pipe" "$side" "$n" \
-        "$(cpu_delta "$p0" "$p1")" "$(cpu_delta "$r0" "$r1")" >>"$results" <<'PY'
+        "$(cpu_delta "$p0" "$p1")" "$(cpu_delta "$r0" "$r1")" \
+        "$(awk '{printf "%d", ($1 + $2) * 1e9}' "$work/client-time")" >>"$results" <<'PY'
 import csv, io, os, sys
-round_, test, pipe, side, n, proxy_ns, redis_ns = sys.argv[1:]
+round_, test, pipe, side, n, proxy_ns, redis_ns, client_ns = sys.argv[1:]
 rows = [r for r in csv.DictReader(io.StringIO(os.environ["CSV"])) if r.get("rps")]
 if len(rows) != 1:
     sys.exit(f"bench.sh: unexpected redis-benchmark output: {os.environ['CSV']!r}")
 r = rows[0]
 print("\t".join([round_, test, pipe, side, n, r["rps"],
-                 r.get("p50_latency_ms", ""), r.get("p99_latency_ms", ""), proxy_ns, redis_ns]))
+                 r.get("p50_latency_ms", ""), r.get("p99_latency_ms", ""), proxy_ns, redis_ns,
+                 client_ns]))
 PY
     tail -n 1 "$results" | awk -F'\t' '{printf "  round %s %-6s P%-3s %-7s %12s rps  p50 %s ms  p99 %s ms\n", $1, $2, $3, $4, $6, $7, $8}' >&2
 }
@@ -261,6 +268,7 @@ def cpu_us(rows, field):
 
 head = ["test", "P", "direct rps", "nearcache rps", "ratio", "nc CPU µs/req",
         "redis CPU µs/req (direct)", "redis CPU µs/req (via nc)",
+        "client CPU µs/req (direct/via nc)", "CPU-bound ratio",
         "direct p50/p99 ms", "nearcache p50/p99 ms", "targets"]
 rows = []
 for test, pipe in order:
@@ -278,17 +286,25 @@ for test, pipe in order:
         verdict.append("p99 ok" if med(p, "p99_ms") <= med(d, "p99_ms") else "p99>direct")
     else:
         verdict.append("cpu ok" if nc_cpu <= want_cpu else f"cpu>{want_cpu}")
+    # The ratio the CPU allows when every process shares the same cores:
+    # direct's CPU per request (Redis + client) over the proxied run's
+    # (nearcache + Redis + client).
+    direct_total = cpu_us(d, "redis_cpu_ns") + cpu_us(d, "client_cpu_ns")
+    proxied_total = nc_cpu + cpu_us(p, "redis_cpu_ns") + cpu_us(p, "client_cpu_ns")
     rows.append([test.upper(), str(pipe), f"{drps:,.0f}", f"{prps:,.0f}", f"{ratio:.2f}",
                  f"{nc_cpu:.2f}", f"{cpu_us(d, 'redis_cpu_ns'):.2f}", f"{cpu_us(p, 'redis_cpu_ns'):.2f}",
+                 f"{cpu_us(d, 'client_cpu_ns'):.2f}/{cpu_us(p, 'client_cpu_ns'):.2f}",
+                 f"{direct_total / proxied_total:.2f}",
                  f"{med(d, 'p50_ms'):.3f}/{med(d, 'p99_ms'):.3f}",
                  f"{med(p, 'p50_ms'):.3f}/{med(p, 'p99_ms'):.3f}", ", ".join(verdict)])
 
 # A Markdown table: readable in a terminal and pasteable into RESULTS.md.
 widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-line = lambda cols: "| " + " | ".join(c.rjust(w) if i not in (0, 10) else c.ljust(w)
+text_cols = (0, len(head) - 1)
+line = lambda cols: "| " + " | ".join(c.rjust(w) if i not in text_cols else c.ljust(w)
                                         for i, (c, w) in enumerate(zip(cols, widths))) + " |"
 print(line(head))
-print("|" + "|".join(("-" * (w + 1) + ":") if i not in (0, 10) else ("-" * (w + 2))
+print("|" + "|".join(("-" * (w + 1) + ":") if i not in text_cols else ("-" * (w + 2))
                      for i, w in enumerate(widths)) + "|")
 for r in rows:
     print(line(r))
@@ -301,4 +317,7 @@ if L1:
 else:
     print(f"\nmedians over {rounds} round(s){mode}; targets: ratio ≥ 0.85 (P1) / 0.8 (P16), "
           f"nearcache CPU ≤ 3 µs/req (P1) / 0.6 µs/req (P16)")
+print("CPU-bound ratio: the ratio if the cores were the only limit and both sides kept them "
+      "equally busy (Redis + client CPU per request, direct, over nearcache + Redis + client, "
+      "proxied); meaningful where all three share the cores, as here")
 PY
