@@ -270,7 +270,11 @@ impl Index {
 
     /// Removes every variant of (db, key); returns whether there was any.
     pub(super) fn remove(&self, db: u32, key: &[u8]) -> bool {
-        let hash = self.hash(db, key);
+        self.remove_hashed(self.hash(db, key), db, key)
+    }
+
+    /// [`Index::remove`] when the caller has the key's [hash](Index::hash).
+    pub(super) fn remove_hashed(&self, hash: u64, db: u32, key: &[u8]) -> bool {
         let mut shard = self.shard(hash).write().unwrap_or_else(|e| e.into_inner());
         let mut found = false;
         while let Ok(old) = shard.find_entry(hash, |v| is_id(v.id(), db, key)) {

@@ -318,7 +318,7 @@ impl L1 {
         if self.dbs_seen.load(SeqCst) & bit == 0 {
             self.dbs_seen.fetch_or(bit, SeqCst);
         }
-        let stripe = stripe(db, key);
+        let stripe = stripe_of(self.index.hash(db, key));
         FillToken {
             stripe,
             generation: self.stripes[stripe].load(SeqCst),
@@ -401,13 +401,14 @@ impl L1 {
     /// Drops every cached reply for `key` and moves its generation, so fills
     /// already in flight are discarded.
     pub fn invalidate(&self, db: u32, key: &[u8], scratch: &mut Vec<u8>) {
-        let stripe = stripe(db, key);
+        let hash = self.index.hash(db, key);
+        let stripe = stripe_of(hash);
         let _stripe = self.lock_stripe(stripe);
         self.stripes[stripe].fetch_add(1, SeqCst);
         // moka holds nothing the index lacks (a fill inserts into both under
         // this stripe's lock), so a key not cached here costs no moka
         // lookup: the usual case for a peer's invalidations.
-        if !self.index.remove(db, key) {
+        if !self.index.remove_hashed(hash, db, key) {
             return;
         }
         key_id(db, key, scratch);
@@ -485,7 +486,8 @@ impl L1 {
         out.clear();
         out.extend_from_slice(&db.to_le_bytes());
         out.push(proto.version() as u8);
-        out.extend_from_slice(&self.stripes[stripe(db, key)].load(SeqCst).to_le_bytes());
+        let stripe = stripe_of(self.index.hash(db, key));
+        out.extend_from_slice(&self.stripes[stripe].load(SeqCst).to_le_bytes());
         out.extend_from_slice(&self.epoch.load(SeqCst).to_le_bytes());
         out.extend_from_slice(request);
     }
@@ -568,15 +570,11 @@ fn key_id(db: u32, key: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(key);
 }
 
-/// FNV-1a over (db, key): cheap, and only needs to spread keys over stripes.
+/// A key's stripe, from its index hash (bits the index's shards, buckets
+/// and tags do not use): one hash serves both.
 #[inline]
-fn stripe(db: u32, key: &[u8]) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in db.to_le_bytes().iter().chain(key) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h as usize) % STRIPES
+fn stripe_of(hash: u64) -> usize {
+    (hash >> 40) as usize % STRIPES
 }
 
 #[cfg(test)]
@@ -749,7 +747,7 @@ mod tests {
         let mut s = Vec::new();
         let stripe_mate = (0..10_000)
             .map(|i| format!("t:other{i}").into_bytes())
-            .find(|k| stripe(0, k) == stripe(0, b"t:a"))
+            .find(|k| stripe_of(c.index.hash(0, k)) == stripe_of(c.index.hash(0, b"t:a")))
             .expect("some key shares the stripe");
         let fill = |t: FillToken, proto: Protocol, reply: &[u8]| {
             c.fill(
