@@ -57,6 +57,11 @@ async fn connect_inner(
     let mut stream = TcpStream::connect(&addr)
         .await
         .map_err(|e| unavailable(format!("connect to {addr}: {e}")))?;
+    if self_connected(&stream) {
+        return Err(unavailable(format!(
+            "connect to {addr}: connected to itself (nothing listens there)"
+        )));
+    }
     stream
         .set_nodelay(true)
         .map_err(|e| unavailable(format!("set TCP_NODELAY on {addr}: {e}")))?;
@@ -103,6 +108,15 @@ async fn connect_inner(
         server_version,
         client_id,
     })
+}
+
+/// Whether `stream` is connected to itself: on one host, a connect to a port
+/// in the ephemeral range where nothing listens can be given that very port
+/// as its own (TCP's simultaneous open), and then every command would come
+/// back as its own "reply". Redis down on such a port, with the pool
+/// retrying, makes this a matter of time.
+fn self_connected(stream: &TcpStream) -> bool {
+    matches!((stream.local_addr(), stream.peer_addr()), (Ok(l), Ok(p)) if l == p)
 }
 
 async fn read_frame(
@@ -172,4 +186,33 @@ fn rejected(msg: &str) -> UpstreamError {
 /// Bytes of a `PING` command, for health checks.
 pub fn ping() -> Bytes {
     Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket bound to a port and connected to that same port is connected
+    /// to itself (what an unlucky retry against a dead local Redis gets).
+    #[tokio::test]
+    async fn a_connection_to_itself_is_recognised() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let addr = probe.local_addr().expect("its address");
+        drop(probe);
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.bind(addr).expect("bind the freed port");
+        let stream = socket
+            .connect(addr)
+            .await
+            .expect("simultaneous open with itself");
+        assert!(self_connected(&stream));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a listener");
+        let other = TcpStream::connect(listener.local_addr().expect("its address"))
+            .await
+            .expect("an ordinary connection");
+        assert!(!self_connected(&other));
+    }
 }
