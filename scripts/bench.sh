@@ -202,7 +202,7 @@ run_cell() { # round test pipeline side
     kill -0 "$redis_pid" 2>/dev/null || die "redis-server died during $test P$pipe"
     CSV=$csv python3 - "$round" "$test" "$pipe" "$side" "$n" \
         "$(cpu_delta "$p0" "$p1")" "$(cpu_delta "$r0" "$r1")" \
-        "$(awk '{printf "%d", ($1 + $2) * 1e9}' "$work/client-time")" >>"$results" <<'PY'
+        "$(awk '{printf "%.0f", ($1 + $2) * 1e9}' "$work/client-time")" >>"$results" <<'PY'
 import csv, io, os, sys
 round_, test, pipe, side, n, proxy_ns, redis_ns, client_ns = sys.argv[1:]
 rows = [r for r in csv.DictReader(io.StringIO(os.environ["CSV"])) if r.get("rps")]

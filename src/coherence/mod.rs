@@ -721,15 +721,15 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
             l1.flush();
         }
         match m.kind {
-            Kind::Keys => {
+            Kind::Keys | Kind::AnyDbKeys => {
+                // (A kind 6 entry's database is ANY_DB.)
                 for (db, key) in &m.entries {
-                    l1.invalidate(*db, key, &mut scratch);
-                }
-                stats.applied_keys.fetch_add(m.entries.len() as u64, SeqCst);
-            }
-            Kind::AnyDbKeys => {
-                for (_, key) in &m.entries {
-                    l1.invalidate_any_db(key, &mut scratch);
+                    let db = if m.kind == Kind::AnyDbKeys {
+                        ANY_DB
+                    } else {
+                        *db
+                    };
+                    l1.invalidate_at(db, key, &mut scratch);
                 }
                 stats.applied_keys.fetch_add(m.entries.len() as u64, SeqCst);
             }

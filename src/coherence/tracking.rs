@@ -10,7 +10,7 @@
 //! services) is logged once and nearcache falls back to rule TTLs alone.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -106,7 +106,7 @@ async fn session(
                     for key in keys {
                         if let OwnedFrame::BlobString { data, .. } = key {
                             l1.invalidate_any_db(data, &mut scratch);
-                            state.keys.fetch_add(1, SeqCst);
+                            state.keys.fetch_add(1, Relaxed);
                         }
                     }
                 }

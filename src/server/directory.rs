@@ -27,12 +27,14 @@ pub struct Directory {
 /// What `CLIENT KILL`'s filters look at in a running session.
 #[derive(Debug)]
 struct Client {
-    /// Taken when the session is told to close.
+    /// Signals the session to close.
     kill: Option<oneshot::Sender<()>>,
-    /// `ip:port` of the client, as Redis writes it (`[ip6]:port`).
-    addr: String,
-    /// `ip:port` of nearcache's end of the connection.
-    laddr: String,
+    /// Already killed (by another client, or by itself): counted once.
+    told: bool,
+    /// The client's end of the connection.
+    addr: SocketAddr,
+    /// Nearcache's end of the connection.
+    laddr: SocketAddr,
     /// Subscribed (Redis's `pubsub` client type).
     pubsub: Arc<AtomicBool>,
 }
@@ -131,8 +133,9 @@ impl Directory {
                 session,
                 Client {
                     kill: Some(kill),
-                    addr: addr.to_string(),
-                    laddr: laddr.to_string(),
+                    told: false,
+                    addr,
+                    laddr,
                     pubsub: pubsub.clone(),
                 },
             );
@@ -151,17 +154,18 @@ impl Directory {
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let (mut killed, mut me) = (0, false);
         for (&id, client) in sessions.iter_mut() {
-            if !filter.matches(id, client) || (id == caller && filter.skip_me) {
+            // A client already killed counts once, as one Redis has freed is
+            // no longer listed (two clients killing each other at once).
+            if client.told || !filter.matches(id, client) || (id == caller && filter.skip_me) {
                 continue;
             }
+            client.told = true;
             if id == caller {
+                // Closes itself after its reply (its sender stays: dropping
+                // it would end the session before the reply is written).
                 me = true;
             } else if let Some(kill) = client.kill.take() {
-                // Already told (a second kill meanwhile) counts once, as a
-                // client Redis has already freed is no longer listed.
                 let _ = kill.send(());
-            } else {
-                continue;
             }
             killed += 1;
         }
@@ -260,16 +264,15 @@ impl KillFilter {
         } else {
             ClientType::Normal
         };
+        // Addresses as Redis writes them: `ip:port`, `[ip6]:port`.
+        let same = |want: &Option<Vec<u8>>, addr: SocketAddr| {
+            want.as_deref()
+                .is_none_or(|want| want == addr.to_string().as_bytes())
+        };
         self.id.is_none_or(|want| want == id)
             && self.kind.is_none_or(|want| want == kind)
-            && self
-                .addr
-                .as_deref()
-                .is_none_or(|want| want == client.addr.as_bytes())
-            && self
-                .laddr
-                .as_deref()
-                .is_none_or(|want| want == client.laddr.as_bytes())
+            && same(&self.addr, client.addr)
+            && same(&self.laddr, client.laddr)
     }
 }
 
@@ -327,10 +330,24 @@ mod tests {
         );
         // The caller closes itself, after its reply.
         assert!(killed.try_recv().is_err());
+        let (_e4, _) = d.enroll(4, addr(1004), addr(6380));
         let (f, form) =
-            KillFilter::parse(&[Bytes::from_static(b"127.0.0.1:1003")]).expect("the old form");
+            KillFilter::parse(&[Bytes::from_static(b"127.0.0.1:1004")]).expect("the old form");
         assert_eq!(form, KillForm::Old);
-        assert_eq!(d.kill(&f, 3), (1, true), "the old form spares no one");
+        assert_eq!(d.kill(&f, 4), (1, true), "the old form spares no one");
+    }
+
+    /// Two clients killing everyone at once: each client is counted once,
+    /// by whichever kill came first.
+    #[test]
+    fn a_client_already_killed_is_not_counted_again() {
+        let d = Arc::new(Directory::default());
+        let (_a, _) = d.enroll(1, addr(1001), addr(6380));
+        let (_b, mut b_killed) = d.enroll(2, addr(1002), addr(6380));
+        let everyone = filter("TYPE normal SKIPME no");
+        assert_eq!(d.kill(&everyone, 1), (2, true));
+        assert_eq!(b_killed.try_recv(), Ok(()));
+        assert_eq!(d.kill(&everyone, 2), (0, false), "both were killed already");
     }
 
     #[test]

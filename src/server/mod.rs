@@ -213,7 +213,7 @@ async fn accept_loop(
         let ctx = ctx.clone();
         let rx = shutdown.clone();
         sessions.spawn(async move {
-            session::serve(stream, ctx, id, rx).await;
+            session::serve(stream, peer, ctx, id, rx).await;
             drop(permit);
         });
     }

@@ -1,6 +1,6 @@
 // ioredis through nearcache: the client a Node.js trading bot would use.
 //
-// Run by tests/integration/node.rs as
+// Run by tests/integration/clients.rs as
 // `node ioredis_compat.js PROXY_PORT REDIS_PORT`; the proxy caches keys under
 // `io:c:` in L1. Exits non-zero with the failing check's message. Each check
 // compares what the proxy answers with what Redis holds or answers directly.

@@ -76,7 +76,8 @@ struct Pin {
     /// Commands Redis queued since MULTI.
     txn_queued: u32,
     /// Commands inside MULTI that nearcache answers itself (CLIENT SETNAME,
-    /// GETNAME, ID, AUTH): Redis queues them and runs them at EXEC, so they
+    /// GETNAME, ID, KILL, NO-EVICT, AUTH): Redis queues them and runs them at
+    /// EXEC, so they
     /// are answered there, spliced into EXEC's reply after the `u32` queued
     /// commands before them.
     txn_local: Vec<(u32, Route, Vec<Bytes>)>,
@@ -148,18 +149,17 @@ const WRONGPASS: &str = "WRONGPASS invalid username-password pair or user is dis
 /// the backpressure on clients that pipeline without reading.
 pub async fn serve(
     mut stream: TcpStream,
+    peer: SocketAddr,
     ctx: Arc<Context>,
     id: u64,
     shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     // `CLIENT KILL` from another client ends the session.
-    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-    let (enrollment, mut killed) = ctx.directory.enroll(
-        id,
-        stream.peer_addr().unwrap_or(unknown),
-        stream.local_addr().unwrap_or(unknown),
-    );
+    let laddr = stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let (enrollment, mut killed) = ctx.directory.enroll(id, peer, laddr);
     let mut session = Session {
         pool: ctx.default_pool.clone(),
         db: ctx.upstream.default_db(),
