@@ -13,7 +13,8 @@
 //! script's keys, since a script may SELECT another database)
 //! ```
 //!
-//! A build that predates a kind cannot read it, and flushes.
+//! A build that predates a kind cannot read it, and flushes; it still reads
+//! the header (`DecodeError::NewerKind`), so the sender's sequence moves on.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -55,7 +56,7 @@ pub struct Message {
 }
 
 /// Why a message could not be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Not a nearcache message at all.
     #[error("not a nearcache invalidation message")]
@@ -66,6 +67,17 @@ pub enum DecodeError {
     /// Truncated or inconsistent.
     #[error("malformed message")]
     Malformed,
+    /// A kind from a later build: its entries cannot be read, but its
+    /// header can, so the sender's sequence moves on without a gap.
+    #[error("message kind {kind} from {instance}, newer than this build")]
+    NewerKind {
+        /// The kind byte.
+        kind: u8,
+        /// The sending instance.
+        instance: String,
+        /// Its sequence number.
+        seq: u64,
+    },
 }
 
 impl Message {
@@ -131,14 +143,15 @@ impl Message {
         if version != VERSION {
             return Err(DecodeError::Version(version));
         }
-        let kind = match buf.get_u8() {
-            1 => Kind::Keys,
-            2 => Kind::Flush,
-            3 => Kind::Resync,
-            4 => Kind::Pattern,
-            5 => Kind::Leave,
-            6 => Kind::AnyDbKeys,
-            _ => return Err(DecodeError::Malformed),
+        let kind_byte = buf.get_u8();
+        let kind = match kind_byte {
+            1 => Some(Kind::Keys),
+            2 => Some(Kind::Flush),
+            3 => Some(Kind::Resync),
+            4 => Some(Kind::Pattern),
+            5 => Some(Kind::Leave),
+            6 => Some(Kind::AnyDbKeys),
+            _ => None,
         };
         let need = |buf: &Bytes, n: usize| {
             if buf.remaining() < n {
@@ -152,6 +165,13 @@ impl Message {
         need(&buf, id_len + 20)?;
         let instance = String::from_utf8_lossy(&buf.split_to(id_len)).into_owned();
         let seq = buf.get_u64();
+        let Some(kind) = kind else {
+            return Err(DecodeError::NewerKind {
+                kind: kind_byte,
+                instance,
+                seq,
+            });
+        };
         let sent_at_us = buf.get_u64();
         let count = buf.get_u32() as usize;
         // Each entry is at least 8 bytes: a count beyond that is a lie.
@@ -237,7 +257,14 @@ mod tests {
             .encode()[..],
         );
         wire[3] = kinds.len() as u8 + 1;
-        assert_eq!(Message::decode(wire.freeze()), Err(DecodeError::Malformed));
+        assert_eq!(
+            Message::decode(wire.freeze()),
+            Err(DecodeError::NewerKind {
+                kind: 7,
+                instance: "i".into(),
+                seq: 1
+            })
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::cache::{ANY_DB, Invalidation, L1};
 use crate::config::{CoherenceConfig, LossPolicy};
 use crate::histogram::Histogram;
-use message::{Kind, Message};
+use message::{DecodeError, Kind, Message};
 
 /// Bus counters, read by `PROXY STATS`.
 #[derive(Debug, Default)]
@@ -705,6 +705,12 @@ async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                 tracing::warn!(error = %e, "unreadable invalidation message; flushing L1");
                 l1.flush();
                 stats.flushes.fetch_add(1, SeqCst);
+                // A newer kind's header is readable: the flush covers it, and
+                // the peer's next message is no gap.
+                if let DecodeError::NewerKind { instance, seq, .. } = e {
+                    last_seen.insert(instance.clone(), Instant::now());
+                    last_seq.insert(instance, seq);
+                }
                 continue;
             }
         };

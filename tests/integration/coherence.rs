@@ -1206,6 +1206,32 @@ async fn an_unreadable_message_flushes_l1() {
     );
 }
 
+/// Guards `DecodeError::NewerKind` in `receive`: a message of a kind from a
+/// later build flushes L1 once, and its sequence number counts, so the
+/// peer's next message is no gap (no second flush).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_a_newer_kind_flushes_once_and_leaves_no_gap() {
+    let mut c = Cluster::start(2).await;
+    let (client, subject) = fake_peer(&c).await;
+    let b0 = c.bus(1).await;
+
+    let mut newer = BytesMut::from(&keys_message("future", 1, "t:x").encode()[..]);
+    assert_eq!(newer[3], Kind::Keys as u8, "byte 3 is the kind");
+    newer[3] = 200;
+    send(&client, &subject, newer.freeze()).await;
+    until_bus(&mut c.conns[1], "B to flush", POLL_LIMIT, |s| {
+        s.get("flushes") > b0.get("flushes")
+    })
+    .await;
+    send(&client, &subject, keys_message("future", 2, "t:y").encode()).await;
+    let b1 = until_bus(&mut c.conns[1], "B to apply seq 2", POLL_LIMIT, |s| {
+        s.get("applied_keys") > b0.get("applied_keys")
+    })
+    .await;
+    assert_eq!(b1.get("flushes"), b0.get("flushes") + 1, "{b1:?}");
+    assert_eq!(b1.get("gaps"), b0.get("gaps"), "{b1:?}");
+}
+
 /// Guards `receive`'s delay accounting and `PROXY STATS` bus.delay_*.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_to_apply_delay_is_recorded() {
