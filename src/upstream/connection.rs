@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::UpstreamError;
+use super::{UpstreamError, encode_command};
 use crate::protocol::scanner::{FrameKind, ReplyScanner, frame_kind};
 
 /// What a request's sender receives: the reply frames back to back, or the
@@ -80,12 +80,15 @@ pub enum Op {
         /// The commands.
         frames: Bytes,
     },
-    /// Relay mode only: hand `bytes` to the client as if Redis had sent them,
-    /// after every frame received so far (replies the proxy makes itself).
+    /// Relay mode only: a reply the proxy makes itself, handed to the client
+    /// in its place among Redis's replies. The connection sends Redis a
+    /// `PING <marker>` and relays `bytes` instead of its answer, so the
+    /// reply comes after those to every earlier command, and is silenced
+    /// exactly when Redis silences that answer (`CLIENT REPLY OFF|SKIP`).
     Inject(Bytes),
-    /// Relay mode only: stop relaying after every frame handed over so far
-    /// (the client is closing: `CLIENT KILL` of itself).
-    EndRelay,
+    /// Relay mode only: hand `bytes` to the client at once, then stop
+    /// relaying (the client is closing: `CLIENT KILL` of itself).
+    InjectLast(Bytes),
     /// Once every earlier request is answered, return this connection to its
     /// pool's idle list (dedicated connections only). Carries a sender so the
     /// connection stays open until then.
@@ -222,8 +225,45 @@ enum Pending {
         since: Instant,
         blocking: bool,
     },
-    Relay(mpsc::Sender<Bytes>),
+    Relay {
+        tx: mpsc::Sender<Bytes>,
+        /// Replies the proxy made, waiting for their PINGs' answers.
+        stand_ins: VecDeque<StandIn>,
+    },
     Release(Conn),
+}
+
+/// A reply the proxy made, relayed in place of Redis's answer to a
+/// `PING <marker>` (see [`Op::Inject`]).
+#[derive(Debug)]
+struct StandIn {
+    /// The answer: a bulk string, or in RESP2 subscribed mode `pong` and the
+    /// bulk string in an array of two.
+    bulk: Bytes,
+    pubsub: Bytes,
+    reply: Bytes,
+}
+
+impl StandIn {
+    /// Stands in `reply` for `PING <marker>`, returned as the command to send.
+    fn new(marker: &[u8], reply: Bytes) -> (StandIn, Bytes) {
+        let bulk =
+            Bytes::from([format!("${}\r\n", marker.len()).as_bytes(), marker, b"\r\n"].concat());
+        let pubsub = Bytes::from([&b"*2\r\n$4\r\npong\r\n"[..], &bulk].concat());
+        let ping = encode_command(&[&b"PING"[..], marker]);
+        (
+            StandIn {
+                bulk,
+                pubsub,
+                reply,
+            },
+            ping,
+        )
+    }
+
+    fn answers(&self, frame: &[u8]) -> bool {
+        frame == &self.bulk[..] || frame == &self.pubsub[..]
+    }
 }
 
 /// Starts the task for an established (already handshaken) connection.
@@ -372,19 +412,30 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
         }
         Op::Relay { frames, tx } => {
             wbuf.extend_from_slice(&frames);
-            pending.push_back(Pending::Relay(tx));
+            pending.push_back(Pending::Relay {
+                tx,
+                stand_ins: VecDeque::new(),
+            });
         }
         Op::Write { frames } => wbuf.extend_from_slice(&frames),
         Op::Release(conn) => pending.push_back(Pending::Release(conn)),
-        Op::Inject(bytes) => {
-            if let Some(Pending::Relay(tx)) = pending.back() {
-                let _ = tx.send(bytes).await;
+        Op::Inject(reply) => {
+            if let Some(Pending::Relay { stand_ins, .. }) = pending.back_mut() {
+                static MARKER: AtomicU64 = AtomicU64::new(0);
+                let n = MARKER.fetch_add(1, Ordering::Relaxed);
+                let marker = format!("__nearcache:reply:{n}");
+                let (stand_in, ping) = StandIn::new(marker.as_bytes(), reply);
+                stand_ins.push_back(stand_in);
+                wbuf.extend_from_slice(&ping);
             }
         }
-        Op::EndRelay => {
+        Op::InjectLast(bytes) => {
+            if let Some(Pending::Relay { tx, .. }) = pending.back() {
+                let _ = tx.send(bytes).await;
+            }
             // Dropping the sender ends the client's relay once it has taken
             // every frame before this.
-            if let Some(Pending::Relay(_)) = pending.back() {
+            if let Some(Pending::Relay { .. }) = pending.back() {
                 pending.pop_back();
             }
         }
@@ -414,7 +465,16 @@ async fn deliver(
             // Only RESET answers `+RESET`: after it the connection's state is
             // gone and so is the reason to relay; the session starts afresh.
             let reset = &frame[..] == b"+RESET\r\n";
-            if let Some(Pending::Relay(tx)) = pending.front() {
+            if let Some(Pending::Relay { tx, stand_ins }) = pending.front_mut() {
+                // A stand-in's PING answered: earlier stand-ins whose answers
+                // Redis silenced (CLIENT REPLY OFF|SKIP) are dropped.
+                let frame = match stand_ins.iter().position(|s| s.answers(&frame)) {
+                    Some(at) => {
+                        stand_ins.drain(..at);
+                        stand_ins.pop_front().map_or(frame, |s| s.reply)
+                    }
+                    None => frame,
+                };
                 if tx.send(frame).await.is_err() {
                     // The client is gone; so is the point of this connection.
                     return Err(UpstreamError::ConnectionLost);
@@ -426,7 +486,7 @@ async fn deliver(
             continue;
         }
         match pending.front_mut() {
-            Some(Pending::Relay(_)) => {
+            Some(Pending::Relay { .. }) => {
                 *relaying = true;
                 // Re-scan this frame in relay mode.
                 *scanner = ReplyScanner::new();
@@ -462,7 +522,7 @@ async fn deliver(
 fn awaited(pending: &VecDeque<Pending>) -> bool {
     pending.iter().any(|p| match p {
         Pending::Replies { tx, .. } => !tx.is_closed(),
-        Pending::Relay(tx) => !tx.is_closed(),
+        Pending::Relay { tx, .. } => !tx.is_closed(),
         Pending::Release(_) => false,
     })
 }
@@ -491,7 +551,7 @@ fn check_head(pending: &VecDeque<Pending>, opts: &ConnOptions) -> Option<Upstrea
         }
         Pending::Replies { since, .. } => (since.elapsed() > opts.command_timeout)
             .then_some(UpstreamError::Timeout(opts.command_timeout)),
-        Pending::Relay(tx) if tx.is_closed() => Some(UpstreamError::ConnectionLost),
+        Pending::Relay { tx, .. } if tx.is_closed() => Some(UpstreamError::ConnectionLost),
         _ => None,
     }
 }

@@ -1373,6 +1373,95 @@ async fn client_no_evict_is_answered_without_flagging_a_shared_connection() {
     );
 }
 
+/// Guards the reply mode in relays: after `CLIENT REPLY OFF` (or for the
+/// command after `SKIP`) Redis sends nothing, not even errors, and the
+/// replies nearcache makes itself (CLIENT ID, GETNAME, wrong arity) must be
+/// silent too — else a client that turns replies back on reads them first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_and_skip_silence_the_replies_nearcache_makes_too() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let script: &[&[&str]] = &[
+        &["CLIENT", "REPLY", "SKIP"],
+        &["CLIENT", "ID"],
+        &["PING"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["CLIENT", "ID"],
+        &["GET"],
+        &["CLIENT", "GETNAME"],
+        &["SET", "k", "v"],
+        &["CLIENT", "REPLY", "ON"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["GET"],
+        &["ECHO", "done"],
+    ];
+    let mut heard = Vec::new();
+    for port in [redis.port(), proxy.port()] {
+        let mut c = Raw::connect(port).await;
+        for args in script {
+            c.send_str(args).await;
+        }
+        let mut frames = Vec::new();
+        loop {
+            let f = c.frame().await;
+            let last = f[..] == b"$4\r\ndone\r\n"[..];
+            frames.push(f);
+            if last {
+                break;
+            }
+        }
+        heard.push(frames);
+    }
+    assert_eq!(
+        heard[0].len(),
+        3,
+        "Redis: +PONG, +OK, $4 done: {:?}",
+        heard[0]
+    );
+    assert_eq!(heard[1], heard[0], "through nearcache");
+}
+
+/// Guards `Op::Inject`'s stand-ins: in a relay, a reply nearcache makes
+/// itself (CLIENT GETNAME, a wrong-arity error) takes its place among
+/// Redis's replies to the commands pipelined before and after it, instead of
+/// jumping ahead of replies still on their way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_nearcache_makes_keep_their_place_in_a_relay() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let script: &[&[&str]] = &[
+        &["SUBSCRIBE", "ch"],
+        &["PING"],
+        &["CLIENT", "GETNAME"],
+        &["GET"],
+        &["PING", "x"],
+        &["CLIENT", "GETNAME"],
+        &["ECHO", "done"],
+    ];
+    let mut heard = Vec::new();
+    for port in [redis.port(), proxy.port()] {
+        let mut c = Raw::connect_resp3(port).await;
+        let mut pipeline = Vec::new();
+        for args in script {
+            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+            pipeline.extend_from_slice(&encode(&args));
+        }
+        c.write(&pipeline).await;
+        let mut frames = Vec::new();
+        loop {
+            let f = c.frame().await;
+            let last = f[..] == b"$4\r\ndone\r\n"[..];
+            frames.push(f);
+            if last {
+                break;
+            }
+        }
+        heard.push(frames);
+    }
+    assert_eq!(heard[0].len(), 7, "Redis: {:?}", heard[0]);
+    assert_eq!(heard[1], heard[0], "through nearcache");
+}
+
 /// A subscriber (its commands relayed) may kill itself too: the reply comes
 /// through, then the connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -670,11 +670,13 @@ impl Session {
                 let r = self.local_reply(route);
                 self.flush_run(chunk).await;
                 if let Some(pin) = &self.pin {
-                    let _ = pin.conn.send(Op::Inject(r));
-                    if self.closing {
-                        // The relay ends after the reply, then the session.
-                        let _ = pin.conn.send(Op::EndRelay);
-                    }
+                    // (Closing, the reply goes at once and the relay ends
+                    // with it: the session's last word.)
+                    let _ = pin.conn.send(if self.closing {
+                        Op::InjectLast(r)
+                    } else {
+                        Op::Inject(r)
+                    });
                 }
                 if self.closing {
                     self.pin = None;
