@@ -610,6 +610,18 @@ async fn replay(seed: u64, ops: usize) {
             };
             sub.push(vec![op.to_owned(), arg]);
         }
+        // Replies nearcache makes itself, among Redis's (a RESP3 subscriber
+        // may send anything; a RESP2 one only what Redis allows there, and
+        // nearcache answers these more leniently).
+        if sub_resp3 && rng.chance(10) {
+            let local: &[&str] = match rng.below(3) {
+                0 => &["CLIENT", "GETNAME"],
+                1 => &["GET"],
+                _ => &["CLIENT", "SETNAME", "sub"],
+            };
+            sub.push(local.iter().map(|a| (*a).to_owned()).collect());
+            sub.push(vec!["ECHO".to_owned(), "after".to_owned()]);
+        }
         let want = direct.drain(&sub).await;
         let got = proxied.drain(&sub).await;
         messages += want
