@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp3::types::OwnedFrame;
 
@@ -1373,6 +1374,40 @@ async fn client_no_evict_is_answered_without_flagging_a_shared_connection() {
     );
 }
 
+/// Pipelines `script` (which ends with `ECHO done`) on a fresh connection to
+/// Redis and to nearcache (RESP3 when `resp3`), and returns each side's
+/// frames up to `done`.
+async fn frames_up_to_done(
+    redis: &RedisServer,
+    proxy: &TestProxy,
+    resp3: bool,
+    script: &[&[&str]],
+) -> [Vec<Bytes>; 2] {
+    let mut pipeline = Vec::new();
+    for args in script {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        pipeline.extend_from_slice(&encode(&args));
+    }
+    let mut heard = [Vec::new(), Vec::new()];
+    for (side, port) in [redis.port(), proxy.port()].into_iter().enumerate() {
+        let mut c = if resp3 {
+            Raw::connect_resp3(port).await
+        } else {
+            Raw::connect(port).await
+        };
+        c.write(&pipeline).await;
+        loop {
+            let f = c.frame().await;
+            let last = f[..] == b"$4\r\ndone\r\n"[..];
+            heard[side].push(f);
+            if last {
+                break;
+            }
+        }
+    }
+    heard
+}
+
 /// Guards the reply mode in relays: after `CLIENT REPLY OFF` (or for the
 /// command after `SKIP`) Redis sends nothing, not even errors, and the
 /// replies nearcache makes itself (CLIENT ID, GETNAME, wrong arity) must be
@@ -1395,23 +1430,7 @@ async fn client_reply_off_and_skip_silence_the_replies_nearcache_makes_too() {
         &["GET"],
         &["ECHO", "done"],
     ];
-    let mut heard = Vec::new();
-    for port in [redis.port(), proxy.port()] {
-        let mut c = Raw::connect(port).await;
-        for args in script {
-            c.send_str(args).await;
-        }
-        let mut frames = Vec::new();
-        loop {
-            let f = c.frame().await;
-            let last = f[..] == b"$4\r\ndone\r\n"[..];
-            frames.push(f);
-            if last {
-                break;
-            }
-        }
-        heard.push(frames);
-    }
+    let heard = frames_up_to_done(&redis, &proxy, false, script).await;
     assert_eq!(
         heard[0].len(),
         3,
@@ -1438,26 +1457,7 @@ async fn replies_nearcache_makes_keep_their_place_in_a_relay() {
         &["CLIENT", "GETNAME"],
         &["ECHO", "done"],
     ];
-    let mut heard = Vec::new();
-    for port in [redis.port(), proxy.port()] {
-        let mut c = Raw::connect_resp3(port).await;
-        let mut pipeline = Vec::new();
-        for args in script {
-            let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-            pipeline.extend_from_slice(&encode(&args));
-        }
-        c.write(&pipeline).await;
-        let mut frames = Vec::new();
-        loop {
-            let f = c.frame().await;
-            let last = f[..] == b"$4\r\ndone\r\n"[..];
-            frames.push(f);
-            if last {
-                break;
-            }
-        }
-        heard.push(frames);
-    }
+    let heard = frames_up_to_done(&redis, &proxy, true, script).await;
     assert_eq!(heard[0].len(), 7, "Redis: {:?}", heard[0]);
     assert_eq!(heard[1], heard[0], "through nearcache");
 }
