@@ -233,6 +233,9 @@ enum Pending {
     Release(Conn),
 }
 
+/// Stand-ins kept per relay (see [`Op::Inject`]).
+const MAX_STAND_INS: usize = 65_536;
+
 /// A reply the proxy made, relayed in place of Redis's answer to a
 /// `PING <marker>` (see [`Op::Inject`]).
 #[derive(Debug)]
@@ -425,6 +428,13 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
                 let n = MARKER.fetch_add(1, Ordering::Relaxed);
                 let marker = format!("__nearcache:reply:{n}");
                 let (stand_in, ping) = StandIn::new(marker.as_bytes(), reply);
+                // Under CLIENT REPLY OFF no answer ever comes to drop them:
+                // a bound on memory (a client with more of nearcache's own
+                // replies than this in flight at once on one relay would get
+                // the oldest as Redis's answer to its PING).
+                if stand_ins.len() == MAX_STAND_INS {
+                    stand_ins.pop_front();
+                }
                 stand_ins.push_back(stand_in);
                 wbuf.extend_from_slice(&ping);
             }
