@@ -56,15 +56,9 @@ impl Raw {
         self.stream.local_addr().unwrap().to_string()
     }
 
-    /// Sends one command as a RESP array of bulk strings.
-    pub(crate) async fn send(&mut self, args: &[&[u8]]) {
-        self.write(&encode(args)).await;
-    }
-
     /// Sends one command whose arguments are text.
     pub(crate) async fn send_str(&mut self, args: &[&str]) {
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        self.send(&args).await;
+        self.write(&encode_text(args)).await;
     }
 
     /// Writes bytes as they are.
@@ -147,6 +141,21 @@ pub(crate) fn encode(args: &[&[u8]]) -> Vec<u8> {
         out.extend_from_slice(b"\r\n");
     }
     out
+}
+
+/// A command whose arguments are text, as a RESP array of bulk strings.
+pub(crate) fn encode_text<S: AsRef<str>>(args: &[S]) -> Vec<u8> {
+    let args: Vec<&[u8]> = args.iter().map(|a| a.as_ref().as_bytes()).collect();
+    encode(&args)
+}
+
+/// Commands whose arguments are text, back to back: one pipeline.
+pub(crate) fn encode_pipeline<C: AsRef<[S]>, S: AsRef<str>>(
+    cmds: impl IntoIterator<Item = C>,
+) -> Vec<u8> {
+    cmds.into_iter()
+        .flat_map(|c| encode_text(c.as_ref()))
+        .collect()
 }
 
 /// An async connection straight to Redis (bypassing the proxy), in `db`.

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use nearcache::config::{Duration as Dur, RuleConfig};
 
-use crate::compat::{Raw, encode};
+use crate::compat::{Raw, encode_pipeline, encode_text};
 use crate::support::{RedisServer, TestProxy, config_for};
 
 /// SplitMix64: a tiny deterministic generator, so a seed replays a stream.
@@ -452,12 +452,10 @@ impl Side {
     /// Sends `cmds` and a PING on the subscriber, returns every frame up to
     /// PING's answer: the messages published so far, then the replies.
     async fn drain(&mut self, cmds: &[Vec<String>]) -> Vec<Bytes> {
-        let mut wire = Vec::new();
-        for c in cmds.iter().chain([&vec!["PING".to_owned()]]) {
-            let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
-            wire.extend_from_slice(&encode(&args));
-        }
-        self.sub.write(&wire).await;
+        let ping = vec!["PING".to_owned()];
+        self.sub
+            .write(&encode_pipeline(cmds.iter().chain([&ping])))
+            .await;
         let mut frames = Vec::new();
         loop {
             let f = self.sub.frame().await;
@@ -480,8 +478,7 @@ impl Side {
                 wire.extend_from_slice(line.join(" ").as_bytes());
                 wire.extend_from_slice(b"\r\n");
             } else {
-                let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
-                wire.extend_from_slice(&encode(&args));
+                wire.extend_from_slice(&encode_text(c));
             }
         }
         let conn = &mut self.conns[i];

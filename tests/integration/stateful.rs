@@ -14,7 +14,7 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis_protocol::resp3::types::OwnedFrame;
 
-use crate::compat::{Raw, blob, direct_async, encode};
+use crate::compat::{Raw, blob, direct_async, encode, encode_pipeline};
 use crate::support::{RedisServer, TestProxy, config_for};
 
 const OK: &[u8] = b"+OK\r\n";
@@ -975,12 +975,7 @@ async fn quit_answers_ok_and_closes() {
 
 /// Writes `cmds` in one go and reads one reply per command.
 async fn pipelined(conn: &mut Raw, cmds: &[&[&str]]) -> Vec<Vec<u8>> {
-    let mut wire = Vec::new();
-    for c in cmds {
-        let args: Vec<&[u8]> = c.iter().map(|a| a.as_bytes()).collect();
-        wire.extend_from_slice(&encode(&args));
-    }
-    conn.write(&wire).await;
+    conn.write(&encode_pipeline(cmds)).await;
     let mut replies = Vec::with_capacity(cmds.len());
     for _ in cmds {
         replies.push(conn.frame().await.to_vec());
@@ -1383,11 +1378,7 @@ async fn frames_up_to_done(
     resp3: bool,
     script: &[&[&str]],
 ) -> [Vec<Bytes>; 2] {
-    let mut pipeline = Vec::new();
-    for args in script {
-        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
-        pipeline.extend_from_slice(&encode(&args));
-    }
+    let pipeline = encode_pipeline(script);
     let mut heard = [Vec::new(), Vec::new()];
     for (side, port) in [redis.port(), proxy.port()].into_iter().enumerate() {
         let mut c = if resp3 {
