@@ -53,6 +53,13 @@ impl Enrollment {
     pub fn set_pubsub(&self, on: bool) {
         self.pubsub.store(on, Relaxed);
     }
+
+    /// Whether the session has subscribed since it started or last reset
+    /// (it may have unsubscribed from everything since: only Redis's
+    /// replies tell).
+    pub fn pubsub(&self) -> bool {
+        self.pubsub.load(Relaxed)
+    }
 }
 
 impl Drop for Enrollment {

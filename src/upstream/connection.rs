@@ -85,7 +85,14 @@ pub enum Op {
     /// `PING <marker>` and relays `bytes` instead of its answer, so the
     /// reply comes after those to every earlier command, and is silenced
     /// exactly when Redis silences that answer (`CLIENT REPLY OFF|SKIP`).
-    Inject(Bytes),
+    Inject {
+        /// The reply.
+        reply: Bytes,
+        /// Relayed instead when Redis answers the PING as a RESP2
+        /// subscriber (`pong` in an array): the error Redis gives most
+        /// commands in that state, which only the PING's answer can tell.
+        subscribed: Bytes,
+    },
     /// Relay mode only: hand `bytes` to the client at once, then stop
     /// relaying (the client is closing: `CLIENT KILL` of itself).
     InjectLast(Bytes),
@@ -245,11 +252,13 @@ struct StandIn {
     bulk: Bytes,
     pubsub: Bytes,
     reply: Bytes,
+    subscribed: Bytes,
 }
 
 impl StandIn {
-    /// Stands in `reply` for `PING <marker>`, returned as the command to send.
-    fn new(marker: &[u8], reply: Bytes) -> (StandIn, Bytes) {
+    /// Stands in `reply` (or `subscribed`) for `PING <marker>`, returned as
+    /// the command to send.
+    fn new(marker: &[u8], reply: Bytes, subscribed: Bytes) -> (StandIn, Bytes) {
         let bulk =
             Bytes::from([format!("${}\r\n", marker.len()).as_bytes(), marker, b"\r\n"].concat());
         let pubsub = Bytes::from([&b"*2\r\n$4\r\npong\r\n"[..], &bulk].concat());
@@ -259,6 +268,7 @@ impl StandIn {
                 bulk,
                 pubsub,
                 reply,
+                subscribed,
             },
             ping,
         )
@@ -266,6 +276,15 @@ impl StandIn {
 
     fn answers(&self, frame: &[u8]) -> bool {
         frame == &self.bulk[..] || frame == &self.pubsub[..]
+    }
+
+    /// What to relay for `frame`, the PING's answer.
+    fn into_reply(self, frame: &[u8]) -> Bytes {
+        if frame == &self.pubsub[..] {
+            self.subscribed
+        } else {
+            self.reply
+        }
     }
 }
 
@@ -422,12 +441,12 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
         }
         Op::Write { frames } => wbuf.extend_from_slice(&frames),
         Op::Release(conn) => pending.push_back(Pending::Release(conn)),
-        Op::Inject(reply) => {
+        Op::Inject { reply, subscribed } => {
             if let Some(Pending::Relay { stand_ins, .. }) = pending.back_mut() {
                 static MARKER: AtomicU64 = AtomicU64::new(0);
                 let n = MARKER.fetch_add(1, Ordering::Relaxed);
                 let marker = format!("__nearcache:reply:{n}");
-                let (stand_in, ping) = StandIn::new(marker.as_bytes(), reply);
+                let (stand_in, ping) = StandIn::new(marker.as_bytes(), reply, subscribed);
                 // Under CLIENT REPLY OFF no answer ever comes to drop them:
                 // a bound on memory (a client with more of nearcache's own
                 // replies than this in flight at once on one relay would get
@@ -481,7 +500,10 @@ async fn deliver(
                 let frame = match stand_ins.iter().position(|s| s.answers(&frame)) {
                     Some(at) => {
                         stand_ins.drain(..at);
-                        stand_ins.pop_front().map_or(frame, |s| s.reply)
+                        match stand_ins.pop_front() {
+                            Some(s) => s.into_reply(&frame),
+                            None => frame,
+                        }
                     }
                     None => frame,
                 };

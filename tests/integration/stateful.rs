@@ -1453,6 +1453,35 @@ async fn replies_nearcache_makes_keep_their_place_in_a_relay() {
     assert_eq!(heard[1], heard[0], "through nearcache");
 }
 
+/// A RESP2 subscriber may only (un)subscribe, PING, QUIT and RESET: Redis
+/// refuses the rest, including what nearcache answers itself, until the
+/// client has unsubscribed from everything. (A refused CLIENT SETNAME or
+/// KILL must not take effect either.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp2_subscriber_is_refused_what_redis_refuses_it() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let script: &[&[&str]] = &[
+        &["SUBSCRIBE", "ch"],
+        &["CLIENT", "ID"],
+        &["CLIENT", "GETNAME"],
+        &["AUTH", "x"],
+        &["GET"],
+        &["CLIENT", "NO-EVICT", "on"],
+        &["CLIENT", "SETNAME", "refused"],
+        &["CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "no"],
+        &["UNSUBSCRIBE", "ch"],
+        &["CLIENT", "GETNAME"],
+        &["AUTH", "x"],
+        &["CLIENT", "NO-EVICT", "on"],
+        &["ECHO", "done"],
+    ];
+    let heard = frames_up_to_done(&redis, &proxy, false, script).await;
+    assert_eq!(heard[0].len(), 13, "Redis: {:?}", heard[0]);
+    assert!(heard[0][1].starts_with(b"-ERR Can't execute 'client|id'"));
+    assert_eq!(heard[1], heard[0], "through nearcache");
+}
+
 /// A subscriber (its commands relayed) may kill itself too: the reply comes
 /// through, then the connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

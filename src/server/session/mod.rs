@@ -35,6 +35,7 @@ use super::directory::{Enrollment, KillFilter, KillForm, Listing};
 use super::outbox::{Outbox, Slot};
 use super::route::{Route, may_block, route_spec};
 use crate::cache::Invalidation;
+use crate::command::CommandSpec;
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::{self, OK, Protocol, Reply};
@@ -454,7 +455,7 @@ impl Session {
             }
         }
         if self.pin.as_ref().is_some_and(|p| p.relay) {
-            return self.handle_relaying(chunk, frame, route).await;
+            return self.handle_relaying(chunk, frame, route, spec).await;
         }
         match route {
             Route::Forward => {
@@ -658,7 +659,21 @@ impl Session {
         chunk: &Bytes,
         frame: Option<Range<usize>>,
         route: Route,
+        spec: Option<&'static CommandSpec>,
     ) -> Flow {
+        // What Redis answers a RESP2 subscriber for anything but
+        // (un)subscribing, PING, QUIT and RESET (arity is checked first).
+        let refused = || {
+            let name = spec.map_or("", |s| s.name);
+            reply::error(&format!(
+                "ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+            ))
+        };
+        // Only Redis knows whether the client is still subscribed when the
+        // command runs (its answer to the stand-in's PING tells). A command
+        // with effects cannot wait for that: while the client may be
+        // subscribed, Redis would refuse it, so it is refused here.
+        let maybe_subscribed = self.proto == Protocol::Resp2 && self.enrollment.pubsub();
         match route {
             Route::Auth
             | Route::ClientId
@@ -667,7 +682,15 @@ impl Session {
             | Route::ClientNoEvict
             | Route::Refuse(_)
             | Route::WrongArity(_) => {
-                let r = self.local_reply(route);
+                let r = if route == Route::ClientKill && maybe_subscribed {
+                    refused()
+                } else {
+                    self.local_reply(route)
+                };
+                let subscribed = match route {
+                    Route::WrongArity(_) => r.clone(),
+                    _ => refused(),
+                };
                 self.flush_run(chunk).await;
                 if let Some(pin) = &self.pin {
                     // (Closing, the reply goes at once and the relay ends
@@ -675,7 +698,10 @@ impl Session {
                     let _ = pin.conn.send(if self.closing {
                         Op::InjectLast(r)
                     } else {
-                        Op::Inject(r)
+                        Op::Inject {
+                            reply: r,
+                            subscribed,
+                        }
                     });
                 }
                 if self.closing {
@@ -697,7 +723,10 @@ impl Session {
                             self.proto = p;
                         }
                     }
-                    Route::ClientSetName => self.name = self.argv.get(2).map(owned),
+                    // (Redis refuses it while the client is subscribed.)
+                    Route::ClientSetName if !maybe_subscribed => {
+                        self.name = self.argv.get(2).map(owned);
+                    }
                     Route::Relay => self.note_subscribe(),
                     _ => {}
                 }
