@@ -13,7 +13,7 @@
 //! | [`config`] | the TOML file, environment and flag overrides, validation |
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs) and key extraction |
-//! | [`server`] | listener, per-client sessions (the request path), routing, outbox, shutdown, the directory of pinned sessions |
+//! | [`server`] | listener, per-client sessions (the request path), routing, outbox, shutdown, the directory of clients (`CLIENT LIST`, `KILL`, id translation) |
 //! | [`upstream`] | connections to Redis: handshake, pipelined connection tasks, pools, reconnects |
 //! | [`cache`] | L1: key-prefix rules, generation-checked fills, single flight, per-rule stats |
 //! | [`coherence`] | the NATS invalidation bus: message format, batching, sequence gaps, loss policy |

@@ -68,6 +68,21 @@ impl Reply {
         self
     }
 
+    /// Plain text: a verbatim string of format `txt` in RESP3, as Redis
+    /// answers `CLIENT LIST` or `INFO`; a bulk string in RESP2.
+    pub fn text(&mut self, text: &[u8]) -> &mut Self {
+        match self.proto {
+            Protocol::Resp2 => self.bulk(text),
+            Protocol::Resp3 => {
+                self.line(b'=', itoa(text.len() as i64 + 4).as_bytes());
+                self.buf.put_slice(b"txt:");
+                self.buf.put_slice(text);
+                self.buf.put_slice(b"\r\n");
+                self
+            }
+        }
+    }
+
     /// Integer.
     pub fn int(&mut self, n: i64) -> &mut Self {
         self.line(b':', itoa(n).as_bytes())
@@ -129,5 +144,15 @@ mod tests {
         let mut r3 = Reply::new(Protocol::Resp3);
         r3.map(1).bulk(b"k").null();
         assert_eq!(&r3.finish()[..], b"%1\r\n$1\r\nk\r\n_\r\n");
+    }
+
+    #[test]
+    fn text_is_verbatim_in_resp3_only() {
+        let mut r2 = Reply::new(Protocol::Resp2);
+        r2.text(b"a=1\n");
+        assert_eq!(&r2.finish()[..], b"$4\r\na=1\n\r\n");
+        let mut r3 = Reply::new(Protocol::Resp3);
+        r3.text(b"a=1\n");
+        assert_eq!(&r3.finish()[..], b"=8\r\ntxt:a=1\n\r\n");
     }
 }

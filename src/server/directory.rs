@@ -1,6 +1,6 @@
 //! Nearcache's clients, for the commands that name another client: `CLIENT
-//! KILL` closes nearcache's clients (not the upstream connections they
-//! share), and `CLIENT TRACKING on REDIRECT <id>` and `CLIENT UNBLOCK <id>`
+//! LIST` shows nearcache's clients and `CLIENT KILL` closes them (not the
+//! upstream connections they share), and `CLIENT TRACKING on REDIRECT <id>` and `CLIENT UNBLOCK <id>`
 //! take the id a client got from `CLIENT ID`, which is nearcache's; Redis
 //! knows that client only by the Redis id of the dedicated connection it is
 //! pinned to (a subscriber to `__redis__:invalidate` always is) or blocked
@@ -8,8 +8,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -17,14 +18,27 @@ use tokio::sync::oneshot;
 use crate::protocol::parser::parse_i64;
 
 /// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
-/// id → Redis id; and every session, by id, for `CLIENT KILL`.
-#[derive(Debug, Default)]
+/// id → Redis id; and every session, by id, for `CLIENT KILL` and `CLIENT
+/// LIST`.
+#[derive(Debug)]
 pub struct Directory {
     pinned: Mutex<HashMap<u64, u64>>,
     sessions: Mutex<HashMap<u64, Client>>,
+    /// Zero of the sessions' activity clock ([`Enrollment::touch`]).
+    epoch: Instant,
 }
 
-/// What `CLIENT KILL`'s filters look at in a running session.
+impl Default for Directory {
+    fn default() -> Self {
+        Self {
+            pinned: Mutex::default(),
+            sessions: Mutex::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// A running session, as the commands that name other clients see it.
 #[derive(Debug)]
 struct Client {
     /// Signals the session to close.
@@ -35,8 +49,74 @@ struct Client {
     addr: SocketAddr,
     /// Nearcache's end of the connection.
     laddr: SocketAddr,
+    /// Nearcache's descriptor for the connection.
+    fd: i64,
+    /// When the client connected.
+    since: Instant,
+    /// What the session publishes about itself.
+    shown: Arc<Shown>,
+}
+
+/// What a session publishes about itself, read by other clients' `CLIENT
+/// LIST` and `CLIENT KILL` whenever they run.
+#[derive(Debug, Default)]
+struct Shown {
     /// Subscribed (Redis's `pubsub` client type).
-    pubsub: Arc<AtomicBool>,
+    pubsub: AtomicBool,
+    /// When it last ran commands: milliseconds since the directory's epoch.
+    active_ms: AtomicU64,
+    /// The rest, which changes only with a few commands.
+    profile: Mutex<Profile>,
+}
+
+/// A session's state as `CLIENT LIST` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    /// `CLIENT SETNAME`'s name.
+    pub name: Option<Bytes>,
+    /// The selected database.
+    pub db: u32,
+    /// The protocol version (2 or 3).
+    pub resp: i64,
+    /// `CLIENT NO-EVICT on`.
+    pub no_evict: bool,
+    /// The last command run (`NULL` before the first, as Redis writes it).
+    pub cmd: &'static str,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            name: None,
+            db: 0,
+            resp: 2,
+            no_evict: false,
+            cmd: "NULL",
+        }
+    }
+}
+
+/// A client as [`Directory::clients`] found it.
+#[derive(Debug, Clone)]
+pub struct ClientView {
+    /// Nearcache's id (`CLIENT ID`).
+    pub id: u64,
+    /// The client's end of the connection.
+    pub addr: SocketAddr,
+    /// Nearcache's end.
+    pub laddr: SocketAddr,
+    /// Nearcache's descriptor for the connection.
+    pub fd: i64,
+    /// Time since the client connected.
+    pub age: Duration,
+    /// Time since it last ran commands.
+    pub idle: Duration,
+    /// Subscribed since it started or last reset.
+    pub pubsub: bool,
+    /// Redis's id for the dedicated connection it is pinned to, if any.
+    pub redis_id: Option<u64>,
+    /// The rest of its state.
+    pub profile: Profile,
 }
 
 /// A session's place in the [`Directory`] for as long as it runs.
@@ -44,21 +124,37 @@ struct Client {
 pub struct Enrollment {
     directory: Arc<Directory>,
     session: u64,
-    pubsub: Arc<AtomicBool>,
+    shown: Arc<Shown>,
 }
 
 impl Enrollment {
     /// Marks the session as subscribed (from its first SUBSCRIBE, PSUBSCRIBE
     /// or SSUBSCRIBE until RESET), or not.
     pub fn set_pubsub(&self, on: bool) {
-        self.pubsub.store(on, Relaxed);
+        self.shown.pubsub.store(on, Relaxed);
     }
 
     /// Whether the session has subscribed since it started or last reset
     /// (it may have unsubscribed from everything since: only Redis's
     /// replies tell).
     pub fn pubsub(&self) -> bool {
-        self.pubsub.load(Relaxed)
+        self.shown.pubsub.load(Relaxed)
+    }
+
+    /// Records that the session ran commands just now (one clock read and
+    /// one store, per batch of commands read).
+    pub fn touch(&self) {
+        let ms = self.directory.epoch.elapsed().as_millis();
+        self.shown
+            .active_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Publishes the session's state (the caller compares first: this
+    /// takes a lock).
+    pub fn publish(&self, profile: &Profile) {
+        let mut shown = self.shown.profile.lock().unwrap_or_else(|e| e.into_inner());
+        shown.clone_from(profile);
     }
 }
 
@@ -83,6 +179,28 @@ pub enum ClientType {
     Master,
     /// A subscribed client.
     Pubsub,
+}
+
+impl ClientType {
+    /// A type by the name `TYPE` takes, with Redis's error for others.
+    pub fn parse(name: &[u8]) -> Result<ClientType, String> {
+        [
+            ("normal", ClientType::Normal),
+            ("slave", ClientType::Replica),
+            ("replica", ClientType::Replica),
+            ("master", ClientType::Master),
+            ("pubsub", ClientType::Pubsub),
+        ]
+        .into_iter()
+        .find(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+        .map(|(_, kind)| kind)
+        .ok_or_else(|| {
+            format!(
+                "ERR Unknown client type '{}'",
+                String::from_utf8_lossy(name)
+            )
+        })
+    }
 }
 
 /// The filters of one `CLIENT KILL`, all of which a client must match.
@@ -122,17 +240,25 @@ impl Directory {
     }
 
     /// Enrolls a running session, connected from `addr` to nearcache's
-    /// `laddr`, until the enrollment is dropped; the receiver answers `Ok`
-    /// once another client kills it. (A oneshot: the session polls it on
-    /// every turn of its loop, and polling one takes no lock.)
+    /// `laddr` (descriptor `fd`), until the enrollment is dropped; the
+    /// receiver answers `Ok` once another client kills it. (A oneshot: the
+    /// session polls it on every turn of its loop, and polling one takes no
+    /// lock.)
     pub fn enroll(
         self: &Arc<Self>,
         session: u64,
         addr: SocketAddr,
         laddr: SocketAddr,
+        fd: i64,
     ) -> (Enrollment, oneshot::Receiver<()>) {
         let (kill, killed) = oneshot::channel();
-        let pubsub = Arc::new(AtomicBool::new(false));
+        let shown = Arc::new(Shown::default());
+        let enrollment = Enrollment {
+            directory: self.clone(),
+            session,
+            shown: shown.clone(),
+        };
+        enrollment.touch();
         self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -143,15 +269,59 @@ impl Directory {
                     told: false,
                     addr,
                     laddr,
-                    pubsub: pubsub.clone(),
+                    fd,
+                    since: Instant::now(),
+                    shown,
                 },
             );
-        let enrollment = Enrollment {
-            directory: self.clone(),
-            session,
-            pubsub,
-        };
         (enrollment, killed)
+    }
+
+    /// Every running session (the ones a kill has told to close aside, as
+    /// Redis no longer lists a client it has freed), by ascending id.
+    pub fn clients(&self) -> Vec<ClientView> {
+        let now = self.epoch.elapsed();
+        let mut views: Vec<ClientView> = {
+            let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            sessions
+                .iter()
+                .filter(|(_, c)| !c.told)
+                .map(|(&id, c)| {
+                    let active = Duration::from_millis(c.shown.active_ms.load(Relaxed));
+                    ClientView {
+                        id,
+                        addr: c.addr,
+                        laddr: c.laddr,
+                        fd: c.fd,
+                        age: c.since.elapsed(),
+                        idle: now.saturating_sub(active),
+                        pubsub: c.shown.pubsub.load(Relaxed),
+                        redis_id: None,
+                        profile: c
+                            .shown
+                            .profile
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone(),
+                    }
+                })
+                .collect()
+        };
+        let pinned = self.lock();
+        for view in &mut views {
+            view.redis_id = pinned.get(&view.id).copied();
+        }
+        drop(pinned);
+        views.sort_unstable_by_key(|v| v.id);
+        views
+    }
+
+    /// Nearcache's id for the session pinned to Redis's connection
+    /// `redis_id`, if one is (for `CLIENT LIST`'s `redir=`).
+    pub fn session_of(&self, redis_id: u64) -> Option<u64> {
+        self.lock()
+            .iter()
+            .find_map(|(&session, &r)| (r == redis_id).then_some(session))
     }
 
     /// Tells every session `filter` matches to close, `caller` aside (it
@@ -229,19 +399,7 @@ impl KillFilter {
                     _ => return Err("ERR client-id should be greater than 0".into()),
                 };
             } else if is("type") {
-                let kind = [
-                    ("normal", ClientType::Normal),
-                    ("slave", ClientType::Replica),
-                    ("replica", ClientType::Replica),
-                    ("master", ClientType::Master),
-                    ("pubsub", ClientType::Pubsub),
-                ]
-                .into_iter()
-                .find(|(n, _)| value.eq_ignore_ascii_case(n.as_bytes()));
-                match kind {
-                    Some((_, kind)) => filter.kind = Some(kind),
-                    None => return Err(format!("ERR Unknown client type '{}'", text())),
-                }
+                filter.kind = Some(ClientType::parse(value)?);
             } else if is("addr") {
                 filter.addr = Some(value.to_vec());
             } else if is("laddr") {
@@ -266,7 +424,7 @@ impl KillFilter {
     }
 
     fn matches(&self, id: u64, client: &Client) -> bool {
-        let kind = if client.pubsub.load(Relaxed) {
+        let kind = if client.shown.pubsub.load(Relaxed) {
             ClientType::Pubsub
         } else {
             ClientType::Normal
@@ -312,8 +470,8 @@ mod tests {
     #[test]
     fn a_kill_reaches_the_matching_sessions_once() {
         let d = Arc::new(Directory::default());
-        let (e3, mut killed3) = d.enroll(3, addr(1003), addr(6380));
-        let (e4, mut killed4) = d.enroll(4, addr(1004), addr(6380));
+        let (e3, mut killed3) = d.enroll(3, addr(1003), addr(6380), 8);
+        let (e4, mut killed4) = d.enroll(4, addr(1004), addr(6380), 9);
         e4.set_pubsub(true);
         assert_eq!(d.kill(&filter("ID 5"), 9), (0, false));
         assert_eq!(d.kill(&filter("TYPE pubsub"), 9), (1, false));
@@ -329,7 +487,7 @@ mod tests {
     #[test]
     fn the_caller_is_spared_unless_skipme_no_and_never_signalled() {
         let d = Arc::new(Directory::default());
-        let (_e, mut killed) = d.enroll(3, addr(1003), addr(6380));
+        let (_e, mut killed) = d.enroll(3, addr(1003), addr(6380), 8);
         assert_eq!(d.kill(&filter("ADDR 127.0.0.1:1003"), 3), (0, false));
         assert_eq!(
             d.kill(&filter("ADDR 127.0.0.1:1003 SKIPME no"), 3),
@@ -337,7 +495,7 @@ mod tests {
         );
         // The caller closes itself, after its reply.
         assert!(killed.try_recv().is_err());
-        let (_e4, _) = d.enroll(4, addr(1004), addr(6380));
+        let (_e4, _) = d.enroll(4, addr(1004), addr(6380), 9);
         let (f, form) =
             KillFilter::parse(&[Bytes::from_static(b"127.0.0.1:1004")]).expect("the old form");
         assert_eq!(form, KillForm::Old);
@@ -349,8 +507,8 @@ mod tests {
     #[test]
     fn a_client_already_killed_is_not_counted_again() {
         let d = Arc::new(Directory::default());
-        let (_a, _) = d.enroll(1, addr(1001), addr(6380));
-        let (_b, mut b_killed) = d.enroll(2, addr(1002), addr(6380));
+        let (_a, _) = d.enroll(1, addr(1001), addr(6380), 8);
+        let (_b, mut b_killed) = d.enroll(2, addr(1002), addr(6380), 9);
         let everyone = filter("TYPE normal SKIPME no");
         assert_eq!(d.kill(&everyone, 1), (2, true));
         assert_eq!(b_killed.try_recv(), Ok(()));

@@ -5,6 +5,7 @@
 //! bind port 0); [`Proxy::shutdown`] stops accepting, lets every session finish
 //! what it has in flight, and returns when all are done or the deadline passes.
 
+pub mod client_list;
 pub mod directory;
 pub mod outbox;
 pub mod route;

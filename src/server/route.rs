@@ -35,6 +35,10 @@ pub enum Route {
     ClientUnblock,
     /// `CLIENT KILL …`: closes the proxy's clients.
     ClientKill,
+    /// `CLIENT LIST`: the proxy's clients.
+    ClientList,
+    /// `CLIENT INFO`: the proxy's view of this client.
+    ClientInfo,
     /// `CLIENT NO-EVICT on|off`: about the client's own connection, which
     /// Redis never sees (its upstream connections are shared).
     ClientNoEvict,
@@ -141,6 +145,8 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         "client|unblock" => Route::ClientUnblock,
         "client|kill" => Route::ClientKill,
         "client|no-evict" => Route::ClientNoEvict,
+        "client|list" => Route::ClientList,
+        "client|info" => Route::ClientInfo,
         "client|reply" => match argv.get(2) {
             Some(mode) if mode.eq_ignore_ascii_case(b"on") => Route::Forward,
             _ => Route::Relay,

@@ -1453,6 +1453,132 @@ async fn replies_nearcache_makes_keep_their_place_in_a_relay() {
     assert_eq!(heard[1], heard[0], "through nearcache");
 }
 
+/// The text of a bulk or verbatim reply, as lines of `key=value` fields.
+fn client_lines(reply: &[u8]) -> Vec<Vec<(String, String)>> {
+    let text = std::str::from_utf8(reply).unwrap();
+    let (header, body) = text.split_once("\r\n").unwrap();
+    assert!(header.starts_with('$') || header.starts_with('='), "{text}");
+    let body = body.strip_suffix("\r\n").unwrap();
+    let body = body.strip_prefix("txt:").unwrap_or(body);
+    body.lines()
+        .map(|line| {
+            line.split(' ')
+                .map(|f| {
+                    let (k, v) = f.split_once('=').unwrap();
+                    (k.to_owned(), v.to_owned())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `CLIENT LIST` and `CLIENT INFO` show nearcache's clients — the ids
+/// `CLIENT ID` gives and `CLIENT KILL` takes, the addresses they connect
+/// from, their names and databases — in Redis's format; a client pinned to
+/// a dedicated connection shows Redis's state of it (flags, subscriptions,
+/// queued commands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_list_and_info_show_nearcache_clients() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let id_of = |reply: &[u8]| {
+        std::str::from_utf8(&reply[1..reply.len() - 2])
+            .unwrap()
+            .to_owned()
+    };
+    let mut a = Raw::connect(proxy.port()).await;
+    a.cmd(&["CLIENT", "SETNAME", "bot"]).await;
+    a.cmd(&["SELECT", "2"]).await;
+    let a_id = id_of(&a.cmd(&["CLIENT", "ID"]).await);
+    let info = client_lines(&a.cmd(&["CLIENT", "INFO"]).await);
+    let mut direct = Raw::connect(redis.port()).await;
+    let theirs = client_lines(&direct.cmd(&["CLIENT", "INFO"]).await);
+    let keys = |line: &[(String, String)]| line.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        keys(&info[0]),
+        keys(&theirs[0]),
+        "Redis's fields, in Redis's order"
+    );
+    let me = &info[0];
+    assert_eq!(field(me, "id"), a_id);
+    assert_eq!(field(me, "addr"), a.local_addr());
+    assert_eq!(field(me, "laddr"), format!("127.0.0.1:{}", proxy.port()));
+    assert_eq!(field(me, "name"), "bot");
+    assert_eq!(field(me, "db"), "2");
+    assert_eq!(field(me, "flags"), "N");
+    assert_eq!(field(me, "cmd"), "client|info");
+    assert_eq!(a.cmd(&["CLIENT", "NO-EVICT", "on"]).await, b"+OK\r\n"[..]);
+
+    // A RESP3 subscriber and a client in a transaction are pinned.
+    let mut s = Raw::connect_resp3(proxy.port()).await;
+    let s_id = id_of(&s.cmd(&["CLIENT", "ID"]).await);
+    s.send_str(&["SUBSCRIBE", "x", "y"]).await;
+    s.send_str(&["PSUBSCRIBE", "p*"]).await;
+    for _ in 0..3 {
+        assert!(s.frame().await.starts_with(b">3"));
+    }
+    let mut t = Raw::connect(proxy.port()).await;
+    let t_id = id_of(&t.cmd(&["CLIENT", "ID"]).await);
+    t.cmd(&["MULTI"]).await;
+    t.cmd(&["SET", "k", "v"]).await;
+
+    let mut b = Raw::connect(proxy.port()).await;
+    let b_id = id_of(&b.cmd(&["CLIENT", "ID"]).await);
+    let all = client_lines(&b.cmd(&["CLIENT", "LIST"]).await);
+    let ids: Vec<&str> = all.iter().map(|l| field(l, "id")).collect();
+    assert_eq!(ids, [&a_id, &s_id, &t_id, &b_id], "every client, by id");
+    assert_eq!(
+        field(&all[0], "flags"),
+        "e",
+        "NO-EVICT, which Redis never sees"
+    );
+    assert_eq!(field(&all[0], "cmd"), "client|no-evict");
+    let sub = &all[1];
+    assert_eq!(field(sub, "flags"), "P");
+    assert_eq!((field(sub, "sub"), field(sub, "psub")), ("2", "1"));
+    assert_eq!(field(sub, "resp"), "3");
+    assert_eq!(field(sub, "addr"), s.local_addr());
+    assert_eq!(
+        (field(&all[2], "flags"), field(&all[2], "multi")),
+        ("x", "1")
+    );
+    assert_eq!(field(&all[3], "cmd"), "client|list");
+
+    let pubsub = client_lines(&b.cmd(&["CLIENT", "LIST", "TYPE", "pubsub"]).await);
+    assert_eq!(
+        pubsub.iter().map(|l| field(l, "id")).collect::<Vec<_>>(),
+        [&s_id]
+    );
+    let normal = client_lines(&b.cmd(&["CLIENT", "LIST", "TYPE", "normal"]).await);
+    assert_eq!(normal.len(), 3);
+    let picked = client_lines(
+        &b.cmd(&["CLIENT", "LIST", "ID", &t_id, "999999", &a_id])
+            .await,
+    );
+    let picked: Vec<&str> = picked.iter().map(|l| field(l, "id")).collect();
+    assert_eq!(picked, [&t_id, &a_id], "in the order asked");
+    // A subscriber asks too (RESP3: a verbatim string).
+    let own = s.cmd(&["CLIENT", "INFO"]).await;
+    assert!(own.starts_with(b"="), "{own:?}");
+    assert_eq!(field(&client_lines(&own)[0], "id"), s_id);
+
+    // Bad arguments get Redis's errors.
+    for args in [
+        &["CLIENT", "LIST", "TYPE", "x"][..],
+        &["CLIENT", "LIST", "ID", "1", "x"],
+        &["CLIENT", "LIST", "ID"],
+        &["CLIENT", "LIST", "TYPE", "normal", "ID", "1"],
+        &["CLIENT", "INFO", "x"],
+    ] {
+        assert_eq!(b.cmd(args).await, direct.cmd(args).await, "{args:?}");
+    }
+    // A killed client is gone from the list.
+    assert_eq!(b.cmd(&["CLIENT", "KILL", "ID", &a_id]).await, b":1\r\n"[..]);
+    a.expect_eof().await;
+    let all = client_lines(&b.cmd(&["CLIENT", "LIST"]).await);
+    assert!(all.iter().all(|l| field(l, "id") != a_id));
+}
+
 /// A RESP2 subscriber may only (un)subscribe, PING, QUIT and RESET: Redis
 /// refuses the rest, including what nearcache answers itself, until the
 /// client has unsubscribed from everything. (A refused CLIENT SETNAME or

@@ -31,7 +31,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 mod cached;
 
 use super::Context;
-use super::directory::{Enrollment, KillFilter, KillForm, Listing};
+use super::client_list::{self, ListFilter};
+use super::directory::{Enrollment, KillFilter, KillForm, Listing, Profile};
 use super::outbox::{Outbox, Slot};
 use super::route::{Route, may_block, route_spec};
 use crate::cache::Invalidation;
@@ -120,8 +121,15 @@ pub struct Session {
     positions: Vec<(usize, u16)>,
     /// An MGET's cached elements, reused (see `cached_mget`).
     mget_buf: Vec<u8>,
-    /// The session's entry in the directory, for `CLIENT KILL`.
+    /// The session's entry in the directory, for `CLIENT KILL` and `CLIENT
+    /// LIST`.
     enrollment: Enrollment,
+    /// What the directory shows of the session (as last published).
+    shown: Profile,
+    /// `CLIENT NO-EVICT on`.
+    no_evict: bool,
+    /// The last command run, by its full name.
+    last_cmd: &'static str,
     /// The client killed itself (`CLIENT KILL … SKIPME no`): close after the
     /// reply.
     closing: bool,
@@ -160,7 +168,7 @@ pub async fn serve(
     let laddr = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (enrollment, mut killed) = ctx.directory.enroll(id, peer, laddr);
+    let (enrollment, mut killed) = ctx.directory.enroll(id, peer, laddr, stream_fd(&stream));
     let mut session = Session {
         pool: ctx.default_pool.clone(),
         db: ctx.upstream.default_db(),
@@ -181,6 +189,9 @@ pub async fn serve(
         id,
         ctx: ctx.clone(),
         enrollment,
+        shown: Profile::default(),
+        no_evict: false,
+        last_cmd: Profile::default().cmd,
         closing: false,
     };
     let mut input = Input {
@@ -266,6 +277,21 @@ pub async fn serve(
         input.buf.reserve(wanted.max(4096));
     }
     let _ = stream.shutdown().await;
+}
+
+/// Nearcache's descriptor for a client's connection (`fd=` in `CLIENT
+/// LIST`; -1 where descriptors are not numbers).
+fn stream_fd(stream: &TcpStream) -> i64 {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        i64::from(stream.as_raw_fd())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = stream;
+        -1
+    }
 }
 
 /// Why complete commands were left in the input buffer.
@@ -357,6 +383,8 @@ impl Input {
         let chunk = self.buf.split_to(consumed).freeze();
         self.parser.consume(consumed);
         let flow = session.process(&chunk, &self.cmds, &self.ranges).await;
+        session.enrollment.touch();
+        session.publish_profile();
         if let Some(e) = error {
             tracing::debug!(client = session.id, error = %e, "protocol error; closing");
             session.reply(e.to_reply());
@@ -438,6 +466,7 @@ impl Session {
             return Flow::Continue;
         }
         if let Some(spec) = spec {
+            self.last_cmd = spec.name;
             self.note_write(spec);
         }
         let mut frame = frame;
@@ -492,6 +521,8 @@ impl Session {
             | Route::ClientId
             | Route::ClientKill
             | Route::ClientNoEvict
+            | Route::ClientList
+            | Route::ClientInfo
             | Route::Auth
                 if self.pin.as_ref().is_some_and(|p| p.in_multi) =>
             {
@@ -506,8 +537,10 @@ impl Session {
             | Route::ClientGetName
             | Route::ClientId
             | Route::ClientKill
-            | Route::ClientNoEvict => {
-                let r = self.local_reply(route);
+            | Route::ClientNoEvict
+            | Route::ClientList
+            | Route::ClientInfo => {
+                let r = self.local_reply(route).await;
                 self.reply(r);
                 if self.closing {
                     self.push(Slot::Close);
@@ -645,7 +678,7 @@ impl Session {
                 self.forward(chunk, frame, true).await;
             }
             Route::Refuse(_) | Route::WrongArity(_) => {
-                let r = self.local_reply(route);
+                let r = self.local_reply(route).await;
                 self.reply(r);
             }
         }
@@ -680,12 +713,14 @@ impl Session {
             | Route::ClientGetName
             | Route::ClientKill
             | Route::ClientNoEvict
+            | Route::ClientList
+            | Route::ClientInfo
             | Route::Refuse(_)
             | Route::WrongArity(_) => {
                 let r = if route == Route::ClientKill && maybe_subscribed {
                     refused()
                 } else {
-                    self.local_reply(route)
+                    self.local_reply(route).await
                 };
                 let subscribed = match route {
                     Route::WrongArity(_) => r.clone(),
@@ -1087,11 +1122,15 @@ impl Session {
         let Some(Ok(reply)) = self.out.last_replies().await else {
             return;
         };
-        let spliced = self.splice_exec(&reply, local);
+        let spliced = self.splice_exec(&reply, local).await;
         self.out.answer_last(Ok(spliced.unwrap_or(reply)));
     }
 
-    fn splice_exec(&mut self, exec: &Bytes, local: Vec<(u32, Route, Vec<Bytes>)>) -> Option<Bytes> {
+    async fn splice_exec(
+        &mut self,
+        exec: &Bytes,
+        local: Vec<(u32, Route, Vec<Bytes>)>,
+    ) -> Option<Bytes> {
         let header_end = exec.iter().position(|&b| b == b'\n')? + 1;
         if exec.first() != Some(&b'*') {
             return None;
@@ -1116,7 +1155,7 @@ impl Session {
             }
             next = upto;
             self.argv = argv;
-            let r = self.local_reply(route);
+            let r = self.local_reply(route).await;
             out.extend_from_slice(&r);
         }
         self.argv = saved;
@@ -1324,7 +1363,7 @@ impl Session {
 
     /// The reply to a command nearcache answers itself, from the session's
     /// state (the command is in `argv`).
-    fn local_reply(&mut self, route: Route) -> Bytes {
+    async fn local_reply(&mut self, route: Route) -> Bytes {
         match route {
             Route::Auth => self.auth(),
             Route::ClientSetName => self.set_name(),
@@ -1342,10 +1381,14 @@ impl Session {
                 r.finish()
             }
             Route::ClientKill => self.client_kill(),
+            Route::ClientList => self.client_list(false).await,
+            Route::ClientInfo => self.client_list(true).await,
             // Redis never evicts a client of nearcache: there is nothing to
             // protect, and the shared connection must not carry the flag.
+            // (Shown as the `e` flag in CLIENT LIST, as Redis shows it.)
             Route::ClientNoEvict => match self.argv.get(2) {
                 Some(v) if v.eq_ignore_ascii_case(b"on") || v.eq_ignore_ascii_case(b"off") => {
+                    self.no_evict = v.eq_ignore_ascii_case(b"on");
                     Bytes::from_static(OK)
                 }
                 _ => reply::error("ERR syntax error"),
@@ -1379,6 +1422,83 @@ impl Session {
         }
     }
 
+    /// `CLIENT LIST` (or `CLIENT INFO`, the caller's line alone): nearcache's
+    /// clients, with Redis's state of the dedicated connections some are
+    /// pinned to (see `client_list.rs`).
+    async fn client_list(&mut self, info: bool) -> Bytes {
+        let filter = if info {
+            ListFilter::Ids(vec![self.id as i64])
+        } else {
+            match ListFilter::parse(self.argv.get(2..).unwrap_or_default()) {
+                Ok(filter) => filter,
+                Err(e) => return reply::error(&e),
+            }
+        };
+        // Earlier commands of this batch may have changed what it shows.
+        self.publish_profile();
+        let directory = self.ctx.directory.clone();
+        let clients = directory.clients();
+        let picked = filter.select(&clients);
+        let pinned: Vec<u64> = picked.iter().filter_map(|c| c.redis_id).collect();
+        let theirs = if pinned.is_empty() {
+            None
+        } else {
+            self.redis_client_list(&pinned).await
+        };
+        let redis = theirs
+            .as_deref()
+            .and_then(client_list::text_of)
+            .map(client_list::redis_lines)
+            .unwrap_or_default();
+        // (Queued in a transaction, the command running is EXEC.)
+        let caller = client_list::Caller {
+            id: self.id,
+            cmd: self.last_cmd,
+        };
+        let text = client_list::render(&picked, &filter, &redis, caller, |r| {
+            directory.session_of(r)
+        });
+        let mut r = Reply::new(self.proto);
+        r.text(text.as_bytes());
+        r.finish()
+    }
+
+    /// Redis's `CLIENT LIST ID …` reply for the connections `ids`, over a
+    /// shared connection; None if Redis cannot say (the lines then show
+    /// what nearcache knows).
+    async fn redis_client_list(&self, ids: &[u64]) -> Option<Bytes> {
+        let mut argv = vec![
+            Bytes::from_static(b"CLIENT"),
+            Bytes::from_static(b"LIST"),
+            Bytes::from_static(b"ID"),
+        ];
+        argv.extend(ids.iter().map(|id| Bytes::from(id.to_string())));
+        let conn = self.pool.shared().await.ok()?;
+        let (op, rx) = Op::request(encode_command(&argv), 1, false);
+        conn.send(op).ok()?;
+        rx.await.ok()?.ok()
+    }
+
+    /// Publishes what `CLIENT LIST` shows of this session, if it changed.
+    fn publish_profile(&mut self) {
+        let shown = &self.shown;
+        let changed = shown.db != self.db
+            || shown.resp != self.proto.version()
+            || shown.no_evict != self.no_evict
+            || !std::ptr::eq(shown.cmd, self.last_cmd)
+            || shown.name != self.name;
+        if changed {
+            self.shown = Profile {
+                name: self.name.clone(),
+                db: self.db,
+                resp: self.proto.version(),
+                no_evict: self.no_evict,
+                cmd: self.last_cmd,
+            };
+            self.enrollment.publish(&self.shown);
+        }
+    }
+
     fn set_name(&mut self) -> Bytes {
         let Some(name) = self.argv.get(2) else {
             return reply::error("ERR wrong number of arguments for 'client|setname' command");
@@ -1406,6 +1526,7 @@ impl Session {
 
     async fn reset_state(&mut self) {
         self.enrollment.set_pubsub(false);
+        self.no_evict = false;
         self.name = None;
         self.authed = self.ctx.cfg.server.password.is_none();
         self.pool = self.ctx.default_pool.clone();
