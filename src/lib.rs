@@ -22,7 +22,9 @@
 //! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
 //!
 //! The request path reads top to bottom in [`server::session`]; its cache
-//! phases (lookup, fetch and fill, write invalidation) are in `session/cached.rs`.
+//! phases (lookup, fetch and fill, write invalidation) are in
+//! `session/cached.rs`, what it answers itself in `session/local.rs`, and
+//! pinning to dedicated connections in `session/pinned.rs`.
 
 #![forbid(unsafe_code)]
 
