@@ -21,7 +21,7 @@
 //! - **Hits skip moka.** moka owns weight, expiry and eviction, but its read
 //!   bookkeeping (epoch pinning, access log, deque moves) costs ~0.5 µs a
 //!   lookup — more than the rest of a pipelined hit. Live entries are also in
-//!   a sharded read [`Index`]; a hit is one read-locked hash lookup there.
+//!   a sharded read `Index` (`index.rs`); a hit is one read-locked hash lookup there.
 //!   Every path that removes from moka (invalidation, flush, eviction,
 //!   expiry) removes from the index too, and fills go to both.
 
