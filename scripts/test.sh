@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one entry point for checks; developers and CI (.ci/run) both run it.
 # Installs what the tests need on Debian when missing (Debian packages,
-# redis-py, ioredis), then: rustfmt check,
-# clippy with warnings as errors, and every test (unit, integration against
+# redis-py, ioredis), then: rustfmt check, clippy and rustdoc with warnings
+# as errors, and every test (unit, integration against
 # real redis-server/nats-server processes, end-to-end with the built binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +33,7 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+echo "== cargo doc (broken or private links are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 echo "== cargo test"
 cargo test --quiet
