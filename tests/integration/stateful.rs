@@ -435,6 +435,10 @@ async fn client_tracking_redirect_names_a_client_by_its_proxy_id() {
     let mut invalidate = format!("*3\r\n{}{}", bulk("message"), bulk("__redis__:invalidate"));
     invalidate.push_str(&format!("*1\r\n{}", bulk("rk")));
     assert_eq!(listener.frame().await, invalidate.as_bytes()[..]);
+    // CLIENT LIST names the redirect by nearcache's id too.
+    let mine = client_lines(&tracked.cmd(&["CLIENT", "INFO"]).await);
+    assert_eq!(field(&mine[0], "redir"), id);
+    assert!(field(&mine[0], "flags").contains('t'), "{mine:?}");
 }
 
 // ---------------------------------------------------------------- blocking
