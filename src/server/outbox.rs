@@ -37,6 +37,10 @@ pub enum Slot {
     },
     /// Every frame from a relaying connection, until it ends.
     Relay(mpsc::Receiver<Bytes>),
+    /// From here on, drop replies (`CLIENT REPLY OFF`, or the command after
+    /// `SKIP`) or write them again. Muted replies still count as answers:
+    /// their writes' keys are invalidated and published as usual.
+    Mute(bool),
     /// Close the connection once everything before is written.
     Close,
 }
@@ -50,6 +54,8 @@ pub struct Outbox {
     slots: VecDeque<Slot>,
     /// Replies the queued slots stand for (a run counts each of its commands).
     replies: usize,
+    /// Replies are dropped, not written (as of the head of the queue).
+    muted: bool,
     /// Bytes ready for the next write.
     pub buf: BytesMut,
 }
@@ -63,6 +69,7 @@ impl Outbox {
             bus,
             scratch: Vec::new(),
             replies: 0,
+            muted: false,
             slots: VecDeque::with_capacity(16),
             buf: BytesMut::with_capacity(16 * 1024),
         }
@@ -71,6 +78,10 @@ impl Outbox {
     /// Queues a slot after every other.
     #[inline]
     pub fn push(&mut self, slot: Slot) {
+        if let (Slot::Mute(on), true) = (&slot, self.slots.is_empty()) {
+            self.muted = *on;
+            return;
+        }
         self.replies += weight(&slot);
         self.slots.push_back(slot);
     }
@@ -80,7 +91,9 @@ impl Outbox {
     #[inline]
     pub fn put(&mut self, reply: &[u8]) {
         if self.slots.is_empty() {
-            self.buf.extend_from_slice(reply);
+            if !self.muted {
+                self.buf.extend_from_slice(reply);
+            }
         } else {
             self.push(Slot::Ready(Bytes::copy_from_slice(reply)));
         }
@@ -90,9 +103,19 @@ impl Outbox {
     #[inline]
     pub fn put_bytes(&mut self, reply: Bytes) {
         if self.slots.is_empty() {
-            self.buf.extend_from_slice(&reply);
+            if !self.muted {
+                self.buf.extend_from_slice(&reply);
+            }
         } else {
             self.push(Slot::Ready(reply));
+        }
+    }
+
+    /// Appends to the write buffer unless muted.
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        if !self.muted {
+            self.buf.extend_from_slice(bytes);
         }
     }
 
@@ -184,7 +207,13 @@ impl Outbox {
         while let Some(head) = self.slots.front_mut() {
             match head {
                 Slot::Ready(bytes) => {
-                    self.buf.extend_from_slice(bytes);
+                    if !self.muted {
+                        self.buf.extend_from_slice(bytes);
+                    }
+                    self.pop();
+                }
+                Slot::Mute(on) => {
+                    self.muted = *on;
                     self.pop();
                 }
                 Slot::Upstream { rx, .. } => {
@@ -196,7 +225,7 @@ impl Outbox {
                     self.answered(replies);
                 }
                 Slot::Relay(rx) => match rx.try_recv() {
-                    Ok(frame) => self.buf.extend_from_slice(&frame),
+                    Ok(frame) => self.write(&frame),
                     Err(TryRecvError::Empty) => return false,
                     Err(TryRecvError::Disconnected) => {
                         self.pop();
@@ -213,13 +242,13 @@ impl Outbox {
     pub async fn ready(&mut self) {
         match self.slots.front_mut() {
             None => std::future::pending().await,
-            Some(Slot::Ready(_) | Slot::Close) => {}
+            Some(Slot::Ready(_) | Slot::Mute(_) | Slot::Close) => {}
             Some(Slot::Upstream { rx, .. }) => {
                 let replies = rx.await.unwrap_or_else(|_| Err(lost()));
                 self.answered(replies);
             }
             Some(Slot::Relay(rx)) => match rx.recv().await {
-                Some(frame) => self.buf.extend_from_slice(&frame),
+                Some(frame) => self.write(&frame),
                 None => {
                     self.pop();
                 }
@@ -248,6 +277,9 @@ impl Outbox {
 
     /// Appends a run's replies; a failure still yields one reply per command.
     fn append(&mut self, replies: Replies, count: u32) {
+        if self.muted {
+            return;
+        }
         match replies {
             Ok(frames) => self.buf.extend_from_slice(&frames),
             Err(failed) => {
@@ -264,7 +296,7 @@ fn weight(slot: &Slot) -> usize {
     match slot {
         Slot::Ready(_) => 1,
         Slot::Upstream { count, .. } => *count as usize,
-        Slot::Relay(_) | Slot::Close => 0,
+        Slot::Relay(_) | Slot::Mute(_) | Slot::Close => 0,
     }
 }
 
@@ -311,6 +343,34 @@ mod tests {
         assert!(!out.collect());
         assert_eq!(&out.buf[..], b"+A\r\n+B\r\n+C\r\n");
         assert!(out.is_empty());
+    }
+
+    /// `Mute` takes effect where it stands in the queue: replies before it
+    /// are written even if they arrive after it was queued.
+    #[tokio::test]
+    async fn muting_applies_in_queue_order() {
+        let mut out = Outbox::new(None, None);
+        let (tx, rx) = oneshot::channel();
+        out.push(Slot::Upstream {
+            rx,
+            count: 1,
+            blocking: false,
+            inv: Invalidation::default(),
+        });
+        out.push(Slot::Mute(true));
+        out.put(b"+dropped\r\n");
+        out.push(Slot::Mute(false));
+        out.put(b"+kept\r\n");
+        tx.send(Ok(Bytes::from_static(b"+first\r\n"))).unwrap();
+        assert!(!out.collect());
+        assert_eq!(&out.buf[..], b"+first\r\n+kept\r\n");
+        // With nothing queued, muting is immediate.
+        out.buf.clear();
+        out.push(Slot::Mute(true));
+        out.put(b"+dropped\r\n");
+        out.put_bytes(Bytes::from_static(b"+dropped\r\n"));
+        assert!(out.buf.is_empty());
+        assert_eq!(out.pending_replies(), 0);
     }
 
     #[tokio::test]

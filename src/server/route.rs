@@ -35,6 +35,9 @@ pub enum Route {
     ClientUnblock,
     /// `CLIENT KILL …`: closes the proxy's clients.
     ClientKill,
+    /// `CLIENT REPLY ON|OFF|SKIP`: the proxy drops the client's replies
+    /// (Redis still answers it, so writes are acknowledged as usual).
+    ClientReply,
     /// `CLIENT LIST`: the proxy's clients.
     ClientList,
     /// `CLIENT INFO`: the proxy's view of this client.
@@ -56,8 +59,8 @@ pub enum Route {
     /// for the writes of the connection it runs on, so it needs more care.
     Wait,
     /// Commands after which replies stop pairing with commands (pub/sub,
-    /// MONITOR, CLIENT REPLY OFF|SKIP, CLIENT TRACKING): the client gets a
-    /// dedicated connection whose every frame is relayed.
+    /// MONITOR, CLIENT TRACKING): the client gets a dedicated connection
+    /// whose every frame is relayed.
     Relay,
     /// Not possible through a proxy; the text is the error reply.
     Refuse(&'static str),
@@ -147,10 +150,7 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         "client|no-evict" => Route::ClientNoEvict,
         "client|list" => Route::ClientList,
         "client|info" => Route::ClientInfo,
-        "client|reply" => match argv.get(2) {
-            Some(mode) if mode.eq_ignore_ascii_case(b"on") => Route::Forward,
-            _ => Route::Relay,
-        },
+        "client|reply" => Route::ClientReply,
         "client|tracking" => match argv.get(2) {
             Some(mode) if mode.eq_ignore_ascii_case(b"off") => Route::Forward,
             _ => Route::Relay,
@@ -215,8 +215,7 @@ mod tests {
         assert_eq!(r(&["waitaof", "1", "0", "100"]), Route::Wait);
         assert_eq!(r(&["SUBSCRIBE", "ch"]), Route::Relay);
         assert_eq!(r(&["MONITOR"]), Route::Relay);
-        assert_eq!(r(&["CLIENT", "REPLY", "OFF"]), Route::Relay);
-        assert_eq!(r(&["CLIENT", "REPLY", "ON"]), Route::Forward);
+        assert_eq!(r(&["CLIENT", "REPLY", "OFF"]), Route::ClientReply);
         assert_eq!(r(&["CLIENT", "SETNAME", "x"]), Route::ClientSetName);
         assert_eq!(r(&["client", "unblock", "7"]), Route::ClientUnblock);
         assert_eq!(r(&["CLIENT", "NO-EVICT", "on"]), Route::ClientNoEvict);

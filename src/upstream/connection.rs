@@ -96,6 +96,11 @@ pub enum Op {
     /// Relay mode only: hand `bytes` to the client at once, then stop
     /// relaying (the client is closing: `CLIENT KILL` of itself).
     InjectLast(Bytes),
+    /// Relay mode only: run `then` once Redis has run every command written
+    /// before this (a relayed client's writes: its replies are not paired
+    /// with commands, so nothing else says when they took effect). Sends a
+    /// `PING <marker>` whose answer the client never sees.
+    Ack(OnAnswer),
     /// Once every earlier request is answered, return this connection to its
     /// pool's idle list (dedicated connections only). Carries a sender so the
     /// connection stays open until then.
@@ -243,47 +248,79 @@ enum Pending {
 /// Stand-ins kept per relay (see [`Op::Inject`]).
 const MAX_STAND_INS: usize = 65_536;
 
-/// A reply the proxy made, relayed in place of Redis's answer to a
-/// `PING <marker>` (see [`Op::Inject`]).
+/// A callback for [`Op::Ack`]: runs once, when Redis answers the marker, or
+/// when it is dropped unanswered (the connection went away, or the answer
+/// was silenced by `CLIENT REPLY`) — the commands before it may have run.
+pub struct OnAnswer(Option<Box<dyn FnOnce() + Send>>);
+
+impl OnAnswer {
+    /// Wraps `then`.
+    pub fn new(then: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(then)))
+    }
+}
+
+impl Drop for OnAnswer {
+    fn drop(&mut self) {
+        if let Some(then) = self.0.take() {
+            then();
+        }
+    }
+}
+
+impl std::fmt::Debug for OnAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnAnswer")
+    }
+}
+
+/// A `PING <marker>` sent in a relay, and what to do with its answer (see
+/// [`Op::Inject`], [`Op::Ack`]).
 #[derive(Debug)]
 struct StandIn {
     /// The answer: a bulk string, or in RESP2 subscribed mode `pong` and the
     /// bulk string in an array of two.
     bulk: Bytes,
     pubsub: Bytes,
-    reply: Bytes,
-    subscribed: Bytes,
+    then: Then,
+}
+
+#[derive(Debug)]
+enum Then {
+    /// Relay `reply` in the answer's place (`subscribed` for the RESP2
+    /// subscribed form).
+    Reply { reply: Bytes, subscribed: Bytes },
+    /// Relay nothing; run the callback.
+    Ack(OnAnswer),
 }
 
 impl StandIn {
-    /// Stands in `reply` (or `subscribed`) for `PING <marker>`, returned as
-    /// the command to send.
-    fn new(marker: &[u8], reply: Bytes, subscribed: Bytes) -> (StandIn, Bytes) {
+    /// A stand-in for the next marker, and the `PING` to send for it.
+    fn new(then: Then) -> (StandIn, Bytes) {
+        static MARKER: AtomicU64 = AtomicU64::new(0);
+        let n = MARKER.fetch_add(1, Ordering::Relaxed);
+        let marker = format!("__nearcache:reply:{n}");
+        let marker = marker.as_bytes();
         let bulk =
             Bytes::from([format!("${}\r\n", marker.len()).as_bytes(), marker, b"\r\n"].concat());
         let pubsub = Bytes::from([&b"*2\r\n$4\r\npong\r\n"[..], &bulk].concat());
         let ping = encode_command(&[&b"PING"[..], marker]);
-        (
-            StandIn {
-                bulk,
-                pubsub,
-                reply,
-                subscribed,
-            },
-            ping,
-        )
+        (StandIn { bulk, pubsub, then }, ping)
     }
 
     fn answers(&self, frame: &[u8]) -> bool {
         frame == &self.bulk[..] || frame == &self.pubsub[..]
     }
 
-    /// What to relay for `frame`, the PING's answer.
-    fn into_reply(self, frame: &[u8]) -> Bytes {
-        if frame == &self.pubsub[..] {
-            self.subscribed
-        } else {
-            self.reply
+    /// What to relay for `frame`, the PING's answer, if anything.
+    fn into_reply(self, frame: &[u8]) -> Option<Bytes> {
+        match self.then {
+            Then::Reply { subscribed, .. } if frame == &self.pubsub[..] => Some(subscribed),
+            Then::Reply { reply, .. } => Some(reply),
+            Then::Ack(then) => {
+                drop(then);
+                None
+            }
         }
     }
 }
@@ -442,22 +479,9 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
         Op::Write { frames } => wbuf.extend_from_slice(&frames),
         Op::Release(conn) => pending.push_back(Pending::Release(conn)),
         Op::Inject { reply, subscribed } => {
-            if let Some(Pending::Relay { stand_ins, .. }) = pending.back_mut() {
-                static MARKER: AtomicU64 = AtomicU64::new(0);
-                let n = MARKER.fetch_add(1, Ordering::Relaxed);
-                let marker = format!("__nearcache:reply:{n}");
-                let (stand_in, ping) = StandIn::new(marker.as_bytes(), reply, subscribed);
-                // Under CLIENT REPLY OFF no answer ever comes to drop them:
-                // a bound on memory (a client with more of nearcache's own
-                // replies than this in flight at once on one relay would get
-                // the oldest as Redis's answer to its PING).
-                if stand_ins.len() == MAX_STAND_INS {
-                    stand_ins.pop_front();
-                }
-                stand_ins.push_back(stand_in);
-                wbuf.extend_from_slice(&ping);
-            }
+            stand_in(pending, wbuf, Then::Reply { reply, subscribed });
         }
+        Op::Ack(then) => stand_in(pending, wbuf, Then::Ack(then)),
         Op::InjectLast(bytes) => {
             if let Some(Pending::Relay { tx, .. }) = pending.back() {
                 let _ = tx.send(bytes).await;
@@ -468,6 +492,23 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
                 pending.pop_back();
             }
         }
+    }
+}
+
+/// Queues a stand-in on the relay (the last pending entry) and writes its
+/// PING; without a relay, `then` is dropped (an ack runs at once).
+fn stand_in(pending: &mut VecDeque<Pending>, wbuf: &mut BytesMut, then: Then) {
+    if let Some(Pending::Relay { stand_ins, .. }) = pending.back_mut() {
+        let (stand_in, ping) = StandIn::new(then);
+        // Under CLIENT REPLY OFF no answer ever comes to drop them: a bound
+        // on memory (a client with more of nearcache's own replies than this
+        // in flight at once on one relay would get the oldest as Redis's
+        // answer to its PING; an ack dropped so runs early).
+        if stand_ins.len() == MAX_STAND_INS {
+            stand_ins.pop_front();
+        }
+        stand_ins.push_back(stand_in);
+        wbuf.extend_from_slice(&ping);
     }
 }
 
@@ -502,14 +543,17 @@ async fn deliver(
                         stand_ins.drain(..at);
                         match stand_ins.pop_front() {
                             Some(s) => s.into_reply(&frame),
-                            None => frame,
+                            None => Some(frame),
                         }
                     }
-                    None => frame,
+                    None => Some(frame),
                 };
-                if tx.send(frame).await.is_err() {
-                    // The client is gone; so is the point of this connection.
-                    return Err(UpstreamError::ConnectionLost);
+                if let Some(frame) = frame {
+                    if tx.send(frame).await.is_err() {
+                        // The client is gone; so is the point of this
+                        // connection.
+                        return Err(UpstreamError::ConnectionLost);
+                    }
                 }
             }
             if reset {

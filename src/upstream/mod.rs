@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub use connection::{Conn, Op, Replies, ReplyTx};
+pub use connection::{Conn, OnAnswer, Op, Replies, ReplyTx};
 pub use pool::{Pool, PoolKey, Upstream};
 
 /// Why an upstream request failed. Each kind becomes an `-ERR upstream …`

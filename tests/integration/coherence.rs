@@ -20,6 +20,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value};
 use tokio::time::Instant;
 
+use crate::compat::Raw;
 use crate::support::{NatsServer, RedisServer, TcpRelay, TestProxy, config_for, tls_certificates};
 
 /// How long a bounded poll may wait for a proxy (or the bus) to reach a state.
@@ -465,6 +466,111 @@ async fn a_script_that_selects_another_database_evicts_its_keys_there_everywhere
         0,
         "the script's key, not everything, was dropped on B"
     );
+}
+
+/// Guards relayed writes (`Session::handle_relaying`, the acknowledging
+/// stand-in) and local `CLIENT REPLY`: a client whose replies are relayed
+/// rather than paired (a RESP3 client with `CLIENT TRACKING on`, a RESP3
+/// subscriber) or muted (`CLIENT REPLY OFF`, the fire-and-forget writer)
+/// still gets its writes published: each evicts the key on the peer within
+/// the bound, counted from when Redis has the new value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_from_relayed_and_muted_clients_evict_on_peers() {
+    let mut c = Cluster::start(2).await;
+    for k in ["t:tracked", "t:subscriber", "t:muted"] {
+        set_direct(&c.redis, k, "old");
+        assert_eq!(cache_it(&mut c.conns[1], &c.redis, k).await, "old");
+    }
+    let a = c.proxies[0].port();
+    let mut tracking = Raw::connect_resp3(a).await;
+    assert_eq!(
+        tracking.cmd(&["CLIENT", "TRACKING", "on"]).await,
+        b"+OK\r\n"[..]
+    );
+    let mut subscriber = Raw::connect_resp3(a).await;
+    assert!(
+        subscriber
+            .cmd(&["SUBSCRIBE", "ch"])
+            .await
+            .starts_with(b">3")
+    );
+    let mut muted = Raw::connect(a).await;
+    muted.send_str(&["CLIENT", "REPLY", "OFF"]).await;
+
+    for (client, key) in [
+        (&mut tracking, "t:tracked"),
+        (&mut subscriber, "t:subscriber"),
+        (&mut muted, "t:muted"),
+    ] {
+        client.send_str(&["SET", key, "new"]).await;
+        let start = Instant::now();
+        while get_direct(&c.redis, key).as_deref() != Some("new") {
+            assert!(start.elapsed() < POLL_LIMIT, "{key} never reached Redis");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let seen = until_served(&mut c.conns[1], key, "new", "B, after a relayed write").await;
+        assert!(
+            seen <= STALENESS_BOUND,
+            "B served the old {key} for {seen:?} after Redis had the new value \
+             (bound: {STALENESS_BOUND:?})"
+        );
+    }
+    // The relayed clients got Redis's replies and nothing else (the
+    // acknowledgement is not theirs to see); the muted one, nothing.
+    for client in [&mut tracking, &mut subscriber] {
+        assert_eq!(client.frame().await, b"+OK\r\n"[..], "SET's reply");
+        assert_eq!(client.cmd(&["PING", "last"]).await, b"$4\r\nlast\r\n"[..]);
+    }
+    assert_eq!(muted.cmd(&["CLIENT", "REPLY", "ON"]).await, b"+OK\r\n"[..]);
+}
+
+/// Guards the acknowledgement marker (`Op::Ack`) against publishing a
+/// relayed write when it is sent rather than once Redis has run it: with
+/// Redis's writes paused (`CLIENT PAUSE WRITE`), a peer told too early would
+/// read the old value again from Redis and keep it for the whole TTL — and so
+/// would another client of the writing instance. Reads go on during the
+/// pause; after it, both see the new value within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_write_is_published_once_redis_has_run_it() {
+    let mut c = Cluster::start(2).await;
+    let key = "t:paused";
+    set_direct(&c.redis, key, "old");
+    let a = c.proxies[0].port();
+    let mut a_reader = c.proxies[0].conn().await;
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, key).await, "old");
+    assert_eq!(cache_it(&mut a_reader, &c.redis, key).await, "old");
+    let mut tracking = Raw::connect_resp3(a).await;
+    assert_eq!(
+        tracking.cmd(&["CLIENT", "TRACKING", "on"]).await,
+        b"+OK\r\n"[..]
+    );
+
+    let mut direct = c.redis.direct();
+    let () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "400", "WRITE"])
+        .query(&mut direct)
+        .unwrap();
+    tracking.send_str(&["SET", key, "new"]).await;
+    // While the write waits, readers on both instances keep reading (a
+    // premature invalidation would let one of these fill the old value).
+    while get_direct(&c.redis, key).as_deref() != Some("new") {
+        for conn in [&mut c.conns[1], &mut a_reader] {
+            let got = get(conn, key).await;
+            assert!(matches!(got.as_deref(), Some("old" | "new")), "{got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(tracking.frame().await, b"+OK\r\n"[..], "SET's reply");
+    for (conn, who) in [
+        (&mut c.conns[1], "B"),
+        (&mut a_reader, "another client of A"),
+    ] {
+        let seen = until_served(conn, key, "new", who).await;
+        assert!(
+            seen <= STALENESS_BOUND,
+            "{who} served the old value for {seen:?} after Redis ran the write"
+        );
+    }
 }
 
 /// Guards the credentials in `Bus::start`: with a NATS that requires a user

@@ -858,6 +858,95 @@ async fn monitor_shows_commands_of_other_clients() {
     panic!("MONITOR never showed the SET; saw {lines:?}");
 }
 
+/// `CLIENT REPLY` is nearcache's to apply (it drops the replies; Redis
+/// still answers, so writes are acknowledged): every mode change, SKIP
+/// meeting another CLIENT REPLY or RESET, errors and nearcache's own replies
+/// under it, a transaction and a blocking command skipped — byte for byte
+/// as from Redis. Then the hand-over: a relay that starts while replies are
+/// off or skipped leaves the dropping to Redis, which still sends pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_modes_answer_as_redis_does() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let script: &[&[&str]] = &[
+        &["CLIENT", "REPLY", "maybe"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["RESET"],
+        &["PING"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["DEL", "n"],
+        &["GET", "k"],
+        &["GET"],
+        &["NOSUCH"],
+        &["CLIENT", "ID"],
+        &["CLIENT", "SETNAME", "quiet"],
+        &["RESET"],
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["CLIENT", "REPLY", "maybe"],
+        &["PING", "a"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["CLIENT", "REPLY", "ON"],
+        &["PING", "b"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["PING", "c"],
+        &["PING", "d"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["INCR", "n"],
+        &["CLIENT", "REPLY", "ON"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["MULTI"],
+        &["INCR", "n"],
+        &["EXEC"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["BLPOP", "nolist", "0.05"],
+        &["GET", "n"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["SELECT", "1"],
+        &["SET", "k", "db1"],
+        &["GET", "k"],
+        &["ECHO", "done"],
+    ];
+    let heard = frames_up_to_done(&redis, &proxy, false, script).await;
+    assert_eq!(heard[0].len(), 15, "Redis: {:?}", heard[0]);
+    assert_eq!(heard[1], heard[0], "through nearcache");
+
+    // RESP3: a subscriber may run anything, and under OFF still gets its
+    // pushes (its own PUBLISH's message among them).
+    let resp3: &[&[&str]] = &[
+        &["CLIENT", "REPLY", "OFF"],
+        &["SUBSCRIBE", "ch"],
+        &["PUBLISH", "ch", "m"],
+        &["CLIENT", "REPLY", "ON"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["PSUBSCRIBE", "p*"],
+        &["PING", "x"],
+        &["UNSUBSCRIBE"],
+        &["PUNSUBSCRIBE"],
+        &["ECHO", "done"],
+    ];
+    // RESP2: a subscriber's CLIENT REPLY is refused until it unsubscribes.
+    let resp2: &[&[&str]] = &[
+        &["CLIENT", "REPLY", "OFF"],
+        &["SUBSCRIBE", "ch"],
+        &["CLIENT", "REPLY", "ON"],
+        &["UNSUBSCRIBE", "ch"],
+        &["CLIENT", "REPLY", "ON"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["SUBSCRIBE", "ch"],
+        &["PING", "x"],
+        &["UNSUBSCRIBE"],
+        &["ECHO", "done"],
+    ];
+    for (resp3, script) in [(true, resp3), (false, resp2)] {
+        let heard = frames_up_to_done(&redis, &proxy, resp3, script).await;
+        assert!(heard[0].len() >= 6, "Redis (RESP3 {resp3}): {:?}", heard[0]);
+        assert_eq!(heard[1], heard[0], "through nearcache (RESP3 {resp3})");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reply_off_silences_until_on() {
     let redis = RedisServer::start();

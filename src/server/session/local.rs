@@ -12,6 +12,7 @@ use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::{self, OK, Protocol, Reply};
 use crate::server::client_list::{self, ListFilter};
 use crate::server::directory::{KillFilter, KillForm, Profile};
+use crate::server::outbox::Slot;
 use crate::server::route::Route;
 use crate::upstream::{Op, PoolKey, UpstreamError, encode_command};
 
@@ -326,7 +327,33 @@ impl Session {
         }
     }
 
+    /// `CLIENT REPLY ON|OFF|SKIP` outside a relay: nearcache drops the
+    /// replies itself, so Redis still answers every command and writes are
+    /// acknowledged (invalidated, published) as usual.
+    pub(super) fn client_reply(&mut self) {
+        match reply_mode(&self.argv) {
+            Some(ReplyMode::On) => {
+                if std::mem::take(&mut self.reply_off) {
+                    self.push(Slot::Mute(false));
+                }
+                self.reply(Bytes::from_static(OK));
+            }
+            Some(ReplyMode::Off) => {
+                if !std::mem::replace(&mut self.reply_off, true) {
+                    self.push(Slot::Mute(true));
+                }
+            }
+            // (Under OFF, Redis ignores it.)
+            Some(ReplyMode::Skip) => self.skip_next = !self.reply_off,
+            None => self.reply(reply::error("ERR syntax error")),
+        }
+    }
+
     pub(super) async fn reset_state(&mut self) {
+        self.reply_off = false;
+        self.skip_next = false;
+        self.relay_multi = false;
+        self.relay_inv = Default::default();
         self.enrollment.set_pubsub(false);
         self.no_evict = false;
         self.name = None;
@@ -336,6 +363,32 @@ impl Session {
         self.proto = Protocol::Resp2;
         self.conn = None;
     }
+}
+
+/// A `CLIENT REPLY` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReplyMode {
+    On,
+    Off,
+    Skip,
+}
+
+/// The mode `argv` sets, if it is a valid `CLIENT REPLY ON|OFF|SKIP`.
+pub(super) fn reply_mode(argv: &[Bytes]) -> Option<ReplyMode> {
+    let [client, reply, mode] = argv else {
+        return None;
+    };
+    if !client.eq_ignore_ascii_case(b"client") || !reply.eq_ignore_ascii_case(b"reply") {
+        return None;
+    }
+    [
+        ("on", ReplyMode::On),
+        ("off", ReplyMode::Off),
+        ("skip", ReplyMode::Skip),
+    ]
+    .into_iter()
+    .find(|(n, _)| mode.eq_ignore_ascii_case(n.as_bytes()))
+    .map(|(_, m)| m)
 }
 
 /// `HELLO`'s reply with the value of its `id` field replaced by `id`.

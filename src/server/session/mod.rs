@@ -44,7 +44,7 @@ use crate::command::CommandSpec;
 use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::{self, OK, Protocol};
 use crate::protocol::{Parsed, Parser};
-use crate::upstream::{Conn, Op, Pool, UpstreamError, encode_command};
+use crate::upstream::{Conn, OnAnswer, Op, Pool, UpstreamError, encode_command};
 
 /// One parsed command of the current read.
 enum Cmd {
@@ -111,6 +111,17 @@ pub struct Session {
     /// The client killed itself (`CLIENT KILL … SKIPME no`): close after the
     /// reply.
     closing: bool,
+    /// `CLIENT REPLY OFF`: its replies are dropped here (or, relaying, Redis
+    /// may be dropping them: see `handle_relaying`).
+    reply_off: bool,
+    /// `CLIENT REPLY SKIP`: the next command's reply is dropped.
+    skip_next: bool,
+    /// The command being handled is the skipped one.
+    skipping: bool,
+    /// A relayed client's writes since its last acknowledgement marker.
+    relay_inv: Invalidation,
+    /// A relayed client is inside MULTI: its writes wait for EXEC.
+    relay_multi: bool,
 }
 
 /// Longest run of commands sent upstream as one request, so that replies to a
@@ -168,6 +179,11 @@ pub async fn serve(
         no_evict: false,
         last_cmd: Profile::default().cmd,
         closing: false,
+        reply_off: false,
+        skip_next: false,
+        skipping: false,
+        relay_inv: Invalidation::default(),
+        relay_multi: false,
     };
     let mut input = Input {
         parser: Parser::new(ctx.limits),
@@ -406,17 +422,41 @@ impl Session {
                     None
                 }
             };
-            let flow = self.handle(chunk, frame).await;
-            // Keys of a write that got no reply slot of its own (relayed, or
-            // refused here) must not ride on a later, unrelated one.
+            let flow = if self.skip_next {
+                self.handle_skipped(chunk, frame).await
+            } else {
+                self.handle(chunk, frame).await
+            };
+            // Keys of a write that got no reply slot of its own (refused
+            // here) must not ride on a later, unrelated one.
             self.pending_inv = Invalidation::default();
             if flow == Flow::Stop {
                 self.flush_run(chunk).await;
+                self.ack_relayed(chunk).await;
                 return Flow::Stop;
             }
         }
         self.flush_run(chunk).await;
+        self.ack_relayed(chunk).await;
         Flow::Continue
+    }
+
+    /// The command after `CLIENT REPLY SKIP`: handled with its reply dropped,
+    /// unless it is a `CLIENT REPLY` that sets the mode anew (an `ON`
+    /// answers), as in Redis.
+    async fn handle_skipped(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) -> Flow {
+        self.skip_next = false;
+        if local::reply_mode(&self.argv).is_some() {
+            return self.handle(chunk, frame).await;
+        }
+        self.flush_run(chunk).await;
+        self.push(Slot::Mute(true));
+        self.skipping = true;
+        let flow = self.handle(chunk, frame).await;
+        self.skipping = false;
+        self.flush_run(chunk).await;
+        self.push(Slot::Mute(false));
+        flow
     }
 
     /// Routes and handles the command in `self.argv`; `frame` is its range in
@@ -572,6 +612,11 @@ impl Session {
             Route::Reset => {
                 self.flush_run(chunk).await;
                 self.pin = None;
+                // (Replies come back on; after SKIP, RESET's own stays
+                // dropped, as in Redis.)
+                if std::mem::take(&mut self.reply_off) {
+                    self.push(Slot::Mute(false));
+                }
                 self.reset_state().await;
                 self.reply(Bytes::from_static(b"+RESET\r\n"));
             }
@@ -644,6 +689,16 @@ impl Session {
                 let inv = std::mem::take(&mut self.pending_inv);
                 self.send_pinned(frames, 1, true, inv).await;
             }
+            Route::ClientReply if self.pin.as_ref().is_some_and(|p| p.in_multi) => {
+                // Queued, Redis runs it at EXEC (mid-reply: Redis's own
+                // behaviour, which only Redis can reproduce).
+                if local::reply_mode(&self.argv) == Some(local::ReplyMode::On) {
+                    self.forward(chunk, frame, true).await;
+                } else {
+                    self.start_relay(chunk, frame).await;
+                }
+            }
+            Route::ClientReply => self.client_reply(),
             Route::Blocking => self.blocking(chunk, frame).await,
             Route::Wait => self.wait(chunk, frame).await,
             Route::Relay => self.start_relay(chunk, frame).await,
@@ -722,7 +777,27 @@ impl Session {
                 Flow::Continue
             }
             _ => {
+                // Writes so far are acknowledged before anything that may
+                // change how Redis answers (CLIENT REPLY, MULTI, RESET…).
+                if route != Route::Forward {
+                    self.ack_relayed(chunk).await;
+                }
                 match route {
+                    Route::ClientReply => {
+                        // Redis decides here; what nearcache keeps is only
+                        // whether an acknowledgement marker would be
+                        // answered, so any doubt counts as OFF (a RESP2
+                        // subscriber's CLIENT REPLY may be refused).
+                        match local::reply_mode(&self.argv) {
+                            Some(local::ReplyMode::On) if !maybe_subscribed => {
+                                self.reply_off = false;
+                            }
+                            Some(local::ReplyMode::Skip) if !maybe_subscribed => {}
+                            _ => self.reply_off = true,
+                        }
+                    }
+                    Route::Multi => self.relay_multi = true,
+                    Route::EndTransaction => self.relay_multi = false,
                     Route::Select => {
                         if let Some(db) = self.argv.get(1).and_then(|a| parse_i64(a)) {
                             self.db = u32::try_from(db).unwrap_or(self.db);
@@ -740,7 +815,11 @@ impl Session {
                     Route::Relay => self.note_subscribe(),
                     _ => {}
                 }
+                // A relayed write has no reply slot to carry its keys: they
+                // wait for the next acknowledgement marker instead.
+                let inv = std::mem::take(&mut self.pending_inv);
                 self.forward(chunk, frame, true).await;
+                self.relay_inv.extend(inv);
                 match route {
                     Route::Quit => Flow::Stop,
                     Route::Reset => {
@@ -754,6 +833,35 @@ impl Session {
                     _ => Flow::Continue,
                 }
             }
+        }
+    }
+
+    /// Has the writes relayed since the last marker invalidated (locally
+    /// again, and on peers) once Redis has run them: an [`Op::Ack`] on the
+    /// relay, answered after them. Where no answer would come (`CLIENT REPLY
+    /// OFF`, or the relay is gone) they are published now instead, as they
+    /// are sent. Inside MULTI they wait for EXEC.
+    async fn ack_relayed(&mut self, chunk: &Bytes) {
+        if self.relay_inv.is_empty() || self.relay_multi {
+            return;
+        }
+        self.flush_run(chunk).await;
+        let inv = std::mem::take(&mut self.relay_inv);
+        let (Some(l1), bus) = (self.ctx.l1.clone(), self.ctx.bus.clone()) else {
+            return;
+        };
+        let acknowledged = OnAnswer::new(move || {
+            inv.apply(&l1, &mut Vec::new());
+            if let Some(bus) = bus {
+                bus.publish(&inv);
+            }
+        });
+        match &self.pin {
+            // (A failed send drops the callback, which runs it.)
+            Some(pin) if pin.relay && !self.reply_off => {
+                let _ = pin.conn.send(Op::Ack(acknowledged));
+            }
+            _ => drop(acknowledged),
         }
     }
 
@@ -869,6 +977,11 @@ impl Session {
         if pin.relay {
             if pin.conn.send(Op::Write { frames }).is_err() {
                 self.pin = None;
+                // Redis was dropping replies for this client; nearcache
+                // does again (see `start_relay`).
+                if self.reply_off {
+                    self.push(Slot::Mute(true));
+                }
             }
             return;
         }

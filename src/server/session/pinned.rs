@@ -336,10 +336,25 @@ impl Session {
         if self.pin.is_none() && !self.pin_dedicated().await {
             return;
         }
-        let frames = match frame {
+        let mut frames = match frame {
             Some(f) => chunk.slice(f),
             None => encode_command(&self.argv),
         };
+        // Replies dropped here so far are Redis's to drop from now on (it
+        // tells them from the pushes it must still send).
+        let mode = if self.reply_off {
+            Some("OFF")
+        } else if self.skipping {
+            Some("SKIP")
+        } else {
+            None
+        };
+        if let Some(mode) = mode {
+            frames = [&encode_command(&["CLIENT", "REPLY", mode])[..], &frames[..]]
+                .concat()
+                .into();
+            self.push(Slot::Mute(false));
+        }
         let (tx, rx) = mpsc::channel(1024);
         self.order_for_pin().await;
         let Some(pin) = &mut self.pin else { return };
