@@ -190,9 +190,47 @@ impl Outbox {
     /// nobody is waiting and close, which is what Redis does for a client that
     /// disconnects: a blocked pop that nobody will read must not take an item.
     pub fn abandon_unbounded(&mut self) {
-        self.slots
-            .retain(|s| !matches!(s, Slot::Relay(_) | Slot::Upstream { blocking: true, .. }));
+        let slots = std::mem::take(&mut self.slots);
+        for slot in slots {
+            match slot {
+                Slot::Relay(_) | Slot::Upstream { blocking: true, .. } => self.orphan(slot),
+                slot => self.slots.push_back(slot),
+            }
+        }
         self.replies = self.slots.iter().map(weight).sum();
+    }
+
+    /// Lets go of a slot nobody will read, keeping its writes' promise: their
+    /// keys are still dropped from L1 and published once Redis has answered
+    /// (or failed to), as the writes may run. A blocked command is being
+    /// abandoned (its connection closes), so it is not waited for.
+    fn orphan(&self, slot: Slot) {
+        let Slot::Upstream {
+            rx, blocking, inv, ..
+        } = slot
+        else {
+            return;
+        };
+        let Some(l1) = self.l1.clone() else { return };
+        if inv.is_empty() {
+            return;
+        }
+        let bus = self.bus.clone();
+        let publish = move |inv: Invalidation| {
+            inv.apply(&l1, &mut Vec::new());
+            if let Some(bus) = bus {
+                bus.publish(&inv);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if !blocking => {
+                runtime.spawn(async move {
+                    let _ = rx.await;
+                    publish(inv);
+                });
+            }
+            _ => publish(inv),
+        }
     }
 
     /// Drops relays only (shutdown: a subscriber never finishes on its own,
@@ -297,6 +335,16 @@ fn weight(slot: &Slot) -> usize {
         Slot::Ready(_) => 1,
         Slot::Upstream { count, .. } => *count as usize,
         Slot::Relay(_) | Slot::Mute(_) | Slot::Close => 0,
+    }
+}
+
+impl Drop for Outbox {
+    /// A client that leaves does not take back the writes it sent: those
+    /// still unanswered are orphaned (see [`Outbox::orphan`]).
+    fn drop(&mut self) {
+        for slot in std::mem::take(&mut self.slots) {
+            self.orphan(slot);
+        }
     }
 }
 

@@ -524,6 +524,59 @@ async fn writes_from_relayed_and_muted_clients_evict_on_peers() {
     assert_eq!(muted.cmd(&["CLIENT", "REPLY", "ON"]).await, b"+OK\r\n"[..]);
 }
 
+/// Guards `Outbox`'s drop: a client that pipelines a write and vanishes
+/// (here with a reset, so writing it a reply fails) leaves the write running
+/// in Redis; its keys must still be published once Redis has run it, though
+/// nobody is left to read the reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_from_a_client_that_vanished_is_still_published() {
+    let mut c = Cluster::start(2).await;
+    let key = "t:orphan";
+    set_direct(&c.redis, key, "old");
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, key).await, "old");
+    // Redis holds the write while the client goes, so its reply comes
+    // after the session has failed to write the one before it.
+    let mut direct = c.redis.direct();
+    let () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "300", "WRITE"])
+        .query(&mut direct)
+        .unwrap();
+    let gone = tokio::net::TcpStream::connect(("127.0.0.1", c.proxies[0].port()))
+        .await
+        .unwrap();
+    // (Deprecated for blocking on drop; a zero linger never blocks: it
+    // resets the connection, which is the point here.)
+    #[allow(deprecated)]
+    gone.set_linger(Some(Duration::ZERO)).unwrap();
+    let mut gone = gone;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut gone,
+        &crate::compat::encode_pipeline([&["CLIENT", "ID"][..], &["SET", key, "new"]]),
+    )
+    .await
+    .unwrap();
+    drop(gone);
+    let start = Instant::now();
+    while get_direct(&c.redis, key).as_deref() != Some("new") {
+        assert!(
+            start.elapsed() < POLL_LIMIT,
+            "the write never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let seen = until_served(
+        &mut c.conns[1],
+        key,
+        "new",
+        "B, after a vanished client's SET",
+    )
+    .await;
+    assert!(
+        seen <= STALENESS_BOUND,
+        "B served the old value for {seen:?}"
+    );
+}
+
 /// Guards the acknowledgement marker (`Op::Ack`) against publishing a
 /// relayed write when it is sent rather than once Redis has run it: with
 /// Redis's writes paused (`CLIENT PAUSE WRITE`), a peer told too early would
