@@ -524,6 +524,40 @@ async fn writes_from_relayed_and_muted_clients_evict_on_peers() {
     assert_eq!(muted.cmd(&["CLIENT", "REPLY", "ON"]).await, b"+OK\r\n"[..]);
 }
 
+/// Guards the database of a relayed RESP2 subscriber's writes: Redis
+/// refuses its SELECT while it is subscribed, so a SELECT relayed then
+/// leaves nearcache unsure which database the writes after it land in —
+/// their keys are dropped in every database rather than in the one it would
+/// guess wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_whose_select_redis_refused_still_invalidates_the_right_database() {
+    let mut c = Cluster::start(2).await;
+    let key = "t:db0";
+    set_direct(&c.redis, key, "old");
+    let mut a_reader = c.proxies[0].conn().await;
+    assert_eq!(cache_it(&mut a_reader, &c.redis, key).await, "old");
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, key).await, "old");
+    let mut s = Raw::connect(c.proxies[0].port()).await;
+    let script: &[&[&str]] = &[
+        &["SUBSCRIBE", "ch"],
+        &["SELECT", "1"],
+        &["UNSUBSCRIBE", "ch"],
+        &["SET", key, "new"],
+    ];
+    s.write(&crate::compat::encode_pipeline(script)).await;
+    assert!(s.frame().await.starts_with(b"*3"), "subscribed");
+    assert!(s.frame().await.starts_with(b"-ERR Can't execute 'select'"));
+    assert!(s.frame().await.starts_with(b"*3"), "unsubscribed");
+    assert_eq!(s.frame().await, b"+OK\r\n"[..], "SET, in db 0");
+    assert_eq!(get_direct(&c.redis, key).as_deref(), Some("new"));
+    assert_eq!(get(&mut a_reader, key).await.as_deref(), Some("new"), "A");
+    let seen = until_served(&mut c.conns[1], key, "new", "B").await;
+    assert!(
+        seen <= STALENESS_BOUND,
+        "B served the old value for {seen:?}"
+    );
+}
+
 /// Guards `Outbox`'s drop: a client that pipelines a write and vanishes
 /// (here with a reset, so writing it a reply fails) leaves the write running
 /// in Redis; its keys must still be published once Redis has run it, though

@@ -423,8 +423,14 @@ impl Session {
                     inv.flush = true;
                 } else {
                     // A script may SELECT before it writes: its keys go in
-                    // every database (as cheap as one while only one is used).
-                    let db = if script { cache::ANY_DB } else { self.db };
+                    // every database (as cheap as one while only one is
+                    // used); so do a relayed client's after a SELECT Redis
+                    // may have refused.
+                    let db = if script || self.db_uncertain {
+                        cache::ANY_DB
+                    } else {
+                        self.db
+                    };
                     for &(i, _) in &self.positions {
                         let key = &self.argv[i];
                         if l1.rule_for(key).is_some() {

@@ -122,6 +122,9 @@ pub struct Session {
     relay_inv: Invalidation,
     /// A relayed client is inside MULTI: its writes wait for EXEC.
     relay_multi: bool,
+    /// A relayed SELECT that Redis may not have run: writes' keys are
+    /// dropped in every database until RESET.
+    db_uncertain: bool,
 }
 
 /// Longest run of commands sent upstream as one request, so that replies to a
@@ -184,6 +187,7 @@ pub async fn serve(
         skipping: false,
         relay_inv: Invalidation::default(),
         relay_multi: false,
+        db_uncertain: false,
     };
     let mut input = Input {
         parser: Parser::new(ctx.limits),
@@ -801,6 +805,12 @@ impl Session {
                     Route::Select => {
                         if let Some(db) = self.argv.get(1).and_then(|a| parse_i64(a)) {
                             self.db = u32::try_from(db).unwrap_or(self.db);
+                        }
+                        // Redis may refuse it (a RESP2 subscriber) or never
+                        // run it (a transaction that fails): the database
+                        // of later writes is then unknown here.
+                        if maybe_subscribed || self.relay_multi {
+                            self.db_uncertain = true;
                         }
                     }
                     Route::Hello => {
