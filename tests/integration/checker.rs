@@ -5,7 +5,9 @@
 //!
 //! - **Writers**: key `hot:i` has exactly one writer, through instance
 //!   `i % 3`, writing a strictly increasing version; after each `SET` reply
-//!   it records (version, ack time).
+//!   it records (version, ack time). Every other key's writer is a RESP3
+//!   client with `CLIENT TRACKING on`, whose replies nearcache relays, so
+//!   relayed writes are checked too.
 //! - **Readers**: tasks reading random keys through each instance; each read
 //!   records (key, instance, start, end, value). The start is taken just
 //!   before the request is sent, so a read issued while an instance is paused
@@ -175,7 +177,27 @@ struct Cluster {
 /// A connection without redis-rs's 500 ms response timeout (requests to a
 /// paused proxy are meant to wait); the checker bounds each request itself.
 async fn connect(port: u16) -> MultiplexedConnection {
-    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+    connect_to(format!("redis://127.0.0.1:{port}")).await
+}
+
+/// A writer's connection: for every other key, a RESP3 one with `CLIENT
+/// TRACKING on`, whose replies nearcache relays rather than pairs (its
+/// writes take another path to the other instances).
+async fn connect_writer(port: u16, key: usize) -> MultiplexedConnection {
+    if key % 2 == 0 {
+        return connect(port).await;
+    }
+    let mut c = connect_to(format!("redis://127.0.0.1:{port}?protocol=resp3")).await;
+    let () = redis::cmd("CLIENT")
+        .arg(&["TRACKING", "on"])
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    c
+}
+
+async fn connect_to(url: String) -> MultiplexedConnection {
+    redis::Client::open(url)
         .unwrap()
         .get_multiplexed_async_connection_with_config(
             &AsyncConnectionConfig::new()
@@ -433,7 +455,7 @@ async fn run_phase(
     let mut readers = Vec::new();
     let mut conns = Vec::new();
     for key in 0..KEYS {
-        conns.push(connect(cluster.proxies[writer_of(key)].port()).await);
+        conns.push(connect_writer(cluster.proxies[writer_of(key)].port(), key).await);
     }
     let mut reader_conns = Vec::new();
     for instance in 0..INSTANCES {
