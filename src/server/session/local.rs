@@ -353,6 +353,7 @@ impl Session {
         self.reply_off = false;
         self.skip_next = false;
         self.relay_multi = false;
+        self.multi_unsure = false;
         self.db_uncertain = false;
         self.relay_inv = Default::default();
         self.enrollment.set_pubsub(false);

@@ -122,6 +122,10 @@ pub struct Session {
     relay_inv: Invalidation,
     /// A relayed client is inside MULTI: its writes wait for EXEC.
     relay_multi: bool,
+    /// A relayed client's MULTI that Redis may have refused: whether a
+    /// marker would be queued is unknown, so its writes are published as
+    /// they are sent, until RESET.
+    multi_unsure: bool,
     /// A relayed SELECT that Redis may not have run: writes' keys are
     /// dropped in every database until RESET.
     db_uncertain: bool,
@@ -187,6 +191,7 @@ pub async fn serve(
         skipping: false,
         relay_inv: Invalidation::default(),
         relay_multi: false,
+        multi_unsure: false,
         db_uncertain: false,
     };
     let mut input = Input {
@@ -800,6 +805,11 @@ impl Session {
                             _ => self.reply_off = true,
                         }
                     }
+                    // A marker inside a transaction would be queued (its
+                    // answer is then an element of EXEC's), so none is
+                    // sent until it ends; and where Redis may have refused
+                    // the MULTI (a RESP2 subscriber), none at all.
+                    Route::Multi if maybe_subscribed => self.multi_unsure = true,
                     Route::Multi => self.relay_multi = true,
                     Route::EndTransaction => self.relay_multi = false,
                     Route::Select => {
@@ -849,8 +859,9 @@ impl Session {
     /// Has the writes relayed since the last marker invalidated (locally
     /// again, and on peers) once Redis has run them: an [`Op::Ack`] on the
     /// relay, answered after them. Where no answer would come (`CLIENT REPLY
-    /// OFF`, or the relay is gone) they are published now instead, as they
-    /// are sent. Inside MULTI they wait for EXEC.
+    /// OFF`, a MULTI Redis may be queuing, or the relay is gone) they are
+    /// published now instead, as they are sent. Inside MULTI they wait for
+    /// EXEC.
     async fn ack_relayed(&mut self, chunk: &Bytes) {
         if self.relay_inv.is_empty() || self.relay_multi {
             return;
@@ -868,7 +879,7 @@ impl Session {
         });
         match &self.pin {
             // (A failed send drops the callback, which runs it.)
-            Some(pin) if pin.relay && !self.reply_off => {
+            Some(pin) if pin.relay && !self.reply_off && !self.multi_unsure => {
                 let _ = pin.conn.send(Op::Ack(acknowledged));
             }
             _ => drop(acknowledged),
