@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{UpstreamError, encode_command};
+use crate::protocol::parser::parse_i64;
 use crate::protocol::scanner::{FrameKind, ReplyScanner, frame_kind};
 
 /// What a request's sender receives: the reply frames back to back, or the
@@ -512,6 +513,38 @@ fn stand_in(pending: &mut VecDeque<Pending>, wbuf: &mut BytesMut, then: Then) {
     }
 }
 
+/// A transaction's reply whose elements include stand-ins' answers (their
+/// PINGs were queued with the rest, in a relayed MULTI): each becomes its
+/// stand-in's reply. None when there is nothing to replace (the usual case
+/// costs a first-byte test, or a search when stand-ins are pending).
+fn splice_stand_ins(frame: &Bytes, stand_ins: &mut VecDeque<StandIn>) -> Option<Bytes> {
+    const MARKER: &[u8] = b"__nearcache:reply:";
+    if stand_ins.is_empty()
+        || frame.first() != Some(&b'*')
+        || !frame.windows(MARKER.len()).any(|w| w == MARKER)
+    {
+        return None;
+    }
+    let header_end = frame.iter().position(|&b| b == b'\n')? + 1;
+    let n = usize::try_from(parse_i64(&frame[1..header_end - 2])?).ok()?;
+    let mut out = BytesMut::with_capacity(frame.len());
+    out.extend_from_slice(&frame[..header_end]);
+    let mut at = header_end;
+    for _ in 0..n {
+        let len = ReplyScanner::new().scan(&frame[at..]).ok()??;
+        let element = &frame[at..at + len];
+        let reply = stand_ins
+            .iter()
+            .position(|s| s.answers(element))
+            .and_then(|i| stand_ins.remove(i))
+            .and_then(|s| s.into_reply(element));
+        out.extend_from_slice(reply.as_deref().unwrap_or(element));
+        at += len;
+    }
+    out.extend_from_slice(&frame[at..]);
+    Some(out.freeze())
+}
+
 /// Hands complete frames in `rbuf` to the requests waiting for them.
 async fn deliver(
     rbuf: &mut BytesMut,
@@ -546,7 +579,7 @@ async fn deliver(
                             None => Some(frame),
                         }
                     }
-                    None => Some(frame),
+                    None => Some(splice_stand_ins(&frame, stand_ins).unwrap_or(frame)),
                 };
                 if let Some(frame) = frame {
                     if tx.send(frame).await.is_err() {

@@ -1701,6 +1701,32 @@ async fn a_resp2_subscriber_is_refused_what_redis_refuses_it() {
     assert_eq!(heard[1], heard[0], "through nearcache");
 }
 
+/// A relayed client's transaction: what nearcache answers itself is queued
+/// like the rest and answered in its place in EXEC's reply; a wrong arity
+/// aborts the transaction, as in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_transaction_answers_as_redis_does() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let script: &[&[&str]] = &[
+        &["SUBSCRIBE", "ch"],
+        &["MULTI"],
+        &["CLIENT", "GETNAME"],
+        &["SET", "k", "v"],
+        &["GET"],
+        &["EXEC"],
+        &["MULTI"],
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "NO-EVICT", "on"],
+        &["GET", "k"],
+        &["EXEC"],
+        &["ECHO", "done"],
+    ];
+    let heard = frames_up_to_done(&redis, &proxy, true, script).await;
+    assert_eq!(heard[0].len(), 12, "Redis: {:?}", heard[0]);
+    assert_eq!(heard[1], heard[0], "through nearcache");
+}
+
 /// A subscriber (its commands relayed) may kill itself too: the reply comes
 /// through, then the connection closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

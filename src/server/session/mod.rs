@@ -747,6 +747,12 @@ impl Session {
         // subscribed, Redis would refuse it, so it is refused here.
         let maybe_subscribed = self.proto == Protocol::Resp2 && self.enrollment.pubsub();
         match route {
+            // Inside a transaction Redis must see it: its queuing error makes
+            // EXEC fail with EXECABORT.
+            Route::WrongArity(_) if self.relay_multi => {
+                self.forward(chunk, frame, true).await;
+                Flow::Continue
+            }
             Route::Auth
             | Route::ClientId
             | Route::ClientGetName
