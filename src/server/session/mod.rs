@@ -762,34 +762,14 @@ impl Session {
             | Route::ClientInfo
             | Route::Refuse(_)
             | Route::WrongArity(_) => {
-                let r = if route == Route::ClientKill && maybe_subscribed {
-                    refused()
-                } else {
-                    self.local_reply(route).await
-                };
-                let subscribed = match route {
-                    Route::WrongArity(_) => r.clone(),
-                    _ => refused(),
-                };
-                self.flush_run(chunk).await;
-                if let Some(pin) = &self.pin {
-                    // (Closing, the reply goes at once and the relay ends
-                    // with it: the session's last word.)
-                    let _ = pin.conn.send(if self.closing {
-                        Op::InjectLast(r)
-                    } else {
-                        Op::Inject {
-                            reply: r,
-                            subscribed,
-                        }
-                    });
-                }
-                if self.closing {
-                    self.pin = None;
-                    self.push(Slot::Close);
-                    return Flow::Stop;
-                }
-                Flow::Continue
+                self.relay_local(chunk, route, maybe_subscribed, &refused)
+                    .await
+            }
+            // Its name is nearcache's, and cannot wait to learn whether Redis
+            // would take it: refused while the client may be subscribed.
+            Route::ClientSetName if maybe_subscribed => {
+                self.relay_local(chunk, route, maybe_subscribed, &refused)
+                    .await
             }
             _ => {
                 // Writes so far are acknowledged before anything that may
@@ -834,10 +814,7 @@ impl Session {
                             self.proto = p;
                         }
                     }
-                    // (Redis refuses it while the client is subscribed.)
-                    Route::ClientSetName if !maybe_subscribed => {
-                        self.name = self.argv.get(2).map(owned);
-                    }
+                    Route::ClientSetName => self.name = self.argv.get(2).map(owned),
                     Route::Relay => self.note_subscribe(),
                     _ => {}
                 }
@@ -860,6 +837,49 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// In a relay, a reply nearcache makes itself stands in for a PING's
+    /// answer (see [`Op::Inject`]); `refused` is Redis's answer to a RESP2
+    /// subscriber, relayed instead when the PING shows it still is one. A
+    /// command that acts at once (KILL, SETNAME) is refused outright while
+    /// the client may be subscribed.
+    async fn relay_local(
+        &mut self,
+        chunk: &Bytes,
+        route: Route,
+        maybe_subscribed: bool,
+        refused: &impl Fn() -> Bytes,
+    ) -> Flow {
+        let acts = matches!(route, Route::ClientKill | Route::ClientSetName);
+        let r = if acts && maybe_subscribed {
+            refused()
+        } else {
+            self.local_reply(route).await
+        };
+        let subscribed = match route {
+            Route::WrongArity(_) => r.clone(),
+            _ => refused(),
+        };
+        self.flush_run(chunk).await;
+        if let Some(pin) = &self.pin {
+            // (Closing, the reply goes at once and the relay ends with it:
+            // the session's last word.)
+            let _ = pin.conn.send(if self.closing {
+                Op::InjectLast(r)
+            } else {
+                Op::Inject {
+                    reply: r,
+                    subscribed,
+                }
+            });
+        }
+        if self.closing {
+            self.pin = None;
+            self.push(Slot::Close);
+            return Flow::Stop;
+        }
+        Flow::Continue
     }
 
     /// Has the writes relayed since the last marker invalidated (locally
