@@ -408,10 +408,7 @@ async fn client_tracking_redirect_names_a_client_by_its_proxy_id() {
     let _: () = q(&mut writer, &["SET", "rk", "1"]).await;
 
     let mut listener = Raw::connect(proxy.port()).await;
-    let id = listener.cmd(&["CLIENT", "ID"]).await;
-    let id = std::str::from_utf8(&id[1..id.len() - 2])
-        .unwrap()
-        .to_string();
+    let id = client_id(&mut listener).await;
     assert_eq!(
         listener.cmd(&["SUBSCRIBE", "__redis__:invalidate"]).await,
         array('*', &["subscribe", "__redis__:invalidate", ":1"])[..]
@@ -1241,10 +1238,7 @@ async fn client_unblock_takes_the_id_client_id_answered() {
     let mut d = direct_async(&redis, 0).await;
     let mut a = Raw::connect(proxy.port()).await;
     let mut b = Raw::connect(proxy.port()).await;
-    let id = a.cmd(&["CLIENT", "ID"]).await;
-    let id = std::str::from_utf8(&id[1..id.len() - 2])
-        .unwrap()
-        .to_owned();
+    let id = client_id(&mut a).await;
 
     a.send_str(&["BLPOP", "q", "0"]).await;
     wait_blocked(&mut d, 1).await;
@@ -1381,10 +1375,7 @@ async fn client_kill_filters_close_nearcache_clients_never_shared_connections() 
     c.expect_eof().await;
     // Inside MULTI it is queued and runs at EXEC.
     let mut d = Raw::connect(proxy.port()).await;
-    let d_id = d.cmd(&["CLIENT", "ID"]).await;
-    let d_id = std::str::from_utf8(&d_id[1..d_id.len() - 2])
-        .unwrap()
-        .to_owned();
+    let d_id = client_id(&mut d).await;
     assert_eq!(b.cmd(&["MULTI"]).await, OK);
     assert_eq!(
         b.cmd(&["CLIENT", "KILL", "ID", &d_id]).await,
@@ -1546,6 +1537,14 @@ async fn replies_nearcache_makes_keep_their_place_in_a_relay() {
     assert_eq!(heard[1], heard[0], "through nearcache");
 }
 
+/// The id `CLIENT ID` gives the client on `c`.
+async fn client_id(c: &mut Raw) -> String {
+    let reply = c.cmd(&["CLIENT", "ID"]).await;
+    let id = std::str::from_utf8(&reply[1..reply.len() - 2]).unwrap();
+    assert!(reply.starts_with(b":"), "{reply:?}");
+    id.to_owned()
+}
+
 /// The text of a bulk or verbatim reply, as lines of `key=value` fields.
 fn client_lines(reply: &[u8]) -> Vec<Vec<(String, String)>> {
     let text = std::str::from_utf8(reply).unwrap();
@@ -1574,15 +1573,10 @@ fn client_lines(reply: &[u8]) -> Vec<Vec<(String, String)>> {
 async fn client_list_and_info_show_nearcache_clients() {
     let redis = RedisServer::start();
     let proxy = TestProxy::start(&redis).await;
-    let id_of = |reply: &[u8]| {
-        std::str::from_utf8(&reply[1..reply.len() - 2])
-            .unwrap()
-            .to_owned()
-    };
     let mut a = Raw::connect(proxy.port()).await;
     a.cmd(&["CLIENT", "SETNAME", "bot"]).await;
     a.cmd(&["SELECT", "2"]).await;
-    let a_id = id_of(&a.cmd(&["CLIENT", "ID"]).await);
+    let a_id = client_id(&mut a).await;
     let info = client_lines(&a.cmd(&["CLIENT", "INFO"]).await);
     let mut direct = Raw::connect(redis.port()).await;
     let theirs = client_lines(&direct.cmd(&["CLIENT", "INFO"]).await);
@@ -1604,19 +1598,19 @@ async fn client_list_and_info_show_nearcache_clients() {
 
     // A RESP3 subscriber and a client in a transaction are pinned.
     let mut s = Raw::connect_resp3(proxy.port()).await;
-    let s_id = id_of(&s.cmd(&["CLIENT", "ID"]).await);
+    let s_id = client_id(&mut s).await;
     s.send_str(&["SUBSCRIBE", "x", "y"]).await;
     s.send_str(&["PSUBSCRIBE", "p*"]).await;
     for _ in 0..3 {
         assert!(s.frame().await.starts_with(b">3"));
     }
     let mut t = Raw::connect(proxy.port()).await;
-    let t_id = id_of(&t.cmd(&["CLIENT", "ID"]).await);
+    let t_id = client_id(&mut t).await;
     t.cmd(&["MULTI"]).await;
     t.cmd(&["SET", "k", "v"]).await;
 
     let mut b = Raw::connect(proxy.port()).await;
-    let b_id = id_of(&b.cmd(&["CLIENT", "ID"]).await);
+    let b_id = client_id(&mut b).await;
     let all = client_lines(&b.cmd(&["CLIENT", "LIST"]).await);
     let ids: Vec<&str> = all.iter().map(|l| field(l, "id")).collect();
     assert_eq!(ids, [&a_id, &s_id, &t_id, &b_id], "every client, by id");
@@ -1747,15 +1741,10 @@ async fn a_subscriber_killing_itself_gets_its_reply_then_eof() {
 async fn client_kill_id_closes_the_client_client_id_named() {
     let redis = RedisServer::start();
     let proxy = TestProxy::start(&redis).await;
-    let id_of = |reply: &[u8]| {
-        std::str::from_utf8(&reply[1..reply.len() - 2])
-            .unwrap()
-            .to_owned()
-    };
     let mut a = Raw::connect(proxy.port()).await;
     let mut b = Raw::connect(proxy.port()).await;
-    let a_id = id_of(&a.cmd(&["CLIENT", "ID"]).await);
-    let b_id = id_of(&b.cmd(&["CLIENT", "ID"]).await);
+    let a_id = client_id(&mut a).await;
+    let b_id = client_id(&mut b).await;
 
     assert_eq!(b.cmd(&["CLIENT", "KILL", "ID", &a_id]).await, b":1\r\n"[..]);
     a.expect_eof().await;

@@ -44,6 +44,18 @@ pub(super) struct Pin {
 }
 
 impl Session {
+    /// Queues the slot of a command that may block, answered on `rx` by the
+    /// task that runs it (with the keys it writes).
+    fn push_blocking(&mut self, rx: oneshot::Receiver<Replies>) {
+        let inv = std::mem::take(&mut self.pending_inv);
+        self.push(Slot::Upstream {
+            rx,
+            count: 1,
+            blocking: true,
+            inv,
+        });
+    }
+
     /// Counts a command sent to the pinned connection inside MULTI (Redis
     /// queues it), for [`Session::exec_local`]'s splicing.
     pub(super) fn count_queued(&mut self) {
@@ -89,13 +101,7 @@ impl Session {
                 _ = client_tx.closed() => {}
             }
         });
-        let inv = std::mem::take(&mut self.pending_inv);
-        self.push(Slot::Upstream {
-            rx: client_rx,
-            count: 1,
-            blocking: true,
-            inv,
-        });
+        self.push_blocking(client_rx);
     }
 
     /// Pins a dedicated connection; on failure the client has its error reply.
@@ -136,13 +142,7 @@ impl Session {
             let reply = wait_after(barrier, pool, frames.freeze(), &mut client_tx).await;
             let _ = client_tx.send(reply);
         });
-        let inv = std::mem::take(&mut self.pending_inv);
-        self.push(Slot::Upstream {
-            rx: client_rx,
-            count: 1,
-            blocking: true,
-            inv,
-        });
+        self.push_blocking(client_rx);
     }
 
     pub(super) async fn pin_dedicated(&mut self) -> bool {
