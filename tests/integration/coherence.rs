@@ -199,6 +199,29 @@ async fn until_served(c: &mut MultiplexedConnection, key: &str, want: &str, who:
     }
 }
 
+/// [`until_served`], failing if it took longer than the staleness bound.
+async fn served_within_bound(c: &mut MultiplexedConnection, key: &str, want: &str, who: &str) {
+    let seen = until_served(c, key, want, who).await;
+    assert!(
+        seen <= STALENESS_BOUND,
+        "{who}: {key} read the old value for {seen:?} (bound while the bus is healthy: \
+         {STALENESS_BOUND:?})"
+    );
+}
+
+/// Waits until Redis itself holds `want` at `key` (a write whose reply its
+/// client does not read has run).
+async fn until_redis_has(redis: &RedisServer, key: &str, want: &str) {
+    let start = Instant::now();
+    while get_direct(redis, key).as_deref() != Some(want) {
+        assert!(
+            start.elapsed() < POLL_LIMIT,
+            "{key} never became {want:?} in Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Reads `key` through `c` twice and proves the second read was answered from
 /// L1 (Redis's GET count did not move). Returns the value.
 async fn cache_it(c: &mut MultiplexedConnection, redis: &RedisServer, key: &str) -> String {
@@ -450,11 +473,7 @@ async fn a_script_that_selects_another_database_evicts_its_keys_there_everywhere
         Some("new"),
         "A, db 1, right after its own script was acknowledged"
     );
-    let seen = until_served(&mut b1, "t:s", "new", "B, db 1, after A's script").await;
-    assert!(
-        seen <= STALENESS_BOUND,
-        "B served the old value for {seen:?} (bound: {STALENESS_BOUND:?})"
-    );
+    served_within_bound(&mut b1, "t:s", "new", "B, db 1, after A's script").await;
     let b_after = c.bus(1).await;
     assert_eq!(
         b_after.get("flushes"),
@@ -503,17 +522,8 @@ async fn writes_from_relayed_and_muted_clients_evict_on_peers() {
         (&mut muted, "t:muted"),
     ] {
         client.send_str(&["SET", key, "new"]).await;
-        let start = Instant::now();
-        while get_direct(&c.redis, key).as_deref() != Some("new") {
-            assert!(start.elapsed() < POLL_LIMIT, "{key} never reached Redis");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let seen = until_served(&mut c.conns[1], key, "new", "B, after a relayed write").await;
-        assert!(
-            seen <= STALENESS_BOUND,
-            "B served the old {key} for {seen:?} after Redis had the new value \
-             (bound: {STALENESS_BOUND:?})"
-        );
+        until_redis_has(&c.redis, key, "new").await;
+        served_within_bound(&mut c.conns[1], key, "new", "B, after a relayed write").await;
     }
     // A relayed transaction: its write is published after EXEC, and no
     // marker lands inside it (EXEC's reply is Redis's, element for element).
@@ -527,11 +537,7 @@ async fn writes_from_relayed_and_muted_clients_evict_on_peers() {
     ] {
         assert_eq!(tracking.cmd(cmd).await, reply, "{cmd:?}");
     }
-    let seen = until_served(&mut c.conns[1], "t:txn", "new", "B, after EXEC").await;
-    assert!(
-        seen <= STALENESS_BOUND,
-        "B served the old t:txn for {seen:?}"
-    );
+    served_within_bound(&mut c.conns[1], "t:txn", "new", "B, after EXEC").await;
 
     // The relayed clients got Redis's replies and nothing else (the
     // acknowledgement is not theirs to see); the muted one, nothing.
@@ -569,11 +575,7 @@ async fn a_subscriber_whose_select_redis_refused_still_invalidates_the_right_dat
     assert_eq!(s.frame().await, b"+OK\r\n"[..], "SET, in db 0");
     assert_eq!(get_direct(&c.redis, key).as_deref(), Some("new"));
     assert_eq!(get(&mut a_reader, key).await.as_deref(), Some("new"), "A");
-    let seen = until_served(&mut c.conns[1], key, "new", "B").await;
-    assert!(
-        seen <= STALENESS_BOUND,
-        "B served the old value for {seen:?}"
-    );
+    served_within_bound(&mut c.conns[1], key, "new", "B").await;
 }
 
 /// Guards `Outbox`'s drop: a client that pipelines a write and vanishes
@@ -608,25 +610,14 @@ async fn a_write_from_a_client_that_vanished_is_still_published() {
     .await
     .unwrap();
     drop(gone);
-    let start = Instant::now();
-    while get_direct(&c.redis, key).as_deref() != Some("new") {
-        assert!(
-            start.elapsed() < POLL_LIMIT,
-            "the write never reached Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let seen = until_served(
+    until_redis_has(&c.redis, key, "new").await;
+    served_within_bound(
         &mut c.conns[1],
         key,
         "new",
         "B, after a vanished client's SET",
     )
     .await;
-    assert!(
-        seen <= STALENESS_BOUND,
-        "B served the old value for {seen:?}"
-    );
 }
 
 /// Guards the acknowledgement marker (`Op::Ack`) against publishing a
@@ -670,11 +661,7 @@ async fn a_relayed_write_is_published_once_redis_has_run_it() {
         (&mut c.conns[1], "B"),
         (&mut a_reader, "another client of A"),
     ] {
-        let seen = until_served(conn, key, "new", who).await;
-        assert!(
-            seen <= STALENESS_BOUND,
-            "{who} served the old value for {seen:?} after Redis ran the write"
-        );
+        served_within_bound(conn, key, "new", who).await;
     }
 }
 
