@@ -1682,6 +1682,7 @@ async fn a_resp2_subscriber_is_refused_what_redis_refuses_it() {
         &["GET"],
         &["CLIENT", "NO-EVICT", "on"],
         &["CLIENT", "SETNAME", "refused"],
+        &["HELLO", "3"],
         &["CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "no"],
         &["UNSUBSCRIBE", "ch"],
         &["CLIENT", "GETNAME"],
@@ -1690,7 +1691,7 @@ async fn a_resp2_subscriber_is_refused_what_redis_refuses_it() {
         &["ECHO", "done"],
     ];
     let heard = frames_up_to_done(&redis, &proxy, false, script).await;
-    assert_eq!(heard[0].len(), 13, "Redis: {:?}", heard[0]);
+    assert_eq!(heard[0].len(), 14, "Redis: {:?}", heard[0]);
     assert!(heard[0][1].starts_with(b"-ERR Can't execute 'client|id'"));
     assert_eq!(heard[1], heard[0], "through nearcache");
 }

@@ -765,9 +765,10 @@ impl Session {
                 self.relay_local(chunk, route, maybe_subscribed, &refused)
                     .await
             }
-            // Its name is nearcache's, and cannot wait to learn whether Redis
-            // would take it: refused while the client may be subscribed.
-            Route::ClientSetName if maybe_subscribed => {
+            // Their effect (the name, the protocol of nearcache's own
+            // replies) cannot wait to learn whether Redis would take them:
+            // refused while the client may be subscribed.
+            Route::ClientSetName | Route::Hello if maybe_subscribed => {
                 self.relay_local(chunk, route, maybe_subscribed, &refused)
                     .await
             }
@@ -842,8 +843,8 @@ impl Session {
     /// In a relay, a reply nearcache makes itself stands in for a PING's
     /// answer (see [`Op::Inject`]); `refused` is Redis's answer to a RESP2
     /// subscriber, relayed instead when the PING shows it still is one. A
-    /// command that acts at once (KILL, SETNAME) is refused outright while
-    /// the client may be subscribed.
+    /// command that acts at once (KILL, SETNAME, HELLO) is refused outright
+    /// while the client may be subscribed.
     async fn relay_local(
         &mut self,
         chunk: &Bytes,
@@ -851,7 +852,10 @@ impl Session {
         maybe_subscribed: bool,
         refused: &impl Fn() -> Bytes,
     ) -> Flow {
-        let acts = matches!(route, Route::ClientKill | Route::ClientSetName);
+        let acts = matches!(
+            route,
+            Route::ClientKill | Route::ClientSetName | Route::Hello
+        );
         let r = if acts && maybe_subscribed {
             refused()
         } else {
