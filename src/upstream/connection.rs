@@ -75,11 +75,17 @@ pub enum Op {
         frames: Bytes,
         /// Receives every frame, in arrival order.
         tx: mpsc::Sender<Bytes>,
+        /// How many replies other than pushes `frames` draw, if known (see
+        /// [`Op::Ack`]).
+        replies: Option<u32>,
     },
     /// Write `frames` and expect nothing back (relay mode: replies are relayed).
     Write {
         /// The commands.
         frames: Bytes,
+        /// As for [`Op::Relay`]; `None` makes the relay's replies
+        /// uncountable from here on.
+        replies: Option<u32>,
     },
     /// Relay mode only: a reply the proxy makes itself, handed to the client
     /// in its place among Redis's replies. The connection sends Redis a
@@ -97,10 +103,12 @@ pub enum Op {
     /// Relay mode only: hand `bytes` to the client at once, then stop
     /// relaying (the client is closing: `CLIENT KILL` of itself).
     InjectLast(Bytes),
-    /// Relay mode only: run `then` once Redis has run every command written
-    /// before this (a relayed client's writes: its replies are not paired
-    /// with commands, so nothing else says when they took effect). Sends a
-    /// `PING <marker>` whose answer the client never sees.
+    /// Relay mode only: run `then` once Redis has answered every command
+    /// written before this (a relayed client's writes: nothing pairs its
+    /// replies with its commands). Counted: every reply that is not a push
+    /// (RESP3 `>`) answers one command, as the session declared with each
+    /// write. Where the count is unknown (MONITOR, `CLIENT REPLY`, RESP2
+    /// pub/sub…), `then` runs at once.
     Ack(OnAnswer),
     /// Once every earlier request is answered, return this connection to its
     /// pool's idle list (dedicated connections only). Carries a sender so the
@@ -242,6 +250,7 @@ enum Pending {
         tx: mpsc::Sender<Bytes>,
         /// Replies the proxy made, waiting for their PINGs' answers.
         stand_ins: VecDeque<StandIn>,
+        acks: Acks,
     },
     Release(Conn),
 }
@@ -249,9 +258,9 @@ enum Pending {
 /// Stand-ins kept per relay (see [`Op::Inject`]).
 const MAX_STAND_INS: usize = 65_536;
 
-/// A callback for [`Op::Ack`]: runs once, when Redis answers the marker, or
-/// when it is dropped unanswered (the connection went away, or the answer
-/// was silenced by `CLIENT REPLY`) — the commands before it may have run.
+/// A callback for [`Op::Ack`]: runs once, when the replies it waits for
+/// have come, or when it is dropped first (the connection went away) — the
+/// commands before it may have run.
 pub struct OnAnswer(Option<Box<dyn FnOnce() + Send>>);
 
 impl OnAnswer {
@@ -275,29 +284,67 @@ impl std::fmt::Debug for OnAnswer {
     }
 }
 
-/// A `PING <marker>` sent in a relay, and what to do with its answer (see
-/// [`Op::Inject`], [`Op::Ack`]).
+/// A `PING <marker>` sent in a relay, whose answer is relayed as `reply`
+/// (as `subscribed` for the RESP2 subscribed form; see [`Op::Inject`]).
 #[derive(Debug)]
 struct StandIn {
     /// The answer: a bulk string, or in RESP2 subscribed mode `pong` and the
     /// bulk string in an array of two.
     bulk: Bytes,
     pubsub: Bytes,
-    then: Then,
+    reply: Bytes,
+    subscribed: Bytes,
 }
 
-#[derive(Debug)]
-enum Then {
-    /// Relay `reply` in the answer's place (`subscribed` for the RESP2
-    /// subscribed form).
-    Reply { reply: Bytes, subscribed: Bytes },
-    /// Relay nothing; run the callback.
-    Ack(OnAnswer),
+/// What a relay knows of the replies to come, for [`Op::Ack`].
+#[derive(Debug, Default)]
+struct Acks {
+    /// Every reply is counted (else acks run at once).
+    uncountable: bool,
+    /// Replies other than pushes the commands written so far draw.
+    due: u64,
+    /// Such replies seen.
+    seen: u64,
+    /// Callbacks, each with the count it waits for.
+    waiting: VecDeque<(u64, OnAnswer)>,
+}
+
+impl Acks {
+    fn expect(&mut self, replies: Option<u32>) {
+        match replies {
+            Some(n) => self.due += u64::from(n),
+            None => {
+                self.uncountable = true;
+                self.waiting.clear();
+            }
+        }
+    }
+
+    fn ack(&mut self, then: OnAnswer) {
+        if !self.uncountable && self.seen < self.due {
+            self.waiting.push_back((self.due, then));
+        }
+    }
+
+    /// A relayed frame arrived.
+    fn saw(&mut self, frame: &[u8]) {
+        if frame.first() == Some(&b'>') {
+            return;
+        }
+        self.seen += 1;
+        while self
+            .waiting
+            .front()
+            .is_some_and(|(due, _)| *due <= self.seen)
+        {
+            self.waiting.pop_front();
+        }
+    }
 }
 
 impl StandIn {
     /// A stand-in for the next marker, and the `PING` to send for it.
-    fn new(then: Then) -> (StandIn, Bytes) {
+    fn new(reply: Bytes, subscribed: Bytes) -> (StandIn, Bytes) {
         static MARKER: AtomicU64 = AtomicU64::new(0);
         let n = MARKER.fetch_add(1, Ordering::Relaxed);
         let marker = format!("__nearcache:reply:{n}");
@@ -306,22 +353,27 @@ impl StandIn {
             Bytes::from([format!("${}\r\n", marker.len()).as_bytes(), marker, b"\r\n"].concat());
         let pubsub = Bytes::from([&b"*2\r\n$4\r\npong\r\n"[..], &bulk].concat());
         let ping = encode_command(&[&b"PING"[..], marker]);
-        (StandIn { bulk, pubsub, then }, ping)
+        (
+            StandIn {
+                bulk,
+                pubsub,
+                reply,
+                subscribed,
+            },
+            ping,
+        )
     }
 
     fn answers(&self, frame: &[u8]) -> bool {
         frame == &self.bulk[..] || frame == &self.pubsub[..]
     }
 
-    /// What to relay for `frame`, the PING's answer, if anything.
-    fn into_reply(self, frame: &[u8]) -> Option<Bytes> {
-        match self.then {
-            Then::Reply { subscribed, .. } if frame == &self.pubsub[..] => Some(subscribed),
-            Then::Reply { reply, .. } => Some(reply),
-            Then::Ack(then) => {
-                drop(then);
-                None
-            }
+    /// What to relay for `frame`, the PING's answer.
+    fn into_reply(self, frame: &[u8]) -> Bytes {
+        if frame == &self.pubsub[..] {
+            self.subscribed
+        } else {
+            self.reply
         }
     }
 }
@@ -470,19 +522,51 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
                 });
             }
         }
-        Op::Relay { frames, tx } => {
+        Op::Relay {
+            frames,
+            tx,
+            replies,
+        } => {
             wbuf.extend_from_slice(&frames);
+            let mut acks = Acks::default();
+            acks.expect(replies);
             pending.push_back(Pending::Relay {
                 tx,
                 stand_ins: VecDeque::new(),
+                acks,
             });
         }
-        Op::Write { frames } => wbuf.extend_from_slice(&frames),
+        Op::Write { frames, replies } => {
+            wbuf.extend_from_slice(&frames);
+            if let Some(Pending::Relay { acks, .. }) = pending.back_mut() {
+                acks.expect(replies);
+            }
+        }
         Op::Release(conn) => pending.push_back(Pending::Release(conn)),
         Op::Inject { reply, subscribed } => {
-            stand_in(pending, wbuf, Then::Reply { reply, subscribed });
+            if let Some(Pending::Relay {
+                stand_ins, acks, ..
+            }) = pending.back_mut()
+            {
+                let (stand_in, ping) = StandIn::new(reply, subscribed);
+                // Under CLIENT REPLY OFF no answer ever comes to drop them:
+                // a bound on memory (a client with more of nearcache's own
+                // replies than this in flight at once on one relay would get
+                // the oldest as Redis's answer to its PING).
+                if stand_ins.len() == MAX_STAND_INS {
+                    stand_ins.pop_front();
+                }
+                stand_ins.push_back(stand_in);
+                acks.expect(Some(1));
+                wbuf.extend_from_slice(&ping);
+            }
         }
-        Op::Ack(then) => stand_in(pending, wbuf, Then::Ack(then)),
+        // (Without a relay, `then` is dropped: it runs at once.)
+        Op::Ack(then) => {
+            if let Some(Pending::Relay { acks, .. }) = pending.back_mut() {
+                acks.ack(then);
+            }
+        }
         Op::InjectLast(bytes) => {
             if let Some(Pending::Relay { tx, .. }) = pending.back() {
                 let _ = tx.send(bytes).await;
@@ -496,21 +580,20 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
     }
 }
 
-/// Queues a stand-in on the relay (the last pending entry) and writes its
-/// PING; without a relay, `then` is dropped (an ack runs at once).
-fn stand_in(pending: &mut VecDeque<Pending>, wbuf: &mut BytesMut, then: Then) {
-    if let Some(Pending::Relay { stand_ins, .. }) = pending.back_mut() {
-        let (stand_in, ping) = StandIn::new(then);
-        // Under CLIENT REPLY OFF no answer ever comes to drop them: a bound
-        // on memory (a client with more of nearcache's own replies than this
-        // in flight at once on one relay would get the oldest as Redis's
-        // answer to its PING; an ack dropped so runs early).
-        if stand_ins.len() == MAX_STAND_INS {
-            stand_ins.pop_front();
-        }
-        stand_ins.push_back(stand_in);
-        wbuf.extend_from_slice(&ping);
-    }
+/// Whether `frame` has the shape of a stand-in's answer (a bulk string
+/// holding a marker, or RESP2 pub/sub's `pong` array of one), so that only
+/// those are compared with each pending stand-in (under `CLIENT REPLY OFF`
+/// they can pile up, and every relayed frame would be).
+fn may_answer_a_stand_in(frame: &[u8]) -> bool {
+    const MARKER: &[u8] = b"__nearcache:reply:";
+    let bulk = frame
+        .strip_prefix(&b"*2\r\n$4\r\npong\r\n"[..])
+        .unwrap_or(frame);
+    bulk.first() == Some(&b'$')
+        && bulk
+            .iter()
+            .position(|&b| b == b'\n')
+            .is_some_and(|nl| bulk[nl + 1..].starts_with(MARKER))
 }
 
 /// A transaction's reply whose elements include stand-ins' answers (their
@@ -537,7 +620,7 @@ fn splice_stand_ins(frame: &Bytes, stand_ins: &mut VecDeque<StandIn>) -> Option<
             .iter()
             .position(|s| s.answers(element))
             .and_then(|i| stand_ins.remove(i))
-            .and_then(|s| s.into_reply(element));
+            .map(|s| s.into_reply(element));
         out.extend_from_slice(reply.as_deref().unwrap_or(element));
         at += len;
     }
@@ -568,25 +651,33 @@ async fn deliver(
             // Only RESET answers `+RESET`: after it the connection's state is
             // gone and so is the reason to relay; the session starts afresh.
             let reset = &frame[..] == b"+RESET\r\n";
-            if let Some(Pending::Relay { tx, stand_ins }) = pending.front_mut() {
+            if let Some(Pending::Relay {
+                tx,
+                stand_ins,
+                acks,
+            }) = pending.front_mut()
+            {
+                acks.saw(&frame);
                 // A stand-in's PING answered: earlier stand-ins whose answers
                 // Redis silenced (CLIENT REPLY OFF|SKIP) are dropped.
-                let frame = match stand_ins.iter().position(|s| s.answers(&frame)) {
+                let answered = if stand_ins.is_empty() || !may_answer_a_stand_in(&frame) {
+                    None
+                } else {
+                    stand_ins.iter().position(|s| s.answers(&frame))
+                };
+                let frame = match answered {
                     Some(at) => {
                         stand_ins.drain(..at);
                         match stand_ins.pop_front() {
                             Some(s) => s.into_reply(&frame),
-                            None => Some(frame),
+                            None => frame,
                         }
                     }
-                    None => Some(splice_stand_ins(&frame, stand_ins).unwrap_or(frame)),
+                    None => splice_stand_ins(&frame, stand_ins).unwrap_or(frame),
                 };
-                if let Some(frame) = frame {
-                    if tx.send(frame).await.is_err() {
-                        // The client is gone; so is the point of this
-                        // connection.
-                        return Err(UpstreamError::ConnectionLost);
-                    }
+                if tx.send(frame).await.is_err() {
+                    // The client is gone; so is the point of this connection.
+                    return Err(UpstreamError::ConnectionLost);
                 }
             }
             if reset {
@@ -662,5 +753,58 @@ fn check_head(pending: &VecDeque<Pending>, opts: &ConnOptions) -> Option<Upstrea
             .then_some(UpstreamError::Timeout(opts.command_timeout)),
         Pending::Relay { tx, .. } if tx.is_closed() => Some(UpstreamError::ConnectionLost),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_marker_shaped_frames_are_compared_with_stand_ins() {
+        let (stand_in, ping) = StandIn::new(Bytes::from_static(b":7\r\n"), Bytes::new());
+        assert!(ping.starts_with(b"*2\r\n$4\r\nPING\r\n"));
+        assert!(may_answer_a_stand_in(&stand_in.bulk));
+        assert!(may_answer_a_stand_in(&stand_in.pubsub));
+        assert!(stand_in.answers(&stand_in.bulk));
+        for other in [
+            &b"+PONG\r\n"[..],
+            b"$5\r\nhello\r\n",
+            b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nm\r\n",
+            b"*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+            b"$",
+        ] {
+            assert!(!may_answer_a_stand_in(other), "{other:?}");
+        }
+        assert_eq!(&stand_in.into_reply(b"")[..], b":7\r\n");
+    }
+
+    #[test]
+    fn acks_wait_for_replies_not_pushes() {
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = |ran: &Arc<std::sync::atomic::AtomicUsize>| {
+            let ran = ran.clone();
+            OnAnswer::new(move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        let mut acks = Acks::default();
+        acks.expect(Some(2));
+        acks.ack(counter(&ran));
+        acks.saw(b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n");
+        acks.saw(b"+OK\r\n");
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "a push is no reply");
+        acks.saw(b"+OK\r\n");
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+        // Nothing outstanding: at once. Uncountable: at once, and from then on.
+        acks.ack(counter(&ran));
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        acks.expect(Some(1));
+        acks.ack(counter(&ran));
+        acks.expect(None);
+        assert_eq!(ran.load(Ordering::SeqCst), 3);
+        acks.expect(Some(1));
+        acks.ack(counter(&ran));
+        assert_eq!(ran.load(Ordering::SeqCst), 4);
     }
 }

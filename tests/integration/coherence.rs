@@ -548,6 +548,60 @@ async fn writes_from_relayed_and_muted_clients_evict_on_peers() {
     assert_eq!(muted.cmd(&["CLIENT", "REPLY", "ON"]).await, b"+OK\r\n"[..]);
 }
 
+/// Guards `Op::Ack`'s count: it is a relayed write's reply that
+/// acknowledges it, not the invalidation pushes that may come first. The
+/// tracking client's SET waits behind its own BLPOP while two keys it tracks
+/// change (two pushes); a count that took pushes for replies would publish
+/// the SET before Redis ran it, and B would cache the old value again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_write_is_acknowledged_by_its_reply_not_by_pushes() {
+    let mut c = Cluster::start(2).await;
+    for (k, v) in [("t:x", "0"), ("t:y", "0"), ("t:k", "old")] {
+        set_direct(&c.redis, k, v);
+    }
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, "t:k").await, "old");
+    let mut tracking = Raw::connect_resp3(c.proxies[0].port()).await;
+    assert_eq!(
+        tracking.cmd(&["CLIENT", "TRACKING", "on"]).await,
+        b"+OK\r\n"[..]
+    );
+    for k in ["t:x", "t:y"] {
+        assert_eq!(tracking.cmd(&["GET", k]).await, b"$1\r\n0\r\n"[..]);
+    }
+    tracking.send_str(&["BLPOP", "t:q", "0"]).await;
+    tracking.send_str(&["SET", "t:k", "new"]).await;
+    set_direct(&c.redis, "t:x", "1");
+    set_direct(&c.redis, "t:y", "1");
+    for _ in 0..2 {
+        let push = tracking.frame().await;
+        assert!(push.starts_with(b">2\r\n$10\r\ninvalidate"), "{push:?}");
+    }
+    // Whatever A published so far has reached B once a message A publishes
+    // now has (NATS keeps one publisher's order): then B reads. The SET has
+    // not run, so B still serves the old value — from Redis again, had it
+    // been told too early.
+    let before = c.bus(1).await.get("delay_samples");
+    let _: i64 = redis::cmd("PROXY")
+        .arg(&["INVALIDATE", "nothing-matches-this"])
+        .query_async(&mut c.conns[0])
+        .await
+        .unwrap();
+    until_bus(&mut c.conns[1], "B to hear A", POLL_LIMIT, |s| {
+        s.get("delay_samples") > before
+    })
+    .await;
+    assert_eq!(get(&mut c.conns[1], "t:k").await.as_deref(), Some("old"));
+    let mut direct = c.redis.direct();
+    let _: i64 = redis::cmd("LPUSH")
+        .arg("t:q")
+        .arg("v")
+        .query(&mut direct)
+        .unwrap();
+    assert!(tracking.frame().await.starts_with(b"*2"), "BLPOP's reply");
+    assert_eq!(tracking.frame().await, b"+OK\r\n"[..], "SET's reply");
+    served_within_bound(&mut c.conns[1], "t:k", "new", "B, after the SET ran").await;
+}
+
 /// Guards the database of a relayed RESP2 subscriber's writes: Redis
 /// refuses its SELECT while it is subscribed, so a SELECT relayed then
 /// leaves nearcache unsure which database the writes after it land in —

@@ -1696,6 +1696,89 @@ async fn a_resp2_subscriber_is_refused_what_redis_refuses_it() {
     assert_eq!(heard[1], heard[0], "through nearcache");
 }
 
+/// Guards `Op::Ack`'s counting: while a script keeps Redis busy, a relayed
+/// client's write is refused with `-BUSY`, and that refusal is all it gets —
+/// nothing nearcache sends to learn when its writes are done may draw a
+/// reply of its own (an extra `-BUSY` would put every later reply one off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_redis_answers_a_relayed_client_as_it_would_directly() {
+    let redis = RedisServer::start_with(&["--busy-reply-threshold", "50"]);
+    let mut cfg = config_for(&redis);
+    cfg.cache.rules = vec![nearcache::config::RuleConfig::caching(
+        "",
+        Duration::from_secs(60),
+    )];
+    let proxy = TestProxy::start_with(cfg).await;
+    let mut heard = Vec::new();
+    for port in [redis.port(), proxy.port()] {
+        let mut c = Raw::connect_resp3(port).await;
+        assert_eq!(c.cmd(&["CLIENT", "TRACKING", "on"]).await, OK);
+        // Busy for 400 ms, on a connection of its own.
+        let mut script = Raw::connect(redis.port()).await;
+        script
+            .send_str(&[
+                "EVAL",
+                "local t = redis.call('TIME') \
+                 local stop = t[1] * 1000000 + t[2] + 400000 \
+                 repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] > stop",
+                "0",
+            ])
+            .await;
+        let mut probe = Raw::connect(redis.port()).await;
+        while !probe.cmd(&["PING"]).await.starts_with(b"-BUSY") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.send_str(&["SET", "busy", "1"]).await;
+        let refused = c.frame().await;
+        assert!(refused.starts_with(b"-BUSY"), "{refused:?}");
+        assert_eq!(script.frame().await, b"$-1\r\n"[..], "the script ends");
+        heard.push(refused);
+        let mut after = Vec::new();
+        c.send_str(&["PING", "after"]).await;
+        loop {
+            let f = c.frame().await;
+            let done = f[..] == b"$5\r\nafter\r\n"[..];
+            after.push(f);
+            if done {
+                break;
+            }
+        }
+        heard.push(Bytes::from(after.concat()));
+    }
+    assert_eq!(heard[2..], heard[..2], "through nearcache, as from Redis");
+}
+
+/// Guards `Session::refuse_in_multi`: inside a transaction, commands after
+/// which replies would stop pairing with commands are refused, and the
+/// transaction fails at EXEC as Redis fails one with a command refused while
+/// queuing; the client goes on as before, replies and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaying_commands_inside_multi_are_refused_and_abort_it() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut c = Raw::connect(proxy.port()).await;
+    for cmd in [
+        &["SUBSCRIBE", "ch"][..],
+        &["CLIENT", "TRACKING", "on"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["CLIENT", "REPLY", "ON"],
+        &["MONITOR"],
+    ] {
+        assert_eq!(c.cmd(&["MULTI"]).await, OK);
+        let refused = c.cmd(cmd).await;
+        assert!(
+            refused.starts_with(b"-ERR '")
+                && refused.ends_with(b"inside MULTI is not supported by nearcache\r\n"),
+            "{cmd:?}: {refused:?}"
+        );
+        assert_eq!(c.cmd(&["SET", "aborted", "1"]).await, b"+QUEUED\r\n"[..]);
+        let exec = c.cmd(&["EXEC"]).await;
+        assert!(exec.starts_with(b"-EXECABORT"), "{cmd:?}: {exec:?}");
+        assert_eq!(c.cmd(&["GET", "aborted"]).await, b"$-1\r\n"[..], "{cmd:?}");
+    }
+    assert_eq!(c.cmd(&["PING", "still"]).await, b"$5\r\nstill\r\n"[..]);
+}
+
 /// A relayed client's transaction: what nearcache answers itself is queued
 /// like the rest and answered in its place in EXEC's reply; a wrong arity
 /// aborts the transaction, as in Redis.

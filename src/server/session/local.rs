@@ -353,7 +353,8 @@ impl Session {
         self.reply_off = false;
         self.skip_next = false;
         self.relay_multi = false;
-        self.multi_unsure = false;
+        self.relay_due = 0;
+        self.relay_countable = false;
         self.db_uncertain = false;
         self.relay_inv = Default::default();
         self.enrollment.set_pubsub(false);

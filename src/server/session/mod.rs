@@ -122,10 +122,13 @@ pub struct Session {
     relay_inv: Invalidation,
     /// A relayed client is inside MULTI: its writes wait for EXEC.
     relay_multi: bool,
-    /// A relayed client's MULTI that Redis may have refused: whether a
-    /// marker would be queued is unknown, so its writes are published as
-    /// they are sent, until RESET.
-    multi_unsure: bool,
+    /// Replies (other than pushes) the relayed commands not yet handed to
+    /// the connection draw, for [`Op::Ack`]'s count.
+    relay_due: u32,
+    /// Every relayed command's replies can be counted (not after MONITOR,
+    /// CLIENT REPLY, HELLO, or RESP2 pub/sub): relayed writes are then
+    /// published once answered, else as they are sent.
+    relay_countable: bool,
     /// A relayed SELECT that Redis may not have run: writes' keys are
     /// dropped in every database until RESET.
     db_uncertain: bool,
@@ -191,7 +194,8 @@ pub async fn serve(
         skipping: false,
         relay_inv: Invalidation::default(),
         relay_multi: false,
-        multi_unsure: false,
+        relay_due: 0,
+        relay_countable: false,
         db_uncertain: false,
     };
     let mut input = Input {
@@ -277,6 +281,37 @@ pub async fn serve(
         input.buf.reserve(wanted.max(4096));
     }
     let _ = stream.shutdown().await;
+}
+
+/// How many replies other than pushes a relayed command draws, if that is
+/// known: one, but none for a RESP3 (un)subscribe (its confirmations are
+/// pushes), and unknown where replies stop being one per command (MONITOR,
+/// `CLIENT REPLY`, a protocol switch, a RESP2 client that may be
+/// subscribed, whose messages are not pushes).
+fn relay_replies(argv: &[Bytes], proto: Protocol, maybe_subscribed: bool) -> Option<u32> {
+    let is = |name: &str| argv[0].eq_ignore_ascii_case(name.as_bytes());
+    let subscription = [
+        "subscribe",
+        "psubscribe",
+        "ssubscribe",
+        "unsubscribe",
+        "punsubscribe",
+        "sunsubscribe",
+    ]
+    .into_iter()
+    .any(is);
+    let client_reply = is("client")
+        && argv
+            .get(1)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"reply"));
+    if maybe_subscribed || is("monitor") || is("hello") || client_reply {
+        return None;
+    }
+    match (subscription, proto) {
+        (false, _) => Some(1),
+        (true, Protocol::Resp3) => Some(0),
+        (true, Protocol::Resp2) => None,
+    }
 }
 
 /// Nearcache's descriptor for a client's connection (`fd=` in `CLIENT
@@ -698,14 +733,8 @@ impl Session {
                 let inv = std::mem::take(&mut self.pending_inv);
                 self.send_pinned(frames, 1, true, inv).await;
             }
-            Route::ClientReply if self.pin.as_ref().is_some_and(|p| p.in_multi) => {
-                // Queued, Redis runs it at EXEC (mid-reply: Redis's own
-                // behaviour, which only Redis can reproduce).
-                if local::reply_mode(&self.argv) == Some(local::ReplyMode::On) {
-                    self.forward(chunk, frame, true).await;
-                } else {
-                    self.start_relay(chunk, frame).await;
-                }
+            Route::ClientReply | Route::Relay if self.pin.as_ref().is_some_and(|p| p.in_multi) => {
+                self.refuse_in_multi(spec);
             }
             Route::ClientReply => self.client_reply(),
             Route::Blocking => self.blocking(chunk, frame).await,
@@ -747,12 +776,6 @@ impl Session {
         // subscribed, Redis would refuse it, so it is refused here.
         let maybe_subscribed = self.proto == Protocol::Resp2 && self.enrollment.pubsub();
         match route {
-            // Inside a transaction Redis must see it: its queuing error makes
-            // EXEC fail with EXECABORT.
-            Route::WrongArity(_) if self.relay_multi => {
-                self.forward(chunk, frame, true).await;
-                Flow::Continue
-            }
             Route::Auth
             | Route::ClientId
             | Route::ClientGetName
@@ -760,8 +783,7 @@ impl Session {
             | Route::ClientNoEvict
             | Route::ClientList
             | Route::ClientInfo
-            | Route::Refuse(_)
-            | Route::WrongArity(_) => {
+            | Route::Refuse(_) => {
                 self.relay_local(chunk, route, maybe_subscribed, &refused)
                     .await
             }
@@ -792,23 +814,18 @@ impl Session {
                             _ => self.reply_off = true,
                         }
                     }
-                    // A marker inside a transaction would be queued (its
-                    // answer is then an element of EXEC's), so none is
-                    // sent until it ends; and where Redis may have refused
-                    // the MULTI (a RESP2 subscriber), none at all.
-                    Route::Multi if maybe_subscribed => self.multi_unsure = true,
+                    // Queued writes run at EXEC: acknowledged after it.
                     Route::Multi => self.relay_multi = true,
                     Route::EndTransaction => self.relay_multi = false,
                     Route::Select => {
                         if let Some(db) = self.argv.get(1).and_then(|a| parse_i64(a)) {
                             self.db = u32::try_from(db).unwrap_or(self.db);
                         }
-                        // Redis may refuse it (a RESP2 subscriber) or never
-                        // run it (a transaction that fails): the database
-                        // of later writes is then unknown here.
-                        if maybe_subscribed || self.relay_multi {
-                            self.db_uncertain = true;
-                        }
+                        // Redis may refuse it (out of range, a RESP2
+                        // subscriber) or never run it (a transaction that
+                        // fails): the database of later writes is then
+                        // unknown here.
+                        self.db_uncertain = true;
                     }
                     Route::Hello => {
                         if let Some(p) = requested_protocol(&self.argv) {
@@ -820,7 +837,11 @@ impl Session {
                     _ => {}
                 }
                 // A relayed write has no reply slot to carry its keys: they
-                // wait for the next acknowledgement marker instead.
+                // wait for its replies to be counted (see `ack_relayed`).
+                match relay_replies(&self.argv, self.proto, maybe_subscribed) {
+                    Some(n) => self.relay_due += n,
+                    None => self.relay_countable = false,
+                }
                 let inv = std::mem::take(&mut self.pending_inv);
                 self.forward(chunk, frame, true).await;
                 self.relay_inv.extend(inv);
@@ -886,10 +907,10 @@ impl Session {
         Flow::Continue
     }
 
-    /// Has the writes relayed since the last marker invalidated (locally
-    /// again, and on peers) once Redis has run them: an [`Op::Ack`] on the
-    /// relay, answered after them. Where no answer would come (`CLIENT REPLY
-    /// OFF`, a MULTI Redis may be queuing, or the relay is gone) they are
+    /// Has the writes relayed since the last acknowledgement invalidated
+    /// (locally again, and on peers) once Redis has answered them: an
+    /// [`Op::Ack`], which counts the relay's replies. Where they cannot be
+    /// counted (see `relay_countable`), or the relay is gone, they are
     /// published now instead, as they are sent. Inside MULTI they wait for
     /// EXEC.
     async fn ack_relayed(&mut self, chunk: &Bytes) {
@@ -909,7 +930,7 @@ impl Session {
         });
         match &self.pin {
             // (A failed send drops the callback, which runs it.)
-            Some(pin) if pin.relay && !self.reply_off && !self.multi_unsure => {
+            Some(pin) if pin.relay && self.relay_countable => {
                 let _ = pin.conn.send(Op::Ack(acknowledged));
             }
             _ => drop(acknowledged),
@@ -1026,7 +1047,10 @@ impl Session {
             return self.reply(UpstreamError::ConnectionLost.to_replies(count as usize));
         };
         if pin.relay {
-            if pin.conn.send(Op::Write { frames }).is_err() {
+            let replies = self
+                .relay_countable
+                .then(|| std::mem::take(&mut self.relay_due));
+            if pin.conn.send(Op::Write { frames, replies }).is_err() {
                 self.pin = None;
                 // Redis was dropping replies for this client; nearcache
                 // does again (see `start_relay`).

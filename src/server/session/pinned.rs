@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Session;
 use crate::cache::Invalidation;
+use crate::command::CommandSpec;
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::{self, Protocol};
@@ -330,6 +331,23 @@ impl Session {
         }
     }
 
+    /// Inside MULTI, a command after which replies would stop pairing with
+    /// commands (SUBSCRIBE…, MONITOR, CLIENT TRACKING ON, CLIENT REPLY):
+    /// Redis would queue it and switch at EXEC, in the middle of EXEC's
+    /// reply, which nearcache cannot follow. It is refused, and Redis is made
+    /// to abort the transaction at EXEC, as for any command refused while
+    /// queuing (an arity error, whose reply nobody reads).
+    pub(super) fn refuse_in_multi(&mut self, spec: Option<&CommandSpec>) {
+        if let Some(pin) = &self.pin {
+            let (poison, _unread) = Op::request(encode_command(&["GET"]), 1, false);
+            let _ = pin.conn.send(poison);
+        }
+        let name = spec.map_or("", |s| s.name);
+        self.reply(reply::error(&format!(
+            "ERR '{name}' inside MULTI is not supported by nearcache"
+        )));
+    }
+
     /// Switches to relay mode with the current command as the first relayed one.
     pub(super) async fn start_relay(&mut self, chunk: &Bytes, frame: Option<Range<usize>>) {
         self.flush_run(chunk).await;
@@ -357,8 +375,25 @@ impl Session {
         }
         let (tx, rx) = mpsc::channel(1024);
         self.order_for_pin().await;
+        // (Replies are counted from here, where they can be: see `Op::Ack`.)
+        let replies = if mode.is_some() {
+            None
+        } else {
+            let maybe_subscribed = self.proto == Protocol::Resp2 && self.enrollment.pubsub();
+            super::relay_replies(&self.argv, self.proto, maybe_subscribed)
+        };
+        self.relay_countable = replies.is_some();
+        self.relay_due = 0;
         let Some(pin) = &mut self.pin else { return };
-        if pin.conn.send(Op::Relay { frames, tx }).is_err() {
+        if pin
+            .conn
+            .send(Op::Relay {
+                frames,
+                tx,
+                replies,
+            })
+            .is_err()
+        {
             self.pin = None;
             return self.reply(UpstreamError::ConnectionLost.to_reply());
         }
