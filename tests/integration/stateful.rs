@@ -910,6 +910,23 @@ async fn client_reply_modes_answer_as_redis_does() {
     assert_eq!(heard[0].len(), 15, "Redis: {:?}", heard[0]);
     assert_eq!(heard[1], heard[0], "through nearcache");
 
+    // ON queued in a transaction runs at EXEC: under OFF, Redis drops EXEC's
+    // reply up to ON's +OK.
+    let script: &[&[&str]] = &[
+        &["MULTI"],
+        &["CLIENT", "REPLY", "ON"],
+        &["EXEC"],
+        &["CLIENT", "REPLY", "OFF"],
+        &["MULTI"],
+        &["CLIENT", "REPLY", "ON"],
+        &["EXEC"],
+        &["PING", "x"],
+        &["ECHO", "done"],
+    ];
+    let heard = frames_up_to_done(&redis, &proxy, false, script).await;
+    assert_eq!(heard[0].len(), 6, "Redis: {:?}", heard[0]);
+    assert_eq!(heard[1], heard[0], "through nearcache");
+
     // RESP3: a subscriber may run anything, and under OFF still gets its
     // pushes (its own PUBLISH's message among them).
     let resp3: &[&[&str]] = &[
@@ -1761,7 +1778,7 @@ async fn relaying_commands_inside_multi_are_refused_and_abort_it() {
         &["SUBSCRIBE", "ch"][..],
         &["CLIENT", "TRACKING", "on"],
         &["CLIENT", "REPLY", "OFF"],
-        &["CLIENT", "REPLY", "ON"],
+        &["CLIENT", "REPLY", "SKIP"],
         &["MONITOR"],
     ] {
         assert_eq!(c.cmd(&["MULTI"]).await, OK);

@@ -185,6 +185,12 @@ impl Session {
             }
             Route::ClientKill => self.client_kill(),
             Route::ClientList => self.client_list(false).await,
+            // Only ON is queued (see `handle`); its reply is an element of
+            // EXEC's, and replies come back on after it.
+            Route::ClientReply => {
+                self.reply_off = false;
+                Bytes::from_static(OK)
+            }
             Route::ClientInfo => self.client_list(true).await,
             // Redis never evicts a client of nearcache: there is nothing to
             // protect, and the shared connection must not carry the flag.

@@ -585,11 +585,15 @@ impl Session {
             | Route::Auth
                 if self.pin.as_ref().is_some_and(|p| p.in_multi) =>
             {
-                if let Some(pin) = &mut self.pin {
-                    pin.txn_local
-                        .push((pin.txn_queued, route, std::mem::take(&mut self.argv)));
-                }
-                self.reply(Bytes::from_static(b"+QUEUED\r\n"));
+                self.queue_local(route);
+            }
+            // ON runs at EXEC (see `local_reply`); OFF and SKIP would turn
+            // replies off in the middle of EXEC's, as Redis does.
+            Route::ClientReply
+                if self.pin.as_ref().is_some_and(|p| p.in_multi)
+                    && local::reply_mode(&self.argv) == Some(local::ReplyMode::On) =>
+            {
+                self.queue_local(route);
             }
             Route::Auth
             | Route::ClientSetName

@@ -255,8 +255,25 @@ impl Session {
         let Some(Ok(reply)) = self.out.last_replies().await else {
             return;
         };
+        let muted = self.reply_off;
         let spliced = self.splice_exec(&reply, local).await;
         self.out.answer_last(Ok(spliced.unwrap_or(reply)));
+        if muted && !self.reply_off {
+            // A CLIENT REPLY ON queued under OFF: Redis drops EXEC's reply
+            // up to it, then sends its +OK (and what follows).
+            self.push(Slot::Mute(false));
+            self.reply(Bytes::from_static(b"+OK\r\n"));
+        }
+    }
+
+    /// Queues a command nearcache answers itself inside MULTI (Redis would
+    /// queue it): it runs at EXEC, answered in its place in EXEC's reply.
+    pub(super) fn queue_local(&mut self, route: Route) {
+        if let Some(pin) = &mut self.pin {
+            pin.txn_local
+                .push((pin.txn_queued, route, std::mem::take(&mut self.argv)));
+        }
+        self.reply(Bytes::from_static(b"+QUEUED\r\n"));
     }
 
     pub(super) async fn splice_exec(
