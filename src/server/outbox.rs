@@ -340,7 +340,7 @@ fn weight(slot: &Slot) -> usize {
 
 impl Drop for Outbox {
     /// A client that leaves does not take back the writes it sent: those
-    /// still unanswered are orphaned (see [`Outbox::orphan`]).
+    /// still unanswered are orphaned (see `Outbox::orphan`).
     fn drop(&mut self) {
         for slot in std::mem::take(&mut self.slots) {
             self.orphan(slot);
