@@ -426,7 +426,7 @@ impl Session {
                     // every database (as cheap as one while only one is
                     // used); so do a relayed client's after a SELECT Redis
                     // may have refused.
-                    let db = if script || self.db_uncertain {
+                    let db = if script || self.relay.db_uncertain {
                         cache::ANY_DB
                     } else {
                         self.db

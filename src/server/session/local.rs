@@ -358,11 +358,7 @@ impl Session {
     pub(super) async fn reset_state(&mut self) {
         self.reply_off = false;
         self.skip_next = false;
-        self.relay_multi = false;
-        self.relay_due = 0;
-        self.relay_countable = false;
-        self.db_uncertain = false;
-        self.relay_inv = Default::default();
+        self.relay = Default::default();
         self.enrollment.set_pubsub(false);
         self.no_evict = false;
         self.name = None;

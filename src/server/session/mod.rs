@@ -118,19 +118,27 @@ pub struct Session {
     skip_next: bool,
     /// The command being handled is the skipped one.
     skipping: bool,
-    /// A relayed client's writes since its last acknowledgement marker.
-    relay_inv: Invalidation,
-    /// A relayed client is inside MULTI: its writes wait for EXEC.
-    relay_multi: bool,
+    /// What a relay keeps to acknowledge its client's writes.
+    relay: RelayBook,
+}
+
+/// A relayed client's writes and what nearcache knows of the replies to
+/// them (see `Session::ack_relayed`). Starts afresh with each relay.
+#[derive(Default)]
+struct RelayBook {
+    /// Keys written since the last acknowledgement.
+    inv: Invalidation,
+    /// Inside MULTI: its writes wait for EXEC.
+    multi: bool,
     /// Replies (other than pushes) the relayed commands not yet handed to
     /// the connection draw, for [`Op::Ack`]'s count.
-    relay_due: u32,
+    due: u32,
     /// Every relayed command's replies can be counted (not after MONITOR,
-    /// CLIENT REPLY, HELLO, or RESP2 pub/sub): relayed writes are then
-    /// published once answered, else as they are sent.
-    relay_countable: bool,
-    /// A relayed SELECT that Redis may not have run: writes' keys are
-    /// dropped in every database until RESET.
+    /// CLIENT REPLY, HELLO, or RESP2 pub/sub): writes are then published
+    /// once answered, else as they are sent.
+    countable: bool,
+    /// After a SELECT Redis may not have run: keys are dropped in every
+    /// database.
     db_uncertain: bool,
 }
 
@@ -192,11 +200,7 @@ pub async fn serve(
         reply_off: false,
         skip_next: false,
         skipping: false,
-        relay_inv: Invalidation::default(),
-        relay_multi: false,
-        relay_due: 0,
-        relay_countable: false,
-        db_uncertain: false,
+        relay: RelayBook::default(),
     };
     let mut input = Input {
         parser: Parser::new(ctx.limits),
@@ -819,8 +823,8 @@ impl Session {
                         }
                     }
                     // Queued writes run at EXEC: acknowledged after it.
-                    Route::Multi => self.relay_multi = true,
-                    Route::EndTransaction => self.relay_multi = false,
+                    Route::Multi => self.relay.multi = true,
+                    Route::EndTransaction => self.relay.multi = false,
                     Route::Select => {
                         if let Some(db) = self.argv.get(1).and_then(|a| parse_i64(a)) {
                             self.db = u32::try_from(db).unwrap_or(self.db);
@@ -829,7 +833,7 @@ impl Session {
                         // subscriber) or never run it (a transaction that
                         // fails): the database of later writes is then
                         // unknown here.
-                        self.db_uncertain = true;
+                        self.relay.db_uncertain = true;
                     }
                     Route::Hello => {
                         if let Some(p) = requested_protocol(&self.argv) {
@@ -843,12 +847,12 @@ impl Session {
                 // A relayed write has no reply slot to carry its keys: they
                 // wait for its replies to be counted (see `ack_relayed`).
                 match relay_replies(&self.argv, self.proto, maybe_subscribed) {
-                    Some(n) => self.relay_due += n,
-                    None => self.relay_countable = false,
+                    Some(n) => self.relay.due += n,
+                    None => self.relay.countable = false,
                 }
                 let inv = std::mem::take(&mut self.pending_inv);
                 self.forward(chunk, frame, true).await;
-                self.relay_inv.extend(inv);
+                self.relay.inv.extend(inv);
                 match route {
                     Route::Quit => Flow::Stop,
                     Route::Reset => {
@@ -914,15 +918,15 @@ impl Session {
     /// Has the writes relayed since the last acknowledgement invalidated
     /// (locally again, and on peers) once Redis has answered them: an
     /// [`Op::Ack`], which counts the relay's replies. Where they cannot be
-    /// counted (see `relay_countable`), or the relay is gone, they are
+    /// counted (see `RelayBook::countable`), or the relay is gone, they are
     /// published now instead, as they are sent. Inside MULTI they wait for
     /// EXEC.
     async fn ack_relayed(&mut self, chunk: &Bytes) {
-        if self.relay_inv.is_empty() || self.relay_multi {
+        if self.relay.inv.is_empty() || self.relay.multi {
             return;
         }
         self.flush_run(chunk).await;
-        let inv = std::mem::take(&mut self.relay_inv);
+        let inv = std::mem::take(&mut self.relay.inv);
         let (Some(l1), bus) = (self.ctx.l1.clone(), self.ctx.bus.clone()) else {
             return;
         };
@@ -934,7 +938,7 @@ impl Session {
         });
         match &self.pin {
             // (A failed send drops the callback, which runs it.)
-            Some(pin) if pin.relay && self.relay_countable => {
+            Some(pin) if pin.relay && self.relay.countable => {
                 let _ = pin.conn.send(Op::Ack(acknowledged));
             }
             _ => drop(acknowledged),
@@ -1052,8 +1056,9 @@ impl Session {
         };
         if pin.relay {
             let replies = self
-                .relay_countable
-                .then(|| std::mem::take(&mut self.relay_due));
+                .relay
+                .countable
+                .then(|| std::mem::take(&mut self.relay.due));
             if pin.conn.send(Op::Write { frames, replies }).is_err() {
                 self.pin = None;
                 // Redis was dropping replies for this client; nearcache

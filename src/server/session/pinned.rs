@@ -399,8 +399,12 @@ impl Session {
             let maybe_subscribed = self.proto == Protocol::Resp2 && self.enrollment.pubsub();
             super::relay_replies(&self.argv, self.proto, maybe_subscribed)
         };
-        self.relay_countable = replies.is_some();
-        self.relay_due = 0;
+        // (A relay that went before has had its writes published.)
+        self.ack_relayed(chunk).await;
+        self.relay = super::RelayBook {
+            countable: replies.is_some(),
+            ..Default::default()
+        };
         let Some(pin) = &mut self.pin else { return };
         if pin
             .conn
