@@ -111,8 +111,8 @@ pub struct Session {
     /// The client killed itself (`CLIENT KILL … SKIPME no`): close after the
     /// reply.
     closing: bool,
-    /// `CLIENT REPLY OFF`: its replies are dropped here (or, relaying, Redis
-    /// may be dropping them: see `handle_relaying`).
+    /// `CLIENT REPLY OFF`: its replies are dropped here (in a relay, Redis
+    /// applies CLIENT REPLY; see `start_relay`).
     reply_off: bool,
     /// `CLIENT REPLY SKIP`: the next command's reply is dropped.
     skip_next: bool,
@@ -808,20 +808,8 @@ impl Session {
                 if route != Route::Forward {
                     self.ack_relayed(chunk).await;
                 }
+                // (CLIENT REPLY here is Redis's to apply.)
                 match route {
-                    Route::ClientReply => {
-                        // Redis decides here; what nearcache keeps is only
-                        // whether an acknowledgement marker would be
-                        // answered, so any doubt counts as OFF (a RESP2
-                        // subscriber's CLIENT REPLY may be refused).
-                        match local::reply_mode(&self.argv) {
-                            Some(local::ReplyMode::On) if !maybe_subscribed => {
-                                self.reply_off = false;
-                            }
-                            Some(local::ReplyMode::Skip) if !maybe_subscribed => {}
-                            _ => self.reply_off = true,
-                        }
-                    }
                     // Queued writes run at EXEC: acknowledged after it.
                     Route::Multi => self.relay.multi = true,
                     Route::EndTransaction => self.relay.multi = false,
@@ -1061,11 +1049,6 @@ impl Session {
                 .then(|| std::mem::take(&mut self.relay.due));
             if pin.conn.send(Op::Write { frames, replies }).is_err() {
                 self.pin = None;
-                // Redis was dropping replies for this client; nearcache
-                // does again (see `start_relay`).
-                if self.reply_off {
-                    self.push(Slot::Mute(true));
-                }
             }
             return;
         }

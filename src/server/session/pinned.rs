@@ -389,6 +389,7 @@ impl Session {
                 .concat()
                 .into();
             self.push(Slot::Mute(false));
+            self.reply_off = false;
         }
         let (tx, rx) = mpsc::channel(1024);
         self.order_for_pin().await;
