@@ -289,10 +289,15 @@ pub async fn serve(
 
 /// How many replies other than pushes a relayed command draws, if that is
 /// known: one, but none for a RESP3 (un)subscribe (its confirmations are
-/// pushes), and unknown where replies stop being one per command (MONITOR,
-/// `CLIENT REPLY`, a protocol switch, a RESP2 client that may be
-/// subscribed, whose messages are not pushes).
-fn relay_replies(argv: &[Bytes], proto: Protocol, maybe_subscribed: bool) -> Option<u32> {
+/// pushes) unless `queued` in MULTI, and unknown where replies stop being one
+/// per command (MONITOR, `CLIENT REPLY`, a protocol switch, a RESP2 client
+/// that may be subscribed, whose messages are not pushes).
+fn relay_replies(
+    argv: &[Bytes],
+    proto: Protocol,
+    maybe_subscribed: bool,
+    queued: bool,
+) -> Option<u32> {
     let is = |name: &str| argv[0].eq_ignore_ascii_case(name.as_bytes());
     let subscription = [
         "subscribe",
@@ -312,6 +317,8 @@ fn relay_replies(argv: &[Bytes], proto: Protocol, maybe_subscribed: bool) -> Opt
         return None;
     }
     match (subscription, proto) {
+        // (Queued in MULTI: `+QUEUED`; its pushes come inside EXEC's reply.)
+        _ if queued => Some(1),
         (false, _) => Some(1),
         (true, Protocol::Resp3) => Some(0),
         (true, Protocol::Resp2) => None,
@@ -834,7 +841,14 @@ impl Session {
                 }
                 // A relayed write has no reply slot to carry its keys: they
                 // wait for its replies to be counted (see `ack_relayed`).
-                match relay_replies(&self.argv, self.proto, maybe_subscribed) {
+                // (A command refused for its arity, or queued in MULTI, draws
+                // one reply whatever it is.)
+                let replies = if matches!(route, Route::WrongArity(_)) {
+                    Some(1)
+                } else {
+                    relay_replies(&self.argv, self.proto, maybe_subscribed, self.relay.multi)
+                };
+                match replies {
                     Some(n) => self.relay.due += n,
                     None => self.relay.countable = false,
                 }
@@ -1074,5 +1088,40 @@ impl Session {
 
     fn push(&mut self, slot: Slot) {
         self.out.push(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relayed_replies_are_counted_where_they_can_be() {
+        let argv = |args: &[&str]| -> Vec<Bytes> {
+            args.iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect()
+        };
+        let (r2, r3) = (Protocol::Resp2, Protocol::Resp3);
+        let count = |args: &[&str], proto, subscribed, queued| {
+            relay_replies(&argv(args), proto, subscribed, queued)
+        };
+        assert_eq!(count(&["SET", "k", "v"], r3, false, false), Some(1));
+        assert_eq!(count(&["subscribe", "a", "b"], r3, false, false), Some(0));
+        assert_eq!(count(&["SUBSCRIBE", "a"], r3, false, true), Some(1));
+        assert_eq!(count(&["SUBSCRIBE", "a"], r2, false, false), None);
+        assert_eq!(count(&["GET", "k"], r2, true, false), None);
+        for uncountable in [
+            &["MONITOR"][..],
+            &["HELLO", "2"],
+            &["client", "REPLY", "on"],
+        ] {
+            assert_eq!(
+                count(uncountable, r3, false, false),
+                None,
+                "{uncountable:?}"
+            );
+        }
+        assert_eq!(count(&["CLIENT", "ID"], r3, false, false), Some(1));
     }
 }

@@ -398,7 +398,7 @@ impl Session {
             None
         } else {
             let maybe_subscribed = self.proto == Protocol::Resp2 && self.enrollment.pubsub();
-            super::relay_replies(&self.argv, self.proto, maybe_subscribed)
+            super::relay_replies(&self.argv, self.proto, maybe_subscribed, false)
         };
         // (A relay that went before has had its writes published.)
         self.ack_relayed(chunk).await;
