@@ -299,7 +299,8 @@ struct StandIn {
 /// What a relay knows of the replies to come, for [`Op::Ack`].
 #[derive(Debug, Default)]
 struct Acks {
-    /// Every reply is counted (else acks run at once).
+    /// Replies stopped being countable: acks queued from then on run at
+    /// once.
     uncountable: bool,
     /// Replies other than pushes the commands written so far draw.
     due: u64,
@@ -313,10 +314,9 @@ impl Acks {
     fn expect(&mut self, replies: Option<u32>) {
         match replies {
             Some(n) => self.due += u64::from(n),
-            None => {
-                self.uncountable = true;
-                self.waiting.clear();
-            }
+            // Acks already waiting still count right: every reply they wait
+            // for comes before what the uncountable command draws.
+            None => self.uncountable = true,
         }
     }
 
@@ -802,9 +802,11 @@ mod tests {
         acks.expect(Some(1));
         acks.ack(counter(&ran));
         acks.expect(None);
+        assert_eq!(ran.load(Ordering::SeqCst), 2, "still waits for its reply");
+        acks.saw(b"+OK\r\n");
         assert_eq!(ran.load(Ordering::SeqCst), 3);
         acks.expect(Some(1));
         acks.ack(counter(&ran));
-        assert_eq!(ran.load(Ordering::SeqCst), 4);
+        assert_eq!(ran.load(Ordering::SeqCst), 4, "uncountable: at once");
     }
 }

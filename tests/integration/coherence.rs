@@ -683,40 +683,77 @@ async fn a_write_from_a_client_that_vanished_is_still_published() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_write_is_published_once_redis_has_run_it() {
     let mut c = Cluster::start(2).await;
-    let key = "t:paused";
-    set_direct(&c.redis, key, "old");
     let a = c.proxies[0].port();
     let mut a_reader = c.proxies[0].conn().await;
-    assert_eq!(cache_it(&mut c.conns[1], &c.redis, key).await, "old");
-    assert_eq!(cache_it(&mut a_reader, &c.redis, key).await, "old");
     let mut tracking = Raw::connect_resp3(a).await;
     assert_eq!(
         tracking.cmd(&["CLIENT", "TRACKING", "on"]).await,
         b"+OK\r\n"[..]
     );
+    // The second time a command whose replies cannot be counted follows the
+    // write: the write must still wait for its own reply.
+    for (key, then) in [
+        ("t:paused", None),
+        ("t:then", Some(&["CLIENT", "REPLY", "ON"][..])),
+    ] {
+        set_direct(&c.redis, key, "old");
+        assert_eq!(cache_it(&mut c.conns[1], &c.redis, key).await, "old");
+        assert_eq!(cache_it(&mut a_reader, &c.redis, key).await, "old");
+        let mut direct = c.redis.direct();
+        let () = redis::cmd("CLIENT")
+            .arg(&["PAUSE", "400", "WRITE"])
+            .query(&mut direct)
+            .unwrap();
+        tracking.send_str(&["SET", key, "new"]).await;
+        if let Some(then) = then {
+            tracking.send_str(then).await;
+        }
+        // While the write waits, readers on both instances keep reading (a
+        // premature invalidation would let one of these fill the old value).
+        while get_direct(&c.redis, key).as_deref() != Some("new") {
+            for conn in [&mut c.conns[1], &mut a_reader] {
+                let got = get(conn, key).await;
+                assert!(matches!(got.as_deref(), Some("old" | "new")), "{got:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(tracking.frame().await, b"+OK\r\n"[..], "SET's reply");
+        if then.is_some() {
+            assert_eq!(tracking.frame().await, b"+OK\r\n"[..], "{then:?}");
+        }
+        for (conn, who) in [
+            (&mut c.conns[1], "B"),
+            (&mut a_reader, "another client of A"),
+        ] {
+            served_within_bound(conn, key, "new", who).await;
+        }
+    }
+}
 
+/// Guards the acknowledgement of a relayed client's writes after a MULTI
+/// Redis refused (here the upstream user may not run MULTI): the writes run
+/// at once, so they are published at their replies, not held for an EXEC
+/// that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_write_after_a_refused_multi_is_published() {
+    let mut c = Cluster::start(2).await;
+    let key = "t:nomulti";
+    set_direct(&c.redis, key, "old");
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, key).await, "old");
+    let mut tracking = Raw::connect_resp3(c.proxies[0].port()).await;
+    assert_eq!(
+        tracking.cmd(&["CLIENT", "TRACKING", "on"]).await,
+        b"+OK\r\n"[..]
+    );
     let mut direct = c.redis.direct();
-    let () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "400", "WRITE"])
+    let () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "-multi"])
         .query(&mut direct)
         .unwrap();
-    tracking.send_str(&["SET", key, "new"]).await;
-    // While the write waits, readers on both instances keep reading (a
-    // premature invalidation would let one of these fill the old value).
-    while get_direct(&c.redis, key).as_deref() != Some("new") {
-        for conn in [&mut c.conns[1], &mut a_reader] {
-            let got = get(conn, key).await;
-            assert!(matches!(got.as_deref(), Some("old" | "new")), "{got:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(tracking.frame().await, b"+OK\r\n"[..], "SET's reply");
-    for (conn, who) in [
-        (&mut c.conns[1], "B"),
-        (&mut a_reader, "another client of A"),
-    ] {
-        served_within_bound(conn, key, "new", who).await;
-    }
+    let refused = tracking.cmd(&["MULTI"]).await;
+    assert!(refused.starts_with(b"-NOPERM"), "{refused:?}");
+    assert_eq!(tracking.cmd(&["SET", key, "new"]).await, b"+OK\r\n"[..]);
+    served_within_bound(&mut c.conns[1], key, "new", "B").await;
 }
 
 /// Guards the credentials in `Bus::start`: with a NATS that requires a user

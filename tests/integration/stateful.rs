@@ -911,7 +911,8 @@ async fn client_reply_modes_answer_as_redis_does() {
     assert_eq!(heard[1], heard[0], "through nearcache");
 
     // ON queued in a transaction runs at EXEC: under OFF, Redis drops EXEC's
-    // reply up to ON's +OK.
+    // reply up to ON's +OK, and sends the elements after it. A bad mode is a
+    // runtime error there, not a reason to abort.
     let script: &[&[&str]] = &[
         &["MULTI"],
         &["CLIENT", "REPLY", "ON"],
@@ -919,12 +920,30 @@ async fn client_reply_modes_answer_as_redis_does() {
         &["CLIENT", "REPLY", "OFF"],
         &["MULTI"],
         &["CLIENT", "REPLY", "ON"],
+        &["SET", "a", "1"],
+        &["GET", "a"],
         &["EXEC"],
         &["PING", "x"],
+        &["MULTI"],
+        &["CLIENT", "REPLY", "FOO"],
+        &["SET", "a", "2"],
+        &["EXEC"],
         &["ECHO", "done"],
     ];
     let heard = frames_up_to_done(&redis, &proxy, false, script).await;
-    assert_eq!(heard[0].len(), 6, "Redis: {:?}", heard[0]);
+    assert_eq!(heard[0].len(), 12, "Redis: {:?}", heard[0]);
+    assert_eq!(heard[1], heard[0], "through nearcache");
+
+    // In a relay, an error nearcache makes (a redirect to no client) comes
+    // in its place among the relay's frames.
+    let script: &[&[&str]] = &[
+        &["CLIENT", "TRACKING", "on"],
+        &["CLIENT", "TRACKING", "on", "REDIRECT", "999999"],
+        &["PING", "x"],
+        &["ECHO", "done"],
+    ];
+    let heard = frames_up_to_done(&redis, &proxy, true, script).await;
+    assert_eq!(heard[0].len(), 4, "Redis: {:?}", heard[0]);
     assert_eq!(heard[1], heard[0], "through nearcache");
 
     // RESP3: a subscriber may run anything, and under OFF still gets its

@@ -185,12 +185,15 @@ impl Session {
             }
             Route::ClientKill => self.client_kill(),
             Route::ClientList => self.client_list(false).await,
-            // Only ON is queued (see `handle`); its reply is an element of
-            // EXEC's, and replies come back on after it.
-            Route::ClientReply => {
-                self.reply_off = false;
-                Bytes::from_static(OK)
-            }
+            // Only ON and bad modes are queued (see `handle`); ON's reply is
+            // an element of EXEC's, and replies come back on from it.
+            Route::ClientReply => match reply_mode(&self.argv) {
+                Some(ReplyMode::On) => {
+                    self.reply_off = false;
+                    Bytes::from_static(OK)
+                }
+                _ => reply::error("ERR syntax error"),
+            },
             Route::ClientInfo => self.client_list(true).await,
             // Redis never evicts a client of nearcache: there is nothing to
             // protect, and the shared connection must not carry the flag.

@@ -134,13 +134,19 @@ struct RelayBook {
     /// the connection draw, for [`Op::Ack`]'s count.
     due: u32,
     /// Every relayed command's replies can be counted (not after MONITOR,
-    /// CLIENT REPLY, HELLO, or RESP2 pub/sub): writes are then published
-    /// once answered, else as they are sent.
+    /// CLIENT REPLY, HELLO, a subscription): writes are then published once
+    /// answered, else as they are sent.
     countable: bool,
+    /// Keys written since a MULTI, published again after EXEC (see
+    /// `Session::ack_relayed`).
+    txn_inv: Invalidation,
     /// After a SELECT Redis may not have run: keys are dropped in every
     /// database.
     db_uncertain: bool,
 }
+
+/// Keys a relayed transaction keeps for its second acknowledgement, at most.
+const MAX_TXN_KEYS: usize = 65_536;
 
 /// Longest run of commands sent upstream as one request, so that replies to a
 /// huge pipeline start flowing back before all of it is answered.
@@ -288,16 +294,11 @@ pub async fn serve(
 }
 
 /// How many replies other than pushes a relayed command draws, if that is
-/// known: one, but none for a RESP3 (un)subscribe (its confirmations are
-/// pushes) unless `queued` in MULTI, and unknown where replies stop being one
-/// per command (MONITOR, `CLIENT REPLY`, a protocol switch, a RESP2 client
-/// that may be subscribed, whose messages are not pushes).
-fn relay_replies(
-    argv: &[Bytes],
-    proto: Protocol,
-    maybe_subscribed: bool,
-    queued: bool,
-) -> Option<u32> {
+/// known: one (`+QUEUED` in MULTI), and unknown for an (un)subscribe (pushes
+/// alone, or an error) and where replies stop being one per command
+/// (MONITOR, `CLIENT REPLY`, a protocol switch, a RESP2 client that may be
+/// subscribed, whose messages are not pushes).
+fn relay_replies(argv: &[Bytes], maybe_subscribed: bool, queued: bool) -> Option<u32> {
     let is = |name: &str| argv[0].eq_ignore_ascii_case(name.as_bytes());
     let subscription = [
         "subscribe",
@@ -316,13 +317,10 @@ fn relay_replies(
     if maybe_subscribed || is("monitor") || is("hello") || client_reply {
         return None;
     }
-    match (subscription, proto) {
-        // (Queued in MULTI: `+QUEUED`; its pushes come inside EXEC's reply.)
-        _ if queued => Some(1),
-        (false, _) => Some(1),
-        (true, Protocol::Resp3) => Some(0),
-        (true, Protocol::Resp2) => None,
-    }
+    // (Queued in MULTI: `+QUEUED`. Otherwise a subscription draws pushes
+    // alone, or one error if Redis refuses it before it runs — busy, or an
+    // ACL — which nothing here can tell apart.)
+    (!subscription || queued).then_some(1)
 }
 
 /// Nearcache's descriptor for a client's connection (`fd=` in `CLIENT
@@ -548,7 +546,16 @@ impl Session {
                 Ok(true) => frame = None,
                 Ok(false) => {}
                 Err(e) => {
-                    self.reply(e);
+                    match &self.pin {
+                        // Among the relay's frames, in its place.
+                        Some(pin) if pin.relay => {
+                            let _ = pin.conn.send(Op::Inject {
+                                reply: e.clone(),
+                                subscribed: e,
+                            });
+                        }
+                        _ => self.reply(e),
+                    }
                     return Flow::Continue;
                 }
             }
@@ -598,11 +605,15 @@ impl Session {
             {
                 self.queue_local(route);
             }
-            // ON runs at EXEC (see `local_reply`); OFF and SKIP would turn
-            // replies off in the middle of EXEC's, as Redis does.
+            // ON (or a bad mode, a syntax error) runs at EXEC (see
+            // `local_reply`); OFF and SKIP would turn replies off in the
+            // middle of EXEC's, as Redis does, and are refused below.
             Route::ClientReply
                 if self.pin.as_ref().is_some_and(|p| p.in_multi)
-                    && local::reply_mode(&self.argv) == Some(local::ReplyMode::On) =>
+                    && !matches!(
+                        local::reply_mode(&self.argv),
+                        Some(local::ReplyMode::Off | local::ReplyMode::Skip)
+                    ) =>
             {
                 self.queue_local(route);
             }
@@ -846,7 +857,7 @@ impl Session {
                 let replies = if matches!(route, Route::WrongArity(_)) {
                     Some(1)
                 } else {
-                    relay_replies(&self.argv, self.proto, maybe_subscribed, self.relay.multi)
+                    relay_replies(&self.argv, maybe_subscribed, self.relay.multi)
                 };
                 match replies {
                     Some(n) => self.relay.due += n,
@@ -921,14 +932,31 @@ impl Session {
     /// (locally again, and on peers) once Redis has answered them: an
     /// [`Op::Ack`], which counts the relay's replies. Where they cannot be
     /// counted (see `RelayBook::countable`), or the relay is gone, they are
-    /// published now instead, as they are sent. Inside MULTI they wait for
-    /// EXEC.
+    /// published now instead, as they are sent.
     async fn ack_relayed(&mut self, chunk: &Bytes) {
-        if self.relay.inv.is_empty() || self.relay.multi {
+        let book = &mut self.relay;
+        // Inside MULTI a write is acknowledged twice: at its reply (Redis may
+        // have refused the MULTI, and then it ran) and after EXEC (else it
+        // runs there). The second copy is bounded: beyond that many keys, a
+        // flush stands in for them.
+        let mut inv = std::mem::take(&mut book.inv);
+        if book.multi {
+            if book.txn_inv.keys.len() + inv.keys.len() > MAX_TXN_KEYS {
+                book.txn_inv = Invalidation {
+                    keys: Vec::new(),
+                    flush: true,
+                };
+            } else {
+                book.txn_inv.keys.extend(inv.keys.iter().cloned());
+                book.txn_inv.flush |= inv.flush;
+            }
+        } else {
+            inv.extend(std::mem::take(&mut book.txn_inv));
+        }
+        if inv.is_empty() {
             return;
         }
         self.flush_run(chunk).await;
-        let inv = std::mem::take(&mut self.relay.inv);
         let (Some(l1), bus) = (self.ctx.l1.clone(), self.ctx.bus.clone()) else {
             return;
         };
@@ -1102,26 +1130,19 @@ mod tests {
                 .map(|a| Bytes::copy_from_slice(a.as_bytes()))
                 .collect()
         };
-        let (r2, r3) = (Protocol::Resp2, Protocol::Resp3);
-        let count = |args: &[&str], proto, subscribed, queued| {
-            relay_replies(&argv(args), proto, subscribed, queued)
-        };
-        assert_eq!(count(&["SET", "k", "v"], r3, false, false), Some(1));
-        assert_eq!(count(&["subscribe", "a", "b"], r3, false, false), Some(0));
-        assert_eq!(count(&["SUBSCRIBE", "a"], r3, false, true), Some(1));
-        assert_eq!(count(&["SUBSCRIBE", "a"], r2, false, false), None);
-        assert_eq!(count(&["GET", "k"], r2, true, false), None);
+        let count =
+            |args: &[&str], subscribed, queued| relay_replies(&argv(args), subscribed, queued);
+        assert_eq!(count(&["SET", "k", "v"], false, false), Some(1));
+        assert_eq!(count(&["subscribe", "a", "b"], false, false), None);
+        assert_eq!(count(&["SUBSCRIBE", "a"], false, true), Some(1));
+        assert_eq!(count(&["GET", "k"], true, false), None);
         for uncountable in [
             &["MONITOR"][..],
             &["HELLO", "2"],
             &["client", "REPLY", "on"],
         ] {
-            assert_eq!(
-                count(uncountable, r3, false, false),
-                None,
-                "{uncountable:?}"
-            );
+            assert_eq!(count(uncountable, false, false), None, "{uncountable:?}");
         }
-        assert_eq!(count(&["CLIENT", "ID"], r3, false, false), Some(1));
+        assert_eq!(count(&["CLIENT", "ID"], false, false), Some(1));
     }
 }

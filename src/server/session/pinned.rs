@@ -255,14 +255,15 @@ impl Session {
         let Some(Ok(reply)) = self.out.last_replies().await else {
             return;
         };
-        let muted = self.reply_off;
-        let spliced = self.splice_exec(&reply, local).await;
-        self.out.answer_last(Ok(spliced.unwrap_or(reply)));
-        if muted && !self.reply_off {
+        let Some((spliced, unmuted_at)) = self.splice_exec(&reply, local).await else {
+            return;
+        };
+        self.out.answer_last(Ok(spliced.clone()));
+        if let Some(at) = unmuted_at {
             // A CLIENT REPLY ON queued under OFF: Redis drops EXEC's reply
-            // up to it, then sends its +OK (and what follows).
+            // up to it, then sends its +OK and the elements after it.
             self.push(Slot::Mute(false));
-            self.reply(Bytes::from_static(b"+OK\r\n"));
+            self.reply(spliced.slice(at..));
         }
     }
 
@@ -276,11 +277,14 @@ impl Session {
         self.reply(Bytes::from_static(b"+QUEUED\r\n"));
     }
 
+    /// EXEC's reply with the replies of the commands nearcache queued
+    /// itself spliced in; and, if one of them turned replies back on, where
+    /// its reply starts.
     pub(super) async fn splice_exec(
         &mut self,
         exec: &Bytes,
         local: Vec<(u32, Route, Vec<Bytes>)>,
-    ) -> Option<Bytes> {
+    ) -> Option<(Bytes, Option<usize>)> {
         let header_end = exec.iter().position(|&b| b == b'\n')? + 1;
         if exec.first() != Some(&b'*') {
             return None;
@@ -296,6 +300,7 @@ impl Session {
         let mut out = BytesMut::with_capacity(exec.len() + 64 * local.len());
         out.extend_from_slice(format!("*{}\r\n", n + local.len()).as_bytes());
         let mut next = 0;
+        let mut unmuted_at = None;
         let saved = std::mem::take(&mut self.argv);
         for (before, route, argv) in local {
             // (Positions only grow: each local command came after the last.)
@@ -305,14 +310,18 @@ impl Session {
             }
             next = upto;
             self.argv = argv;
+            let was_off = self.reply_off;
             let r = self.local_reply(route).await;
+            if was_off && !self.reply_off {
+                unmuted_at.get_or_insert(out.len());
+            }
             out.extend_from_slice(&r);
         }
         self.argv = saved;
         for e in &elements[next..] {
             out.extend_from_slice(&exec[e.clone()]);
         }
-        Some(out.freeze())
+        Some((out.freeze(), unmuted_at))
     }
 
     /// Leaves a pinned connection whose database or protocol changed while
@@ -398,9 +407,10 @@ impl Session {
             None
         } else {
             let maybe_subscribed = self.proto == Protocol::Resp2 && self.enrollment.pubsub();
-            super::relay_replies(&self.argv, self.proto, maybe_subscribed, false)
+            super::relay_replies(&self.argv, maybe_subscribed, false)
         };
-        // (A relay that went before has had its writes published.)
+        // (A relay that went before has its writes published.)
+        self.relay.multi = false;
         self.ack_relayed(chunk).await;
         self.relay = super::RelayBook {
             countable: replies.is_some(),
