@@ -1784,6 +1784,28 @@ async fn a_busy_redis_answers_a_relayed_client_as_it_would_directly() {
     assert_eq!(heard[2..], heard[..2], "through nearcache, as from Redis");
 }
 
+/// Guards `exec_local` when the transaction did not run (a WATCH fired):
+/// EXEC answers the null array, the commands nearcache queued itself do not
+/// run, and the client goes on (the slot was answered, not left spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_exec_with_queued_local_commands_answers_null_and_goes_on() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut c = Raw::connect(proxy.port()).await;
+    let mut other = Raw::connect(proxy.port()).await;
+    assert_eq!(c.cmd(&["WATCH", "w"]).await, OK);
+    assert_eq!(c.cmd(&["MULTI"]).await, OK);
+    assert_eq!(
+        c.cmd(&["CLIENT", "SETNAME", "never"]).await,
+        b"+QUEUED\r\n"[..]
+    );
+    assert_eq!(c.cmd(&["SET", "w", "mine"]).await, b"+QUEUED\r\n"[..]);
+    assert_eq!(other.cmd(&["SET", "w", "theirs"]).await, OK);
+    assert_eq!(c.cmd(&["EXEC"]).await, b"*-1\r\n"[..]);
+    assert_eq!(c.cmd(&["CLIENT", "GETNAME"]).await, b"$-1\r\n"[..]);
+    assert_eq!(c.cmd(&["GET", "w"]).await, bulk("theirs").as_bytes()[..]);
+}
+
 /// Guards `Session::refuse_in_multi`: inside a transaction, commands after
 /// which replies would stop pairing with commands are refused, and the
 /// transaction fails at EXEC as Redis fails one with a command refused while

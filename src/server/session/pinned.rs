@@ -255,7 +255,9 @@ impl Session {
         let Some(Ok(reply)) = self.out.last_replies().await else {
             return;
         };
+        // (The slot is answered whatever happens: its receiver is spent.)
         let Some((spliced, unmuted_at)) = self.splice_exec(&reply, local).await else {
+            self.out.answer_last(Ok(reply));
             return;
         };
         self.out.answer_last(Ok(spliced.clone()));
