@@ -301,6 +301,15 @@ fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
     haystack.iter().position(|&b| b == needle)
 }
 
+/// The value `table` gives `word`, a command argument matched without
+/// regard to ASCII case (`TYPE pubsub`, `CLIENT REPLY off`).
+pub(crate) fn keyword<T: Copy>(word: &[u8], table: &[(&str, T)]) -> Option<T> {
+    table
+        .iter()
+        .find(|(name, _)| word.eq_ignore_ascii_case(name.as_bytes()))
+        .map(|&(_, value)| value)
+}
+
 /// Parses a decimal integer the way Redis does for lengths: optional `-`,
 /// digits only, no overflow.
 pub(crate) fn parse_i64(digits: &[u8]) -> Option<i64> {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use crate::protocol::parser::parse_i64;
+use crate::protocol::parser::{keyword, parse_i64};
 
 /// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
 /// id → Redis id; and every session, by id, for `CLIENT KILL` and `CLIENT
@@ -184,17 +184,14 @@ pub enum ClientType {
 impl ClientType {
     /// A type by the name `TYPE` takes, with Redis's error for others.
     pub fn parse(name: &[u8]) -> Result<ClientType, String> {
-        [
+        const TYPES: &[(&str, ClientType)] = &[
             ("normal", ClientType::Normal),
             ("slave", ClientType::Replica),
             ("replica", ClientType::Replica),
             ("master", ClientType::Master),
             ("pubsub", ClientType::Pubsub),
-        ]
-        .into_iter()
-        .find(|(n, _)| name.eq_ignore_ascii_case(n.as_bytes()))
-        .map(|(_, kind)| kind)
-        .ok_or_else(|| {
+        ];
+        keyword(name, TYPES).ok_or_else(|| {
             format!(
                 "ERR Unknown client type '{}'",
                 String::from_utf8_lossy(name)

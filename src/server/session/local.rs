@@ -8,7 +8,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use super::{Session, owned};
-use crate::protocol::parser::parse_i64;
+use crate::protocol::parser::{keyword, parse_i64};
 use crate::protocol::reply::{self, OK, Protocol, Reply};
 use crate::server::client_list::{self, ListFilter};
 use crate::server::directory::{KillFilter, KillForm, Profile};
@@ -389,14 +389,12 @@ pub(super) fn reply_mode(argv: &[Bytes]) -> Option<ReplyMode> {
     if !client.eq_ignore_ascii_case(b"client") || !reply.eq_ignore_ascii_case(b"reply") {
         return None;
     }
-    [
+    const MODES: &[(&str, ReplyMode)] = &[
         ("on", ReplyMode::On),
         ("off", ReplyMode::Off),
         ("skip", ReplyMode::Skip),
-    ]
-    .into_iter()
-    .find(|(n, _)| mode.eq_ignore_ascii_case(n.as_bytes()))
-    .map(|(_, m)| m)
+    ];
+    keyword(mode, MODES)
 }
 
 /// `HELLO`'s reply with the value of its `id` field replaced by `id`.
