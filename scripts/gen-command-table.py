@@ -60,6 +60,19 @@ ACL_CATEGORIES = [
     ("@connection", "CONNECTION"),
     ("@scripting", "SCRIPTING"),
 ]
+# nearcache's own flag: read-only commands on one key whose reply depends only
+# on the key's value, so L1 may cache it until the key is written or expires.
+# TTL and PTTL are left out: their answers change with time alone. (EXISTS is
+# cacheable with one key only; the request path checks the count.)
+CACHEABLE = {
+    "get", "getrange", "substr", "strlen", "exists", "getbit", "bitcount",
+    "bitpos", "hget", "hmget", "hgetall", "hlen", "hexists", "hkeys", "hvals",
+    "hstrlen", "lrange", "llen", "lindex", "lpos", "smembers", "sismember",
+    "smismember", "scard", "zrange", "zrangebyscore", "zrevrange",
+    "zrevrangebyscore", "zrangebylex", "zrevrangebylex", "zscore", "zmscore",
+    "zcard", "zrank", "zrevrank", "zcount", "zlexcount", "xrange", "xrevrange",
+    "xlen", "type",
+}
 KEY_FLAGS = [
     ("RO", "RO"),
     ("RW", "RW"),
@@ -215,6 +228,10 @@ def command_flags(name, flags, categories, key_specs):
     consts += [c for f, c in ACL_CATEGORIES if f in cats]
     if not key_specs:
         consts.append("NO_KEYS")
+    if name in CACHEABLE:
+        if "readonly" not in flags:
+            sys.exit("gen-command-table: %s is listed as cacheable but Redis does not flag it readonly" % name)
+        consts.append("CACHEABLE")
     return bit_expr("flag", consts)
 
 
@@ -344,6 +361,9 @@ def main():
         if tmpdir is not None:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
+    missing = CACHEABLE - {i[0].lower() for i in infos if i}
+    if missing:
+        sys.exit("gen-command-table: cacheable commands the server does not have: %s" % sorted(missing))
     text, n_cmds, n_subs = render(version, infos)
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(text)

@@ -105,56 +105,6 @@ pub enum Flight {
     Follower(oneshot::Receiver<Replies>),
 }
 
-/// Read-only single-key commands whose reply depends only on the key's value
-/// (so it can be cached until the key is written or expires). TTL and PTTL are
-/// left out: their answers change with time alone.
-pub fn cacheable(command: &str) -> bool {
-    matches!(
-        command,
-        "get"
-            | "getrange"
-            | "substr"
-            | "strlen"
-            | "exists"
-            | "getbit"
-            | "bitcount"
-            | "bitpos"
-            | "hget"
-            | "hmget"
-            | "hgetall"
-            | "hlen"
-            | "hexists"
-            | "hkeys"
-            | "hvals"
-            | "hstrlen"
-            | "lrange"
-            | "llen"
-            | "lindex"
-            | "lpos"
-            | "smembers"
-            | "sismember"
-            | "smismember"
-            | "scard"
-            | "zrange"
-            | "zrangebyscore"
-            | "zrevrange"
-            | "zrevrangebyscore"
-            | "zrangebylex"
-            | "zrevrangebylex"
-            | "zscore"
-            | "zmscore"
-            | "zcard"
-            | "zrank"
-            | "zrevrank"
-            | "zcount"
-            | "zlexcount"
-            | "xrange"
-            | "xrevrange"
-            | "xlen"
-            | "type"
-    )
-}
-
 /// The cache.
 pub struct L1 {
     rules: Rules,

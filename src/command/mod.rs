@@ -160,6 +160,37 @@ mod tests {
     }
 
     #[test]
+    fn cacheable_commands_are_single_key_reads() {
+        let cacheable: Vec<&CommandSpec> = all()
+            .iter()
+            .chain(all().iter().flat_map(|c| c.subcommands))
+            .filter(|c| c.has(flag::CACHEABLE))
+            .collect();
+        assert!(cacheable.len() > 30, "{}", cacheable.len());
+        for spec in cacheable {
+            assert!(spec.has(flag::READONLY), "{}", spec.name);
+            assert!(!spec.modifies_keys(), "{}", spec.name);
+            let [key] = spec.key_specs else {
+                panic!("{} has {} key specs", spec.name, spec.key_specs.len());
+            };
+            assert_eq!(key.begin, BeginSearch::Index(1), "{}", spec.name);
+            // EXISTS takes many keys; the request path caches it with one.
+            let last = if spec.name == "exists" { -1 } else { 0 };
+            assert!(
+                matches!(key.find, FindKeys::Range { last_key, .. } if last_key == last),
+                "{}",
+                spec.name
+            );
+        }
+        for name in ["ttl", "pttl", "mget", "set", "randomkey", "eval_ro"] {
+            assert!(
+                !lookup(name.as_bytes()).expect(name).has(flag::CACHEABLE),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn lookup_ignores_case_and_rejects_unknown_names() {
         let get = lookup(b"gEt").expect("GET");
         assert_eq!(get.name, "get");

@@ -46,6 +46,11 @@ pub mod flag {
     pub const SCRIPTING: u32 = 1 << 18;
     /// The command has no key specs at all.
     pub const NO_KEYS: u32 = 1 << 19;
+    /// nearcache's own: a read-only command on one key whose reply depends
+    /// only on the key's value, so L1 may cache it until the key is written
+    /// or expires (`TTL`/`PTTL` are not: their answers change with time).
+    /// Listed in `scripts/gen-command-table.py`.
+    pub const CACHEABLE: u32 = 1 << 20;
 }
 
 /// Key-spec flags (Redis's `key_specs[].flags`).

@@ -158,7 +158,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "bitcount",
         arity: -2,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -229,7 +229,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "bitpos",
         arity: -3,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1074,7 +1074,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "exists",
         arity: -2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1486,7 +1486,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "get",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1501,7 +1501,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "getbit",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1546,7 +1546,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "getrange",
         arity: 4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1605,7 +1605,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hexists",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1620,7 +1620,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hget",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1635,7 +1635,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hgetall",
         arity: 2,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1680,7 +1680,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hkeys",
         arity: 2,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1695,7 +1695,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hlen",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1710,7 +1710,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hmget",
         arity: -3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1800,7 +1800,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hstrlen",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1815,7 +1815,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "hvals",
         arity: 2,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1968,7 +1968,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "lindex",
         arity: 3,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1998,7 +1998,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "llen",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -2076,7 +2076,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "lpos",
         arity: -3,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2121,7 +2121,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "lrange",
         arity: 4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2976,7 +2976,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "scard",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3233,7 +3233,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "sismember",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3291,7 +3291,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "smembers",
         arity: 2,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3306,7 +3306,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "smismember",
         arity: -3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3486,7 +3486,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "strlen",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3508,7 +3508,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "substr",
         arity: 4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3630,7 +3630,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "type",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3932,7 +3932,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "xlen",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3962,7 +3962,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "xrange",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4013,7 +4013,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "xrevrange",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4073,7 +4073,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zcard",
         arity: 2,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -4088,7 +4088,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zcount",
         arity: 4,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4215,7 +4215,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zlexcount",
         arity: 4,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4245,7 +4245,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zmscore",
         arity: -3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4305,7 +4305,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrange",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4320,7 +4320,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrangebylex",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4335,7 +4335,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrangebyscore",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4376,7 +4376,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrank",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4451,7 +4451,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrevrange",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4466,7 +4466,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrevrangebylex",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4481,7 +4481,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrevrangebyscore",
         arity: -4,
-        flags: flag::READONLY,
+        flags: flag::READONLY | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4496,7 +4496,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zrevrank",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4526,7 +4526,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "zscore",
         arity: 3,
-        flags: flag::READONLY | flag::FAST,
+        flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),

@@ -118,8 +118,7 @@ impl Session {
             return false;
         }
         let mget = spec.name == "mget";
-        if !mget
-            && (!cache::cacheable(spec.name) || (spec.name == "exists" && self.argv.len() != 2))
+        if !mget && (!spec.has(flag::CACHEABLE) || (spec.name == "exists" && self.argv.len() != 2))
         {
             return false;
         }
