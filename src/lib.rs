@@ -14,6 +14,7 @@
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs) and key extraction |
 //! | [`server`] | listener, per-client sessions (the request path), routing, outbox, shutdown, the directory of clients (`CLIENT LIST`, `KILL`, id translation) |
+//! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
 //! | [`upstream`] | connections to Redis: handshake, pipelined connection tasks, pools, reconnects |
 //! | [`cache`] | L1: key-prefix rules, generation-checked fills, single flight, per-rule stats |
 //! | [`coherence`] | the NATS invalidation bus: message format, batching, sequence gaps, loss policy |
@@ -33,6 +34,7 @@ pub mod cache;
 pub mod coherence;
 pub mod command;
 pub mod config;
+pub mod error;
 pub mod glob;
 pub mod histogram;
 pub mod protocol;

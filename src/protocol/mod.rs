@@ -66,7 +66,7 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// The RESP error reply for this error.
     pub fn to_reply(self) -> bytes::Bytes {
-        reply::error(&format!("ERR {self}"))
+        crate::error::ProxyError::from(self).to_reply()
     }
 }
 

@@ -45,20 +45,12 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// The RESP error reply for this failure.
     pub fn to_reply(&self) -> Bytes {
-        crate::protocol::reply::error(&format!("ERR {self}"))
+        crate::error::ProxyError::from(self).to_reply()
     }
 
     /// `n` copies of the error reply, one per command that gets no answer.
     pub fn to_replies(&self, n: usize) -> Bytes {
-        let one = self.to_reply();
-        if n == 1 {
-            return one;
-        }
-        let mut buf = BytesMut::with_capacity(one.len() * n);
-        for _ in 0..n {
-            buf.put_slice(&one);
-        }
-        buf.freeze()
+        crate::error::ProxyError::from(self).to_replies(n)
     }
 }
 

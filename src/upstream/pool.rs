@@ -122,7 +122,7 @@ impl Upstream {
 enum SlotState {
     Connecting,
     Up(Conn),
-    Down(Arc<str>),
+    Down(UpstreamError),
 }
 
 /// The connections for one (database, protocol).
@@ -169,7 +169,7 @@ impl Pool {
         let mut waited = false;
         loop {
             let mut connecting = None;
-            let mut last_error: Option<Arc<str>> = None;
+            let mut last_error: Option<UpstreamError> = None;
             for i in 0..n {
                 let slot = &self.slots[(start + i) % n];
                 match &*slot.borrow() {
@@ -185,9 +185,8 @@ impl Pool {
                         .await;
                 }
                 _ => {
-                    return Err(UpstreamError::Unavailable(
-                        last_error.unwrap_or_else(|| "still connecting".into()),
-                    ));
+                    return Err(last_error
+                        .unwrap_or_else(|| UpstreamError::Unavailable("still connecting".into())));
                 }
             }
         }
@@ -244,7 +243,7 @@ async fn supervise(upstream: Arc<Upstream>, key: PoolKey, state: watch::Sender<S
             }
             Err(e) => {
                 tracing::warn!(db = key.db, error = %e, retry_in = ?delay, "upstream connect failed");
-                state.send_replace(SlotState::Down(e.to_string().into()));
+                state.send_replace(SlotState::Down(e));
                 tokio::time::sleep(jitter(delay)).await;
                 delay = (delay * 2).min(max);
             }
