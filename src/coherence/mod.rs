@@ -24,8 +24,11 @@
 //! - A message from a build that speaks another format version cannot be
 //!   applied, so it flushes L1 rather than being ignored.
 
+mod ack;
 pub mod message;
 pub mod tracking;
+
+pub use ack::Ack;
 
 use std::collections::HashMap;
 use std::sync::Arc;

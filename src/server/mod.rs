@@ -40,6 +40,8 @@ pub struct Context {
     pub bus: Option<Arc<crate::coherence::Bus>>,
     /// Sessions pinned to dedicated connections, by their Redis ids.
     pub directory: Arc<directory::Directory>,
+    /// Where acknowledged writes go (L1 again, then the bus).
+    pub ack: crate::coherence::Ack,
     /// Redis's own invalidations, if `coherence.redis_tracking` is on.
     pub tracking: Option<Arc<crate::coherence::tracking::Tracking>>,
 }
@@ -131,6 +133,7 @@ impl Proxy {
             _ => None,
         };
         let ctx = Arc::new(Context {
+            ack: crate::coherence::Ack::new(l1.clone(), bus.clone()),
             l1,
             bus,
             limits: cfg.limits(),

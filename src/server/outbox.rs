@@ -7,14 +7,13 @@
 //! `write`; [`Outbox::ready`] waits for the first one that is not.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::cache::{Invalidation, L1};
-use crate::coherence::Bus;
+use crate::cache::Invalidation;
+use crate::coherence::Ack;
 use crate::upstream::connection::Failed;
 use crate::upstream::{Replies, UpstreamError};
 
@@ -48,8 +47,7 @@ pub enum Slot {
 /// The queue of slots and the bytes ready to be written.
 #[derive(Debug)]
 pub struct Outbox {
-    l1: Option<Arc<L1>>,
-    bus: Option<Arc<Bus>>,
+    ack: Ack,
     scratch: Vec<u8>,
     slots: VecDeque<Slot>,
     /// Replies the queued slots stand for (a run counts each of its commands).
@@ -61,12 +59,10 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox; `l1` (and peers, over `bus`) receive the
-    /// invalidations of acknowledged writes.
-    pub fn new(l1: Option<Arc<L1>>, bus: Option<Arc<Bus>>) -> Self {
+    /// An empty outbox, whose answered slots' writes go to `ack`.
+    pub fn new(ack: Ack) -> Self {
         Self {
-            l1,
-            bus,
+            ack,
             scratch: Vec::new(),
             replies: 0,
             muted: false,
@@ -211,17 +207,11 @@ impl Outbox {
         else {
             return;
         };
-        let Some(l1) = self.l1.clone() else { return };
         if inv.is_empty() {
             return;
         }
-        let bus = self.bus.clone();
-        let publish = move |inv: Invalidation| {
-            inv.apply(&l1, &mut Vec::new());
-            if let Some(bus) = bus {
-                bus.publish(&inv);
-            }
-        };
+        let ack = self.ack.clone();
+        let publish = move |inv: Invalidation| ack.acknowledged(&inv, &mut Vec::new());
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if !blocking => {
                 runtime.spawn(async move {
@@ -301,14 +291,7 @@ impl Outbox {
             return;
         };
         let count = *count;
-        if let Some(l1) = &self.l1 {
-            if !inv.is_empty() {
-                inv.apply(l1, &mut self.scratch);
-                if let Some(bus) = &self.bus {
-                    bus.publish(inv);
-                }
-            }
-        }
+        self.ack.acknowledged(inv, &mut self.scratch);
         self.pop();
         self.append(replies, count);
     }
@@ -367,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn replies_leave_in_slot_order_and_batch_when_ready() {
-        let mut out = Outbox::new(None, None);
+        let mut out = Outbox::new(Ack::default());
         let (tx1, rx1) = oneshot::channel();
         let (tx2, rx2) = oneshot::channel();
         out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
@@ -397,7 +380,7 @@ mod tests {
     /// are written even if they arrive after it was queued.
     #[tokio::test]
     async fn muting_applies_in_queue_order() {
-        let mut out = Outbox::new(None, None);
+        let mut out = Outbox::new(Ack::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
             rx,
@@ -423,7 +406,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_run_still_answers_every_command() {
-        let mut out = Outbox::new(None, None);
+        let mut out = Outbox::new(Ack::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
             rx,
@@ -446,7 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_sender_is_a_lost_connection_not_a_hang() {
-        let mut out = Outbox::new(None, None);
+        let mut out = Outbox::new(Ack::default());
         let (tx, rx) = oneshot::channel::<Replies>();
         out.push(Slot::Upstream {
             rx,
@@ -461,7 +444,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_stops_collection() {
-        let mut out = Outbox::new(None, None);
+        let mut out = Outbox::new(Ack::default());
         out.push(Slot::Ready(Bytes::from_static(b"+OK\r\n")));
         out.push(Slot::Close);
         assert!(out.collect());

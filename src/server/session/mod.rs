@@ -188,7 +188,7 @@ pub async fn serve(
         conn: None,
         last_conn: 0,
         pin: None,
-        out: Outbox::new(ctx.l1.clone(), ctx.bus.clone()),
+        out: Outbox::new(ctx.ack.clone()),
         argv: Vec::with_capacity(8),
         run: None,
         run_inv: Invalidation::default(),
@@ -957,15 +957,8 @@ impl Session {
             return;
         }
         self.flush_run(chunk).await;
-        let (Some(l1), bus) = (self.ctx.l1.clone(), self.ctx.bus.clone()) else {
-            return;
-        };
-        let acknowledged = OnAnswer::new(move || {
-            inv.apply(&l1, &mut Vec::new());
-            if let Some(bus) = bus {
-                bus.publish(&inv);
-            }
-        });
+        let ack = self.ctx.ack.clone();
+        let acknowledged = OnAnswer::new(move || ack.acknowledged(&inv, &mut Vec::new()));
         match &self.pin {
             // (A failed send drops the callback, which runs it.)
             Some(pin) if pin.relay && self.relay.countable => {
