@@ -6,16 +6,21 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use nearcache::cache::{L1, Now};
-use nearcache::config::{ByteSize, CacheConfig, RuleConfig};
+use nearcache::cache::{L1, Now, Rules};
+use nearcache::config::RuleConfig;
 use nearcache::protocol::Protocol;
+use nearcache::stats::{RuleStats, Stats};
+
+fn rules() -> Rules {
+    Rules::new(
+        &[RuleConfig::caching("ticker:", Duration::from_secs(3600))],
+        &Stats::default(),
+    )
+}
 
 fn l1(keys: usize) -> std::sync::Arc<L1> {
-    let cache = L1::new(&CacheConfig {
-        max_memory: ByteSize(256 << 20),
-        rules: vec![RuleConfig::caching("ticker:", Duration::from_secs(3600))],
-    })
-    .expect("a caching rule");
+    let cache = L1::new(256 << 20);
+    let stats = std::sync::Arc::new(RuleStats::default());
     for i in 0..keys {
         let key = format!("ticker:{i}");
         let req = request(&key);
@@ -26,7 +31,7 @@ fn l1(keys: usize) -> std::sync::Arc<L1> {
             token,
             0,
             key.as_bytes(),
-            0,
+            &stats,
             Protocol::Resp2,
             &req,
             &reply,
@@ -112,8 +117,9 @@ fn bench(c: &mut Criterion) {
             cache.invalidate(0, key.as_bytes(), &mut scratch);
         })
     });
+    let rules = rules();
     c.bench_function("l1/rule_for", |b| {
-        b.iter(|| black_box(cache.rule_for(black_box(key.as_bytes()))))
+        b.iter(|| black_box(rules.caching(black_box(key.as_bytes()))))
     });
 }
 

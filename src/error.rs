@@ -26,6 +26,8 @@ pub enum ErrorKind {
     Arity,
     /// Something a proxy cannot do (replication, a relay inside MULTI…).
     Unsupported,
+    /// An argument names what nearcache does not know (a client id).
+    Argument,
     /// A client limit (`max_clients`).
     Limit,
     /// No upstream connection could be had.
@@ -42,11 +44,12 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in a fixed order (for counters indexed by kind).
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::Protocol,
         ErrorKind::Auth,
         ErrorKind::Arity,
         ErrorKind::Unsupported,
+        ErrorKind::Argument,
         ErrorKind::Limit,
         ErrorKind::UpstreamUnavailable,
         ErrorKind::UpstreamTimeout,
@@ -62,6 +65,7 @@ impl ErrorKind {
             ErrorKind::Auth => "auth",
             ErrorKind::Arity => "arity",
             ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Argument => "argument",
             ErrorKind::Limit => "limit",
             ErrorKind::UpstreamUnavailable => "upstream_unavailable",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
@@ -84,6 +88,7 @@ impl ErrorKind {
             | ErrorKind::Auth
             | ErrorKind::Arity
             | ErrorKind::Unsupported
+            | ErrorKind::Argument
             | ErrorKind::Limit => Side::Client,
             ErrorKind::UpstreamUnavailable
             | ErrorKind::UpstreamTimeout

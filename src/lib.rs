@@ -19,7 +19,7 @@
 //! | [`cache`] | L1: key-prefix rules, generation-checked fills, single flight, per-rule stats |
 //! | [`coherence`] | the NATS invalidation bus: message format, batching, sequence gaps, loss policy |
 //! | [`admin`] | `PROXY …` commands |
-//! | [`histogram`] | lock-free latency histograms for the stats |
+//! | [`stats`] | one registry of counters: requests by class, latency by path, errors by kind, per-rule cache counters, bus and tracking |
 //! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
 //!
 //! The request path reads top to bottom in [`server::session`]; its cache
@@ -34,11 +34,13 @@ pub mod cache;
 pub mod coherence;
 pub mod command;
 pub mod config;
+pub mod context;
 pub mod error;
+pub mod fill;
 pub mod glob;
-pub mod histogram;
 pub mod protocol;
 pub mod server;
+pub mod stats;
 pub mod upstream;
 
 pub use config::Config;

@@ -3,8 +3,9 @@
 
 use bytes::Bytes;
 
+use crate::context::Context;
 use crate::protocol::reply::{self, Protocol, Reply};
-use crate::server::Context;
+use crate::stats::Path;
 
 /// Answers `PROXY <subcommand> …`.
 pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
@@ -45,30 +46,40 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
     }
 }
 
-/// Cache totals and per-rule counters, as nested maps (flat key/value arrays
-/// in RESP2, which redis-cli prints as numbered lines).
+/// Cache totals and per-rule counters, the request path's counters and the
+/// bus's, as nested maps (flat key/value arrays in RESP2, which redis-cli
+/// prints as numbered lines).
 fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     let mut r = Reply::new(proto);
     let Some(l1) = &ctx.l1 else {
-        r.map(1)
+        r.map(2)
             .bulk(b"cache")
             .bulk(b"disabled (no rule caches anything)");
+        request_stats(&mut r, ctx);
         return r.finish();
     };
     let (entries, bytes) = l1.usage();
-    let rules: Vec<_> = l1.rule_stats().collect();
-    r.map(7);
+    let snapshot = ctx.snapshot.load();
+    let rules: Vec<_> = snapshot.rules.iter().collect();
+    r.map(8);
     bus_stats(&mut r, ctx);
+    request_stats(&mut r, ctx);
     // 1 once Redis tracks the cached prefixes for us (and L1 was flushed
     // after it began), 0 while it does not, -1 when not configured.
-    let tracking = ctx.tracking.as_ref().map_or(-1, |t| {
-        i64::from(t.active.load(std::sync::atomic::Ordering::Relaxed))
-    });
-    r.bulk(b"redis_tracking").int(tracking);
+    let configured = ctx.cfg.coherence.redis_tracking;
+    let tracking = &ctx.stats.tracking;
+    let tracking_active = if configured {
+        i64::from(tracking.active.load(std::sync::atomic::Ordering::Relaxed))
+    } else {
+        -1
+    };
+    r.bulk(b"redis_tracking").int(tracking_active);
     // Keys Redis's invalidations named (-1 when not configured).
-    let tracked = ctx.tracking.as_ref().map_or(-1, |t| {
-        i64::try_from(t.keys.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX)
-    });
+    let tracked = if configured {
+        i64::try_from(tracking.keys.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(i64::MAX)
+    } else {
+        -1
+    };
     r.bulk(b"redis_tracking_keys").int(tracked);
     r.bulk(b"keys")
         .int(i64::try_from(entries).unwrap_or(i64::MAX));
@@ -77,8 +88,8 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     r.bulk(b"max_memory")
         .int(i64::try_from(ctx.cfg.cache.max_memory.0).unwrap_or(i64::MAX));
     r.bulk(b"rules").array(rules.len());
-    for (rule, stats) in rules {
-        let counters = stats.snapshot();
+    for rule in rules {
+        let counters = rule.stats.snapshot();
         r.map(3 + counters.len());
         let (kind, selector) = rule.selector();
         r.bulk(kind.as_bytes()).bulk(selector);
@@ -92,6 +103,35 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     r.finish()
 }
 
+/// The `requests` entry of `PROXY STATS`: clients connected, commands by
+/// class, errors nearcache answered with by kind, and reply latency by path.
+fn request_stats(r: &mut Reply, ctx: &Context) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &ctx.stats.requests;
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    r.bulk(b"requests").map(4);
+    r.bulk(b"clients").int(n(s.clients.load(Relaxed)));
+    let commands: Vec<_> = s.commands().collect();
+    r.bulk(b"commands").map(commands.len());
+    for (class, count) in commands {
+        r.bulk(class.name().as_bytes()).int(n(count));
+    }
+    let errors: Vec<_> = s.errors().collect();
+    r.bulk(b"errors").map(errors.len());
+    for (kind, count) in errors {
+        r.bulk(kind.name().as_bytes()).int(n(count));
+    }
+    r.bulk(b"latency_us").map(Path::ALL.len());
+    for path in Path::ALL {
+        let h = s.latency(path);
+        r.bulk(path.name().as_bytes()).map(4);
+        r.bulk(b"count").int(n(h.count()));
+        r.bulk(b"p50").int(n(h.quantile(0.5)));
+        r.bulk(b"p99").int(n(h.quantile(0.99)));
+        r.bulk(b"max").int(n(h.max()));
+    }
+}
+
 /// The `bus` entry of `PROXY STATS`.
 fn bus_stats(r: &mut Reply, ctx: &Context) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -100,7 +140,7 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
         r.bulk(b"none");
         return;
     };
-    let s = &bus.stats;
+    let s = &ctx.stats.bus;
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let d = &s.delay_us;
     let fields: [(&str, i64); 17] = [

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use hashbrown::HashTable;
 
 use crate::protocol::Protocol;
+use crate::stats::RuleStats;
 
 /// Shards: enough that concurrent hits rarely share a lock.
 const SHARDS: usize = 32;
@@ -175,7 +176,8 @@ pub(super) type Variants = smallvec::SmallVec<[Variant; 1]>;
 pub(super) struct KeyEntry {
     /// The index hash of the id.
     hash: u64,
-    pub(super) rule: usize,
+    /// Its rule's counters (bytes held, evictions, invalidations).
+    pub(super) stats: Arc<RuleStats>,
     pub(super) weight: u32,
     pub(super) variants: Variants,
     /// The key's generation (stripe, flush epoch) its last fill began at.
@@ -184,12 +186,12 @@ pub(super) struct KeyEntry {
 
 impl KeyEntry {
     /// An entry for `variants` (all for one id, whose index hash is `hash`).
-    pub(super) fn new(hash: u64, rule: usize, variants: Variants) -> Self {
+    pub(super) fn new(hash: u64, stats: Arc<RuleStats>, variants: Variants) -> Self {
         let bytes =
             std::mem::size_of::<Self>() + 32 + variants.iter().map(Variant::size).sum::<usize>();
         Self {
             hash,
-            rule,
+            stats,
             variants,
             weight: u32::try_from(bytes).unwrap_or(u32::MAX),
             generation: (0, 0),
@@ -365,7 +367,7 @@ mod tests {
         };
         let entry = KeyEntry::new(
             index.hash(0, b"k"),
-            0,
+            Arc::default(),
             [variant(b"a"), variant(b"b")].into_iter().collect(),
         );
         index.insert(&entry);
@@ -378,7 +380,7 @@ mod tests {
         // A refill replaces every variant of the key.
         let refill = KeyEntry::new(
             index.hash(0, b"k"),
-            0,
+            Arc::default(),
             [variant(b"c")].into_iter().collect(),
         );
         index.insert(&refill);

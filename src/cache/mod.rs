@@ -27,9 +27,7 @@
 
 mod index;
 pub mod rules;
-pub mod stats;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -37,15 +35,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
-use tokio::sync::oneshot;
 
 use index::{Index, KeyEntry, Variant, Variants};
 pub use rules::{Rule, Rules};
-pub use stats::RuleStats;
 
-use crate::config::CacheConfig;
+use crate::stats::RuleStats;
+
 use crate::protocol::Protocol;
-use crate::upstream::Replies;
 
 /// Generation stripes: more stripes, fewer fills rejected because another
 /// key sharing the stripe was written.
@@ -96,19 +92,8 @@ pub struct FillToken {
     epoch: u64,
 }
 
-/// Whether this request leads an upstream fetch or waits for one.
-#[derive(Debug)]
-pub enum Flight {
-    /// Fetch, then [`L1::land`] to hand the reply to the followers.
-    Leader,
-    /// Another request is fetching the same thing; its reply arrives here.
-    Follower(oneshot::Receiver<Replies>),
-}
-
 /// The cache.
 pub struct L1 {
-    rules: Rules,
-    stats: Arc<Vec<RuleStats>>,
     entries: Cache<Bytes, Arc<KeyEntry>>,
     index: Arc<Index>,
     stripes: Box<[AtomicU64]>,
@@ -123,35 +108,27 @@ pub struct L1 {
     /// Databases that have had fills (bit n = db n, db ≥ 63 share bit 63), so
     /// an invalidation that names no database visits only those.
     dbs_seen: AtomicU64,
-    inflight: Mutex<HashMap<Bytes, Vec<oneshot::Sender<Replies>>>>,
 }
 
 impl std::fmt::Debug for L1 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("L1")
-            .field("rules", &self.rules.len())
             .field("entries", &self.entries.entry_count())
             .finish()
     }
 }
 
 impl L1 {
-    /// The cache for `cfg`, or `None` when no rule caches anything (then the
-    /// request path skips L1 entirely).
-    pub fn new(cfg: &CacheConfig) -> Option<Arc<Self>> {
-        let rules = Rules::new(&cfg.rules);
-        if rules.caches_nothing() {
-            return None;
-        }
+    /// An empty cache holding at most `max_memory` bytes (by weight). The
+    /// server makes one only when some rule caches (else the request path
+    /// skips L1 entirely).
+    pub fn new(max_memory: u64) -> Arc<Self> {
         // Start the cache's clock before any entry can be timed on it.
         let _ = Now::current();
-        let stats: Arc<Vec<RuleStats>> =
-            Arc::new((0..rules.len()).map(|_| RuleStats::default()).collect());
-        let listener_stats = stats.clone();
         let index = Arc::new(Index::default());
         let listener_index = index.clone();
         let entries = Cache::builder()
-            .max_capacity(cfg.max_memory.0)
+            .max_capacity(max_memory)
             .weigher(|_: &Bytes, v: &Arc<KeyEntry>| v.weight)
             .expire_after(EntryExpiry)
             .eviction_listener(move |_: Arc<Bytes>, v: Arc<KeyEntry>, cause| {
@@ -159,17 +136,13 @@ impl L1 {
                 if cause != RemovalCause::Replaced {
                     listener_index.remove_if_same(&v);
                 }
-                if let Some(s) = listener_stats.get(v.rule) {
-                    s.bytes.fetch_sub(i64::from(v.weight), SeqCst);
-                    if cause == RemovalCause::Size {
-                        RuleStats::inc(&s.evictions);
-                    }
+                v.stats.bytes.fetch_sub(i64::from(v.weight), SeqCst);
+                if cause == RemovalCause::Size {
+                    RuleStats::inc(&v.stats.evictions);
                 }
             })
             .build();
-        Some(Arc::new(Self {
-            rules,
-            stats,
+        Arc::new(Self {
             entries,
             index,
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
@@ -177,52 +150,7 @@ impl L1 {
             epoch: AtomicU64::new(0),
             epoch_lock: RwLock::new(()),
             dbs_seen: AtomicU64::new(0),
-            inflight: Mutex::new(HashMap::new()),
-        }))
-    }
-
-    /// The caching rule for `key` and its index, if one matches and caches.
-    #[inline]
-    pub fn rule_for(&self, key: &[u8]) -> Option<(usize, &Rule)> {
-        self.rules.lookup(key).filter(|(_, r)| r.cache)
-    }
-
-    /// The prefixes Redis tracking must cover: those of rules that cache,
-    /// without overlaps (Redis refuses `BCAST PREFIX a PREFIX ab`; `a` covers
-    /// both). Sorted, so a prefix comes right before its extensions.
-    pub fn cached_prefixes(&self) -> Vec<Vec<u8>> {
-        let mut all: Vec<Vec<u8>> = self
-            .rules
-            .iter()
-            .filter(|r| r.cache)
-            .map(|r| r.prefix.to_vec())
-            .collect();
-        all.sort();
-        let mut covering: Vec<Vec<u8>> = Vec::with_capacity(all.len());
-        for p in all {
-            if !covering.last().is_some_and(|c| p.starts_with(c)) {
-                covering.push(p);
-            }
-        }
-        covering
-    }
-
-    /// The expiry to add to a `SET` of `key` that carries none, if its rule
-    /// asks for one.
-    #[inline]
-    pub fn upstream_ttl(&self, key: &[u8]) -> Option<Duration> {
-        self.rules.lookup(key).and_then(|(_, r)| r.upstream_ttl)
-    }
-
-    /// Counters of rule `index`.
-    #[inline]
-    pub fn stats(&self, index: usize) -> &RuleStats {
-        &self.stats[index]
-    }
-
-    /// Rules and their counters, in match order.
-    pub fn rule_stats(&self) -> impl Iterator<Item = (&Rule, &RuleStats)> {
-        self.rules.iter().zip(self.stats.iter())
+        })
     }
 
     /// moka's deferred work (expiry, eviction, and so the index's removals).
@@ -298,14 +226,13 @@ impl L1 {
         token: FillToken,
         db: u32,
         key: &[u8],
-        rule: usize,
+        stats: &Arc<RuleStats>,
         proto: Protocol,
         request: &[u8],
         reply: &[u8],
         ttl: Duration,
         refresh_ahead: Option<f64>,
     ) -> bool {
-        let stats = &self.stats[rule];
         let _epoch = self.epoch_lock.read().unwrap_or_else(|e| e.into_inner());
         let _stripe = self.lock_stripe(token.stripe);
         if self.moved(&token) {
@@ -340,7 +267,7 @@ impl L1 {
             _ => Variants::new(),
         };
         variants.push(variant);
-        let mut entry = KeyEntry::new(hash, rule, variants);
+        let mut entry = KeyEntry::new(hash, stats.clone(), variants);
         entry.generation = generation;
         let entry = Arc::new(entry);
         stats.bytes.fetch_add(i64::from(entry.weight), SeqCst);
@@ -367,7 +294,7 @@ impl L1 {
         }
         key_id(db, key, scratch);
         if let Some(old) = self.entries.remove(&scratch[..]) {
-            RuleStats::inc(&self.stats[old.rule].invalidations);
+            RuleStats::inc(&old.stats.invalidations);
         }
     }
 
@@ -420,7 +347,7 @@ impl L1 {
         for id in &ids {
             self.index.remove_id(id);
             if let Some(old) = self.entries.remove(id) {
-                RuleStats::inc(&self.stats[old.rule].invalidations);
+                RuleStats::inc(&old.stats.invalidations);
             }
         }
         ids.len()
@@ -454,28 +381,6 @@ impl L1 {
         out.extend_from_slice(&self.stripes[stripe].load(SeqCst).to_le_bytes());
         out.extend_from_slice(&self.epoch.load(SeqCst).to_le_bytes());
         out.extend_from_slice(request);
-    }
-
-    /// Joins the fetch for `flight_id` (see [`L1::flight_id`]), or leads it.
-    pub fn join(&self, flight_id: &[u8]) -> Flight {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        match inflight.get_mut(flight_id) {
-            Some(waiters) => {
-                let (tx, rx) = oneshot::channel();
-                waiters.push(tx);
-                Flight::Follower(rx)
-            }
-            None => {
-                inflight.insert(Bytes::copy_from_slice(flight_id), Vec::new());
-                Flight::Leader
-            }
-        }
-    }
-
-    /// Ends the fetch for `flight_id`, returning who waited for it.
-    pub fn land(&self, flight_id: &[u8]) -> Vec<oneshot::Sender<Replies>> {
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        inflight.remove(flight_id).unwrap_or_default()
     }
 }
 
@@ -541,14 +446,25 @@ fn stripe_of(hash: u64) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{ByteSize, RuleConfig};
 
-    fn l1(max: u64) -> Arc<L1> {
-        L1::new(&CacheConfig {
-            max_memory: ByteSize(max),
-            rules: vec![RuleConfig::caching("t:", Duration::from_secs(60))],
-        })
-        .unwrap()
+    /// An L1 and the counters of its one rule (`t:`).
+    struct Cache {
+        l1: Arc<L1>,
+        rule_stats: Arc<RuleStats>,
+    }
+
+    impl std::ops::Deref for Cache {
+        type Target = L1;
+        fn deref(&self) -> &L1 {
+            &self.l1
+        }
+    }
+
+    fn l1(max: u64) -> Cache {
+        Cache {
+            l1: L1::new(max),
+            rule_stats: Arc::default(),
+        }
     }
 
     /// The reply (copied) and refresh flag of a hit.
@@ -563,36 +479,6 @@ mod tests {
     const REQ: &[u8] = b"*2\r\n$3\r\nGET\r\n$3\r\nt:a\r\n";
 
     #[test]
-    fn tracking_prefixes_never_overlap() {
-        let rule = |prefix: &str, pattern: Option<&str>, cache: bool| RuleConfig {
-            pattern: pattern.map(Into::into),
-            cache,
-            ..RuleConfig::caching(prefix, Duration::from_secs(1))
-        };
-        let c = L1::new(&CacheConfig {
-            max_memory: ByteSize(1 << 20),
-            rules: vec![
-                rule("ticker:binance:", None, true),
-                rule("ticker:", None, true),
-                rule("orderbook:", None, true),
-                rule("", Some("candles:*:1m"), true),
-                rule("candles:", None, true),
-                rule("private:", None, false),
-            ],
-        })
-        .unwrap();
-        // Redis refuses BCAST prefixes where one starts another.
-        assert_eq!(
-            c.cached_prefixes(),
-            vec![
-                b"candles:".to_vec(),
-                b"orderbook:".to_vec(),
-                b"ticker:".to_vec()
-            ]
-        );
-    }
-
-    #[test]
     fn a_fill_is_served_for_the_same_request_and_protocol_only() {
         let c = l1(1 << 20);
         let t = c.begin_fill(0, b"t:a");
@@ -600,7 +486,7 @@ mod tests {
             t,
             0,
             b"t:a",
-            0,
+            &c.rule_stats,
             Protocol::Resp2,
             REQ,
             b"$1\r\nx\r\n",
@@ -636,7 +522,7 @@ mod tests {
             t,
             0,
             b"t:a",
-            0,
+            &c.rule_stats,
             Protocol::Resp2,
             REQ,
             b"$3\r\nold\r\n",
@@ -644,7 +530,7 @@ mod tests {
             None
         ));
         assert_eq!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ), None);
-        assert_eq!(c.stats(0).stale_fills_rejected.load(SeqCst), 1);
+        assert_eq!(c.rule_stats.stale_fills_rejected.load(SeqCst), 1);
         // A flush moves every generation.
         let t = c.begin_fill(0, b"t:a");
         c.flush();
@@ -652,7 +538,7 @@ mod tests {
             t,
             0,
             b"t:a",
-            0,
+            &c.rule_stats,
             Protocol::Resp2,
             REQ,
             b"$3\r\nold\r\n",
@@ -679,7 +565,7 @@ mod tests {
                 t,
                 5,
                 b"t:a",
-                0,
+                &c.rule_stats,
                 Protocol::Resp2,
                 REQ,
                 b"$3\r\nold\r\n",
@@ -716,7 +602,7 @@ mod tests {
                 t,
                 0,
                 b"t:a",
-                0,
+                &c.rule_stats,
                 proto,
                 REQ,
                 reply,
@@ -769,7 +655,7 @@ mod tests {
                             t,
                             0,
                             b"t:a",
-                            0,
+                            &c.rule_stats,
                             Protocol::Resp2,
                             REQ,
                             v.as_bytes(),
@@ -808,7 +694,7 @@ mod tests {
                 t,
                 0,
                 b"t:a",
-                0,
+                &c.rule_stats,
                 proto,
                 REQ,
                 b":1\r\n",
@@ -821,7 +707,7 @@ mod tests {
         c.invalidate(0, b"t:a", &mut s);
         assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_none());
         assert!(lookup(&c, 0, b"t:a", Protocol::Resp3, REQ).is_none());
-        assert_eq!(c.stats(0).invalidations.load(SeqCst), 1);
+        assert_eq!(c.rule_stats.invalidations.load(SeqCst), 1);
     }
 
     #[test]
@@ -833,7 +719,7 @@ mod tests {
             t,
             0,
             b"t:a",
-            0,
+            &c.rule_stats,
             Protocol::Resp2,
             REQ,
             b":1\r\n",
@@ -856,7 +742,7 @@ mod tests {
             t,
             0,
             b"t:a",
-            0,
+            &c.rule_stats,
             Protocol::Resp2,
             REQ,
             b":1\r\n",
@@ -878,7 +764,7 @@ mod tests {
                 t,
                 0,
                 key.as_bytes(),
-                0,
+                &c.rule_stats,
                 Protocol::Resp2,
                 REQ,
                 &value,
@@ -889,17 +775,7 @@ mod tests {
         let (entries, bytes) = c.usage();
         assert!(bytes <= budget, "{bytes} > {budget}");
         assert!(entries > 0 && entries < 5000);
-        assert!(c.stats(0).evictions.load(SeqCst) > 0);
-        assert_eq!(c.stats(0).bytes.load(SeqCst), bytes as i64);
-    }
-
-    #[test]
-    fn one_leader_per_flight() {
-        let c = l1(1 << 20);
-        assert!(matches!(c.join(b"id"), Flight::Leader));
-        assert!(matches!(c.join(b"id"), Flight::Follower(_)));
-        assert!(matches!(c.join(b"id"), Flight::Follower(_)));
-        assert_eq!(c.land(b"id").len(), 2);
-        assert!(matches!(c.join(b"id"), Flight::Leader));
+        assert!(c.rule_stats.evictions.load(SeqCst) > 0);
+        assert_eq!(c.rule_stats.bytes.load(SeqCst), bytes as i64);
     }
 }

@@ -4,10 +4,12 @@
 //! (`candles:*:1m`). Pattern rules are tried first, in the order written;
 //! then the longest matching prefix wins.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::RuleConfig;
 use crate::glob;
+use crate::stats::{RuleStats, Stats};
 
 /// A compiled rule.
 #[derive(Debug, Clone)]
@@ -29,6 +31,8 @@ pub struct Rule {
     pub upstream_ttl: Option<Duration>,
     /// Fraction of the TTL after which a hit refreshes the entry.
     pub refresh_ahead: Option<f64>,
+    /// Its counters, kept in the registry by selector.
+    pub stats: Arc<RuleStats>,
 }
 
 impl Rule {
@@ -58,11 +62,15 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// Compiles the configured rules.
-    pub fn new(configs: &[RuleConfig]) -> Self {
+    /// Compiles the configured rules, each with its counters from `stats`.
+    pub fn new(configs: &[RuleConfig], stats: &Stats) -> Self {
         let mut rules: Vec<Rule> = configs
             .iter()
             .map(|c| Rule {
+                stats: {
+                    let (kind, selector) = c.selector();
+                    stats.rule(&format!("{kind}:{selector}"))
+                },
                 prefix: match &c.pattern {
                     Some(p) => glob::literal_prefix(p.as_bytes()).into(),
                     None => c.prefix.as_bytes().into(),
@@ -93,12 +101,45 @@ impl Rules {
             .any(|r| r.cache || r.upstream_ttl.is_some())
     }
 
-    /// The rule for `key` and its index (for stats), if any rule matches.
-    /// A linear scan: deployments have a handful of rules, and comparing a few
-    /// short prefixes beats hashing.
+    /// The rule for `key`, if any rule matches. A linear scan: deployments
+    /// have a handful of rules, and comparing a few short prefixes beats
+    /// hashing.
     #[inline]
-    pub fn lookup(&self, key: &[u8]) -> Option<(usize, &Rule)> {
-        self.rules.iter().enumerate().find(|(_, r)| r.matches(key))
+    pub fn lookup(&self, key: &[u8]) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.matches(key))
+    }
+
+    /// The rule for `key` if one matches and caches.
+    #[inline]
+    pub fn caching(&self, key: &[u8]) -> Option<&Rule> {
+        self.lookup(key).filter(|r| r.cache)
+    }
+
+    /// The expiry to add to a `SET` of `key` that carries none, if its rule
+    /// asks for one.
+    #[inline]
+    pub fn upstream_ttl(&self, key: &[u8]) -> Option<Duration> {
+        self.lookup(key).and_then(|r| r.upstream_ttl)
+    }
+
+    /// The prefixes Redis tracking must cover: those of rules that cache,
+    /// without overlaps (Redis refuses `BCAST PREFIX a PREFIX ab`; `a` covers
+    /// both). Sorted, so a prefix comes right before its extensions.
+    pub fn cached_prefixes(&self) -> Vec<Vec<u8>> {
+        let mut all: Vec<Vec<u8>> = self
+            .rules
+            .iter()
+            .filter(|r| r.cache)
+            .map(|r| r.prefix.to_vec())
+            .collect();
+        all.sort();
+        let mut covering: Vec<Vec<u8>> = Vec::with_capacity(all.len());
+        for p in all {
+            if !covering.last().is_some_and(|c| p.starts_with(c)) {
+                covering.push(p);
+            }
+        }
+        covering
     }
 
     /// The rules, in match order.
@@ -131,9 +172,56 @@ mod tests {
         }
     }
 
+    impl Rules {
+        fn new_for_test(configs: &[RuleConfig]) -> Self {
+            Rules::new(configs, &Stats::default())
+        }
+    }
+
+    #[test]
+    fn tracking_prefixes_never_overlap() {
+        let rule = |prefix: &str, pattern: Option<&str>, cache: bool| RuleConfig {
+            pattern: pattern.map(Into::into),
+            cache,
+            ..RuleConfig::caching(prefix, Duration::from_secs(1))
+        };
+        let rules = Rules::new_for_test(&[
+            rule("ticker:binance:", None, true),
+            rule("ticker:", None, true),
+            rule("orderbook:", None, true),
+            rule("", Some("candles:*:1m"), true),
+            rule("candles:", None, true),
+            rule("private:", None, false),
+        ]);
+        // Redis refuses BCAST prefixes where one starts another.
+        assert_eq!(
+            rules.cached_prefixes(),
+            vec![
+                b"candles:".to_vec(),
+                b"orderbook:".to_vec(),
+                b"ticker:".to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rule_keeps_its_counters_across_a_recompile() {
+        let stats = Stats::default();
+        let configs = [rule("ticker:", true), pattern("candles:*", true)];
+        let first = Rules::new(&configs, &stats);
+        let again = Rules::new(&configs[..1], &stats);
+        let ticker = |r: &Rules| r.lookup(b"ticker:x").map(|r| r.stats.clone());
+        assert!(Arc::ptr_eq(
+            &ticker(&first).unwrap(),
+            &ticker(&again).unwrap()
+        ));
+        let candles = first.lookup(b"candles:1").unwrap();
+        assert!(!Arc::ptr_eq(&candles.stats, &ticker(&first).unwrap()));
+    }
+
     #[test]
     fn longest_prefix_wins_whatever_the_order() {
-        let rules = Rules::new(&[
+        let rules = Rules::new_for_test(&[
             rule("", false),
             rule("ticker:", true),
             rule("ticker:private:", false),
@@ -141,7 +229,7 @@ mod tests {
         let name = |k: &str| {
             rules
                 .lookup(k.as_bytes())
-                .map(|(_, r)| (String::from_utf8_lossy(&r.prefix).into_owned(), r.cache))
+                .map(|r| (String::from_utf8_lossy(&r.prefix).into_owned(), r.cache))
         };
         assert_eq!(name("ticker:BTC"), Some(("ticker:".into(), true)));
         assert_eq!(
@@ -160,14 +248,14 @@ mod tests {
 
     #[test]
     fn patterns_come_first_in_file_order_then_the_longest_prefix() {
-        let rules = Rules::new(&[
+        let rules = Rules::new_for_test(&[
             rule("candles:", true),
             pattern("candles:*:1m", false),
             pattern("candles:BTC:*", true),
             rule("candles:BTC:", false),
         ]);
         let which = |k: &str| {
-            rules.lookup(k.as_bytes()).map(|(_, r)| {
+            rules.lookup(k.as_bytes()).map(|r| {
                 let (kind, sel) = r.selector();
                 format!("{kind} {}", String::from_utf8_lossy(sel))
             })
@@ -190,7 +278,7 @@ mod tests {
 
     #[test]
     fn a_pattern_rule_keeps_its_literal_start_as_prefix() {
-        let rules = Rules::new(&[pattern("candles:*:1m", true)]);
+        let rules = Rules::new_for_test(&[pattern("candles:*:1m", true)]);
         let r = rules.iter().next().unwrap();
         assert_eq!(&r.prefix[..], b"candles:");
         assert!(r.matches(b"candles:BTC:1m"));
@@ -199,9 +287,9 @@ mod tests {
 
     #[test]
     fn without_a_default_rule_unnamed_keys_match_nothing() {
-        let rules = Rules::new(&[rule("ticker:", true)]);
+        let rules = Rules::new_for_test(&[rule("ticker:", true)]);
         assert!(rules.lookup(b"candles:1m").is_none());
         assert!(!rules.caches_nothing());
-        assert!(Rules::new(&[rule("x", false)]).caches_nothing());
+        assert!(Rules::new_for_test(&[rule("x", false)]).caches_nothing());
     }
 }

@@ -32,7 +32,7 @@ pub use ack::Ack;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -40,41 +40,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::{ANY_DB, Invalidation, L1};
 use crate::config::{CoherenceConfig, LossPolicy};
-use crate::histogram::Histogram;
+pub use crate::stats::BusStats;
 use message::{DecodeError, Kind, Message};
-
-/// Bus counters, read by `PROXY STATS`.
-#[derive(Debug, Default)]
-pub struct BusStats {
-    /// Messages published.
-    pub published: AtomicU64,
-    /// Keys published.
-    pub published_keys: AtomicU64,
-    /// Messages received from peers (own messages excluded).
-    pub received: AtomicU64,
-    /// Keys dropped because peers wrote them.
-    pub applied_keys: AtomicU64,
-    /// L1 flushes caused by the bus (gaps, reconnects, unreadable messages,
-    /// peers' flushes).
-    pub flushes: AtomicU64,
-    /// Sequence gaps seen.
-    pub gaps: AtomicU64,
-    /// Publish failures (the message is covered by the resync gap).
-    pub publish_errors: AtomicU64,
-    /// Keys (and flush or pattern requests) not published because the bus
-    /// was down or its queue full; peers flush instead.
-    pub dropped_keys: AtomicU64,
-    /// Keys (and flush or pattern requests) waiting for the publisher now.
-    pub queued_keys: AtomicUsize,
-    /// Delay of peers' invalidations, µs: from the moment the writing
-    /// instance had the write acknowledged (the oldest in the message) to the
-    /// moment this instance applied it. Heartbeats are not counted.
-    pub delay_us: Histogram,
-    /// Peers that fell silent past `peer_timeout` (each flushed L1).
-    pub silent_peers: AtomicU64,
-    /// Peers that said goodbye on a clean shutdown (no flush needed).
-    pub peers_left: AtomicU64,
-}
 
 /// What sessions send to the publisher; invalidations carry the time (µs,
 /// Unix) they were queued, which becomes the message's `sent_at_us`.
@@ -105,8 +72,6 @@ pub struct Bus {
     peer_timeout_us: u64,
     /// This instance's id on the bus.
     pub instance: String,
-    /// Counters.
-    pub stats: Arc<BusStats>,
 }
 
 /// Why the bus could not start.
@@ -128,7 +93,11 @@ pub enum BusError {
 impl Bus {
     /// Connects to NATS (in the background: the proxy serves, bypassing L1,
     /// until the bus is up), subscribes, and starts publishing.
-    pub async fn start(cfg: &CoherenceConfig, l1: Arc<L1>) -> Result<Arc<Bus>, BusError> {
+    pub async fn start(
+        cfg: &CoherenceConfig,
+        l1: Arc<L1>,
+        stats: Arc<BusStats>,
+    ) -> Result<Arc<Bus>, BusError> {
         let name = if cfg.instance_id.is_empty() {
             let host =
                 std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "nearcache".into());
@@ -139,7 +108,6 @@ impl Bus {
         let instance = wire_id(&name);
         let healthy = Arc::new(AtomicBool::new(false));
         let down_at_ms = Arc::new(AtomicU64::new(0));
-        let stats = Arc::new(BusStats::default());
         let start = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
         let lost = Arc::new(AtomicBool::new(false));
@@ -245,7 +213,6 @@ impl Bus {
             last_echo_us,
             peer_timeout_us: cfg.peer_timeout.0.as_micros() as u64,
             instance,
-            stats,
         }))
     }
 

@@ -10,7 +10,7 @@
 //! services) is logged once and nearcache falls back to rule TTLs alone.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -21,16 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::cache::L1;
 use crate::config::RedisUrl;
 use crate::protocol::Protocol;
+use crate::stats::TrackingStats;
 use crate::upstream::{UpstreamError, encode_command, handshake};
-
-/// Whether the tracking connection is up (for stats and tests).
-#[derive(Debug, Default)]
-pub struct Tracking {
-    /// Tracking is enabled on a live connection.
-    pub active: AtomicBool,
-    /// Keys Redis reported written (each dropped from L1 in every database).
-    pub keys: AtomicU64,
-}
 
 /// Starts the tracking task for `prefixes` (an empty prefix tracks every key).
 pub fn spawn(
@@ -38,9 +30,9 @@ pub fn spawn(
     prefixes: Vec<Vec<u8>>,
     l1: Arc<L1>,
     timeout: Duration,
-) -> Arc<Tracking> {
-    let state = Arc::new(Tracking::default());
-    let task_state = state.clone();
+    state: Arc<TrackingStats>,
+) {
+    let task_state = state;
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(50);
         loop {
@@ -57,7 +49,6 @@ pub fn spawn(
             }
         }
     });
-    state
 }
 
 /// One tracking connection's life: Ok(()) means Redis refused tracking.
@@ -66,7 +57,7 @@ async fn session(
     prefixes: &[Vec<u8>],
     l1: &L1,
     timeout: Duration,
-    state: &Tracking,
+    state: &TrackingStats,
 ) -> Result<(), UpstreamError> {
     let h = handshake::connect(url, 0, Protocol::Resp3, timeout).await?;
     let (mut stream, mut buf) = (h.stream, h.leftover);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+use super::transport::Peer;
 use crate::protocol::parser::{keyword, parse_i64};
 
 /// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
@@ -244,10 +245,9 @@ impl Directory {
     pub fn enroll(
         self: &Arc<Self>,
         session: u64,
-        addr: SocketAddr,
-        laddr: SocketAddr,
-        fd: i64,
+        peer: &Peer,
     ) -> (Enrollment, oneshot::Receiver<()>) {
+        let Peer { addr, laddr, fd } = *peer;
         let (kill, killed) = oneshot::channel();
         let shown = Arc::new(Shown::default());
         let enrollment = Enrollment {
@@ -452,6 +452,14 @@ impl Drop for Listing {
 mod tests {
     use super::*;
 
+    fn peer(port: u16, local: u16, fd: i64) -> Peer {
+        Peer {
+            addr: addr(port),
+            laddr: addr(local),
+            fd,
+        }
+    }
+
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
@@ -467,8 +475,8 @@ mod tests {
     #[test]
     fn a_kill_reaches_the_matching_sessions_once() {
         let d = Arc::new(Directory::default());
-        let (e3, mut killed3) = d.enroll(3, addr(1003), addr(6380), 8);
-        let (e4, mut killed4) = d.enroll(4, addr(1004), addr(6380), 9);
+        let (e3, mut killed3) = d.enroll(3, &peer(1003, 6380, 8));
+        let (e4, mut killed4) = d.enroll(4, &peer(1004, 6380, 9));
         e4.set_pubsub(true);
         assert_eq!(d.kill(&filter("ID 5"), 9), (0, false));
         assert_eq!(d.kill(&filter("TYPE pubsub"), 9), (1, false));
@@ -484,7 +492,7 @@ mod tests {
     #[test]
     fn the_caller_is_spared_unless_skipme_no_and_never_signalled() {
         let d = Arc::new(Directory::default());
-        let (_e, mut killed) = d.enroll(3, addr(1003), addr(6380), 8);
+        let (_e, mut killed) = d.enroll(3, &peer(1003, 6380, 8));
         assert_eq!(d.kill(&filter("ADDR 127.0.0.1:1003"), 3), (0, false));
         assert_eq!(
             d.kill(&filter("ADDR 127.0.0.1:1003 SKIPME no"), 3),
@@ -492,7 +500,7 @@ mod tests {
         );
         // The caller closes itself, after its reply.
         assert!(killed.try_recv().is_err());
-        let (_e4, _) = d.enroll(4, addr(1004), addr(6380), 9);
+        let (_e4, _) = d.enroll(4, &peer(1004, 6380, 9));
         let (f, form) =
             KillFilter::parse(&[Bytes::from_static(b"127.0.0.1:1004")]).expect("the old form");
         assert_eq!(form, KillForm::Old);
@@ -504,8 +512,8 @@ mod tests {
     #[test]
     fn a_client_already_killed_is_not_counted_again() {
         let d = Arc::new(Directory::default());
-        let (_a, _) = d.enroll(1, addr(1001), addr(6380), 8);
-        let (_b, mut b_killed) = d.enroll(2, addr(1002), addr(6380), 9);
+        let (_a, _) = d.enroll(1, &peer(1001, 6380, 8));
+        let (_b, mut b_killed) = d.enroll(2, &peer(1002, 6380, 9));
         let everyone = filter("TYPE normal SKIPME no");
         assert_eq!(d.kill(&everyone, 1), (2, true));
         assert_eq!(b_killed.try_recv(), Ok(()));

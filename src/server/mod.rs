@@ -8,8 +8,10 @@
 pub mod client_list;
 pub mod directory;
 pub mod outbox;
+pub mod request;
 pub mod route;
 pub mod session;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,32 +21,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{Config, ConfigError};
-use crate::protocol::{Limits, Protocol};
-use crate::upstream::{Pool, PoolKey, Upstream};
+use arc_swap::ArcSwap;
 
-/// What every session shares.
-#[derive(Debug)]
-pub struct Context {
-    /// The validated configuration.
-    pub cfg: Config,
-    /// Client input limits, from `cfg`.
-    pub limits: Limits,
-    /// The upstream Redis.
-    pub upstream: Arc<Upstream>,
-    /// The pool new clients start on (the URL's database, RESP2).
-    pub default_pool: Arc<Pool>,
-    /// The L1 cache, if any rule caches.
-    pub l1: Option<Arc<crate::cache::L1>>,
-    /// The invalidation bus, if `coherence.nats_url` is set (and L1 exists).
-    pub bus: Option<Arc<crate::coherence::Bus>>,
-    /// Sessions pinned to dedicated connections, by their Redis ids.
-    pub directory: Arc<directory::Directory>,
-    /// Where acknowledged writes go (L1 again, then the bus).
-    pub ack: crate::coherence::Ack,
-    /// Redis's own invalidations, if `coherence.redis_tracking` is on.
-    pub tracking: Option<Arc<crate::coherence::tracking::Tracking>>,
-}
+use crate::cache::{L1, Rules};
+use crate::coherence::{Ack, Bus, tracking};
+use crate::config::{Config, ConfigError};
+use crate::context::{Context, Snapshot};
+use crate::error::ProxyError;
+use crate::protocol::Protocol;
+use crate::stats::Stats;
+use crate::upstream::{PoolKey, Upstream};
+use transport::Peer;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -110,10 +97,12 @@ impl Proxy {
             addr: cfg.server.listen.clone(),
             source,
         })?;
-        let l1 = crate::cache::L1::new(&cfg.cache);
+        let stats = Arc::new(Stats::default());
+        let rules = Rules::new(&cfg.cache.rules, &stats);
+        let l1 = (!rules.caches_nothing()).then(|| L1::new(cfg.cache.max_memory.0));
         let bus = match (&l1, cfg.coherence.nats_url.is_empty()) {
             (Some(l1), false) => {
-                Some(crate::coherence::Bus::start(&cfg.coherence, l1.clone()).await?)
+                Some(Bus::start(&cfg.coherence, l1.clone(), stats.bus.clone()).await?)
             }
             (None, false) => {
                 tracing::warn!(
@@ -123,25 +112,27 @@ impl Proxy {
             }
             (_, true) => None,
         };
-        let tracking = match (&l1, cfg.coherence.redis_tracking) {
-            (Some(l1), true) => Some(crate::coherence::tracking::spawn(
+        if let (Some(l1), true) = (&l1, cfg.coherence.redis_tracking) {
+            tracking::spawn(
                 url.clone(),
-                l1.cached_prefixes(),
+                rules.cached_prefixes(),
                 l1.clone(),
                 cfg.upstream.connect_timeout.0,
-            )),
-            _ => None,
-        };
+                stats.tracking.clone(),
+            );
+        }
         let ctx = Arc::new(Context {
-            ack: crate::coherence::Ack::new(l1.clone(), bus.clone()),
+            ack: Ack::new(l1.clone(), bus.clone()),
             l1,
+            flights: Arc::default(),
             bus,
             limits: cfg.limits(),
             cfg,
             upstream,
             default_pool,
             directory: Arc::default(),
-            tracking,
+            stats,
+            snapshot: ArcSwap::from_pointee(Snapshot { rules }),
         });
         if let Some(l1) = &ctx.l1 {
             // Hits bypass moka, so its expiry and eviction run on a tick.
@@ -193,7 +184,7 @@ async fn accept_loop(
         };
         // Reap finished sessions so the set does not grow without bound.
         while sessions.try_join_next().is_some() {}
-        let (mut stream, peer) = match accepted {
+        let (mut stream, addr) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -203,17 +194,20 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "max_clients reached; refusing client");
+            tracing::warn!(peer = %addr, "max_clients reached; refusing client");
+            ctx.stats.requests.error(crate::error::ErrorKind::Limit, 1);
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let _ = stream
-                    .write_all(b"-ERR max number of clients reached\r\n")
+                    .write_all(&ProxyError::max_clients().to_reply())
                     .await;
                 let _ = stream.shutdown().await;
             });
             continue;
         };
         let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let _ = stream.set_nodelay(true);
+        let peer = Peer::of_tcp(&stream, addr);
         let ctx = ctx.clone();
         let rx = shutdown.clone();
         sessions.spawn(async move {

@@ -7,6 +7,7 @@
 //! `write`; [`Outbox::ready`] waits for the first one that is not.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -14,6 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::cache::Invalidation;
 use crate::coherence::Ack;
+use crate::error::ProxyError;
+use crate::stats::{Stats, Timing};
 use crate::upstream::connection::Failed;
 use crate::upstream::{Replies, UpstreamError};
 
@@ -33,6 +36,9 @@ pub enum Slot {
         /// Keys the commands wrote: dropped from L1 when the replies arrive,
         /// before the client can see them.
         inv: Invalidation,
+        /// The path the replies take and when their commands were read, for
+        /// their latency.
+        timing: Timing,
     },
     /// Every frame from a relaying connection, until it ends.
     Relay(mpsc::Receiver<Bytes>),
@@ -48,6 +54,7 @@ pub enum Slot {
 #[derive(Debug)]
 pub struct Outbox {
     ack: Ack,
+    stats: Arc<Stats>,
     scratch: Vec<u8>,
     slots: VecDeque<Slot>,
     /// Replies the queued slots stand for (a run counts each of its commands).
@@ -59,10 +66,12 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox, whose answered slots' writes go to `ack`.
-    pub fn new(ack: Ack) -> Self {
+    /// An empty outbox, whose answered slots' writes go to `ack` and whose
+    /// replies are timed into `stats`.
+    pub fn new(ack: Ack, stats: Arc<Stats>) -> Self {
         Self {
             ack,
+            stats,
             scratch: Vec::new(),
             replies: 0,
             muted: false,
@@ -125,12 +134,6 @@ impl Outbox {
         if let Some(slot) = self.slots.pop_front() {
             self.replies -= weight(&slot);
         }
-    }
-
-    /// Slots not yet written.
-    #[inline]
-    pub fn len(&self) -> usize {
-        self.slots.len()
     }
 
     /// True when every slot has been written.
@@ -287,10 +290,14 @@ impl Outbox {
     /// The head slot is answered: drop what its writes touched from L1, then
     /// take its replies.
     fn answered(&mut self, replies: Replies) {
-        let Some(Slot::Upstream { count, inv, .. }) = self.slots.front() else {
+        let Some(Slot::Upstream {
+            count, inv, timing, ..
+        }) = self.slots.front()
+        else {
             return;
         };
         let count = *count;
+        self.stats.requests.replied(*timing, u64::from(count));
         self.ack.acknowledged(inv, &mut self.scratch);
         self.pop();
         self.append(replies, count);
@@ -298,16 +305,17 @@ impl Outbox {
 
     /// Appends a run's replies; a failure still yields one reply per command.
     fn append(&mut self, replies: Replies, count: u32) {
-        if self.muted {
-            return;
-        }
         match replies {
-            Ok(frames) => self.buf.extend_from_slice(&frames),
+            Ok(frames) if !self.muted => self.buf.extend_from_slice(&frames),
+            Ok(_) => {}
             Err(failed) => {
-                self.buf.extend_from_slice(&failed.partial);
-                let missing = count.saturating_sub(failed.got) as usize;
-                self.buf
-                    .extend_from_slice(&failed.error.to_replies(missing));
+                let missing = count.saturating_sub(failed.got);
+                let e = ProxyError::from(&failed.error);
+                self.stats.requests.error(e.kind(), u64::from(missing));
+                if !self.muted {
+                    self.buf.extend_from_slice(&failed.partial);
+                    self.buf.extend_from_slice(&e.to_replies(missing as usize));
+                }
             }
         }
     }
@@ -348,9 +356,16 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn timing() -> Timing {
+        Timing {
+            path: crate::stats::Path::Shared,
+            since: std::time::Instant::now(),
+        }
+    }
+
     #[tokio::test]
     async fn replies_leave_in_slot_order_and_batch_when_ready() {
-        let mut out = Outbox::new(Ack::default());
+        let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx1, rx1) = oneshot::channel();
         let (tx2, rx2) = oneshot::channel();
         out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
@@ -359,12 +374,14 @@ mod tests {
             count: 1,
             blocking: false,
             inv: Invalidation::default(),
+            timing: timing(),
         });
         out.push(Slot::Upstream {
             rx: rx2,
             count: 1,
             blocking: false,
             inv: Invalidation::default(),
+            timing: timing(),
         });
         // The second reply arrives first: it must wait behind the first.
         tx2.send(Ok(Bytes::from_static(b"+C\r\n"))).unwrap();
@@ -380,13 +397,14 @@ mod tests {
     /// are written even if they arrive after it was queued.
     #[tokio::test]
     async fn muting_applies_in_queue_order() {
-        let mut out = Outbox::new(Ack::default());
+        let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
             rx,
             count: 1,
             blocking: false,
             inv: Invalidation::default(),
+            timing: timing(),
         });
         out.push(Slot::Mute(true));
         out.put(b"+dropped\r\n");
@@ -406,13 +424,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_run_still_answers_every_command() {
-        let mut out = Outbox::new(Ack::default());
+        let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
             rx,
             count: 3,
             blocking: false,
             inv: Invalidation::default(),
+            timing: timing(),
         });
         tx.send(Err(Failed {
             partial: Bytes::from_static(b":1\r\n"),
@@ -429,13 +448,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_sender_is_a_lost_connection_not_a_hang() {
-        let mut out = Outbox::new(Ack::default());
+        let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel::<Replies>();
         out.push(Slot::Upstream {
             rx,
             count: 1,
             blocking: false,
             inv: Invalidation::default(),
+            timing: timing(),
         });
         drop(tx);
         assert!(!out.collect());
@@ -444,7 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_stops_collection() {
-        let mut out = Outbox::new(Ack::default());
+        let mut out = Outbox::new(Ack::default(), Arc::default());
         out.push(Slot::Ready(Bytes::from_static(b"+OK\r\n")));
         out.push(Slot::Close);
         assert!(out.collect());

@@ -10,6 +10,7 @@
 
 pub mod connection;
 pub mod handshake;
+pub mod lane;
 pub mod pool;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 
 pub use connection::{Conn, OnAnswer, Op, Replies, ReplyTx};
+pub use lane::Lane;
 pub use pool::{Pool, PoolKey, Upstream};
 
 /// Why an upstream request failed. Each kind becomes an `-ERR upstream …`

@@ -172,8 +172,9 @@ async fn stats(c: &mut MultiplexedConnection) -> Stats {
             (_, Value::Int(n)) => {
                 top.insert(name, *n);
             }
-            // The coherence bus's own section (tests/integration/coherence.rs).
-            ("bus", _) => {}
+            // The coherence bus's own section (tests/integration/coherence.rs)
+            // and the request path's (checked below).
+            ("bus" | "requests", _) => {}
             other => panic!("unexpected PROXY STATS field {other:?}"),
         }
     }

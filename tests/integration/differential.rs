@@ -13,7 +13,8 @@
 //! connection subscribes (and re-subscribes) to channels the stream
 //! publishes to; after every batch, the messages it got must match too. The
 //! stream is seeded, so a failure names its seed and replays exactly
-//! (`NEARCACHE_DIFF_SEED=<seed>`; `NEARCACHE_DIFF_OPS` sets the length).
+//! (`NEARCACHE_DIFF_SEED=<seed>` or a range `<from>..<to>`; `NEARCACHE_DIFF_OPS`
+//! sets the length).
 
 use std::time::Duration;
 
@@ -697,15 +698,17 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_commands_through_a_caching_proxy_answer_as_redis_does() {
     let ops = env_or("NEARCACHE_DIFF_OPS", 4000);
-    match std::env::var("NEARCACHE_DIFF_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        Some(seed) => replay(seed, ops).await,
-        None => {
-            for seed in [1, 2, 3] {
-                replay(seed, ops).await;
+    // One seed (`7`), a range (`100..1100`), or the three CI runs.
+    let seeds: Vec<u64> = match std::env::var("NEARCACHE_DIFF_SEED") {
+        Ok(v) => match v.split_once("..") {
+            Some((a, b)) => {
+                (a.parse().expect("seed range start")..b.parse().expect("seed range end")).collect()
             }
-        }
+            None => vec![v.parse().expect("a seed")],
+        },
+        Err(_) => vec![1, 2, 3],
+    };
+    for seed in seeds {
+        replay(seed, ops).await;
     }
 }

@@ -1,4 +1,6 @@
-//! Per-rule cache counters, lock-free, read by `PROXY STATS`.
+//! Per-rule cache counters, lock-free, read by `PROXY STATS`. A rule's
+//! counters are found by its selector in the registry, so a rule that stays
+//! the same across a reload keeps them.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 

@@ -62,9 +62,18 @@ fn upper_bound(b: usize) -> u64 {
 impl Histogram {
     /// Records one value.
     pub fn record(&self, v: u64) {
-        self.buckets[bucket_of(v)].fetch_add(1, Relaxed);
-        self.count.fetch_add(1, Relaxed);
-        self.sum.fetch_add(v, Relaxed);
+        self.record_n(v, 1);
+    }
+
+    /// Records `n` samples of the same value (the replies of a pipelined run
+    /// that arrived together).
+    pub fn record_n(&self, v: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.buckets[bucket_of(v)].fetch_add(n, Relaxed);
+        self.count.fetch_add(n, Relaxed);
+        self.sum.fetch_add(v.saturating_mul(n), Relaxed);
         self.max.fetch_max(v, Relaxed);
     }
 

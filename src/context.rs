@@ -1,0 +1,55 @@
+//! What every session shares: the configuration, the upstream, L1, the bus,
+//! the directory of clients, the stats registry, and the snapshot of what a
+//! reload may swap (the rules; limits and users next).
+//!
+//! It sits apart from `server` so that `admin` (which reads it) and the
+//! request path (which calls `admin`) do not import each other.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::cache::{L1, Rules};
+use crate::coherence::{Ack, Bus};
+use crate::config::Config;
+use crate::fill::Flights;
+use crate::protocol::Limits;
+use crate::server::directory::Directory;
+use crate::stats::Stats;
+use crate::upstream::{Pool, Upstream};
+
+/// What a reload may swap as a whole: a session takes the current one at
+/// each batch of input, and a fill in flight keeps the rule fields it copied
+/// when it started.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The key rules, in match order.
+    pub rules: Rules,
+}
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct Context {
+    /// The validated configuration.
+    pub cfg: Config,
+    /// Client input limits, from `cfg`.
+    pub limits: Limits,
+    /// The upstream Redis.
+    pub upstream: Arc<Upstream>,
+    /// The pool new clients start on (the URL's database, RESP2).
+    pub default_pool: Arc<Pool>,
+    /// The L1 cache, if any rule caches.
+    pub l1: Option<Arc<L1>>,
+    /// Fetches in flight, shared by every session's misses.
+    pub flights: Arc<Flights>,
+    /// The invalidation bus, if `coherence.nats_url` is set (and L1 exists).
+    pub bus: Option<Arc<Bus>>,
+    /// Where acknowledged writes go (L1 again, then the bus).
+    pub ack: Ack,
+    /// nearcache's clients, for `CLIENT LIST`, `KILL` and id translation.
+    pub directory: Arc<Directory>,
+    /// Every counter.
+    pub stats: Arc<Stats>,
+    /// What a reload swaps.
+    pub snapshot: ArcSwap<Snapshot>,
+}

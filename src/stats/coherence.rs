@@ -1,0 +1,47 @@
+//! Counters of the coherence bus and of Redis tracking, read by `PROXY STATS`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+
+use super::Histogram;
+
+/// Bus counters, read by `PROXY STATS`.
+#[derive(Debug, Default)]
+pub struct BusStats {
+    /// Messages published.
+    pub published: AtomicU64,
+    /// Keys published.
+    pub published_keys: AtomicU64,
+    /// Messages received from peers (own messages excluded).
+    pub received: AtomicU64,
+    /// Keys dropped because peers wrote them.
+    pub applied_keys: AtomicU64,
+    /// L1 flushes caused by the bus (gaps, reconnects, unreadable messages,
+    /// peers' flushes).
+    pub flushes: AtomicU64,
+    /// Sequence gaps seen.
+    pub gaps: AtomicU64,
+    /// Publish failures (the message is covered by the resync gap).
+    pub publish_errors: AtomicU64,
+    /// Keys (and flush or pattern requests) not published because the bus
+    /// was down or its queue full; peers flush instead.
+    pub dropped_keys: AtomicU64,
+    /// Keys (and flush or pattern requests) waiting for the publisher now.
+    pub queued_keys: AtomicUsize,
+    /// Delay of peers' invalidations, µs: from the moment the writing
+    /// instance had the write acknowledged (the oldest in the message) to the
+    /// moment this instance applied it. Heartbeats are not counted.
+    pub delay_us: Histogram,
+    /// Peers that fell silent past `peer_timeout` (each flushed L1).
+    pub silent_peers: AtomicU64,
+    /// Peers that said goodbye on a clean shutdown (no flush needed).
+    pub peers_left: AtomicU64,
+}
+
+/// Redis tracking's state (`coherence.redis_tracking`).
+#[derive(Debug, Default)]
+pub struct TrackingStats {
+    /// Tracking is enabled on a live connection.
+    pub active: AtomicBool,
+    /// Keys Redis reported written (each dropped from L1 in every database).
+    pub keys: AtomicU64,
+}
