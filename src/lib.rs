@@ -28,20 +28,24 @@
 //! pinning to dedicated connections in `session/pinned.rs`.
 
 #![forbid(unsafe_code)]
+// The docs are for the project's developers and built with
+// `--document-private-items` (scripts/test.sh): the layout table links the
+// crate-private modules too.
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod cache;
 pub mod coherence;
 pub mod command;
 pub mod config;
-pub mod context;
+pub(crate) mod context;
 pub mod error;
-pub mod fill;
+pub(crate) mod fill;
 pub mod glob;
 pub mod protocol;
 pub mod server;
 pub mod stats;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use config::Config;
 pub use server::Proxy;

@@ -22,6 +22,7 @@ use crate::cache::L1;
 use crate::config::RedisUrl;
 use crate::protocol::Protocol;
 use crate::stats::TrackingStats;
+use crate::upstream::transport::UpstreamStream;
 use crate::upstream::{UpstreamError, encode_command, handshake};
 
 /// Starts the tracking task for `prefixes` (an empty prefix tracks every key).
@@ -108,8 +109,8 @@ async fn session(
     }
 }
 
-async fn next_frame(
-    stream: &mut tokio::net::TcpStream,
+async fn next_frame<S: UpstreamStream>(
+    stream: &mut S,
     buf: &mut BytesMut,
 ) -> Result<OwnedFrame, UpstreamError> {
     loop {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-pub use mget::{Mget, mget};
+pub use mget::mget;
 
 use crate::cache::{FillToken, L1, Rule};
 use crate::protocol::parser::parse_i64;

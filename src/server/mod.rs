@@ -5,13 +5,13 @@
 //! bind port 0); [`Proxy::shutdown`] stops accepting, lets every session finish
 //! what it has in flight, and returns when all are done or the deadline passes.
 
-pub mod client_list;
-pub mod directory;
-pub mod outbox;
-pub mod request;
+pub(crate) mod client_list;
+pub(crate) mod directory;
+pub(crate) mod outbox;
+pub(crate) mod request;
 pub mod route;
-pub mod session;
-pub mod transport;
+pub(crate) mod session;
+pub(crate) mod transport;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
+use super::transport::UpstreamStream;
 use super::{UpstreamError, encode_command};
 use crate::protocol::parser::parse_i64;
 use crate::protocol::scanner::{FrameKind, ReplyScanner, frame_kind};
@@ -226,16 +226,6 @@ impl IdleList {
             conns.push(conn);
         }
     }
-
-    /// Number of idle connections (for stats).
-    pub fn len(&self) -> usize {
-        self.conns.lock().map(|c| c.len()).unwrap_or(0)
-    }
-
-    /// True when no connection is idle.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What the task is waiting for, in write order.
@@ -380,7 +370,12 @@ impl StandIn {
 
 /// Starts the task for an established (already handshaken) connection.
 /// `leftover` holds bytes the handshake read past its own replies.
-pub fn spawn(stream: TcpStream, leftover: BytesMut, opts: ConnOptions, redis_id: u64) -> Conn {
+pub fn spawn<S: UpstreamStream>(
+    stream: S,
+    leftover: BytesMut,
+    opts: ConnOptions,
+    redis_id: u64,
+) -> Conn {
     static SERIAL: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(run(stream, leftover, rx, opts));
@@ -394,8 +389,8 @@ pub fn spawn(stream: TcpStream, leftover: BytesMut, opts: ConnOptions, redis_id:
 /// Bytes of queued requests written in one batch, at most.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
-async fn run(
-    mut stream: TcpStream,
+async fn run<S: UpstreamStream>(
+    mut stream: S,
     mut rbuf: BytesMut,
     mut rx: mpsc::UnboundedReceiver<Op>,
     opts: ConnOptions,

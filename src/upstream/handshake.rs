@@ -1,4 +1,4 @@
-//! Opening an upstream connection: TCP connect, then `HELLO <proto> [AUTH …]
+//! Opening an upstream connection: the stream ([`super::transport`]), then `HELLO <proto> [AUTH …]
 //! SETNAME nearcache` and `SELECT <db>` in one round trip.
 //!
 //! HELLO both authenticates and fixes the reply protocol of the connection,
@@ -8,11 +8,12 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use redis_protocol::resp3::decode::complete::decode;
 use redis_protocol::resp3::types::OwnedFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use super::transport::{self, Stream, UpstreamStream};
 
 use super::{UpstreamError, encode_command};
 use crate::config::RedisUrl;
@@ -20,9 +21,9 @@ use crate::protocol::Protocol;
 
 /// A connected, authenticated connection, ready to be driven.
 #[derive(Debug)]
-pub struct Handshaken {
-    /// The socket.
-    pub stream: TcpStream,
+pub struct Handshaken<S = Stream> {
+    /// The stream.
+    pub stream: S,
     /// Bytes read past the handshake replies (normally none).
     pub leftover: BytesMut,
     /// The server's `version` from the HELLO reply.
@@ -53,19 +54,18 @@ async fn connect_inner(
     db: u32,
     proto: Protocol,
 ) -> Result<Handshaken, UpstreamError> {
-    let addr = url.addr();
-    let mut stream = TcpStream::connect(&addr)
-        .await
-        .map_err(|e| unavailable(format!("connect to {addr}: {e}")))?;
-    if self_connected(&stream) {
-        return Err(unavailable(format!(
-            "connect to {addr}: connected to itself (nothing listens there)"
-        )));
-    }
-    stream
-        .set_nodelay(true)
-        .map_err(|e| unavailable(format!("set TCP_NODELAY on {addr}: {e}")))?;
+    let stream = transport::open(url).await?;
+    handshake(stream, url, db, proto).await
+}
 
+/// Prepares an open stream for `db` and `proto`.
+async fn handshake<S: UpstreamStream>(
+    mut stream: S,
+    url: &RedisUrl,
+    db: u32,
+    proto: Protocol,
+) -> Result<Handshaken<S>, UpstreamError> {
+    let addr = url.addr();
     let version = proto.version().to_string();
     let mut hello: Vec<&[u8]> = vec![b"HELLO", version.as_bytes()];
     if let Some(password) = &url.password {
@@ -110,17 +110,8 @@ async fn connect_inner(
     })
 }
 
-/// Whether `stream` is connected to itself: on one host, a connect to a port
-/// in the ephemeral range where nothing listens can be given that very port
-/// as its own (TCP's simultaneous open), and then every command would come
-/// back as its own "reply". Redis down on such a port, with the pool
-/// retrying, makes this a matter of time.
-fn self_connected(stream: &TcpStream) -> bool {
-    matches!((stream.local_addr(), stream.peer_addr()), (Ok(l), Ok(p)) if l == p)
-}
-
-async fn read_frame(
-    stream: &mut TcpStream,
+async fn read_frame<S: UpstreamStream>(
+    stream: &mut S,
     buf: &mut BytesMut,
     addr: &str,
 ) -> Result<OwnedFrame, UpstreamError> {
@@ -181,38 +172,4 @@ fn unavailable(msg: String) -> UpstreamError {
 
 fn rejected(msg: &str) -> UpstreamError {
     UpstreamError::Rejected(msg.into())
-}
-
-/// Bytes of a `PING` command, for health checks.
-pub fn ping() -> Bytes {
-    Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A socket bound to a port and connected to that same port is connected
-    /// to itself (what an unlucky retry against a dead local Redis gets).
-    #[tokio::test]
-    async fn a_connection_to_itself_is_recognised() {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        let addr = probe.local_addr().expect("its address");
-        drop(probe);
-        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-        socket.bind(addr).expect("bind the freed port");
-        let stream = socket
-            .connect(addr)
-            .await
-            .expect("simultaneous open with itself");
-        assert!(self_connected(&stream));
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a listener");
-        let other = TcpStream::connect(listener.local_addr().expect("its address"))
-            .await
-            .expect("an ordinary connection");
-        assert!(!self_connected(&other));
-    }
 }

@@ -12,12 +12,13 @@ pub mod connection;
 pub mod handshake;
 pub mod lane;
 pub mod pool;
+pub mod transport;
 
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-pub use connection::{Conn, OnAnswer, Op, Replies, ReplyTx};
+pub use connection::{Conn, OnAnswer, Op, Replies};
 pub use lane::Lane;
 pub use pool::{Pool, PoolKey, Upstream};
 

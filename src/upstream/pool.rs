@@ -52,11 +52,6 @@ impl Upstream {
         })
     }
 
-    /// The upstream's URL (its Display hides the password).
-    pub fn url(&self) -> &RedisUrl {
-        &self.url
-    }
-
     /// The database a client starts in (the URL's `/db`).
     pub fn default_db(&self) -> u32 {
         self.url.db
@@ -203,11 +198,6 @@ impl Pool {
         self.upstream
             .connect(self.key, self.upstream.dedicated_options(&self.idle))
             .await
-    }
-
-    /// Idle dedicated connections right now.
-    pub fn idle_dedicated(&self) -> usize {
-        self.idle.len()
     }
 }
 

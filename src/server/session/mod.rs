@@ -7,7 +7,7 @@
 //!    refusal is delivered by [`Session::refuse`] wherever the mode needs it;
 //! 3. **note writes** — a write's keys leave L1 now, and again on its reply
 //!    (`cached.rs`);
-//! 4. **dispatch by mode** ([`mode`](self::mode)) — shared connections and
+//! 4. **dispatch by mode** ([`mode`]) — shared connections and
 //!    L1 (`paired.rs`, `cached.rs`), a transaction (`transaction.rs`), a relay
 //!    (`relay.rs`); what nearcache answers itself is in `local.rs`, blocking
 //!    commands in `blocking.rs`;
