@@ -12,6 +12,7 @@ pub mod connection;
 pub mod handshake;
 pub mod lane;
 pub mod pool;
+mod relay;
 pub mod transport;
 
 use std::sync::Arc;

@@ -1,0 +1,234 @@
+//! `Config::validate`: every field checked, every problem reported at once,
+//! each naming its field.
+
+use std::net::SocketAddr;
+
+use super::*;
+
+impl Config {
+    /// Checks every field and reports all problems at once; `origin` (the file
+    /// name) prefixes the message.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut bad = |field: &str, message: String| {
+            errors.push(FieldError {
+                field: field.into(),
+                message,
+            })
+        };
+        if let Err(e) = self.server.listen.parse::<SocketAddr>() {
+            bad(
+                "server.listen",
+                format!(
+                    "'{}' is not an address ({e}); use e.g. \"127.0.0.1:6380\"",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.threads > 256 {
+            bad(
+                "server.threads",
+                format!(
+                    "{} is out of range (0 = one per core, up to 256)",
+                    self.server.threads
+                ),
+            );
+        }
+        if self.server.max_clients == 0 {
+            bad("server.max_clients", "must be at least 1".into());
+        }
+        if self.server.max_args == 0 {
+            bad("server.max_args", "must be at least 1".into());
+        }
+        if self.server.max_pending_replies == 0 {
+            bad("server.max_pending_replies", "must be at least 1".into());
+        }
+        for (field, size) in [
+            ("server.max_bulk_bytes", self.server.max_bulk_bytes),
+            ("server.max_request_bytes", self.server.max_request_bytes),
+            ("server.max_inline_bytes", self.server.max_inline_bytes),
+        ] {
+            if size.0 < 16 {
+                bad(field, format!("{size} is too small (at least 16B)"));
+            }
+        }
+        if self.server.password.as_deref() == Some("") {
+            bad(
+                "server.password",
+                "is empty; remove it to disable client authentication".into(),
+            );
+        }
+        if let Err(e) = RedisUrl::parse(&self.upstream.url) {
+            bad("upstream.url", e);
+        }
+        if self.upstream.pool_size == 0 || self.upstream.pool_size > 64 {
+            bad(
+                "upstream.pool_size",
+                format!("{} is out of range (1 to 64)", self.upstream.pool_size),
+            );
+        }
+        for (field, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.command_timeout", self.upstream.command_timeout),
+            ("upstream.reconnect_min", self.upstream.reconnect_min),
+        ] {
+            if d.0.is_zero() {
+                bad(field, "must be more than 0".into());
+            }
+        }
+        if self.upstream.reconnect_max < self.upstream.reconnect_min {
+            bad(
+                "upstream.reconnect_max",
+                format!(
+                    "{} is less than upstream.reconnect_min",
+                    self.upstream.reconnect_max
+                ),
+            );
+        }
+        if !self.admin.listen.is_empty() {
+            if let Err(e) = self.admin.listen.parse::<SocketAddr>() {
+                bad(
+                    "admin.listen",
+                    format!("'{}' is not an address ({e})", self.admin.listen),
+                );
+            }
+        }
+        if self.cache.max_memory.0 < 1024 {
+            bad(
+                "cache.max_memory",
+                format!("{} is too small (at least 1KiB)", self.cache.max_memory),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, rule) in self.cache.rules.iter().enumerate() {
+            let (kind, selector) = rule.selector();
+            let field = |name: &str| format!("cache.rules[{i}] ({kind} \"{selector}\").{name}");
+            if !seen.insert((kind, selector)) {
+                bad(&field(kind), format!("another rule has the same {kind}"));
+            }
+            if rule.pattern.is_some() && !rule.prefix.is_empty() {
+                bad(
+                    &field("pattern"),
+                    "set either prefix or pattern, not both".into(),
+                );
+            }
+            if rule.pattern.as_deref() == Some("") {
+                bad(
+                    &field("pattern"),
+                    "must not be empty (use prefix = \"\" for a default rule)".into(),
+                );
+            }
+            if rule.cache && rule.ttl.0.is_zero() {
+                bad(
+                    &field("ttl"),
+                    "must be more than 0 for a rule that caches (or set cache = false)".into(),
+                );
+            }
+            if rule.refresh_ahead.is_some_and(|f| !(f > 0.0 && f < 1.0)) {
+                bad(
+                    &field("refresh_ahead"),
+                    "must be a fraction between 0 and 1 (e.g. 0.8)".into(),
+                );
+            }
+            if rule.upstream_ttl.is_some_and(|d| d.0.as_millis() == 0) {
+                bad(
+                    &field("upstream_ttl"),
+                    "must be at least 1ms (remove it to disable)".into(),
+                );
+            }
+            if rule.negative_ttl.is_some_and(|d| d.0.is_zero()) {
+                bad(
+                    &field("negative_ttl"),
+                    "must be more than 0 (remove it to disable)".into(),
+                );
+            }
+        }
+        let c = &self.coherence;
+        if c.namespace.is_empty()
+            || c.namespace
+                .contains(|ch: char| ch.is_whitespace() || ch == '.' || ch == '*' || ch == '>')
+        {
+            bad(
+                "coherence.namespace",
+                format!(
+                    "'{}' must be a non-empty subject token (no spaces, '.', '*' or '>')",
+                    c.namespace
+                ),
+            );
+        }
+        if c.user.is_empty() != c.password.is_empty() {
+            bad("coherence.user", "user and password go together".into());
+        }
+        if c.heartbeat_interval.0.is_zero() || c.peer_timeout.0 < c.heartbeat_interval.0 * 2 {
+            bad(
+                "coherence.peer_timeout",
+                format!(
+                    "{} must be at least twice heartbeat_interval ({})",
+                    c.peer_timeout, c.heartbeat_interval
+                ),
+            );
+        }
+        // The message format holds 255 bytes of id, and the bus adds a
+        // 9-byte suffix (`~` and 8 hex digits).
+        if c.instance_id.len() > 246 {
+            bad(
+                "coherence.instance_id",
+                format!("{} bytes long; at most 246", c.instance_id.len()),
+            );
+        }
+        if c.batch_max_keys == 0 {
+            bad("coherence.batch_max_keys", "must be at least 1".into());
+        }
+        if c.max_queued_keys == 0 {
+            bad("coherence.max_queued_keys", "must be at least 1".into());
+        }
+        if c.tls_cert_file.is_empty() != c.tls_key_file.is_empty() {
+            bad(
+                "coherence.tls_cert_file",
+                "tls_cert_file and tls_key_file go together: set both or neither".into(),
+            );
+        }
+        // Unreadable at start-up would mean a bus that never connects, each
+        // attempt failing alike: say so now, naming the field.
+        for (field, path) in [
+            ("coherence.tls_ca_file", &c.tls_ca_file),
+            ("coherence.tls_cert_file", &c.tls_cert_file),
+            ("coherence.tls_key_file", &c.tls_key_file),
+            ("coherence.creds_file", &c.creds_file),
+        ] {
+            if path.is_empty() {
+                continue;
+            }
+            // (metadata, not open: opening a FIFO would block.)
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => bad(field, format!("cannot read {path}: not a file")),
+                Err(e) => bad(field, format!("cannot read {path}: {e}")),
+            }
+        }
+        if c.batch_delay.0 > std::time::Duration::from_millis(100) {
+            bad(
+                "coherence.batch_delay",
+                format!(
+                    "{} is longer than 100ms: invalidations would lag",
+                    c.batch_delay
+                ),
+            );
+        }
+        let nats = &self.coherence.nats_url;
+        if !(nats.is_empty() || nats.starts_with("nats://") || nats.starts_with("tls://")) {
+            bad(
+                "coherence.nats_url",
+                format!("'{nats}' is not a nats:// URL"),
+            );
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.into(),
+                errors,
+            })
+        }
+    }
+}
