@@ -20,3 +20,4 @@ mod coherence;
 mod compat;
 mod differential;
 mod stateful;
+mod stats;
