@@ -28,7 +28,7 @@
 #                             through nearcache is an L1 hit after warm-up;
 #                             TESTS defaults to get; targets: ratio ≥ 1.0 and
 #                             nearcache p99 ≤ direct p99
-#        DELAY=1ms            put Redis behind examples/delay_relay, which holds
+#        DELAY=1ms            put Redis behind examples/slow_link, which holds
 #                             every chunk this long in each direction, for both
 #                             the direct and the proxied runs (Redis "at a
 #                             distance"; tokio's timer rounds up to whole ms)
@@ -74,7 +74,7 @@ ensure_commands redis-server:redis-server redis-benchmark:redis-tools redis-cli:
 # --- build -------------------------------------------------------------------
 log "building: cargo build --release"
 cargo build --release --quiet
-[[ -z $DELAY ]] || cargo build --release --quiet --example delay_relay
+[[ -z $DELAY ]] || cargo build --release --quiet --example slow_link
 target_dir=$(cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 NEARCACHE=$target_dir/release/nearcache
@@ -123,14 +123,14 @@ redis_pid=$!
 pids+=("$redis_pid")
 wait_ping "$redis_port" "$redis_pid" redis-server
 
-# Where clients of Redis connect: Redis itself, or the delay relay before it.
+# Where clients of Redis connect: Redis itself, or the slow link before it.
 direct_port=$redis_port
 if [[ -n $DELAY ]]; then
     direct_port=$(free_port)
-    "$target_dir/release/examples/delay_relay" "$HOST:$direct_port" "$HOST:$redis_port" "$DELAY" \
-        >"$work/relay.log" 2>&1 &
+    "$target_dir/release/examples/slow_link" "$HOST:$direct_port" "$HOST:$redis_port" "$DELAY" \
+        >"$work/slow-link.log" 2>&1 &
     pids+=("$!")
-    wait_ping "$direct_port" "$!" delay_relay
+    wait_ping "$direct_port" "$!" slow_link
 fi
 
 proxy_port=$(free_port)
@@ -310,7 +310,7 @@ for r in rows:
     print(line(r))
 rounds = max(len(cells[k]["proxy"]) for k in order)
 mode = " (L1 hits)" if L1 else ""
-mode += f", Redis behind a {os.environ['DELAY']} relay" if os.environ.get("DELAY") else ""
+mode += f", Redis behind a {os.environ["DELAY"]} slow link" if os.environ.get("DELAY") else ""
 if L1:
     print(f"\nmedians over {rounds} round(s){mode}; targets: ratio ≥ 1.0, nearcache p99 ≤ direct p99, "
           f"nearcache CPU per hit below redis-server's CPU per GET")

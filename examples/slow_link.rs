@@ -1,9 +1,9 @@
-//! A TCP relay that holds every chunk for a fixed time before passing it on,
+//! A TCP link that holds every chunk for a fixed time before passing it on,
 //! in both directions: a stand-in for network distance on a machine whose
 //! kernel has no netem. Used by `scripts/bench.sh` to put Redis "1 ms away".
 //!
 //! ```sh
-//! cargo run --release --example delay_relay -- 127.0.0.1:7000 127.0.0.1:6379 1ms
+//! cargo run --release --example slow_link -- 127.0.0.1:7000 127.0.0.1:6379 1ms
 //! ```
 //! Loopback addresses only; it stops when killed.
 
@@ -20,7 +20,7 @@ async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (Some(listen), Some(target), Some(delay)) = (args.get(1), args.get(2), args.get(3)) else {
         return Err(std::io::Error::other(
-            "usage: delay_relay LISTEN TARGET DELAY (e.g. 1ms)",
+            "usage: slow_link LISTEN TARGET DELAY (e.g. 1ms)",
         ));
     };
     let delay = parse_delay(delay).ok_or_else(|| std::io::Error::other("DELAY like 500us, 1ms"))?;
