@@ -310,7 +310,7 @@ for r in rows:
     print(line(r))
 rounds = max(len(cells[k]["proxy"]) for k in order)
 mode = " (L1 hits)" if L1 else ""
-mode += f", Redis behind a {os.environ["DELAY"]} slow link" if os.environ.get("DELAY") else ""
+mode += f", Redis behind a {os.environ['DELAY']} slow link" if os.environ.get("DELAY") else ""
 if L1:
     print(f"\nmedians over {rounds} round(s){mode}; targets: ratio ≥ 1.0, nearcache p99 ≤ direct p99, "
           f"nearcache CPU per hit below redis-server's CPU per GET")
