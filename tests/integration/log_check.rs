@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use crate::support::{ProxyProcess, RedisServer, TestProxy, wait_until};
-
-const LOST: &str = "upstream connection lost";
-const CONNECT_FAILED: &str = "upstream connect failed";
+use crate::support::{
+    ProxyProcess, RedisServer, TestProxy, UPSTREAM_CONNECT_FAILED as CONNECT_FAILED,
+    UPSTREAM_LOST as LOST, wait_until,
+};
 const LIMIT: Duration = Duration::from_secs(10);
 
 /// One command through the proxy to Redis: the pool's connections are up.

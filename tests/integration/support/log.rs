@@ -16,6 +16,24 @@ use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
 
+// What nearcache logs, WARN, when a test provokes it: for tests to declare.
+
+/// A pool connection to Redis went (Redis killed, stopped, restarted).
+pub const UPSTREAM_LOST: &str = "upstream connection lost; reconnecting";
+/// A pool connection could not be (re)made while Redis is away.
+pub const UPSTREAM_CONNECT_FAILED: &str = "upstream connect failed";
+/// The instance lost NATS (killed, or cut off).
+pub const BUS_LOST: &str = "coherence bus disconnected; L1 follows the loss policy";
+/// A peer stopped being heard (`peer=…` follows).
+pub const PEER_SILENT: &str = "peer silent past peer_timeout; flushing L1";
+/// A peer's sequence skipped (`peer=…` follows).
+pub const GAP: &str = "invalidation gap; flushing L1";
+/// An instance joining a running bus: the first message it hears from a
+/// peer already there is not that peer's first.
+// FIXME(nearcache): that is a normal join (README: "a new instance joining a
+// running cluster flushes once"), yet it is logged at WARN as a lost message.
+pub const JOINED_MID_SEQUENCE: &str = "invalidation gap; flushing L1…expected=1 got=";
+
 /// One log event, rendered the way tracing-subscriber's fmt prints it
 /// (without the timestamp): `WARN nearcache::upstream::pool: upstream
 /// connection lost; reconnecting db=0`.
@@ -80,8 +98,8 @@ impl Capture {
         out
     }
 
-    /// Waits until a line containing `pattern` is captured; fails the test
-    /// after `limit`.
+    /// Waits until a line matching `pattern` ([`matches`]) is captured; fails
+    /// the test after `limit`.
     pub async fn wait_for(&self, pattern: &str, limit: Duration) {
         let mut changed = self.lines.subscribe();
         let found = tokio::time::timeout(limit, async {
@@ -89,7 +107,7 @@ impl Capture {
                 if changed
                     .borrow_and_update()
                     .iter()
-                    .any(|(_, l)| l.text.contains(pattern))
+                    .any(|(_, l)| matches(&l.text, pattern))
                 {
                     return;
                 }
@@ -102,7 +120,7 @@ impl Capture {
         .await;
         assert!(
             found.is_ok(),
-            "no log line containing {pattern:?} within {limit:?}; the log:\n{}",
+            "no log line matching {pattern:?} within {limit:?}; the log:\n{}",
             self.text()
         );
     }
@@ -211,8 +229,21 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// Whether `text` contains `pattern`: a substring, or several joined by `…`
+/// that must appear in that order (`"invalidation gap…expected=1 got="`).
+pub fn matches(text: &str, pattern: &str) -> bool {
+    let mut rest = text;
+    for fragment in pattern.split('…') {
+        match rest.find(fragment) {
+            Some(at) => rest = &rest[at + fragment.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
 /// The WARN/ERROR lines a test declared: those that may appear (what it
-/// provokes) and those that must (what it is about). Substring matches.
+/// provokes) and those that must (what it is about), as [`matches`] patterns.
 #[derive(Debug, Default)]
 pub struct Expectations {
     may: Mutex<Vec<String>>,
@@ -220,12 +251,12 @@ pub struct Expectations {
 }
 
 impl Expectations {
-    /// Lines containing `pattern` may appear.
+    /// Lines matching `pattern` may appear.
     pub fn may(&self, pattern: &str) {
         self.may.lock().unwrap().push(pattern.to_owned());
     }
 
-    /// A line containing `pattern` must appear before the proxy ends.
+    /// A line matching `pattern` must appear before the proxy ends.
     pub fn must(&self, pattern: &str) {
         self.must.lock().unwrap().push(pattern.to_owned());
     }
@@ -241,19 +272,19 @@ impl Expectations {
         }
         let may = self.may.lock().unwrap();
         let must = self.must.lock().unwrap();
-        let matches = |line: &LogLine| {
+        let declared = |line: &LogLine| {
             may.iter()
                 .chain(must.iter())
-                .any(|p| line.text.contains(p.as_str()))
+                .any(|p| matches(&line.text, p))
         };
         let unexpected: Vec<&str> = lines
             .iter()
-            .filter(|l| l.checked() && !matches(l))
+            .filter(|l| l.checked() && !declared(l))
             .map(|l| l.text.as_str())
             .collect();
         let missing: Vec<&str> = must
             .iter()
-            .filter(|p| !lines.iter().any(|l| l.text.contains(p.as_str())))
+            .filter(|p| !lines.iter().any(|l| matches(&l.text, p)))
             .map(String::as_str)
             .collect();
         let mut problems = String::new();
@@ -295,6 +326,19 @@ mod tests {
             "WARN nearcache::upstream::pool: upstream connect failed db=0"
         );
         assert!(line.checked());
+    }
+
+    #[test]
+    fn a_pattern_is_a_substring_or_fragments_in_order() {
+        let line =
+            "WARN nearcache::coherence: invalidation gap; flushing L1 peer=a expected=1 got=8";
+        assert!(matches(line, "invalidation gap"));
+        assert!(matches(line, "invalidation gap…expected=1 got="));
+        assert!(!matches(line, "expected=1 got=…invalidation gap"));
+        assert!(!matches(
+            "WARN x: invalidation gap peer=a expected=10 got=12",
+            "invalidation gap…expected=1 got="
+        ));
     }
 
     #[test]

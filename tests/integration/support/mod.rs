@@ -18,7 +18,10 @@ use nearcache::Config;
 
 mod log;
 
-pub use log::{Capture, Expectations, LogLine};
+pub use log::{
+    BUS_LOST, Capture, Expectations, GAP, JOINED_MID_SEQUENCE, LogLine, PEER_SILENT,
+    UPSTREAM_CONNECT_FAILED, UPSTREAM_LOST,
+};
 
 /// A free loopback port. Bind-and-release: the window before the server binds
 /// it is tiny, and a clash shows up as a failed start, which is retried.
@@ -382,22 +385,23 @@ impl TestProxy {
         }
     }
 
-    /// Declares that lines containing `pattern` may appear in the log (what
-    /// the test provokes: a killed Redis, a stopped NATS). Substring match;
-    /// declare as narrowly as the test allows.
+    /// Declares that lines matching `pattern` may appear in the log (what the
+    /// test provokes: a killed Redis, a stopped NATS). A substring, or several
+    /// joined by `…` that must appear in that order; declare as narrowly as
+    /// the test allows.
     pub fn expect_log(&self, pattern: &str) -> &Self {
         self.expected.may(pattern);
         self
     }
 
-    /// Declares that a line containing `pattern` must appear before the proxy
+    /// Declares that a line matching `pattern` must appear before the proxy
     /// ends (for a test about that warning).
     pub fn must_log(&self, pattern: &str) -> &Self {
         self.expected.must(pattern);
         self
     }
 
-    /// Waits until a line containing `pattern` is logged (up to `limit`).
+    /// Waits until a line matching `pattern` is logged (up to `limit`).
     pub async fn wait_for_log(&self, pattern: &str, limit: Duration) {
         self.log.wait_for(pattern, limit).await;
     }
@@ -441,16 +445,23 @@ impl TestProxy {
             self.runtime.run(p.shutdown()).await;
         }
     }
+
+    /// Stops the proxy at once, as dropping it does, but leaves its log to be
+    /// checked when it is dropped: for stopping several proxies together, so
+    /// that none lives on to see another fall silent.
+    pub fn stop(&mut self) {
+        drop(self.proxy.take());
+        if let Some(runtime) = self.runtime.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Drop for TestProxy {
     fn drop(&mut self) {
         // Stop the proxy before judging its log, so that what the test does
         // after (killing Redis as it ends) is not the proxy's to report.
-        drop(self.proxy.take());
-        if let Some(runtime) = self.runtime.0.take() {
-            runtime.shutdown_background();
-        }
+        self.stop();
         self.expected.settle(
             &format!("nearcache (in-process, {})", self.addr),
             &self.log.lines(),
@@ -545,14 +556,14 @@ impl ProxyProcess {
         status.unwrap()
     }
 
-    /// Declares that lines containing `pattern` may appear in the log, as
+    /// Declares that lines matching `pattern` may appear in the log, as
     /// [`TestProxy::expect_log`].
     pub fn expect_log(&self, pattern: &str) -> &Self {
         self.expected.may(pattern);
         self
     }
 
-    /// Declares that a line containing `pattern` must appear, as
+    /// Declares that a line matching `pattern` must appear, as
     /// [`TestProxy::must_log`].
     pub fn must_log(&self, pattern: &str) -> &Self {
         self.expected.must(pattern);
