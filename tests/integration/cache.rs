@@ -19,7 +19,7 @@ use redis::Value;
 use redis::aio::MultiplexedConnection;
 
 use crate::compat::{Raw, direct_async, encode};
-use crate::support::{RedisServer, TestProxy, config_for};
+use crate::support::{RedisServer, TestProxy, config_for, pairs, text};
 
 const OK: &[u8] = b"+OK\r\n";
 const QUEUED: &[u8] = b"+QUEUED\r\n";
@@ -116,30 +116,6 @@ impl Stats {
             .get(prefix)
             .and_then(|r| r.get(name))
             .unwrap_or_else(|| panic!("no {name} for rule {prefix:?} in {self:?}"))
-    }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        other => panic!("not a string: {other:?}"),
-    }
-}
-
-/// A map reply (RESP3) or a flat key/value array (RESP2) as pairs.
-fn pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(items) => {
-            assert!(items.len() % 2 == 0, "odd key/value array {items:?}");
-            items
-                .chunks(2)
-                .map(|kv| (text(&kv[0]), kv[1].clone()))
-                .collect()
-        }
-        Value::Map(kvs) => kvs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        other => panic!("not a map: {other:?}"),
     }
 }
 

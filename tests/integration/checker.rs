@@ -47,7 +47,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 
 use crate::support::{
-    BUS_LOST, GAP, JOINED_MID_SEQUENCE, NatsServer, PEER_SILENT, ProxyProcess, RedisServer,
+    BUS_LOST, GAP, JOINED_MID_SEQUENCE, NatsServer, PEER_SILENT, ProxyProcess, RedisServer, pairs,
 };
 
 /// The staleness bound while the bus is healthy (see the module docs).
@@ -85,30 +85,6 @@ fn key_name(key: usize) -> String {
 }
 
 // ------------------------------------------------------------ PROXY STATS
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        other => panic!("not a string: {other:?}"),
-    }
-}
-
-/// A map reply (RESP3) or a flat key/value array (RESP2) as pairs.
-fn pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(items) => {
-            assert!(items.len() % 2 == 0, "odd key/value array {items:?}");
-            items
-                .chunks(2)
-                .map(|kv| (text(&kv[0]), kv[1].clone()))
-                .collect()
-        }
-        Value::Map(kvs) => kvs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        other => panic!("not a map: {other:?}"),
-    }
-}
 
 /// What the checker reads of `PROXY STATS`: L1 hits (all rules) and the
 /// `bus` counters.

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use crate::compat::Raw;
 use crate::support::{
     BUS_LOST, GAP, JOINED_MID_SEQUENCE, NatsServer, PEER_SILENT, RedisServer, TcpRelay, TestProxy,
-    config_for, tls_certificates,
+    config_for, pairs, text, tls_certificates,
 };
 
 /// How long a bounded poll may wait for a proxy (or the bus) to reach a state.
@@ -62,30 +62,6 @@ fn get_direct(redis: &RedisServer, key: &str) -> Option<String> {
         .arg(key)
         .query(&mut redis.direct())
         .unwrap()
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        other => panic!("not a string: {other:?}"),
-    }
-}
-
-/// A map reply (RESP3) or a flat key/value array (RESP2) as pairs.
-fn pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(items) => {
-            assert!(items.len() % 2 == 0, "odd key/value array {items:?}");
-            items
-                .chunks(2)
-                .map(|kv| (text(&kv[0]), kv[1].clone()))
-                .collect()
-        }
-        Value::Map(kvs) => kvs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        other => panic!("not a map: {other:?}"),
-    }
 }
 
 /// The `bus` map of `PROXY STATS`.

@@ -17,11 +17,13 @@ use std::time::{Duration, Instant};
 use nearcache::Config;
 
 mod log;
+mod query;
 
 pub use log::{
     BUS_LOST, Capture, Expectations, GAP, JOINED_MID_SEQUENCE, LogLine, PEER_SILENT,
     UPSTREAM_CONNECT_FAILED, UPSTREAM_LOST,
 };
+pub use query::{pairs, q, text};
 
 /// A free loopback port. Bind-and-release: the window before the server binds
 /// it is tiny, and a clash shows up as a failed start, which is retried.
