@@ -39,14 +39,6 @@ fn rule(prefix: &str, ttl: Duration) -> RuleConfig {
     RuleConfig::caching(prefix, ttl)
 }
 
-/// `CONFIG RESETSTAT` on Redis (through a direct connection).
-fn reset_stats(redis: &RedisServer) {
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query(&mut redis.direct())
-        .unwrap();
-}
-
 /// `SET key value` straight on Redis (not through any proxy).
 fn set_direct(redis: &RedisServer, key: &str, value: &str) {
     let _: () = redis::cmd("SET")
@@ -224,7 +216,7 @@ async fn upstream_reads(
     want: &str,
     n: u64,
 ) -> u64 {
-    reset_stats(redis);
+    redis.reset_stats();
     for _ in 0..n {
         assert_eq!(get(c, key).await.as_deref(), Some(want), "{key}");
     }
@@ -1221,7 +1213,7 @@ async fn proxy_invalidate_pattern_reaches_every_instance() {
         );
     }
     for i in [1, 2] {
-        reset_stats(&c.redis);
+        c.redis.reset_stats();
         for (k, v) in &KEYS[..2] {
             assert_eq!(get(&mut c.conns[i], k).await.as_deref(), Some(*v));
         }
@@ -1308,7 +1300,7 @@ async fn proxy_flush_reaches_every_instance() {
         .await;
     }
     for i in [1, 2] {
-        reset_stats(&c.redis);
+        c.redis.reset_stats();
         for (k, v) in KEYS {
             assert_eq!(get(&mut c.conns[i], k).await.as_deref(), Some(v));
         }

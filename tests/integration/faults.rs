@@ -71,16 +71,8 @@ impl Reply {
     }
 }
 
-/// RESP-encodes a command.
-pub(crate) fn encode(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
+/// RESP-encodes a command whose arguments are text.
+pub(crate) use crate::compat::encode_text as encode;
 
 /// Decodes one reply from the start of `buf`; `None` if it is incomplete.
 /// Panics on bytes that are not RESP: the proxy must never send those.

@@ -60,6 +60,14 @@ pub fn raw_roundtrip(port: u16, line: &str) -> Option<String> {
     Some(out.trim_end().to_owned())
 }
 
+/// Kills `child` (SIGKILL), if it runs, and waits for it to exit.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A redis-server on a free loopback port with its own temp dir.
 pub struct RedisServer {
     child: Option<Child>,
@@ -145,10 +153,7 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts the server again on the same port (after [`kill`](Self::kill)).
@@ -174,6 +179,14 @@ impl RedisServer {
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// `CONFIG RESETSTAT`: [`calls`](Self::calls) counts from here.
+    pub fn reset_stats(&self) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut self.direct())
+            .unwrap();
     }
 
     /// Calls of `cmd` so far, from `INFO commandstats` (0 if never called).
@@ -271,10 +284,7 @@ impl NatsServer {
 
     /// Kills the server.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again on the same port.
@@ -585,10 +595,7 @@ impl ProxyProcess {
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
         // Killed first, so the whole log is read.
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
         let text = log::strip_ansi(&self.log());
         let lines: Vec<LogLine> = text.lines().filter_map(log::parse_fmt_line).collect();
         self.expected.settle(
