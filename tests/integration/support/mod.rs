@@ -3,6 +3,10 @@
 //!
 //! Every server is killed on drop. When a test panics, the servers' logs are
 //! printed so the failure can be read without re-running.
+//!
+//! nearcache's own log is checked when its proxy ends ([`log`]): a WARN or
+//! ERROR line the test did not declare with `expect_log` (what it provokes:
+//! a killed Redis, a stopped NATS) fails the test, with the whole log.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stderr)]
 
