@@ -19,7 +19,7 @@ use redis::Value;
 use redis::aio::MultiplexedConnection;
 
 use crate::compat::{Raw, direct_async, encode};
-use crate::support::{RedisServer, TestProxy, config_for};
+use crate::support::{RedisServer, TestProxy, config_for, pairs, text};
 
 const OK: &[u8] = b"+OK\r\n";
 const QUEUED: &[u8] = b"+QUEUED\r\n";
@@ -70,14 +70,6 @@ fn arr(items: &[&str]) -> Vec<u8> {
     out
 }
 
-/// `CONFIG RESETSTAT` on Redis (through a direct connection).
-fn reset_stats(redis: &RedisServer) {
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query(&mut redis.direct())
-        .unwrap();
-}
-
 /// Reads `args` through the proxy twice and proves the second read was
 /// answered from L1 (Redis's call count for the command did not move).
 /// Returns the (identical) reply.
@@ -116,30 +108,6 @@ impl Stats {
             .get(prefix)
             .and_then(|r| r.get(name))
             .unwrap_or_else(|| panic!("no {name} for rule {prefix:?} in {self:?}"))
-    }
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        other => panic!("not a string: {other:?}"),
-    }
-}
-
-/// A map reply (RESP3) or a flat key/value array (RESP2) as pairs.
-fn pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(items) => {
-            assert!(items.len() % 2 == 0, "odd key/value array {items:?}");
-            items
-                .chunks(2)
-                .map(|kv| (text(&kv[0]), kv[1].clone()))
-                .collect()
-        }
-        Value::Map(kvs) => kvs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        other => panic!("not a map: {other:?}"),
     }
 }
 
@@ -262,7 +230,7 @@ async fn every_cacheable_read_is_served_from_l1_the_second_time() {
     for args in cases {
         let want = d.cmd(args).await;
         assert!(!want.starts_with(b"-"), "{args:?}: Redis said {want:?}");
-        reset_stats(&redis);
+        redis.reset_stats();
         let first = p.cmd(args).await;
         let second = p.cmd(args).await;
         assert_eq!(first, want, "{args:?}: first read through the proxy");
@@ -275,14 +243,14 @@ async fn every_cacheable_read_is_served_from_l1_the_second_time() {
     }
 
     // Outside every rule: never cached.
-    reset_stats(&redis);
+    redis.reset_stats();
     for _ in 0..2 {
         assert_eq!(p.cmd(&["GET", "u:s"]).await, bulk("uncached"));
     }
     assert_eq!(redis.calls("get"), 2, "a key no rule names is not cached");
 
     // Multi-key EXISTS: not a single-key read.
-    reset_stats(&redis);
+    redis.reset_stats();
     for _ in 0..2 {
         assert_eq!(p.cmd(&["EXISTS", "c:s", "c:h"]).await, int(2));
     }
@@ -312,7 +280,7 @@ async fn exempt_sub_prefixes_and_oversized_replies_are_not_cached() {
     assert_eq!(d.cmd(&["SET", "s:small", "v"]).await, OK);
 
     for (key, want) in [("c:private:k", bulk("v")), ("s:big", bulk(&big))] {
-        reset_stats(&redis);
+        redis.reset_stats();
         for _ in 0..2 {
             assert_eq!(p.cmd(&["GET", key]).await, want, "{key}");
         }
@@ -340,7 +308,7 @@ async fn a_pattern_rule_takes_precedence_over_a_prefix_rule() {
     assert_eq!(d.cmd(&["SET", "c:BTC:1m", "m"]).await, OK);
     assert_eq!(d.cmd(&["SET", "c:BTC:1h", "h"]).await, OK);
 
-    reset_stats(&redis);
+    redis.reset_stats();
     for _ in 0..2 {
         assert_eq!(p.cmd(&["GET", "c:BTC:1m"]).await, bulk("m"));
     }
@@ -369,7 +337,7 @@ async fn an_entry_never_outlives_the_keys_expiry_in_redis() {
 
     // PX 1000 rather than 300: room for a slow machine between the two reads.
     assert_eq!(d.cmd(&["SET", "c:t", "v", "PX", "1000"]).await, OK);
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(cache_it(&mut p, &redis, &["GET", "c:t"]).await, bulk("v"));
     assert_eq!(redis.calls("get"), 1);
 
@@ -393,7 +361,7 @@ async fn a_write_that_bypasses_the_proxy_is_seen_once_the_rule_ttl_passes() {
     let mut p = Raw::connect(proxy.port()).await;
 
     assert_eq!(d.cmd(&["SET", "r:k", "old"]).await, OK);
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p.cmd(&["GET", "r:k"]).await, bulk("old"));
     assert_eq!(d.cmd(&["SET", "r:k", "new"]).await, OK);
     assert_eq!(
@@ -422,7 +390,7 @@ async fn missing_keys_are_cached_only_with_negative_ttl() {
     let mut p = Raw::connect(proxy.port()).await;
 
     // Off by default.
-    reset_stats(&redis);
+    redis.reset_stats();
     for _ in 0..3 {
         assert_eq!(p.cmd(&["GET", "c:missing"]).await, NIL);
     }
@@ -433,7 +401,7 @@ async fn missing_keys_are_cached_only_with_negative_ttl() {
     );
 
     // On: the second read of a missing key is from L1.
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p.cmd(&["GET", "n:missing"]).await, NIL);
     assert_eq!(p.cmd(&["GET", "n:missing"]).await, NIL);
     assert_eq!(redis.calls("get"), 1, "the 'not found' was served from L1");
@@ -530,7 +498,7 @@ async fn expire_through_the_proxy_ends_the_cached_value_with_the_key() {
     let r = p.cmd(&["GET", "c:e"]).await;
     assert!(r == bulk("v") || r == NIL, "{r:?}");
     tokio::time::sleep(ms(2500)).await; // well past EXPIRE's deadline
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p.cmd(&["GET", "c:e"]).await, NIL, "EXPIRE then read");
     assert_eq!(redis.calls("get"), 1, "the read after expiry went upstream");
 }
@@ -756,7 +724,7 @@ async fn resp2_and_resp3_clients_each_get_their_own_encoding() {
     let want2 = d2.cmd(&["HGETALL", "c:h"]).await;
     let want3 = d3.cmd(&["HGETALL", "c:h"]).await;
     assert!(want2.starts_with(b"*") && want3.starts_with(b"%"));
-    reset_stats(&redis);
+    redis.reset_stats();
     for round in 0..2 {
         assert_eq!(
             p2.cmd(&["HGETALL", "c:h"]).await,
@@ -775,7 +743,7 @@ async fn resp2_and_resp3_clients_each_get_their_own_encoding() {
         "one fill per protocol, then hits"
     );
 
-    reset_stats(&redis);
+    redis.reset_stats();
     for round in 0..2 {
         assert_eq!(p2.cmd(&["GET", "n:nope"]).await, NIL, "RESP2, read {round}");
         assert_eq!(
@@ -808,7 +776,7 @@ async fn concurrent_misses_of_one_key_make_one_upstream_read() {
     }
     assert_eq!(d.cmd(&["SET", "c:sf", "shared"]).await, OK);
     let misses0 = stats(&mut s).await.rule("c:", "misses");
-    reset_stats(&redis);
+    redis.reset_stats();
 
     redis.signal("STOP");
     let resume = Resume(&redis);
@@ -919,7 +887,7 @@ async fn multi_and_watch_bypass_l1() {
     assert_eq!(p.cmd(&["EXEC"]).await, &b"*1\r\n$3\r\nnew\r\n"[..], "MULTI");
 
     assert_eq!(p.cmd(&["WATCH", "c:m"]).await, OK);
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p.cmd(&["GET", "c:m"]).await, bulk("new"), "WATCH");
     assert_eq!(redis.calls("get"), 1, "a WATCHing client reads from Redis");
     assert_eq!(p.cmd(&["UNWATCH"]).await, OK);
@@ -1136,7 +1104,7 @@ async fn mget_serves_cached_keys_from_l1_and_fetches_only_the_rest() {
     );
 
     // First read: every key goes upstream, in one MGET.
-    reset_stats(&redis);
+    redis.reset_stats();
     log_commands(&redis);
     assert_eq!(p.cmd(&mget).await, want, "first MGET through the proxy");
     assert_eq!(redis.calls("mget"), 1);
@@ -1149,7 +1117,7 @@ async fn mget_serves_cached_keys_from_l1_and_fetches_only_the_rest() {
 
     // Second read: only the key outside every rule and the missing key (not
     // cached without negative_ttl) go upstream.
-    reset_stats(&redis);
+    redis.reset_stats();
     log_commands(&redis);
     assert_eq!(p.cmd(&mget).await, want, "second MGET through the proxy");
     assert_eq!(redis.calls("mget"), 1, "one upstream MGET for the rest");
@@ -1159,7 +1127,7 @@ async fn mget_serves_cached_keys_from_l1_and_fetches_only_the_rest() {
     // Only cached keys: Redis is not asked at all.
     let cached_only = ["MGET", "c:h", "c:a", "c:e"];
     let want_cached = d.cmd(&cached_only).await;
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p.cmd(&cached_only).await, want_cached);
     assert_eq!(redis.calls("mget"), 0, "every key came from L1");
     assert_eq!(redis.calls("pttl"), 0);
@@ -1173,7 +1141,7 @@ async fn mget_serves_cached_keys_from_l1_and_fetches_only_the_rest() {
         &b"*6\r\n$5\r\nalpha\r\n$7\r\noutside\r\n_\r\n_\r\n$0\r\n\r\n$5\r\nalpha\r\n"[..],
         "Redis's own RESP3 MGET reply"
     );
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p3.cmd(&mget).await, want3, "first RESP3 MGET");
     assert_eq!(redis.calls("mget"), 1);
     assert_eq!(
@@ -1181,7 +1149,7 @@ async fn mget_serves_cached_keys_from_l1_and_fetches_only_the_rest() {
         keys.len() as u64 - 1,
         "RESP3 does not share RESP2's entries"
     );
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p3.cmd(&mget).await, want3, "second RESP3 MGET");
     assert_eq!(redis.calls("mget"), 1);
     assert_eq!(redis.calls("pttl"), 1, "PTTL only for c:missing");
@@ -1210,7 +1178,7 @@ async fn mget_reads_back_writes() {
     let mget = ["MGET", "c:a", "c:b"];
     assert_eq!(cache_it(&mut p, &redis, &mget).await, arr(&["a1", "b1"]));
     assert_eq!(p.cmd(&["SET", "c:a", "a2"]).await, OK);
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p.cmd(&mget).await, arr(&["a2", "b1"]), "SET then MGET");
     assert_eq!(redis.calls("mget"), 1);
     assert_eq!(redis.calls("pttl"), 1, "only the written key was refetched");
@@ -1224,7 +1192,7 @@ async fn mget_reads_back_writes() {
 
     // Bypassing the proxy: stale within the rule TTL, then fresh.
     assert_eq!(d.cmd(&["SET", "r:k", "old"]).await, OK);
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(p.cmd(&["MGET", "r:k"]).await, arr(&["old"]));
     assert_eq!(d.cmd(&["SET", "r:k", "new"]).await, OK);
     assert_eq!(
@@ -1262,7 +1230,7 @@ async fn mget_after_get_does_not_share_entries() {
     assert_eq!(d.cmd(&["MGET", "c:h1"]).await, nil1);
 
     // GET first: the error is not cached; then MGET caches its nil.
-    reset_stats(&redis);
+    redis.reset_stats();
     for _ in 0..2 {
         assert_eq!(p.cmd(&["GET", "c:h1"]).await, wrongtype);
     }
@@ -1277,7 +1245,7 @@ async fn mget_after_get_does_not_share_entries() {
     assert_eq!(redis.calls("get"), 3, "GET does not use MGET's entry");
 
     // MGET first: its cached nil does not answer GET.
-    reset_stats(&redis);
+    redis.reset_stats();
     assert_eq!(cache_it(&mut p, &redis, &["MGET", "c:h2"]).await, nil1);
     for _ in 0..2 {
         assert_eq!(p.cmd(&["GET", "c:h2"]).await, wrongtype);
@@ -1416,7 +1384,7 @@ async fn refresh_ahead_keeps_a_hot_key_from_missing() {
     assert_eq!(d.cmd(&["SET", "hot:k", "v"]).await, OK);
     assert_eq!(d.cmd(&["SET", "cold:k", "v"]).await, OK);
 
-    reset_stats(&redis);
+    redis.reset_stats();
     let reads = read_hot(&mut p, "hot:k", &bulk("v"), SPAN).await;
     let gets = redis.calls("get");
     let st = stats(&mut s).await;
@@ -1456,7 +1424,7 @@ async fn refresh_ahead_keeps_hot_keys_read_by_mget_from_missing() {
     }
 
     let want = |a: &str, b: &str| [&b"*2\r\n"[..], &bulk(a), &bulk(b)].concat();
-    reset_stats(&redis);
+    redis.reset_stats();
     let reads = read_hot_with(
         &mut p,
         &["MGET", "hot:a", "hot:b"],

@@ -46,7 +46,9 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 
-use crate::support::{NatsServer, ProxyProcess, RedisServer};
+use crate::support::{
+    BUS_LOST, GAP, JOINED_MID_SEQUENCE, NatsServer, PEER_SILENT, ProxyProcess, RedisServer, pairs,
+};
 
 /// The staleness bound while the bus is healthy (see the module docs).
 const BOUND: Duration = Duration::from_millis(100);
@@ -83,30 +85,6 @@ fn key_name(key: usize) -> String {
 }
 
 // ------------------------------------------------------------ PROXY STATS
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(n) => n.to_string(),
-        other => panic!("not a string: {other:?}"),
-    }
-}
-
-/// A map reply (RESP3) or a flat key/value array (RESP2) as pairs.
-fn pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(items) => {
-            assert!(items.len() % 2 == 0, "odd key/value array {items:?}");
-            items
-                .chunks(2)
-                .map(|kv| (text(&kv[0]), kv[1].clone()))
-                .collect()
-        }
-        Value::Map(kvs) => kvs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        other => panic!("not a map: {other:?}"),
-    }
-}
 
 /// What the checker reads of `PROXY STATS`: L1 hits (all rules) and the
 /// `bus` counters.
@@ -163,9 +141,11 @@ async fn proxy_stats(c: &mut MultiplexedConnection) -> Stats {
 
 /// One Redis, one NATS, three `nearcache` binaries caching `hot:` for 30 s.
 struct Cluster {
+    /// First, so they are dropped (and their logs checked) before Redis and
+    /// NATS go.
+    proxies: Vec<ProxyProcess>,
     _redis: RedisServer,
     nats: NatsServer,
-    proxies: Vec<ProxyProcess>,
     /// One connection per proxy for PROXY commands.
     admin: Vec<MultiplexedConnection>,
     /// Each key's last acknowledged (version, ack time), carried into the next
@@ -232,6 +212,11 @@ impl Cluster {
                 })
             })
             .collect();
+        for p in &proxies[1..] {
+            // FIXME(nearcache): a normal join is logged as a gap (see
+            // JOINED_MID_SEQUENCE).
+            p.expect_log(JOINED_MID_SEQUENCE);
+        }
         let mut admin = Vec::new();
         for p in &proxies {
             admin.push(connect(p.port()).await);
@@ -477,6 +462,13 @@ async fn run_phase(
     match fault {
         Fault::None => {}
         Fault::NatsOutage => {
+            // Every instance loses the bus and stops hearing its peers; once
+            // NATS is back, what peers published meanwhile shows as a gap.
+            for p in &cluster.proxies {
+                p.expect_log(BUS_LOST)
+                    .expect_log(PEER_SILENT)
+                    .expect_log(GAP);
+            }
             tokio::time::sleep_until((t0 + duration / 3).into()).await;
             let down = Instant::now();
             cluster.nats.kill();
@@ -485,6 +477,17 @@ async fn run_phase(
             fault_window = Some((down, Instant::now()));
         }
         Fault::Pause(i) => {
+            // Its peers stop hearing it, and see a gap when it is back; it
+            // wakes to peers it has not heard from for the whole pause.
+            let paused = format!("peer=p{}~", i + 1);
+            for (j, p) in cluster.proxies.iter().enumerate() {
+                if j == i {
+                    p.expect_log(PEER_SILENT).expect_log(GAP);
+                } else {
+                    p.expect_log(&format!("{PEER_SILENT} {paused}"))
+                        .expect_log(&format!("{GAP} {paused}"));
+                }
+            }
             let pause = (duration / 2).min(Duration::from_secs(1));
             tokio::time::sleep_until((t0 + duration / 2 - pause / 2).into()).await;
             let stopped = Instant::now();

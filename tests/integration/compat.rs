@@ -17,7 +17,7 @@ use redis_protocol::resp3::types::OwnedFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{RedisServer, TestProxy};
+use crate::support::{RedisServer, TestProxy, q};
 
 /// How long any single read from a server may take before the test fails.
 pub(crate) const IO_LIMIT: Duration = Duration::from_secs(10);
@@ -173,14 +173,6 @@ pub(crate) fn blob(s: &str) -> OwnedFrame {
         data: s.as_bytes().to_vec(),
         attributes: None,
     }
-}
-
-async fn q<T: redis::FromRedisValue>(conn: &mut MultiplexedConnection, args: &[&str]) -> T {
-    let mut c = redis::cmd(args[0]);
-    for a in &args[1..] {
-        c.arg(*a);
-    }
-    c.query_async(conn).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, block_in_place};
 
-use crate::support::{RedisServer, TestProxy, config_for};
+use crate::support::{RedisServer, TestProxy, UPSTREAM_CONNECT_FAILED, UPSTREAM_LOST, config_for};
 
 // ---------------------------------------------------------------------------
 // A minimal RESP client for tests.
@@ -71,16 +71,8 @@ impl Reply {
     }
 }
 
-/// RESP-encodes a command.
-pub(crate) fn encode(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
+/// RESP-encodes a command whose arguments are text.
+pub(crate) use crate::compat::encode_text as encode;
 
 /// Decodes one reply from the start of `buf`; `None` if it is incomplete.
 /// Panics on bytes that are not RESP: the proxy must never send those.
@@ -559,6 +551,8 @@ async fn half_a_command_then_disconnect_frees_the_session() {
     let mut cfg = config_for(&redis);
     cfg.server.max_clients = 2;
     let proxy = TestProxy::start_with(cfg).await;
+    // Until the previous half command's session has ended.
+    proxy.expect_log("max_clients reached; refusing client");
     let port = proxy.port();
     let bystander = Bystander::start(port).await;
     let halves: [&[u8]; 4] = [
@@ -766,6 +760,9 @@ async fn upstream_killed_mid_load_every_request_answered_and_proxy_recovers_on_r
     let mut redis = RedisServer::start();
     let mut dir = RestartDir::of(&redis);
     let proxy = TestProxy::start(&redis).await;
+    proxy
+        .expect_log(UPSTREAM_LOST)
+        .expect_log(UPSTREAM_CONNECT_FAILED);
     let port = proxy.port();
     let stop = Arc::new(AtomicBool::new(false));
     let (progress_tx, mut progress) = mpsc::unbounded_channel();
@@ -860,6 +857,7 @@ async fn proxy_started_while_upstream_is_down_answers_unavailable_then_recovers(
     let proxy = tokio::time::timeout(REPLY_LIMIT, TestProxy::start(&redis))
         .await
         .expect("the proxy starts without its upstream");
+    proxy.expect_log(UPSTREAM_CONNECT_FAILED);
     let mut client = Client::connect(proxy.port()).await;
     for _ in 0..5 {
         let started = Instant::now();
@@ -898,6 +896,11 @@ async fn hung_upstream_requests_time_out_in_bounded_time_and_recover_after_sigco
     cfg.upstream.command_timeout = ConfigDuration(Duration::from_millis(300));
     cfg.upstream.connect_timeout = ConfigDuration(Duration::from_millis(500));
     let proxy = TestProxy::start_with(cfg).await;
+    // A timed-out connection is dropped; reconnecting to the hung Redis
+    // cannot complete its handshake.
+    proxy
+        .expect_log(UPSTREAM_LOST)
+        .expect_log(UPSTREAM_CONNECT_FAILED);
     let mut client = Client::connect(proxy.port()).await;
     assert_eq!(client.cmd(&["SET", "k", "v"]).await, Reply::status("OK"));
 
@@ -968,6 +971,9 @@ async fn upstream_killed_during_transaction_answers_exec_with_error_and_recovers
     let mut redis = RedisServer::start();
     let mut dir = RestartDir::of(&redis);
     let proxy = TestProxy::start(&redis).await;
+    proxy
+        .expect_log(UPSTREAM_LOST)
+        .expect_log(UPSTREAM_CONNECT_FAILED);
     let mut client = Client::connect(proxy.port()).await;
     assert_eq!(client.cmd(&["MULTI"]).await, Reply::status("OK"));
     assert_eq!(

@@ -25,6 +25,9 @@ use crate::support::{
     ProxyProcess, RedisServer, TestProxy, config_for, free_port, raw_roundtrip, wait_until,
 };
 
+/// What nearcache logs when a shutdown gives up on clients still in flight.
+const SHUTDOWN_DEADLINE: &str = "shutdown deadline passed; closing remaining clients";
+
 // ---------------------------------------------------------------------------
 // Helpers for the binary.
 // ---------------------------------------------------------------------------
@@ -306,6 +309,7 @@ fn sigterm_answers_in_flight_blpop_with_a_timeout() {
 #[test]
 fn shutdown_timeout_bounds_the_wait_for_an_in_flight_request() {
     let (redis, mut proxy, _dir) = proxy_with_shutdown_timeout("1s");
+    proxy.must_log(SHUTDOWN_DEADLINE);
     let mut client = SyncClient::connect(proxy.port());
     client.send(&["DEBUG", "SLEEP", "5"]);
     wait_until_redis_busy(&redis);
@@ -327,6 +331,7 @@ async fn in_process_shutdown_disconnects_clients_left_after_the_deadline() {
     let mut cfg = config_for(&redis);
     cfg.server.shutdown_timeout = ConfigDuration(Duration::from_millis(500));
     let proxy = TestProxy::start_with(cfg).await;
+    proxy.must_log(SHUTDOWN_DEADLINE);
     let mut blocked = Client::connect(proxy.port()).await;
     blocked.send(&encode(&["BLPOP", "never", "0"])).await;
     tokio::task::block_in_place(|| {
@@ -374,6 +379,7 @@ async fn max_clients_refuses_the_fourth_client_and_admits_one_after_a_disconnect
     let mut cfg = config_for(&redis);
     cfg.server.max_clients = 3;
     let proxy = TestProxy::start_with(cfg).await;
+    proxy.must_log("max_clients reached; refusing client");
     let port = proxy.port();
     let mut clients = Vec::new();
     for _ in 0..3 {

@@ -11,6 +11,7 @@ mod clients;
 mod command_keys;
 mod faults;
 mod lifecycle;
+mod log_check;
 mod smoke;
 
 mod cache;

@@ -15,18 +15,10 @@ use redis::aio::MultiplexedConnection;
 use redis_protocol::resp3::types::OwnedFrame;
 
 use crate::compat::{Raw, blob, direct_async, encode, encode_pipeline};
-use crate::support::{RedisServer, TestProxy, config_for};
+use crate::support::{RedisServer, TestProxy, config_for, q};
 
 const OK: &[u8] = b"+OK\r\n";
 const QUEUED: &[u8] = b"+QUEUED\r\n";
-
-async fn q<T: redis::FromRedisValue>(conn: &mut MultiplexedConnection, args: &[&str]) -> T {
-    let mut c = redis::cmd(args[0]);
-    for a in &args[1..] {
-        c.arg(*a);
-    }
-    c.query_async(conn).await.unwrap()
-}
 
 /// RESP2 bulk string.
 fn bulk(s: &str) -> String {

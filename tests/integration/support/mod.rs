@@ -3,6 +3,10 @@
 //!
 //! Every server is killed on drop. When a test panics, the servers' logs are
 //! printed so the failure can be read without re-running.
+//!
+//! nearcache's own log is checked when its proxy ends ([`log`]): a WARN or
+//! ERROR line the test did not declare with `expect_log` (what it provokes:
+//! a killed Redis, a stopped NATS) fails the test, with the whole log.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stderr)]
 
@@ -15,6 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nearcache::Config;
+
+mod log;
+mod query;
+
+pub use log::{
+    BUS_LOST, Capture, Expectations, GAP, JOINED_MID_SEQUENCE, LogLine, PEER_SILENT,
+    UPSTREAM_CONNECT_FAILED, UPSTREAM_LOST,
+};
+pub use query::{pairs, q, text};
 
 /// A free loopback port. Bind-and-release: the window before the server binds
 /// it is tiny, and a clash shows up as a failed start, which is retried.
@@ -49,6 +62,14 @@ pub fn raw_roundtrip(port: u16, line: &str) -> Option<String> {
     let mut out = String::new();
     reader.read_line(&mut out).ok()?;
     Some(out.trim_end().to_owned())
+}
+
+/// Kills `child` (SIGKILL), if it runs, and waits for it to exit.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// A redis-server on a free loopback port with its own temp dir.
@@ -136,10 +157,7 @@ impl RedisServer {
 
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts the server again on the same port (after [`kill`](Self::kill)).
@@ -165,6 +183,14 @@ impl RedisServer {
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+
+    /// `CONFIG RESETSTAT`: [`calls`](Self::calls) counts from here.
+    pub fn reset_stats(&self) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query(&mut self.direct())
+            .unwrap();
     }
 
     /// Calls of `cmd` so far, from `INFO commandstats` (0 if never called).
@@ -262,10 +288,7 @@ impl NatsServer {
 
     /// Kills the server.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again on the same port.
@@ -296,10 +319,62 @@ pub fn config_for(upstream: &RedisServer) -> Config {
     cfg
 }
 
-/// nearcache running inside the test process.
+/// nearcache running inside the test process, on a tokio runtime of its own
+/// (two workers, like the tests') whose threads all log into this proxy's
+/// [`Capture`]: every task the proxy spawns (sessions, upstream connections,
+/// pool supervisors, the bus, async-nats's own tasks) runs there. A WARN or
+/// ERROR line from nearcache that the test did not declare with
+/// [`expect_log`](Self::expect_log) fails the test when the proxy ends.
 pub struct TestProxy {
     proxy: Option<nearcache::Proxy>,
     addr: SocketAddr,
+    runtime: ProxyRuntime,
+    log: Capture,
+    expected: Expectations,
+}
+
+/// The proxy's runtime, shut down without blocking when dropped: a test drops
+/// its proxy inside its own runtime, where blocking is not allowed (and the
+/// tasks need not finish: the proxy's connections simply close).
+struct ProxyRuntime(Option<tokio::runtime::Runtime>);
+
+impl ProxyRuntime {
+    /// A runtime whose every thread logs into `log`.
+    fn new(log: &Capture) -> Self {
+        let dispatch = log.dispatch();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("nearcache-proxy")
+            .on_thread_start(move || {
+                // The thread's default for its whole life: it ends with the
+                // runtime and takes the dispatcher along.
+                std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+            })
+            .build()
+            .expect("a runtime for the proxy");
+        ProxyRuntime(Some(runtime))
+    }
+
+    /// Runs `task` on this runtime and waits for it from the caller's.
+    async fn run<T: Send + 'static>(
+        &self,
+        task: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        let runtime = self.0.as_ref().expect("the runtime is running");
+        match runtime.spawn(task).await {
+            Ok(out) => out,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+impl Drop for ProxyRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl TestProxy {
@@ -310,12 +385,46 @@ impl TestProxy {
 
     /// Starts a proxy with `cfg` (use [`config_for`] as the base).
     pub async fn start_with(cfg: Config) -> Self {
-        let proxy = nearcache::Proxy::start(cfg).await.expect("proxy starts");
+        let log = Capture::default();
+        let runtime = ProxyRuntime::new(&log);
+        let proxy = runtime
+            .run(nearcache::Proxy::start(cfg))
+            .await
+            .unwrap_or_else(|e| panic!("proxy starts: {e}\n--- its log ---\n{}", log.text()));
         let addr = proxy.local_addr();
         TestProxy {
             proxy: Some(proxy),
             addr,
+            runtime,
+            log,
+            expected: Expectations::default(),
         }
+    }
+
+    /// Declares that lines matching `pattern` may appear in the log (what the
+    /// test provokes: a killed Redis, a stopped NATS). A substring, or several
+    /// joined by `…` that must appear in that order; declare as narrowly as
+    /// the test allows.
+    pub fn expect_log(&self, pattern: &str) -> &Self {
+        self.expected.may(pattern);
+        self
+    }
+
+    /// Declares that a line matching `pattern` must appear before the proxy
+    /// ends (for a test about that warning).
+    pub fn must_log(&self, pattern: &str) -> &Self {
+        self.expected.must(pattern);
+        self
+    }
+
+    /// Waits until a line matching `pattern` is logged (up to `limit`).
+    pub async fn wait_for_log(&self, pattern: &str, limit: Duration) {
+        self.log.wait_for(pattern, limit).await;
+    }
+
+    /// Everything this proxy logged so far (DEBUG and up), one event a line.
+    pub fn log(&self) -> String {
+        self.log.text()
     }
 
     /// The proxy's port.
@@ -346,19 +455,46 @@ impl TestProxy {
             .unwrap()
     }
 
-    /// Graceful shutdown.
+    /// Graceful shutdown (then the log check, as on drop).
     pub async fn shutdown(mut self) {
         if let Some(p) = self.proxy.take() {
-            p.shutdown().await;
+            self.runtime.run(p.shutdown()).await;
+        }
+    }
+
+    /// Stops the proxy at once, as dropping it does, but leaves its log to be
+    /// checked when it is dropped: for stopping several proxies together, so
+    /// that none lives on to see another fall silent.
+    pub fn stop(&mut self) {
+        drop(self.proxy.take());
+        if let Some(runtime) = self.runtime.0.take() {
+            runtime.shutdown_background();
         }
     }
 }
 
-/// The built `nearcache` binary, run as a child process.
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        // Stop the proxy before judging its log, so that what the test does
+        // after (killing Redis as it ends) is not the proxy's to report.
+        self.stop();
+        self.expected.settle(
+            &format!("nearcache (in-process, {})", self.addr),
+            &self.log.lines(),
+            &self.log.text(),
+        );
+    }
+}
+
+/// The built `nearcache` binary, run as a child process, logging at DEBUG to
+/// a file. As with [`TestProxy`], a WARN or ERROR line from nearcache that the
+/// test did not declare with [`expect_log`](Self::expect_log) fails the test
+/// when the process is dropped.
 pub struct ProxyProcess {
     child: Option<Child>,
     port: u16,
     log: PathBuf,
+    expected: Expectations,
     _dir: tempfile::TempDir,
 }
 
@@ -389,6 +525,7 @@ impl ProxyProcess {
             child: Some(child),
             port,
             log,
+            expected: Expectations::default(),
             _dir: dir,
         };
         wait_until("nearcache to answer PING", Duration::from_secs(10), || {
@@ -435,7 +572,21 @@ impl ProxyProcess {
         status.unwrap()
     }
 
-    /// Everything the process logged so far.
+    /// Declares that lines matching `pattern` may appear in the log, as
+    /// [`TestProxy::expect_log`].
+    pub fn expect_log(&self, pattern: &str) -> &Self {
+        self.expected.may(pattern);
+        self
+    }
+
+    /// Declares that a line matching `pattern` must appear, as
+    /// [`TestProxy::must_log`].
+    pub fn must_log(&self, pattern: &str) -> &Self {
+        self.expected.must(pattern);
+        self
+    }
+
+    /// Everything the process logged so far (as written: with colour codes).
     pub fn log(&self) -> String {
         let mut s = String::new();
         if let Ok(mut f) = std::fs::File::open(&self.log) {
@@ -447,13 +598,15 @@ impl ProxyProcess {
 
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- nearcache log (port {}) ---\n{}", self.port, self.log());
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Killed first, so the whole log is read.
+        kill(&mut self.child);
+        let text = log::strip_ansi(&self.log());
+        let lines: Vec<LogLine> = text.lines().filter_map(log::parse_fmt_line).collect();
+        self.expected.settle(
+            &format!("nearcache (process, port {})", self.port),
+            &lines,
+            &text,
+        );
     }
 }
 
