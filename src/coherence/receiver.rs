@@ -89,7 +89,14 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
         // message was lost: anything might be stale.
         let expected = prev.map_or(1, |p| p + 1);
         if m.seq > expected {
-            tracing::warn!(peer = %m.instance, expected, got = m.seq, "invalidation gap; flushing L1");
+            if prev.is_some() {
+                tracing::warn!(peer = %m.instance, expected, got = m.seq, "invalidation gap; flushing L1");
+            } else {
+                // A peer that ran before this instance joined, or one
+                // forgotten as silent (which was warned about then): the
+                // flush is the documented cost of joining, not a loss.
+                tracing::info!(peer = %m.instance, got = m.seq, "invalidation gap; flushing L1 (first message heard from this peer)");
+            }
             stats.gaps.fetch_add(1, SeqCst);
             stats.flushes.fetch_add(1, SeqCst);
             l1.flush();

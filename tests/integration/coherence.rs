@@ -22,8 +22,8 @@ use tokio::time::Instant;
 
 use crate::compat::Raw;
 use crate::support::{
-    BUS_LOST, GAP, JOINED_MID_SEQUENCE, NatsServer, PEER_SILENT, RedisServer, TcpRelay, TestProxy,
-    config_for, pairs, text, tls_certificates,
+    BUS_LOST, GAP, NatsServer, PEER_SILENT, RedisServer, TcpRelay, TestProxy, config_for, pairs,
+    text, tls_certificates,
 };
 
 /// How long a bounded poll may wait for a proxy (or the bus) to reach a state.
@@ -272,11 +272,6 @@ impl Cluster {
             tweak(i, &mut cfg);
             let name = format!("{}~", cfg.coherence.instance_id);
             let proxy = TestProxy::start_with(cfg).await;
-            if i > 0 {
-                // FIXME(nearcache): a normal join is logged as a gap (see
-                // JOINED_MID_SEQUENCE).
-                proxy.expect_log(JOINED_MID_SEQUENCE);
-            }
             let mut conn = proxy.conn().await;
             let s = until_bus(&mut conn, "the bus to be healthy", POLL_LIMIT, |s| {
                 s.get("healthy") == 1

@@ -9,26 +9,11 @@ use nearcache::config::RuleConfig;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-use crate::support::{RedisServer, TestProxy, config_for};
+use crate::support::{RedisServer, TestProxy, config_for, pairs};
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        other => panic!("not a string: {other:?}"),
-    }
-}
-
-/// A map reply (RESP3) or a flat key/value array (RESP2) as a map.
+/// A map reply as a map.
 fn map(v: &Value) -> HashMap<String, Value> {
-    match v {
-        Value::Array(items) => items
-            .chunks(2)
-            .map(|kv| (text(&kv[0]), kv[1].clone()))
-            .collect(),
-        Value::Map(kvs) => kvs.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        other => panic!("not a map: {other:?}"),
-    }
+    pairs(v).into_iter().collect()
 }
 
 fn int(v: &Value) -> i64 {

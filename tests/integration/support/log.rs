@@ -28,11 +28,6 @@ pub const BUS_LOST: &str = "coherence bus disconnected; L1 follows the loss poli
 pub const PEER_SILENT: &str = "peer silent past peer_timeout; flushing L1";
 /// A peer's sequence skipped (`peer=…` follows).
 pub const GAP: &str = "invalidation gap; flushing L1";
-/// An instance joining a running bus: the first message it hears from a
-/// peer already there is not that peer's first.
-// FIXME(nearcache): that is a normal join (README: "a new instance joining a
-// running cluster flushes once"), yet it is logged at WARN as a lost message.
-pub const JOINED_MID_SEQUENCE: &str = "invalidation gap; flushing L1…expected=1 got=";
 
 /// One log event, rendered the way tracing-subscriber's fmt prints it
 /// (without the timestamp): `WARN nearcache::upstream::pool: upstream

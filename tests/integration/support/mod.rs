@@ -24,8 +24,8 @@ mod log;
 mod query;
 
 pub use log::{
-    BUS_LOST, Capture, Expectations, GAP, JOINED_MID_SEQUENCE, LogLine, PEER_SILENT,
-    UPSTREAM_CONNECT_FAILED, UPSTREAM_LOST,
+    BUS_LOST, Capture, Expectations, GAP, LogLine, PEER_SILENT, UPSTREAM_CONNECT_FAILED,
+    UPSTREAM_LOST,
 };
 pub use query::{pairs, q, text};
 
