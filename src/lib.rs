@@ -8,24 +8,25 @@
 //!
 //! # Layout
 //!
+//! (`ARCHITECTURE.md` at the root draws the request path, the modes, and
+//! where each invariant is enforced.)
+//!
 //! | module | owns |
 //! | --- | --- |
 //! | [`config`] | the TOML file, environment and flag overrides, validation |
-//! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
-//! | [`command`] | Redis's command table (flags, key specs) and key extraction |
-//! | [`server`] | listener, per-client sessions (the request path), routing, outbox, shutdown, the directory of clients (`CLIENT LIST`, `KILL`, id translation) |
-//! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
-//! | [`upstream`] | connections to Redis: handshake, pipelined connection tasks, pools, reconnects |
-//! | [`cache`] | L1: key-prefix rules, generation-checked fills, single flight, per-rule stats |
-//! | [`coherence`] | the NATS invalidation bus: message format, batching, sequence gaps, loss policy |
-//! | [`admin`] | `PROXY …` commands |
+//! | [`context`] | what every session shares, and the snapshot a reload swaps (rules) |
+//! | [`server`] | listener, per-client sessions (the request path), routing, requests, the outbox, client transport, the directory of clients |
+//! | [`server::session`] | the request path: classify → admit → note writes → dispatch by mode (shared, pinned, transaction, relay) → respond → record |
+//! | [`upstream`] | connections to Redis: the session's lane (pool, sticky connection, ordering), pools, connection tasks, handshake, transport |
+//! | [`cache`] | L1: generation-checked fills, invalidation, key-prefix rules |
+//! | [`fill`] | fetching missed reads: single flight, PTTL, refresh-ahead, MGET split and stitch |
+//! | [`coherence`] | the one acknowledgement path, the NATS invalidation bus, Redis tracking |
 //! | [`stats`] | one registry of counters: requests by class, latency by path, errors by kind, per-rule cache counters, bus and tracking |
+//! | [`admin`] | `PROXY …` commands |
+//! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
+//! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
+//! | [`command`] | Redis's command table (flags, key specs, cacheability) and key extraction |
 //! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
-//!
-//! The request path reads top to bottom in [`server::session`]; its cache
-//! phases (lookup, fetch and fill, write invalidation) are in
-//! `session/cached.rs`, what it answers itself in `session/local.rs`, and
-//! pinning to dedicated connections in `session/pinned.rs`.
 
 #![forbid(unsafe_code)]
 // The docs are for the project's developers and built with

@@ -143,7 +143,7 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
     let s = &ctx.stats.bus;
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let d = &s.delay_us;
-    let fields: [(&str, i64); 17] = [
+    let fields: [(&str, i64); 18] = [
         ("healthy", i64::from(bus.healthy())),
         ("published", n(s.published.load(Relaxed))),
         ("published_keys", n(s.published_keys.load(Relaxed))),
@@ -156,6 +156,7 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
         ("queued_keys", n(s.queued_keys.load(Relaxed) as u64)),
         ("silent_peers", n(s.silent_peers.load(Relaxed))),
         ("peers_left", n(s.peers_left.load(Relaxed))),
+        ("awaiting_peers", n(s.awaiting_peers.load(Relaxed))),
         ("delay_samples", n(d.count())),
         ("delay_avg_us", n(d.mean())),
         ("delay_p50_us", n(d.quantile(0.5))),

@@ -45,7 +45,12 @@ mod publisher;
 mod receiver;
 
 use publisher::{Outgoing, Publisher, Queue, owned_keys, publish};
-use receiver::{Receiver, receive};
+use receiver::{Missing, Receiver, receive};
+
+/// The longest the NATS client waits between reconnect attempts. Once NATS
+/// is back, every instance is connected again within about this long, which
+/// bounds how long a peer still cut off can go unheard without being dead.
+const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 
 /// A running bus.
 #[derive(Debug)]
@@ -60,6 +65,9 @@ pub struct Bus {
     /// Send time (µs, Unix) of our own latest heartbeat that came back.
     last_echo_us: Arc<AtomicU64>,
     peer_timeout_us: u64,
+    /// Until when (ms since `start`) L1 is not served while peers forgotten
+    /// as silent may still be writing (0: no such peer; see `Missing`).
+    bypass_until_ms: Arc<AtomicU64>,
     /// This instance's id on the bus.
     pub instance: String,
 }
@@ -98,6 +106,8 @@ impl Bus {
         let instance = wire_id(&name);
         let healthy = Arc::new(AtomicBool::new(false));
         let down_at_ms = Arc::new(AtomicU64::new(0));
+        let connected_at_ms = Arc::new(AtomicU64::new(0));
+        let bypass_until_ms = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
         let (tx, rx) = mpsc::unbounded_channel();
         let lost = Arc::new(AtomicBool::new(false));
@@ -107,7 +117,7 @@ impl Bus {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((50 * attempts as u64).min(1000))
+                Duration::from_millis(50 * attempts as u64).min(RECONNECT_DELAY_MAX)
             });
         if !cfg.user.is_empty() {
             opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
@@ -136,6 +146,7 @@ impl Bus {
         let events = EventHandler {
             healthy: healthy.clone(),
             down_at_ms: down_at_ms.clone(),
+            connected_at_ms: connected_at_ms.clone(),
             start,
             l1: l1.clone(),
             stats: stats.clone(),
@@ -170,6 +181,11 @@ impl Bus {
                 stats: stats.clone(),
                 last_echo_us: last_echo_us.clone(),
                 peer_timeout: cfg.peer_timeout.0,
+                missing: Missing::new(RECONNECT_DELAY_MAX + cfg.peer_timeout.0),
+                healthy: healthy.clone(),
+                start,
+                connected_at_ms,
+                bypass_until_ms: bypass_until_ms.clone(),
             },
         ));
         tokio::spawn(publish(
@@ -202,6 +218,7 @@ impl Bus {
             max_staleness: cfg.max_staleness.0,
             last_echo_us,
             peer_timeout_us: cfg.peer_timeout.0.as_micros() as u64,
+            bypass_until_ms,
             instance,
         }))
     }
@@ -214,7 +231,13 @@ impl Bus {
             // Our own heartbeat comes back after every message published
             // before it, so a fresh echo means we are caught up (a paused or
             // lagging instance is not).
-            return now_us().saturating_sub(self.last_echo_us.load(SeqCst)) < self.peer_timeout_us;
+            let caught_up =
+                now_us().saturating_sub(self.last_echo_us.load(SeqCst)) < self.peer_timeout_us;
+            // And may a peer that fell silent still be writing, cut off from
+            // NATS while we are not?
+            let bypass_until = self.bypass_until_ms.load(SeqCst);
+            return caught_up
+                && (bypass_until == 0 || self.start.elapsed().as_millis() as u64 >= bypass_until);
         }
         match self.policy {
             LossPolicy::Bypass => false,
@@ -278,6 +301,8 @@ impl Bus {
 /// Reacts to the NATS connection's state.
 #[derive(Clone)]
 struct EventHandler {
+    /// When the bus last connected (ms since the bus started).
+    connected_at_ms: Arc<AtomicU64>,
     healthy: Arc<AtomicBool>,
     down_at_ms: Arc<AtomicU64>,
     start: Instant,
@@ -294,6 +319,8 @@ impl EventHandler {
                 // clean, then tell peers our sequence so they see our gaps.
                 self.l1.flush();
                 self.stats.flushes.fetch_add(1, SeqCst);
+                self.connected_at_ms
+                    .store((self.start.elapsed().as_millis() as u64).max(1), SeqCst);
                 self.healthy.store(true, SeqCst);
                 let _ = self.resync.send(Outgoing::Resync);
                 tracing::info!("coherence bus connected; L1 flushed");

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use super::message::{DecodeError, Kind, Message};
@@ -17,6 +17,70 @@ pub(super) struct Receiver {
     pub(super) stats: Arc<BusStats>,
     pub(super) last_echo_us: Arc<AtomicU64>,
     pub(super) peer_timeout: Duration,
+    pub(super) missing: Missing,
+    pub(super) healthy: Arc<AtomicBool>,
+    pub(super) start: Instant,
+    pub(super) connected_at_ms: Arc<AtomicU64>,
+    pub(super) bypass_until_ms: Arc<AtomicU64>,
+}
+
+/// Peers forgotten as silent that may still be writing: one cut off from
+/// NATS alone goes on acknowledging writes whose invalidations cannot reach
+/// anyone, and nothing here tells it from a dead one. Until each is heard
+/// again (its next message shows the gap and flushes), or a grace passes,
+/// L1 is not served. The grace — the NATS client's longest reconnect delay
+/// plus `peer_timeout` — is how long a live peer can stay unheard once NATS
+/// is reachable, and it runs from the later of the forgetting and this
+/// instance's own latest reconnect: after a NATS outage every instance
+/// reconnects on its own schedule, and one that is back first must not
+/// serve what a peer still reconnecting overwrites meanwhile. A dead peer
+/// costs every other instance at most the grace of reads from Redis. A peer
+/// cut off for longer than the grace can still leave stale values until it
+/// is back (`redis_tracking` covers that case).
+#[derive(Debug)]
+pub(super) struct Missing {
+    /// Forgotten peers and when (ms since the bus started).
+    peers: HashMap<String, u64>,
+    grace_ms: u64,
+}
+
+impl Missing {
+    pub(super) fn new(grace: Duration) -> Self {
+        Self {
+            peers: HashMap::new(),
+            grace_ms: grace.as_millis() as u64,
+        }
+    }
+
+    fn forgot(&mut self, peer: String, now_ms: u64) {
+        self.peers.insert(peer, now_ms);
+    }
+
+    fn heard(&mut self, peer: &str) -> bool {
+        self.peers.remove(peer).is_some()
+    }
+
+    /// Until when (ms) L1 is not served, 0 for no longer; while connected
+    /// (`connected_at_ms`), peers past their grace are given up on.
+    fn until(&mut self, now_ms: u64, connected_at_ms: Option<u64>) -> u64 {
+        let grace = self.grace_ms;
+        let deadline = |forgot: u64| {
+            forgot
+                .max(connected_at_ms.unwrap_or(u64::MAX))
+                .saturating_add(grace)
+        };
+        if connected_at_ms.is_some() {
+            self.peers.retain(|_, forgot| deadline(*forgot) > now_ms);
+        }
+        match self.peers.values().map(|f| deadline(*f)).max() {
+            Some(until) => until.max(1),
+            None => 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.peers.len()
+    }
 }
 
 /// Applies peers' messages to L1, and watches peers' heartbeats.
@@ -28,7 +92,19 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
         stats,
         last_echo_us,
         peer_timeout,
+        mut missing,
+        healthy,
+        start,
+        connected_at_ms,
+        bypass_until_ms,
     } = r;
+    // Publishes how long L1 must wait for missing peers.
+    let settle = |missing: &mut Missing| {
+        let now_ms = start.elapsed().as_millis() as u64;
+        let connected = healthy.load(SeqCst).then(|| connected_at_ms.load(SeqCst));
+        bypass_until_ms.store(missing.until(now_ms, connected), SeqCst);
+        stats.awaiting_peers.store(missing.len() as u64, SeqCst);
+    };
     let mut last_seq: HashMap<String, u64> = HashMap::new();
     let mut last_seen: HashMap<String, Instant> = HashMap::new();
     let mut scratch = Vec::new();
@@ -52,10 +128,14 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                     tracing::warn!(%peer, "peer silent past peer_timeout; flushing L1");
                     last_seen.remove(&peer);
                     last_seq.remove(&peer);
+                    // (No read fills L1 from here until the peer is back.)
+                    missing.forgot(peer, start.elapsed().as_millis() as u64);
+                    settle(&mut missing);
                     l1.flush();
                     stats.silent_peers.fetch_add(1, SeqCst);
                     stats.flushes.fetch_add(1, SeqCst);
                 }
+                settle(&mut missing);
                 continue;
             }
         };
@@ -84,6 +164,8 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
         };
         last_seen.insert(m.instance.clone(), Instant::now());
         stats.received.fetch_add(1, SeqCst);
+        // (Back: its message shows its gap, which flushes, below.)
+        let returned = missing.heard(&m.instance);
         let prev = last_seq.insert(m.instance.clone(), m.seq);
         // A gap (or a first message that is not the peer's first) means a
         // message was lost: anything might be stale.
@@ -100,6 +182,9 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
             stats.gaps.fetch_add(1, SeqCst);
             stats.flushes.fetch_add(1, SeqCst);
             l1.flush();
+        }
+        if returned {
+            settle(&mut missing);
         }
         match m.kind {
             Kind::Keys | Kind::AnyDbKeys => {
@@ -135,5 +220,37 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
             }
         }
         stats.delay_us.record(now_us().saturating_sub(m.sent_at_us));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_peer_holds_l1_back_until_heard_or_its_grace_ends() {
+        let mut m = Missing::new(Duration::from_millis(1000));
+        assert_eq!(m.until(0, Some(1)), 0, "nobody missing");
+        m.forgot("a".into(), 100);
+        assert_eq!(m.until(150, Some(1)), 1100);
+        assert!(m.heard("a"));
+        assert_eq!(m.until(160, Some(1)), 0, "heard again");
+        m.forgot("a".into(), 200);
+        assert_eq!(m.until(1199, Some(1)), 1200);
+        assert_eq!(m.until(1201, Some(1)), 0, "given up on after the grace");
+        assert!(!m.heard("a"));
+    }
+
+    #[test]
+    fn our_own_outage_does_not_use_up_a_missing_peers_grace() {
+        let mut m = Missing::new(Duration::from_millis(1000));
+        m.forgot("a".into(), 100);
+        // Disconnected for five seconds: nobody is given up on meanwhile.
+        assert_eq!(m.len(), 1);
+        m.until(5000, None);
+        assert_eq!(m.len(), 1);
+        // Back at 5000: the grace runs from then.
+        assert_eq!(m.until(5100, Some(5000)), 6000);
+        assert_eq!(m.until(6001, Some(5000)), 0);
     }
 }

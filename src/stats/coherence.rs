@@ -35,6 +35,9 @@ pub struct BusStats {
     pub silent_peers: AtomicU64,
     /// Peers that said goodbye on a clean shutdown (no flush needed).
     pub peers_left: AtomicU64,
+    /// Peers forgotten as silent that may still be writing, cut off from
+    /// NATS: L1 is not served until each is heard again or its grace ends.
+    pub awaiting_peers: AtomicU64,
 }
 
 /// Redis tracking's state (`coherence.redis_tracking`).

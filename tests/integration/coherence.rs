@@ -1041,6 +1041,71 @@ async fn a_write_too_big_for_one_message_is_split_not_flushed() {
     );
 }
 
+/// Guards `receiver::Missing`: a peer cut off from NATS alone — or still
+/// reconnecting after a NATS outage while this instance is back — goes on
+/// acknowledging writes whose invalidations reach nobody. Until it is heard
+/// again, or its grace ends, the others do not serve L1: what it writes
+/// meanwhile is read from Redis, never from a stale entry (the checker's
+/// NATS-outage phase found reads stale by the reconnects' skew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_may_still_be_reconnecting_leaves_no_stale_value_behind() {
+    let nats = NatsServer::start();
+    let relay = TcpRelay::start(nats.port()).await;
+    let via_relay = format!("nats://127.0.0.1:{}", relay.port());
+    // A long peer_timeout, so the grace (1 s + peer_timeout) comfortably
+    // outlasts the steps below on a loaded machine.
+    let mut c = Cluster::start_on(nats, 2, |i, cfg| {
+        cfg.coherence.peer_timeout = Dur(Duration::from_secs(1));
+        if i == 0 {
+            cfg.coherence.nats_url = via_relay.clone();
+        }
+    })
+    .await;
+    c.proxies[0].expect_log(BUS_LOST).expect_log(PEER_SILENT);
+    c.proxies[1]
+        .must_log(&format!("{PEER_SILENT} peer=inst-0~"))
+        .expect_log(GAP);
+    set_direct(&c.redis, "t:k", "old");
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, "t:k").await, "old");
+
+    relay.cut();
+    until_bus(&mut c.conns[0], "A to see NATS gone", POLL_LIMIT, |s| {
+        s.get("healthy") == 0
+    })
+    .await;
+    until_bus(&mut c.conns[1], "B to give up on A", POLL_LIMIT, |s| {
+        s.get("silent_peers") > 0 && s.get("awaiting_peers") == 1
+    })
+    .await;
+    // B is connected and healthy, yet does not cache what it reads: A may be
+    // about to write it.
+    assert_eq!(c.bus(1).await.get("healthy"), 1);
+    assert_eq!(
+        upstream_reads(&mut c.conns[1], &c.redis, "t:k", "old", 2).await,
+        2,
+        "B served L1 while A may still be writing"
+    );
+    let () = c.conns[0].set("t:k", "new").await.unwrap();
+    assert_eq!(get(&mut c.conns[1], "t:k").await.as_deref(), Some("new"));
+    assert_eq!(
+        c.bus(1).await.get("awaiting_peers"),
+        1,
+        "still within the grace"
+    );
+
+    // A is heard again: B serves L1 at once.
+    relay.restore();
+    until_bus(&mut c.conns[1], "B to hear A again", POLL_LIMIT, |s| {
+        s.get("awaiting_peers") == 0
+    })
+    .await;
+    until_bus(&mut c.conns[0], "A to be healthy again", POLL_LIMIT, |s| {
+        s.get("healthy") == 1
+    })
+    .await;
+    assert_eq!(cache_it(&mut c.conns[1], &c.redis, "t:k").await, "new");
+}
+
 /// Guards `Queue::push` while the bus is down: an instance cut off from NATS
 /// (its peer still connected) drops its writes' invalidations rather than
 /// queueing them for as long as the outage lasts — memory would grow with
@@ -1072,10 +1137,15 @@ async fn writes_while_cut_off_from_nats_are_dropped_and_peers_flush_on_return() 
         s.get("healthy") == 0
     })
     .await;
-    // B notices A's silence and flushes once; cache t:k on B after that, so
-    // only A's return can evict it.
+    // B notices A's silence and flushes once, then reads from Redis while A
+    // may still be reconnecting (see the test after this one); once that
+    // grace is over, cache t:k on B, so only A's return can evict it.
     let b0 = until_bus(&mut c.conns[1], "B to give up on A", POLL_LIMIT, |s| {
         s.get("silent_peers") > 0
+    })
+    .await;
+    until_bus(&mut c.conns[1], "B's grace for A to end", POLL_LIMIT, |s| {
+        s.get("awaiting_peers") == 0
     })
     .await;
     assert_eq!(cache_it(&mut c.conns[1], &c.redis, "t:k").await, "old");
@@ -1092,7 +1162,9 @@ async fn writes_while_cut_off_from_nats_are_dropped_and_peers_flush_on_return() 
         "A queued its invalidations while cut off: {a1:?}"
     );
     assert!(a1.get("queued_keys") <= 100, "{a1:?}");
-    // The partition is real: B is connected and has not heard of the write.
+    // The partition is real, and has outlasted the grace: B is connected and
+    // has not heard of the write (the documented limit; `redis_tracking`
+    // closes it).
     assert_eq!(c.bus(1).await.get("healthy"), 1);
     assert_eq!(
         upstream_reads(&mut c.conns[1], &c.redis, "t:k", "old", 1).await,
