@@ -70,6 +70,25 @@ pub enum Route {
     Proxy,
 }
 
+impl Route {
+    /// The commands nearcache answers itself from the session's state, which
+    /// Redis would queue inside MULTI and answer in any state but a RESP2
+    /// subscriber's (see `session/local.rs`).
+    pub fn answered_locally(self) -> bool {
+        matches!(
+            self,
+            Route::Auth
+                | Route::ClientSetName
+                | Route::ClientGetName
+                | Route::ClientId
+                | Route::ClientKill
+                | Route::ClientNoEvict
+                | Route::ClientList
+                | Route::ClientInfo
+        )
+    }
+}
+
 /// Commands that may block their client: Redis runs nothing else from that
 /// client until they answer. (XREAD and XREADGROUP only with BLOCK.)
 const MAY_BLOCK: &[&str] = &[

@@ -114,13 +114,7 @@ impl Session {
                 let rx = fetch!(self, l1)
                     .miss(key.clone(), req.bytes(), policy)
                     .await;
-                self.out.push(Slot::Upstream {
-                    rx,
-                    count: 1,
-                    blocking: false,
-                    inv: Invalidation::default(),
-                    timing: self.timing(Path::Shared),
-                });
+                self.push_fetched(rx);
             }
         }
         true
@@ -142,17 +136,22 @@ impl Session {
             self.tally.hits += 1;
         } else {
             let rx = fetch!(self, l1).mget_rest(&mut m, keys, &buf).await;
-            self.out.push(Slot::Upstream {
-                rx,
-                count: 1,
-                blocking: false,
-                inv: Invalidation::default(),
-                timing: self.timing(Path::Shared),
-            });
+            self.push_fetched(rx);
         }
         self.keep_mget_buf(buf);
         fetch!(self, l1).mget_refresh(m, keys).await;
         true
+    }
+
+    /// Queues the slot of a read fetched from Redis (it writes nothing).
+    fn push_fetched(&mut self, rx: tokio::sync::oneshot::Receiver<crate::upstream::Replies>) {
+        self.out.push(Slot::Upstream {
+            rx,
+            count: 1,
+            blocking: false,
+            inv: Invalidation::default(),
+            timing: self.timing(Path::Shared),
+        });
     }
 
     /// Keeps `buf` for the next MGET, unless a huge reply grew it.

@@ -25,6 +25,7 @@ impl Session {
                 self.out.put_bytes(Bytes::from_static(OK));
                 return self.close();
             }
+            // (Route::answered_locally, spelled out for the exhaustive match.)
             Route::Auth
             | Route::ClientSetName
             | Route::ClientGetName

@@ -39,13 +39,11 @@ impl Session {
                 self.inject(refused.clone(), refused).await;
                 Flow::Continue
             }
-            Route::Auth
-            | Route::ClientId
-            | Route::ClientGetName
-            | Route::ClientKill
-            | Route::ClientNoEvict
-            | Route::ClientList
-            | Route::ClientInfo => self.local(req).await,
+            // (CLIENT SETNAME acts at once, so it is Redis's to refuse: it
+            // is relayed, and its name noted.)
+            route if route.answered_locally() && route != Route::ClientSetName => {
+                self.local(req).await
+            }
             Route::Refuse(msg) => {
                 self.refuse(ProxyError::unsupported(msg)).await;
                 Flow::Continue

@@ -21,14 +21,7 @@ impl Session {
     pub(super) async fn queued(&mut self, req: &mut Request<'_>) -> Flow {
         match req.route {
             // Redis queues these and runs them at EXEC: so does nearcache.
-            Route::Auth
-            | Route::ClientSetName
-            | Route::ClientGetName
-            | Route::ClientId
-            | Route::ClientKill
-            | Route::ClientNoEvict
-            | Route::ClientList
-            | Route::ClientInfo => self.queue_local(req),
+            route if route.answered_locally() => self.queue_local(req),
             // ON (or a bad mode, a syntax error) runs at EXEC (see
             // `local_reply`); OFF and SKIP would turn replies off in the
             // middle of EXEC's, as Redis does, and are refused.
