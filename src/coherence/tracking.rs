@@ -13,16 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use redis_protocol::resp3::decode::complete::decode;
 use redis_protocol::resp3::types::OwnedFrame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::cache::L1;
 use crate::config::RedisUrl;
 use crate::protocol::Protocol;
 use crate::stats::TrackingStats;
-use crate::upstream::transport::UpstreamStream;
 use crate::upstream::{UpstreamError, encode_command, handshake};
 
 /// Starts the tracking task for `prefixes` (an empty prefix tracks every key).
@@ -61,6 +58,7 @@ async fn session(
     state: &TrackingStats,
 ) -> Result<(), UpstreamError> {
     let h = handshake::connect(url, 0, Protocol::Resp3, timeout).await?;
+    let addr = url.addr();
     let (mut stream, mut buf) = (h.stream, h.leftover);
     let mut args: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING", b"ON", b"BCAST"];
     // An empty prefix means "every key": BCAST with no PREFIX does that.
@@ -74,7 +72,7 @@ async fn session(
         .write_all(&encode_command(&args))
         .await
         .map_err(|_| UpstreamError::ConnectionLost)?;
-    match next_frame(&mut stream, &mut buf).await? {
+    match handshake::read_frame(&mut stream, &mut buf, &addr).await? {
         OwnedFrame::SimpleError { data, .. } => {
             tracing::warn!(reply = %data, "Redis refused CLIENT TRACKING; L1 relies on rule TTLs for writes that bypass nearcache");
             return Ok(());
@@ -88,7 +86,9 @@ async fn session(
     }
     let mut scratch = Vec::new();
     loop {
-        if let OwnedFrame::Push { data, .. } = next_frame(&mut stream, &mut buf).await? {
+        if let OwnedFrame::Push { data, .. } =
+            handshake::read_frame(&mut stream, &mut buf, &addr).await?
+        {
             let is_invalidate = matches!(data.first(), Some(OwnedFrame::BlobString { data, .. }) if data == b"invalidate");
             if !is_invalidate {
                 continue;
@@ -105,26 +105,6 @@ async fn session(
                 // FLUSHALL/FLUSHDB: a null key list.
                 _ => l1.flush(),
             }
-        }
-    }
-}
-
-async fn next_frame<S: UpstreamStream>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-) -> Result<OwnedFrame, UpstreamError> {
-    loop {
-        match decode(buf) {
-            Ok(Some((frame, used))) => {
-                let _ = buf.split_to(used);
-                return Ok(frame);
-            }
-            Ok(None) => {}
-            Err(_) => return Err(UpstreamError::InvalidReply),
-        }
-        match stream.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(UpstreamError::ConnectionLost),
-            Ok(_) => {}
         }
     }
 }

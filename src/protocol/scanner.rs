@@ -125,21 +125,11 @@ mod tests {
         ReplyScanner::new().scan(buf).unwrap()
     }
 
-    #[test]
-    fn finds_the_end_of_each_resp2_type() {
-        for frame in [
-            &b"+OK\r\n"[..],
-            b"-ERR x\r\n",
-            b":12\r\n",
-            b"$-1\r\n",
-            b"$0\r\n\r\n",
-            b"$4\r\na\r\nb\r\n",
-            b"*-1\r\n",
-            b"*0\r\n",
-            b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n",
-        ] {
+    /// Each frame is found whole, with another frame after it.
+    fn each_is_found_whole(frames: &[&[u8]], next: &[u8]) {
+        for frame in frames {
             let mut buf = frame.to_vec();
-            buf.extend_from_slice(b"+NEXT\r\n");
+            buf.extend_from_slice(next);
             assert_eq!(
                 whole(&buf),
                 Some(frame.len()),
@@ -150,28 +140,40 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_end_of_each_resp2_type() {
+        each_is_found_whole(
+            &[
+                &b"+OK\r\n"[..],
+                b"-ERR x\r\n",
+                b":12\r\n",
+                b"$-1\r\n",
+                b"$0\r\n\r\n",
+                b"$4\r\na\r\nb\r\n",
+                b"*-1\r\n",
+                b"*0\r\n",
+                b"*2\r\n$1\r\na\r\n*1\r\n:1\r\n",
+            ],
+            b"+NEXT\r\n",
+        );
+    }
+
+    #[test]
     fn finds_the_end_of_each_resp3_type() {
-        for frame in [
-            &b"_\r\n"[..],
-            b",1.5\r\n",
-            b"#t\r\n",
-            b"(123456789012345678901234567890\r\n",
-            b"!3\r\nerr\r\n",
-            b"=7\r\ntxt:abc\r\n",
-            b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n:2\r\n",
-            b"~2\r\n+a\r\n+b\r\n",
-            b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n",
-            b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n",
-        ] {
-            let mut buf = frame.to_vec();
-            buf.extend_from_slice(b":0\r\n");
-            assert_eq!(
-                whole(&buf),
-                Some(frame.len()),
-                "{:?}",
-                String::from_utf8_lossy(frame)
-            );
-        }
+        each_is_found_whole(
+            &[
+                &b"_\r\n"[..],
+                b",1.5\r\n",
+                b"#t\r\n",
+                b"(123456789012345678901234567890\r\n",
+                b"!3\r\nerr\r\n",
+                b"=7\r\ntxt:abc\r\n",
+                b"%2\r\n+a\r\n:1\r\n+b\r\n*1\r\n:2\r\n",
+                b"~2\r\n+a\r\n+b\r\n",
+                b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n",
+                b"|1\r\n+ttl\r\n:3\r\n$1\r\nv\r\n",
+            ],
+            b":0\r\n",
+        );
     }
 
     #[test]

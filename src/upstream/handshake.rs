@@ -110,7 +110,10 @@ async fn handshake<S: UpstreamStream>(
     })
 }
 
-async fn read_frame<S: UpstreamStream>(
+/// The next whole frame from `stream` (`addr` names it in errors), decoded:
+/// for control paths (the handshake, Redis tracking), never for replies
+/// that are forwarded.
+pub(crate) async fn read_frame<S: UpstreamStream>(
     stream: &mut S,
     buf: &mut BytesMut,
     addr: &str,
