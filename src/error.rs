@@ -38,13 +38,15 @@ pub enum ErrorKind {
     UpstreamLost,
     /// Redis refused the connection setup (password, database).
     UpstreamRejected,
+    /// Redis could not set up a connection just then (busy, loading).
+    UpstreamBusy,
     /// Redis sent bytes that are not RESP.
     UpstreamInvalid,
 }
 
 impl ErrorKind {
     /// Every kind, in a fixed order (for counters indexed by kind).
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Protocol,
         ErrorKind::Auth,
         ErrorKind::Arity,
@@ -55,6 +57,7 @@ impl ErrorKind {
         ErrorKind::UpstreamTimeout,
         ErrorKind::UpstreamLost,
         ErrorKind::UpstreamRejected,
+        ErrorKind::UpstreamBusy,
         ErrorKind::UpstreamInvalid,
     ];
 
@@ -71,6 +74,7 @@ impl ErrorKind {
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamLost => "upstream_lost",
             ErrorKind::UpstreamRejected => "upstream_rejected",
+            ErrorKind::UpstreamBusy => "upstream_busy",
             ErrorKind::UpstreamInvalid => "upstream_invalid",
         }
     }
@@ -94,6 +98,7 @@ impl ErrorKind {
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamLost
             | ErrorKind::UpstreamRejected
+            | ErrorKind::UpstreamBusy
             | ErrorKind::UpstreamInvalid => Side::Upstream,
         }
     }
@@ -195,9 +200,17 @@ impl From<&UpstreamError> for ProxyError {
             UpstreamError::ConnectionLost => ErrorKind::UpstreamLost,
             UpstreamError::Timeout(_) => ErrorKind::UpstreamTimeout,
             UpstreamError::Rejected(_) => ErrorKind::UpstreamRejected,
+            UpstreamError::Busy(_) => ErrorKind::UpstreamBusy,
             UpstreamError::InvalidReply => ErrorKind::UpstreamInvalid,
         };
-        Self::new(kind, format!("ERR {e}"))
+        match e {
+            // Redis's own words (`-WRONGPASS …`, `-BUSY …`), as a client
+            // would get them directly.
+            UpstreamError::Rejected(text) | UpstreamError::Busy(text) => {
+                Self::new(kind, text.to_string())
+            }
+            _ => Self::new(kind, format!("ERR {e}")),
+        }
     }
 }
 

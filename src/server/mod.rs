@@ -80,13 +80,14 @@ impl Proxy {
             db: url.db,
             proto: Protocol::Resp2,
         };
-        let default_pool = upstream
-            .pool(key)
-            .await
-            .map_err(|source| StartError::Upstream {
-                url: url.to_string(),
-                source,
-            })?;
+        let default_pool =
+            upstream
+                .first_pool(key)
+                .await
+                .map_err(|source| StartError::Upstream {
+                    url: url.to_string(),
+                    source,
+                })?;
         let listener = TcpListener::bind(&cfg.server.listen)
             .await
             .map_err(|source| StartError::Bind {

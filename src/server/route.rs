@@ -58,6 +58,9 @@ pub enum Route {
     /// `WAIT` / `WAITAOF`: blocks like [`Route::Blocking`], but counts acks
     /// for the writes of the connection it runs on, so it needs more care.
     Wait,
+    /// A script or function (`EVAL`, `EVALSHA`, `FCALL` and their `_RO`
+    /// forms): forwarded, on a connection of its own when not pinned.
+    Script,
     /// Commands after which replies stop pairing with commands (pub/sub,
     /// MONITOR, CLIENT TRACKING): the client gets a dedicated connection
     /// whose every frame is relayed.
@@ -150,8 +153,12 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         return Route::WrongArity(spec.name);
     }
     // Fast path: plain data commands carry none of these flags.
-    const STATEFUL: u32 =
-        flag::CONNECTION | flag::TRANSACTION | flag::BLOCKING | flag::PUBSUB | flag::ADMIN;
+    const STATEFUL: u32 = flag::CONNECTION
+        | flag::TRANSACTION
+        | flag::BLOCKING
+        | flag::PUBSUB
+        | flag::ADMIN
+        | flag::SCRIPTING;
     if spec.flags & STATEFUL == 0 {
         return Route::Forward;
     }
@@ -175,6 +182,7 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
             _ => Route::Relay,
         },
         "wait" | "waitaof" => Route::Wait,
+        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro" => Route::Script,
         "multi" => Route::Multi,
         "watch" => Route::Watch,
         "exec" | "discard" => Route::EndTransaction,
@@ -233,6 +241,9 @@ mod tests {
         assert_eq!(r(&["WAIT", "1", "100"]), Route::Wait);
         assert_eq!(r(&["waitaof", "1", "0", "100"]), Route::Wait);
         assert_eq!(r(&["SUBSCRIBE", "ch"]), Route::Relay);
+        assert_eq!(r(&["EVALSHA", "abc", "0"]), Route::Script);
+        assert_eq!(r(&["fcall_ro", "f", "0"]), Route::Script);
+        assert_eq!(r(&["SCRIPT", "KILL"]), Route::Forward);
         assert_eq!(r(&["MONITOR"]), Route::Relay);
         assert_eq!(r(&["CLIENT", "REPLY", "OFF"]), Route::ClientReply);
         assert_eq!(r(&["CLIENT", "SETNAME", "x"]), Route::ClientSetName);

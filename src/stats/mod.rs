@@ -121,11 +121,19 @@ pub enum Path {
     Pinned,
     /// A command that may block (`BLPOP`, `WAIT`…), on a dedicated connection.
     Blocking,
+    /// Scripts and functions, on a dedicated connection.
+    Script,
 }
 
 impl Path {
     /// Every path, in index order.
-    pub const ALL: [Path; 4] = [Path::L1Hit, Path::Shared, Path::Pinned, Path::Blocking];
+    pub const ALL: [Path; 5] = [
+        Path::L1Hit,
+        Path::Shared,
+        Path::Pinned,
+        Path::Blocking,
+        Path::Script,
+    ];
 
     /// A short name.
     pub fn name(self) -> &'static str {
@@ -134,6 +142,7 @@ impl Path {
             Path::Shared => "shared",
             Path::Pinned => "pinned",
             Path::Blocking => "blocking",
+            Path::Script => "script",
         }
     }
 }

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::UpstreamError;
+use super::probe::Probe;
 pub use super::relay::OnAnswer;
 use super::relay::{Acks, MAX_STAND_INS, StandIn, may_answer_a_stand_in, splice_stand_ins};
 use super::transport::UpstreamStream;
@@ -188,6 +189,9 @@ impl Conn {
 pub struct ConnOptions {
     /// Fail and close when the oldest (non-blocking) request has waited this long.
     pub command_timeout: Duration,
+    /// How to ask Redis whether it still holds a request that has waited
+    /// `command_timeout` (see [`super::probe`]); without one, it times out.
+    pub probe: Option<Arc<Probe>>,
     /// Where a dedicated connection goes when released; `None` for shared ones.
     pub idle: Option<Arc<IdleList>>,
 }
@@ -256,7 +260,7 @@ pub fn spawn<S: UpstreamStream>(
 ) -> Conn {
     static SERIAL: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(stream, leftover, rx, opts));
+    tokio::spawn(run(stream, leftover, rx, opts, redis_id));
     Conn {
         tx,
         redis_id,
@@ -272,6 +276,7 @@ async fn run<S: UpstreamStream>(
     mut rbuf: BytesMut,
     mut rx: mpsc::UnboundedReceiver<Op>,
     opts: ConnOptions,
+    redis_id: u64,
 ) {
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut wbuf = BytesMut::with_capacity(16 * 1024);
@@ -288,6 +293,8 @@ async fn run<S: UpstreamStream>(
     let mut relaying = false;
     // Every handle is gone but a relay is still being delivered.
     let mut orphaned = false;
+    // A probe asking whether Redis still holds the overdue head request.
+    let mut probing: Option<oneshot::Receiver<bool>> = None;
 
     let error = loop {
         tokio::select! {
@@ -344,9 +351,41 @@ async fn run<S: UpstreamStream>(
                     wbuf.clear();
                 }
             }
+            held = async {
+                match probing.as_mut() {
+                    Some(rx) => rx.await,
+                    None => std::future::pending().await,
+                }
+            }, if probing.is_some() => {
+                probing = None;
+                match held {
+                    // Redis is still working on it: the wait goes on, and
+                    // is looked at again a command_timeout from now.
+                    Ok(true) => {
+                        if let Some(Pending::Replies { since, .. }) = pending.front_mut() {
+                            *since = Instant::now();
+                        }
+                    }
+                    _ => break UpstreamError::Timeout(opts.command_timeout),
+                }
+            }
             _ = tick.tick(), if !pending.is_empty() => {
-                if let Some(e) = check_head(&pending, &opts) {
-                    break e;
+                match check_head(&pending, &opts) {
+                    Head::Fine => {}
+                    Head::Overdue => match (&opts.probe, redis_id) {
+                        (Some(probe), id) if id != 0 => {
+                            if probing.is_none() {
+                                let (tx, rx) = oneshot::channel();
+                                let probe = probe.clone();
+                                tokio::spawn(async move {
+                                    let _ = tx.send(probe.holds(id).await);
+                                });
+                                probing = Some(rx);
+                            }
+                        }
+                        _ => break UpstreamError::Timeout(opts.command_timeout),
+                    },
+                    Head::Dead(e) => break e,
                 }
                 if orphaned && !awaited(&pending) {
                     return;
@@ -563,20 +602,36 @@ fn release_ready(pending: &mut VecDeque<Pending>, opts: &ConnOptions) {
     }
 }
 
+/// How the oldest request stands.
+enum Head {
+    Fine,
+    /// It has waited `command_timeout`: Redis is asked whether it holds it.
+    Overdue,
+    /// The connection is done for.
+    Dead(UpstreamError),
+}
+
 /// Whether the oldest request has waited too long, or a blocked one has
 /// nobody waiting for it any more.
-fn check_head(pending: &VecDeque<Pending>, opts: &ConnOptions) -> Option<UpstreamError> {
-    match pending.front()? {
-        Pending::Replies {
+fn check_head(pending: &VecDeque<Pending>, opts: &ConnOptions) -> Head {
+    match pending.front() {
+        Some(Pending::Replies {
             tx, blocking: true, ..
-        } => {
+        }) => {
             // A blocked command whose client left: the only way to unblock it
             // is to close the connection.
-            tx.is_closed().then_some(UpstreamError::ConnectionLost)
+            if tx.is_closed() {
+                Head::Dead(UpstreamError::ConnectionLost)
+            } else {
+                Head::Fine
+            }
         }
-        Pending::Replies { since, .. } => (since.elapsed() > opts.command_timeout)
-            .then_some(UpstreamError::Timeout(opts.command_timeout)),
-        Pending::Relay { tx, .. } if tx.is_closed() => Some(UpstreamError::ConnectionLost),
-        _ => None,
+        Some(Pending::Replies { since, .. }) if since.elapsed() > opts.command_timeout => {
+            Head::Overdue
+        }
+        Some(Pending::Relay { tx, .. }) if tx.is_closed() => {
+            Head::Dead(UpstreamError::ConnectionLost)
+        }
+        _ => Head::Fine,
     }
 }

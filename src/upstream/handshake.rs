@@ -173,6 +173,11 @@ fn unavailable(msg: String) -> UpstreamError {
     UpstreamError::Unavailable(msg.into())
 }
 
+/// Redis's refusal of the setup: transient while it is busy or loading.
 fn rejected(msg: &str) -> UpstreamError {
+    const TRANSIENT: [&str; 3] = ["BUSY", "LOADING", "MASTERDOWN"];
+    if TRANSIENT.iter().any(|t| msg.starts_with(t)) {
+        return UpstreamError::Busy(msg.into());
+    }
     UpstreamError::Rejected(msg.into())
 }

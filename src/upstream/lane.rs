@@ -29,6 +29,9 @@ pub struct Lane {
     /// The shared connection this session pipelines through (sticky, so a
     /// client's commands stay ordered relative to each other).
     conn: Option<Conn>,
+    /// The dedicated connection a run of scripts goes to (see
+    /// [`Lane::send_script`]), while it is the last one sent to.
+    script: Option<Conn>,
     /// The [serial](Conn::serial) of the connection last sent to.
     last: u64,
 }
@@ -40,6 +43,7 @@ impl Lane {
             upstream,
             pool,
             conn: None,
+            script: None,
             last: 0,
         }
     }
@@ -70,6 +74,7 @@ impl Lane {
     pub fn reset(&mut self, pool: Arc<Pool>) {
         self.pool = pool;
         self.conn = None;
+        self.release_script();
     }
 
     /// Called before sending on `conn`: when the session last sent on
@@ -82,6 +87,40 @@ impl Lane {
                 out.settle_upstream().await;
             }
             self.last = serial;
+            // The scripts are answered: their connection goes back.
+            if self.script.as_ref().is_some_and(|s| s.serial() != serial) {
+                self.release_script();
+            }
+        }
+    }
+
+    /// Sends `op` (scripts or functions) on a dedicated connection of the
+    /// pool, kept for as long as scripts follow one another, ordered after
+    /// the session's earlier sends. A script that runs long then holds up
+    /// nobody else's commands: Redis answers them `-BUSY` past
+    /// `busy-reply-threshold`, as it would directly, and `SCRIPT KILL` or
+    /// `FUNCTION KILL` from anyone reaches it.
+    pub async fn send_script(&mut self, op: Op, out: &mut Outbox) -> Result<(), UpstreamError> {
+        let conn = match self.script.as_ref().filter(|c| !c.is_closed()) {
+            Some(conn) => conn.clone(),
+            None => {
+                let conn = self.pool.dedicated().await?;
+                self.script = Some(conn.clone());
+                conn
+            }
+        };
+        self.order_for(&conn, out).await;
+        conn.send(op).map_err(|_| {
+            self.script = None;
+            UpstreamError::ConnectionLost
+        })
+    }
+
+    /// Lets the scripts' connection go back to the idle list once what was
+    /// sent on it is answered.
+    fn release_script(&mut self) {
+        if let Some(conn) = self.script.take() {
+            let _ = conn.send(Op::Release(conn.clone()));
         }
     }
 
@@ -113,5 +152,11 @@ impl Lane {
     /// the pool or a new one.
     pub async fn dedicated(&self) -> Result<Conn, UpstreamError> {
         self.pool.dedicated().await
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.release_script();
     }
 }

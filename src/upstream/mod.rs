@@ -12,6 +12,7 @@ pub mod connection;
 pub mod handshake;
 pub mod lane;
 pub mod pool;
+mod probe;
 mod relay;
 pub mod transport;
 
@@ -38,9 +39,17 @@ pub enum UpstreamError {
     /// The request waited longer than `upstream.command_timeout`.
     #[error("upstream timeout: no reply within {0:?}")]
     Timeout(std::time::Duration),
-    /// Redis refused the connection setup (bad password, database out of range…).
+    /// Redis refused the connection setup (bad password, database out of
+    /// range…): the text is Redis's own error line, which clients get as it
+    /// is — a password changed under nearcache reads `-WRONGPASS …` as it
+    /// would directly.
     #[error("upstream rejected the connection: {0}")]
     Rejected(Arc<str>),
+    /// Redis cannot set up a connection just now (`BUSY` running a script,
+    /// `LOADING` its dataset): Redis's own error line, passed to clients as
+    /// it is; the setup is tried again.
+    #[error("upstream busy: {0}")]
+    Busy(Arc<str>),
     /// Upstream sent bytes that are not RESP.
     #[error("upstream sent an invalid reply")]
     InvalidReply,

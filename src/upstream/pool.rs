@@ -14,12 +14,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::UpstreamError;
 use super::connection::{self, Conn, ConnOptions, IdleList};
 use super::handshake;
+use super::probe::Probe;
 use crate::config::{RedisUrl, UpstreamConfig};
 use crate::protocol::Protocol;
 
@@ -39,12 +40,15 @@ pub struct Upstream {
     cfg: UpstreamConfig,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     version: Mutex<String>,
+    /// Asks Redis about overdue requests, for every connection.
+    probe: Arc<Probe>,
 }
 
 impl Upstream {
     /// An upstream with no connections yet.
     pub fn new(url: RedisUrl, cfg: UpstreamConfig) -> Arc<Self> {
         Arc::new(Self {
+            probe: Arc::new(Probe::new(url.clone(), cfg.connect_timeout.0)),
             url,
             cfg,
             pools: Mutex::new(HashMap::new()),
@@ -63,10 +67,31 @@ impl Upstream {
     }
 
     /// The pool for `key`, created (and its first connection tried) on first
-    /// use. Fails only when Redis rejects the setup itself (e.g. `SELECT 99`
-    /// on a server with 16 databases); an unreachable server still yields a
-    /// pool, which keeps reconnecting.
+    /// use. Fails when Redis refuses the setup itself (e.g. `SELECT 99` on a
+    /// server with 16 databases), or cannot set it up just now (`-BUSY`
+    /// running a script: the client's `SELECT` gets that, as it would
+    /// directly); an unreachable server still yields a pool, which keeps
+    /// reconnecting.
     pub async fn pool(self: &Arc<Self>, key: PoolKey) -> Result<Arc<Pool>, UpstreamError> {
+        self.pool_unless(key, |e| {
+            matches!(e, UpstreamError::Rejected(_) | UpstreamError::Busy(_))
+        })
+        .await
+    }
+
+    /// The pool clients start on, at start-up: as [`Upstream::pool`], but a
+    /// Redis busy or loading then still yields the pool (nearcache starts
+    /// while Redis cannot serve, and serves once it can).
+    pub async fn first_pool(self: &Arc<Self>, key: PoolKey) -> Result<Arc<Pool>, UpstreamError> {
+        self.pool_unless(key, |e| matches!(e, UpstreamError::Rejected(_)))
+            .await
+    }
+
+    async fn pool_unless(
+        self: &Arc<Self>,
+        key: PoolKey,
+        fatal: impl Fn(&UpstreamError) -> bool,
+    ) -> Result<Arc<Pool>, UpstreamError> {
         if let Some(pool) = self.lock_pools().get(&key) {
             return Ok(pool.clone());
         }
@@ -76,7 +101,7 @@ impl Upstream {
         // The connection is kept as the pool's first idle dedicated one.
         match self.connect(key, self.dedicated_options(&idle)).await {
             Ok(conn) => idle.put(conn),
-            Err(e @ UpstreamError::Rejected(_)) => return Err(e),
+            Err(e) if fatal(&e) => return Err(e),
             Err(_) => {}
         }
         let mut pools = self.lock_pools();
@@ -91,6 +116,7 @@ impl Upstream {
     fn dedicated_options(&self, idle: &Arc<IdleList>) -> ConnOptions {
         ConnOptions {
             command_timeout: self.cfg.command_timeout.0,
+            probe: Some(self.probe.clone()),
             idle: Some(idle.clone()),
         }
     }
@@ -129,15 +155,20 @@ pub struct Pool {
     next: AtomicUsize,
     idle: Arc<IdleList>,
     supervisors: Vec<JoinHandle<()>>,
+    /// Cuts the supervisors' backoff short: a request finding every slot
+    /// down means someone wants Redis now, and it may be back.
+    wake: Arc<Notify>,
 }
 
 impl Pool {
     fn start(upstream: Arc<Upstream>, key: PoolKey, idle: Arc<IdleList>) -> Self {
         let mut slots = Vec::new();
         let mut supervisors = Vec::new();
+        let wake = Arc::new(Notify::new());
         for _ in 0..upstream.cfg.pool_size {
             let (tx, rx) = watch::channel(SlotState::Connecting);
-            supervisors.push(tokio::spawn(supervise(upstream.clone(), key, tx)));
+            let wake = wake.clone();
+            supervisors.push(tokio::spawn(supervise(upstream.clone(), key, tx, wake)));
             slots.push(rx);
         }
         Self {
@@ -147,6 +178,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             idle,
             supervisors,
+            wake,
         }
     }
 
@@ -180,6 +212,7 @@ impl Pool {
                         .await;
                 }
                 _ => {
+                    self.wake.notify_waiters();
                     return Err(last_error
                         .unwrap_or_else(|| UpstreamError::Unavailable("still connecting".into())));
                 }
@@ -210,12 +243,18 @@ impl Drop for Pool {
 }
 
 /// Keeps one shared slot connected for the life of the pool.
-async fn supervise(upstream: Arc<Upstream>, key: PoolKey, state: watch::Sender<SlotState>) {
+async fn supervise(
+    upstream: Arc<Upstream>,
+    key: PoolKey,
+    state: watch::Sender<SlotState>,
+    wake: Arc<Notify>,
+) {
     let min = upstream.cfg.reconnect_min.0;
     let max = upstream.cfg.reconnect_max.0;
     let mut delay = min;
     let opts = ConnOptions {
         command_timeout: upstream.cfg.command_timeout.0,
+        probe: Some(upstream.probe.clone()),
         idle: None,
     };
     loop {
@@ -234,12 +273,26 @@ async fn supervise(upstream: Arc<Upstream>, key: PoolKey, state: watch::Sender<S
             Err(e) => {
                 tracing::warn!(db = key.db, error = %e, retry_in = ?delay, "upstream connect failed");
                 state.send_replace(SlotState::Down(e));
-                tokio::time::sleep(jitter(delay)).await;
+                // Back off, but try at once when a request wants Redis
+                // (after a short floor, so a flood of requests during an
+                // outage is not a flood of connection attempts): service
+                // resumes the moment Redis can serve.
+                let wait = jitter(delay);
+                let floor = WAKE_FLOOR.min(wait);
+                tokio::time::sleep(floor).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait - floor) => {}
+                    _ = wake.notified() => {}
+                }
                 delay = (delay * 2).min(max);
             }
         }
     }
 }
+
+/// The least time between a slot's connection attempts, however often
+/// requests ask for one.
+const WAKE_FLOOR: Duration = Duration::from_millis(50);
 
 /// `d` ± 25 %, so that many proxies do not reconnect in lockstep.
 fn jitter(d: Duration) -> Duration {

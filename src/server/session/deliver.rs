@@ -20,15 +20,30 @@ use crate::cache::Invalidation;
 use crate::error::ProxyError;
 use crate::protocol::reply::{self, OK};
 use crate::server::outbox::Slot;
+use crate::server::route::Route;
 use crate::stats::{Path, Timing};
 use crate::upstream::{Op, UpstreamError, encode_command};
+
+/// Where forwarded commands go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Target {
+    /// The sticky shared connection.
+    Shared,
+    /// The pinned connection.
+    Pinned,
+    /// A dedicated connection the lane keeps for a run of scripts, so that a
+    /// script running long never holds up a shared connection: other
+    /// clients get Redis's `-BUSY` meanwhile, as directly, and `SCRIPT KILL`
+    /// gets through.
+    Script,
+}
 
 /// Consecutive forwarded commands not yet sent.
 pub(super) struct Run {
     chunk: Bytes,
     frames: Range<usize>,
     count: u32,
-    pinned: bool,
+    to: Target,
 }
 
 /// Longest run of commands sent upstream as one request, so that replies to a
@@ -39,19 +54,25 @@ impl Session {
     /// Adds the command to the pending run (or sends it alone when it does
     /// not go as the client's bytes), to the pinned connection if pinned.
     pub(super) async fn forward(&mut self, req: &Request<'_>) {
-        let pinned = self.mode.pinned();
+        let to = if self.mode.pinned() {
+            Target::Pinned
+        } else if req.route == Route::Script {
+            Target::Script
+        } else {
+            Target::Shared
+        };
         if let Mode::Transaction(_, txn) = &mut self.mode {
             txn.queued += 1;
         }
         let Some(frame) = req.frame() else {
             self.flush_run().await;
             let inv = std::mem::take(&mut self.batch.pending_inv);
-            self.send_upstream(req.bytes(), 1, pinned, inv).await;
+            self.send_upstream(req.bytes(), 1, to, inv).await;
             return;
         };
         let batch = &mut self.batch;
         if let Some(run) = &mut batch.run {
-            let joins = run.pinned == pinned
+            let joins = run.to == to
                 && run.frames.end == frame.start
                 && run.count < MAX_RUN
                 && run.chunk.as_ptr() == req.chunk().as_ptr();
@@ -69,7 +90,7 @@ impl Session {
             chunk: req.chunk().clone(),
             frames: frame,
             count: 1,
-            pinned,
+            to,
         });
     }
 
@@ -77,7 +98,7 @@ impl Session {
     pub(super) async fn flush_run(&mut self) {
         if let Some(run) = self.batch.run.take() {
             let inv = std::mem::take(&mut self.batch.run_inv);
-            self.send_upstream(run.chunk.slice(run.frames), run.count, run.pinned, inv)
+            self.send_upstream(run.chunk.slice(run.frames), run.count, run.to, inv)
                 .await;
         }
     }
@@ -87,20 +108,25 @@ impl Session {
         &mut self,
         frames: Bytes,
         count: u32,
-        pinned: bool,
+        to: Target,
         inv: Invalidation,
     ) {
-        if pinned {
+        if to == Target::Pinned {
             return self.send_pinned(frames, count, false, inv).await;
         }
         let (op, rx) = Op::request(frames, count, false);
-        match self.lane.send_shared(op, &mut self.out).await {
+        let (sent, path) = if to == Target::Script {
+            (self.lane.send_script(op, &mut self.out).await, Path::Script)
+        } else {
+            (self.lane.send_shared(op, &mut self.out).await, Path::Shared)
+        };
+        match sent {
             Ok(()) => self.out.push(Slot::Upstream {
                 rx,
                 count,
                 blocking: false,
                 inv,
-                timing: self.timing(Path::Shared),
+                timing: self.timing(path),
             }),
             Err(e) => self.fail(&e, count),
         }

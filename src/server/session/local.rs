@@ -242,7 +242,7 @@ impl Session {
         }
         let r = match self.switch(db, self.client.proto).await {
             Ok(()) => Bytes::from_static(OK),
-            Err(UpstreamError::Rejected(msg)) => reply::error(&msg),
+            // (Redis's own words for a refused database.)
             Err(e) => e.to_reply(),
         };
         self.answer(req, r).await;

@@ -17,6 +17,7 @@ impl Session {
     pub(super) async fn paired(&mut self, req: &mut Request<'_>) -> Flow {
         match req.route {
             Route::Forward => self.forward_or_serve(req).await,
+            Route::Script => self.forward(req).await,
             Route::Proxy => {
                 let r = crate::admin::proxy_command(&req.argv, &self.ctx, self.client.proto);
                 self.answer(req, r).await;
