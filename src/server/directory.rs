@@ -129,17 +129,26 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
-    /// Marks the session as subscribed (from its first SUBSCRIBE, PSUBSCRIBE
-    /// or SSUBSCRIBE until RESET), or not.
+    /// Marks the session as subscribed (from a SUBSCRIBE, PSUBSCRIBE or
+    /// SSUBSCRIBE sent, until Redis reports no subscription left or RESET),
+    /// or not.
     pub fn set_pubsub(&self, on: bool) {
         self.shown.pubsub.store(on, Relaxed);
     }
 
-    /// Whether the session has subscribed since it started or last reset
-    /// (it may have unsubscribed from everything since: only Redis's
-    /// replies tell).
+    /// Whether the session may be subscribed: it sent a subscription, and
+    /// Redis has not since reported it left every channel.
     pub fn pubsub(&self) -> bool {
         self.shown.pubsub.load(Relaxed)
+    }
+
+    /// A handle for the session's relay connection, which sees Redis's
+    /// subscription counts.
+    pub fn subscriptions(&self) -> Subscriptions {
+        Subscriptions {
+            shown: self.shown.clone(),
+            counts: [0; 2],
+        }
     }
 
     /// Records that the session ran commands just now (one clock read and
@@ -157,6 +166,52 @@ impl Enrollment {
         let mut shown = self.shown.profile.lock().unwrap_or_else(|e| e.into_inner());
         shown.clone_from(profile);
     }
+}
+
+/// What a relaying connection keeps of a client's subscriptions: the counts
+/// Redis's own (un)subscribe replies report, which say when the client has
+/// left every channel (Redis then takes any command from it again, and it is
+/// no longer of type `pubsub`).
+#[derive(Debug)]
+pub struct Subscriptions {
+    shown: Arc<Shown>,
+    /// Channels and patterns; shard channels.
+    counts: [i64; 2],
+}
+
+impl Subscriptions {
+    /// Notes a relayed frame: an (un)subscribe reply carries the count.
+    pub fn saw(&mut self, frame: &[u8]) {
+        if let Some((shard, count)) = subscription_count(frame) {
+            self.counts[usize::from(shard)] = count;
+            let any = self.counts.iter().any(|&n| n > 0);
+            self.shown.pubsub.store(any, Relaxed);
+        }
+    }
+}
+
+/// The count in an (un)subscribe reply — `*3` (RESP2) or `>3` (RESP3) of the
+/// kind, the channel (or nil) and an integer — and whether it counts shard
+/// channels; None for any other frame.
+fn subscription_count(frame: &[u8]) -> Option<(bool, i64)> {
+    const REGULAR: [&[u8]; 4] = [b"subscribe", b"psubscribe", b"unsubscribe", b"punsubscribe"];
+    const SHARD: [&[u8]; 2] = [b"ssubscribe", b"sunsubscribe"];
+    let rest = frame
+        .strip_prefix(b"*3\r\n$")
+        .or_else(|| frame.strip_prefix(b">3\r\n$"))?;
+    let nl = rest.iter().position(|&b| b == b'\r')?;
+    let len = usize::try_from(parse_i64(&rest[..nl])?).ok()?;
+    let name = rest.get(nl + 2..nl + 2 + len)?;
+    let shard = if REGULAR.contains(&name) {
+        false
+    } else if SHARD.contains(&name) {
+        true
+    } else {
+        return None;
+    };
+    let count = frame.strip_suffix(b"\r\n")?;
+    let colon = count.iter().rposition(|&b| b == b':')?;
+    Some((shard, parse_i64(&count[colon + 1..])?))
 }
 
 impl Drop for Enrollment {
@@ -451,6 +506,27 @@ impl Drop for Listing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscription_counts_come_from_redis_s_replies() {
+        let d = Arc::new(Directory::default());
+        let (e, _) = d.enroll(1, &peer(1001, 6380, 8));
+        let mut subs = e.subscriptions();
+        e.set_pubsub(true);
+        subs.saw(b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n");
+        subs.saw(b">3\r\n$10\r\nssubscribe\r\n$1\r\nb\r\n:1\r\n");
+        subs.saw(b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n:0\r\n");
+        assert!(e.pubsub());
+        subs.saw(b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:0\r\n");
+        assert!(e.pubsub(), "still on a shard channel");
+        subs.saw(b">3\r\n$12\r\nsunsubscribe\r\n_\r\n:0\r\n");
+        assert!(!e.pubsub());
+        assert_eq!(
+            subscription_count(b"*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:0\r\n"),
+            Some((false, 0))
+        );
+        assert_eq!(subscription_count(b"+OK\r\n"), None);
+    }
 
     fn peer(port: u16, local: u16, fd: i64) -> Peer {
         Peer {

@@ -53,6 +53,15 @@ impl Failed {
     }
 }
 
+/// Sees each frame a relaying connection hands over.
+pub struct FrameWatch(pub Box<dyn FnMut(&[u8]) + Send>);
+
+impl std::fmt::Debug for FrameWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameWatch")
+    }
+}
+
 /// Where a request's replies go.
 pub type ReplyTx = oneshot::Sender<Replies>;
 
@@ -80,6 +89,9 @@ pub enum Op {
         /// How many replies other than pushes `frames` draw, if known (see
         /// [`Op::Ack`]).
         replies: Option<u32>,
+        /// Sees every relayed frame first (the session's subscription
+        /// counts).
+        watch: FrameWatch,
     },
     /// Write `frames` and expect nothing back (relay mode: replies are relayed).
     Write {
@@ -246,6 +258,7 @@ enum Pending {
         /// Replies the proxy made, waiting for their PINGs' answers.
         stand_ins: VecDeque<StandIn>,
         acks: Acks,
+        watch: FrameWatch,
     },
     Release(Conn),
 }
@@ -438,6 +451,7 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
             frames,
             tx,
             replies,
+            watch,
         } => {
             wbuf.extend_from_slice(&frames);
             let mut acks = Acks::default();
@@ -446,6 +460,7 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
                 tx,
                 stand_ins: VecDeque::new(),
                 acks,
+                watch,
             });
         }
         Op::Write { frames, replies } => {
@@ -519,8 +534,11 @@ async fn deliver(
                 tx,
                 stand_ins,
                 acks,
+                watch,
             }) = pending.front_mut()
             {
+                // (Before the client can see it, and answer it.)
+                (watch.0)(&frame);
                 acks.saw(&frame);
                 // A stand-in's PING answered: earlier stand-ins whose answers
                 // Redis silenced (CLIENT REPLY OFF|SKIP) are dropped.

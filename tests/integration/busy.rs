@@ -192,3 +192,35 @@ async fn service_resumes_as_soon_as_redis_is_back_whatever_the_backoff() {
 fn futures_executor<T>(f: impl std::future::Future<Output = T>) -> T {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
+
+/// A client changes the upstream's password: connections already open keep
+/// working; a new one (another database's pool) is refused in Redis's own
+/// words, not as a proxy error; and it works again the moment the password
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_changed_under_nearcache_is_redis_s_refusal_until_it_works_again() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut admin = Raw::connect(proxy.port()).await;
+    let mut other = Raw::connect(proxy.port()).await;
+    assert_eq!(&other.cmd(&["SET", "k", "v"]).await[..], b"+OK\r\n");
+    assert_eq!(
+        &admin.cmd(&["CONFIG", "SET", "requirepass", "s3cret"]).await[..],
+        b"+OK\r\n"
+    );
+    // The shared connections stay authenticated, as a direct client would.
+    assert_eq!(&other.cmd(&["GET", "k"]).await[..], b"$1\r\nv\r\n");
+    let refused = other.cmd(&["SELECT", "1"]).await;
+    assert!(refused.starts_with(b"-NOAUTH "), "{refused:?}");
+    assert_eq!(
+        &other.cmd(&["GET", "k"]).await[..],
+        b"$1\r\nv\r\n",
+        "still in db 0"
+    );
+    assert_eq!(
+        &admin.cmd(&["CONFIG", "SET", "requirepass", ""]).await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(&other.cmd(&["SELECT", "1"]).await[..], b"+OK\r\n");
+    proxy.shutdown().await;
+}

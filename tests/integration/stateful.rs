@@ -1724,6 +1724,52 @@ async fn a_resp2_subscriber_is_refused_what_redis_refuses_it() {
     assert_eq!(heard[1], heard[0], "through nearcache");
 }
 
+/// A RESP2 subscriber that has left every channel may run anything again, as
+/// in Redis: the counts in Redis's own (un)subscribe replies lift what
+/// nearcache refuses a subscriber (`CLIENT SETNAME`, `HELLO`, `CLIENT KILL`),
+/// so a connection can be reused after unsubscribing — say, switched to RESP3
+/// by a client-side caching set-up. Each command waits for its replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_left_every_channel_may_run_anything_again() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let steps: &[(&[&str], usize)] = &[
+        (&["SUBSCRIBE", "a", "b"], 2),
+        (&["PSUBSCRIBE", "p*"], 1),
+        (&["UNSUBSCRIBE"], 2),
+        // Still on a pattern: refused.
+        (&["CLIENT", "SETNAME", "early"], 1),
+        (&["PUNSUBSCRIBE"], 1),
+        (&["CLIENT", "SETNAME", "later"], 1),
+        (&["CLIENT", "GETNAME"], 1),
+        (&["CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "no"], 1),
+    ];
+    let mut heard = [Vec::new(), Vec::new()];
+    for (side, port) in [redis.port(), proxy.port()].into_iter().enumerate() {
+        let mut c = Raw::connect(port).await;
+        for (cmd, replies) in steps {
+            c.send_str(cmd).await;
+            for _ in 0..*replies {
+                heard[side].push(c.frame().await);
+            }
+        }
+        c.resp3 = true;
+        let hello = c.cmd(&["HELLO", "3"]).await;
+        assert!(
+            hello.starts_with(b"%"),
+            "HELLO 3 after unsubscribing: {hello:?}"
+        );
+        heard[side].push(c.cmd(&["PING"]).await);
+    }
+    assert!(
+        heard[0][5].starts_with(b"-ERR Can't execute 'client|setname'"),
+        "{:?}",
+        heard[0]
+    );
+    assert_eq!(&heard[0][8][..], b"$5\r\nlater\r\n");
+    assert_eq!(heard[1], heard[0], "through nearcache");
+}
+
 /// Guards `Op::Ack`'s counting: while a script keeps Redis busy, a relayed
 /// client's write is refused with `-BUSY`, and that refusal is all it gets —
 /// nothing nearcache sends to learn when its writes are done may draw a

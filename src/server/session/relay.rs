@@ -20,6 +20,7 @@ use crate::protocol::parser::parse_i64;
 use crate::protocol::reply::Protocol;
 use crate::server::outbox::Slot;
 use crate::server::route::Route;
+use crate::upstream::connection::FrameWatch;
 use crate::upstream::{OnAnswer, Op, UpstreamError, encode_command};
 
 /// Keys a relayed transaction keeps for its second acknowledgement, at most.
@@ -169,6 +170,12 @@ impl Session {
                 frames,
                 tx,
                 replies,
+                watch: {
+                    // Redis's (un)subscribe replies say when the client has
+                    // left every channel.
+                    let mut subscriptions = self.enrollment.subscriptions();
+                    FrameWatch(Box::new(move |frame: &[u8]| subscriptions.saw(frame)))
+                },
             })
             .is_err()
         {
