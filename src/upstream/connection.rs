@@ -53,8 +53,11 @@ impl Failed {
     }
 }
 
+/// A callback on each relayed frame.
+type OnFrame = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Sees each frame a relaying connection hands over.
-pub struct FrameWatch(pub Box<dyn FnMut(&[u8]) + Send>);
+pub struct FrameWatch(pub OnFrame);
 
 impl std::fmt::Debug for FrameWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
