@@ -52,7 +52,9 @@ pub fn lookup(name: &[u8]) -> Option<&'static CommandSpec> {
 /// will reject those itself). `None` for empty `args` or an unknown command.
 #[must_use]
 pub fn resolve<A: AsRef<[u8]>>(args: &[A]) -> Option<&'static CommandSpec> {
-    let cmd = lookup(args.first()?.as_ref())?;
+    // A client's `CONFIG|GET` is one unknown word to Redis, not a subcommand.
+    let mut buf = [0u8; MAX_NAME_LEN];
+    let cmd = find_top(lowercase(args.first()?.as_ref(), &mut buf)?)?;
     if cmd.subcommands.is_empty() {
         return Some(cmd);
     }
@@ -232,6 +234,8 @@ mod tests {
         // A plain command's second argument is data, never a subcommand.
         assert_eq!(name(&[b"GET", b"setname"]), Some("get"));
         assert_eq!(name(&[b"nosuch", b"x"]), None);
+        // A subcommand's full name, sent as one word, is no command to Redis.
+        assert_eq!(name(&[b"CONFIG|GET", b"x"]), None);
         assert_eq!(name(&[]), None);
     }
 

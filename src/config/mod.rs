@@ -93,6 +93,11 @@ pub struct UpstreamConfig {
     /// Idle dedicated connections kept per (database, protocol) for
     /// transactions and blocking commands.
     pub max_idle_dedicated: usize,
+    /// Dedicated connections kept open and idle, ready, per (database,
+    /// protocol) in use: a client that needs one (MULTI, a blocking command,
+    /// a script) rarely waits for a handshake, so commands reach Redis in the
+    /// order clients sent them, as they would directly.
+    pub min_idle_dedicated: usize,
     /// Time allowed to connect and authenticate.
     pub connect_timeout: Duration,
     /// A shared connection whose oldest request has waited this long is
@@ -110,6 +115,7 @@ impl Default for UpstreamConfig {
             url: "redis://127.0.0.1:6379".into(),
             pool_size: 2,
             max_idle_dedicated: 16,
+            min_idle_dedicated: 2,
             connect_timeout: Duration(std::time::Duration::from_secs(2)),
             command_timeout: Duration(std::time::Duration::from_secs(10)),
             reconnect_min: Duration(std::time::Duration::from_millis(50)),

@@ -67,6 +67,15 @@ impl Config {
                 format!("{} is out of range (1 to 64)", self.upstream.pool_size),
             );
         }
+        if self.upstream.min_idle_dedicated > self.upstream.max_idle_dedicated {
+            bad(
+                "upstream.min_idle_dedicated",
+                format!(
+                    "{} is more than upstream.max_idle_dedicated ({})",
+                    self.upstream.min_idle_dedicated, self.upstream.max_idle_dedicated
+                ),
+            );
+        }
         for (field, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.command_timeout", self.upstream.command_timeout),

@@ -53,10 +53,10 @@ impl Failed {
     }
 }
 
-/// A callback on each relayed frame.
-type OnFrame = Box<dyn FnMut(&[u8]) + Send>;
+/// A callback on each relayed frame: false keeps it from the client.
+type OnFrame = Box<dyn FnMut(&[u8]) -> bool + Send>;
 
-/// Sees each frame a relaying connection hands over.
+/// Sees each frame a relaying connection hands over, and may hold it back.
 pub struct FrameWatch(pub OnFrame);
 
 impl std::fmt::Debug for FrameWatch {
@@ -93,7 +93,7 @@ pub enum Op {
         /// [`Op::Ack`]).
         replies: Option<u32>,
         /// Sees every relayed frame first (the session's subscription
-        /// counts).
+        /// counts), and keeps nearcache's own lines out of `MONITOR`.
         watch: FrameWatch,
     },
     /// Write `frames` and expect nothing back (relay mode: replies are relayed).
@@ -236,6 +236,12 @@ impl IdleList {
             }
         }
         None
+    }
+
+    /// How many are idle now (closed ones not counted).
+    pub(super) fn len(&self) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.iter().filter(|c| !c.is_closed()).count()
     }
 
     /// Keeps `conn` for reuse, or drops it (closing it) when the list is full.
@@ -541,7 +547,9 @@ async fn deliver(
             }) = pending.front_mut()
             {
                 // (Before the client can see it, and answer it.)
-                (watch.0)(&frame);
+                if !(watch.0)(&frame) {
+                    continue;
+                }
                 acks.saw(&frame);
                 // A stand-in's PING answered: earlier stand-ins whose answers
                 // Redis silenced (CLIENT REPLY OFF|SKIP) are dropped.

@@ -109,6 +109,7 @@ impl Upstream {
             return Ok(pool.clone());
         }
         let pool = Arc::new(Pool::start(self.clone(), key, idle));
+        pool.warm();
         pools.insert(key, pool.clone());
         Ok(pool)
     }
@@ -158,6 +159,8 @@ pub struct Pool {
     /// Cuts the supervisors' backoff short: a request finding every slot
     /// down means someone wants Redis now, and it may be back.
     wake: Arc<Notify>,
+    /// Dedicated connections being opened to keep the idle list warm.
+    warming: Arc<AtomicUsize>,
 }
 
 impl Pool {
@@ -179,6 +182,7 @@ impl Pool {
             idle,
             supervisors,
             wake,
+            warming: Arc::default(),
         }
     }
 
@@ -225,12 +229,44 @@ impl Pool {
     /// [`Op::Release`](super::Op::Release) when its state is clean, or drop
     /// every handle to close it.
     pub async fn dedicated(&self) -> Result<Conn, UpstreamError> {
-        if let Some(conn) = self.idle.take() {
-            return Ok(conn);
+        let taken = self.idle.take();
+        self.warm();
+        match taken {
+            Some(conn) => Ok(conn),
+            None => {
+                self.upstream
+                    .connect(self.key, self.upstream.dedicated_options(&self.idle))
+                    .await
+            }
         }
-        self.upstream
-            .connect(self.key, self.upstream.dedicated_options(&self.idle))
-            .await
+    }
+
+    /// Tops the idle list up to `min_idle_dedicated`, in the background.
+    fn warm(&self) {
+        let want = self.upstream.cfg.min_idle_dedicated;
+        let opening = self.warming.load(Ordering::Relaxed);
+        let missing = want.saturating_sub(self.idle.len() + opening);
+        for _ in 0..missing {
+            self.warming.fetch_add(1, Ordering::Relaxed);
+            let (upstream, key, idle, warming) = (
+                self.upstream.clone(),
+                self.key,
+                self.idle.clone(),
+                self.warming.clone(),
+            );
+            tokio::spawn(async move {
+                match upstream
+                    .connect(key, upstream.dedicated_options(&idle))
+                    .await
+                {
+                    Ok(conn) => idle.put(conn),
+                    Err(e) => {
+                        tracing::debug!(db = key.db, error = %e, "warming a dedicated connection failed")
+                    }
+                }
+                warming.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
     }
 }
 

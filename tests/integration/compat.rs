@@ -1038,3 +1038,20 @@ async fn concurrent_clients_incrementing_one_key_lose_no_update() {
     let n: i64 = q(&mut d, &["GET", "hits"]).await;
     assert_eq!(n, 10_000);
 }
+
+/// `CONFIG|GET` written as one word is an unknown command to Redis (the
+/// table names subcommands that way, clients do not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subcommand_name_sent_as_one_word_is_an_unknown_command() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut heard = Vec::new();
+    for port in [redis.port(), proxy.port()] {
+        let mut c = Raw::connect(port).await;
+        heard.push(c.cmd(&["CONFIG|GET", "maxmemory"]).await);
+        heard.push(c.cmd(&["client|id"]).await);
+    }
+    assert!(heard[0].starts_with(b"-ERR unknown command"), "{heard:?}");
+    assert_eq!(heard[2..], heard[..2], "through nearcache");
+    proxy.shutdown().await;
+}

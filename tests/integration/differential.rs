@@ -568,6 +568,7 @@ async fn replay(seed: u64, ops: usize) {
     if seed % 2 == 1 {
         cfg.server.max_pending_replies = 3;
         cfg.upstream.max_idle_dedicated = 0;
+        cfg.upstream.min_idle_dedicated = 0;
         cfg.upstream.pool_size = 1;
     }
     let proxy = TestProxy::start_with(cfg).await;

@@ -15,7 +15,7 @@ use redis::aio::MultiplexedConnection;
 use redis_protocol::resp3::types::OwnedFrame;
 
 use crate::compat::{Raw, blob, direct_async, encode, encode_pipeline};
-use crate::support::{RedisServer, TestProxy, config_for, q};
+use crate::support::{RedisServer, TestProxy, config_for, q, wait_until};
 
 const OK: &[u8] = b"+OK\r\n";
 const QUEUED: &[u8] = b"+QUEUED\r\n";
@@ -845,6 +845,74 @@ async fn monitor_shows_commands_of_other_clients() {
         }
     }
     panic!("MONITOR never showed the SET; saw {lines:?}");
+}
+
+/// MONITOR shows the clients' commands, not nearcache's own connections:
+/// a new pool's handshake (`HELLO … SETNAME nearcache`, its `SELECT`) and
+/// the stand-ins' marked `PING`s stay out of view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_does_not_show_nearcache_s_own_connections() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut m = Raw::connect(proxy.port()).await;
+    assert_eq!(m.cmd(&["MONITOR"]).await, OK);
+    // A client moving to a database no one used opens a pool there; inside
+    // a relay, CLIENT ID is answered by a stand-in.
+    let mut other = Raw::connect(proxy.port()).await;
+    assert_eq!(other.cmd(&["SELECT", "5"]).await, OK);
+    assert_eq!(other.cmd(&["SET", "seen", "1"]).await, OK);
+    let mut tracker = Raw::connect_resp3(proxy.port()).await;
+    assert_eq!(tracker.cmd(&["CLIENT", "TRACKING", "on"]).await, OK);
+    assert!(tracker.cmd(&["CLIENT", "ID"]).await.starts_with(b":"));
+    assert_eq!(other.cmd(&["SET", "last", "1"]).await, OK);
+    let mut lines = Vec::new();
+    loop {
+        let line = String::from_utf8_lossy(&m.frame().await).into_owned();
+        let done = line.contains(r#""SET" "last" "1""#);
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        lines.iter().any(|l| l.contains(r#""SET" "seen" "1""#)),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("nearcache")),
+        "nearcache's own commands shown: {lines:?}"
+    );
+}
+
+/// Dedicated connections are kept warm (`min_idle_dedicated`, 2): a client
+/// that takes one (MULTI) finds it ready, and the pool opens another in its
+/// place, so the next one needs no handshake either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_dedicated_connections_are_kept_warm() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let nearcache_conns = || {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query(&mut redis.direct())
+            .unwrap();
+        list.lines()
+            .filter(|l| l.contains(" name=nearcache "))
+            .count()
+    };
+    // Two shared connections and two idle dedicated ones.
+    wait_until("the pool to warm up", Duration::from_secs(10), || {
+        nearcache_conns() == 4
+    });
+    let mut c = Raw::connect(proxy.port()).await;
+    assert_eq!(c.cmd(&["MULTI"]).await, OK);
+    // The taken one is replaced while the transaction holds it.
+    wait_until(
+        "the idle list to be topped up",
+        Duration::from_secs(10),
+        || nearcache_conns() == 5,
+    );
+    assert_eq!(c.cmd(&["DISCARD"]).await, OK);
 }
 
 /// `CLIENT REPLY` is nearcache's to apply (it drops the replies; Redis

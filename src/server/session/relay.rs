@@ -172,9 +172,14 @@ impl Session {
                 replies,
                 watch: {
                     // Redis's (un)subscribe replies say when the client has
-                    // left every channel.
+                    // left every channel; MONITOR's lines show nearcache's
+                    // own connections too.
                     let mut subscriptions = self.enrollment.subscriptions();
-                    FrameWatch(Box::new(move |frame: &[u8]| subscriptions.saw(frame)))
+                    let mut monitor = MonitorFilter::default();
+                    FrameWatch(Box::new(move |frame: &[u8]| {
+                        subscriptions.saw(frame);
+                        monitor.keeps(frame)
+                    }))
                 },
             })
             .is_err()
@@ -260,6 +265,57 @@ impl Session {
     }
 }
 
+/// Keeps nearcache's own commands out of a `MONITOR` client's view where
+/// they can be told apart: the handshake of every connection it opens
+/// (`HELLO … SETNAME nearcache`) and what that connection sends right after
+/// it (its `SELECT`, a probe's `CLIENT LIST ID`, tracking's `CLIENT
+/// TRACKING`), and the commands that carry a `__nearcache:` marker (the
+/// stand-ins' `PING`s, `WAIT`'s `PUBLISH`). What stays visible is in the
+/// README (a miss's `PTTL`, the commands L1 answers not showing at all).
+#[derive(Default)]
+struct MonitorFilter {
+    /// The `[db addr]` of a handshake just hidden.
+    after_handshake: Option<Vec<u8>>,
+}
+
+impl MonitorFilter {
+    fn keeps(&mut self, frame: &[u8]) -> bool {
+        // A MONITOR line: `+<seconds>.<micros> [<db> <addr>] "cmd" "arg"…`.
+        if frame.first() != Some(&b'+') || !frame.get(1).is_some_and(u8::is_ascii_digit) {
+            return true;
+        }
+        let Some(open) = frame.iter().position(|&b| b == b'[') else {
+            return true;
+        };
+        let Some(close) = frame.iter().position(|&b| b == b']') else {
+            return true;
+        };
+        let (whence, line) = (&frame[open..=close], &frame[close..]);
+        let contains = |needle: &[u8]| line.windows(needle.len()).any(|w| w == needle);
+        let handshake = line.starts_with(b"] \"HELLO\"") && contains(b"\"SETNAME\" \"nearcache\"");
+        if handshake {
+            self.after_handshake = Some(whence.to_vec());
+            return false;
+        }
+        // (The database in `whence` moves with a SELECT: compare the address.)
+        let same_conn = self.after_handshake.take().is_some_and(|w| {
+            w.iter().position(|&b| b == b' ').map(|i| &w[i..])
+                == whence.iter().position(|&b| b == b' ').map(|i| &whence[i..])
+        });
+        let follow_up = [
+            &b"] \"SELECT\""[..],
+            b"] \"CLIENT\" \"LIST\" \"ID\"",
+            b"] \"CLIENT\" \"TRACKING\"",
+        ]
+        .iter()
+        .any(|c| line.starts_with(c));
+        if same_conn && follow_up {
+            return false;
+        }
+        !contains(b"\"__nearcache:")
+    }
+}
+
 /// How many replies other than pushes a relayed command draws, if that is
 /// known: one (`+QUEUED` in MULTI), and unknown for an (un)subscribe (pushes
 /// alone, or an error) and where replies stop being one per command
@@ -293,6 +349,24 @@ fn relay_replies(argv: &[Bytes], maybe_subscribed: bool, queued: bool) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn monitor_lines_of_nearcache_s_own_connections_are_held_back() {
+        let mut f = MonitorFilter::default();
+        let hello =
+            b"+1701.000001 [0 127.0.0.1:50001] \"HELLO\" \"2\" \"SETNAME\" \"nearcache\"\r\n";
+        let select = b"+1701.000002 [0 127.0.0.1:50001] \"SELECT\" \"3\"\r\n";
+        let users = b"+1701.000003 [3 127.0.0.1:50002] \"SELECT\" \"3\"\r\n";
+        let marker = b"+1701.000004 [0 127.0.0.1:50003] \"PING\" \"__nearcache:reply:7\"\r\n";
+        let get = b"+1701.000005 [0 127.0.0.1:50003] \"GET\" \"k\"\r\n";
+        assert!(!f.keeps(hello));
+        assert!(!f.keeps(select), "the handshake's own SELECT");
+        assert!(f.keeps(users), "a client's SELECT");
+        assert!(!f.keeps(marker));
+        assert!(f.keeps(get));
+        assert!(f.keeps(b"+OK\r\n"));
+        assert!(f.keeps(b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$1\r\nb\r\n"));
+    }
 
     #[test]
     fn relayed_replies_are_counted_where_they_can_be() {
