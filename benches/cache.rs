@@ -32,7 +32,7 @@ fn l1(keys: usize) -> std::sync::Arc<L1> {
             0,
             key.as_bytes(),
             &stats,
-            Protocol::Resp2,
+            Protocol::Resp2.into(),
             &req,
             &reply,
             Duration::from_secs(3600),
@@ -58,7 +58,7 @@ fn bench(c: &mut Criterion) {
             let hit = cache.get(
                 0,
                 black_box(key.as_bytes()),
-                Protocol::Resp2,
+                Protocol::Resp2.into(),
                 black_box(&req),
                 Now::current(),
                 |reply| out.extend_from_slice(reply),
@@ -85,7 +85,7 @@ fn bench(c: &mut Criterion) {
             let hit = cache.get(
                 0,
                 key.as_bytes(),
-                Protocol::Resp2,
+                Protocol::Resp2.into(),
                 req,
                 Now::current(),
                 |reply| out.extend_from_slice(reply),
@@ -100,7 +100,7 @@ fn bench(c: &mut Criterion) {
             black_box(cache.get(
                 0,
                 black_box(absent.as_bytes()),
-                Protocol::Resp2,
+                Protocol::Resp2.into(),
                 &absent_req,
                 Now::current(),
                 |_| {},

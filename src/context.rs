@@ -52,4 +52,8 @@ pub struct Context {
     pub stats: Arc<Stats>,
     /// What a reload swaps.
     pub snapshot: ArcSwap<Snapshot>,
+    /// The user clients that did not authenticate as a Redis user run as,
+    /// as `CLIENT LIST` names it: `upstream.url`'s where Redis decides on
+    /// users, else `default`.
+    pub anonymous_user: Arc<str>,
 }

@@ -18,20 +18,21 @@ use std::time::Instant;
 use bytes::Bytes;
 use hashbrown::HashTable;
 
-use crate::protocol::Protocol;
+use super::Viewer;
 use crate::stats::RuleStats;
 
 /// Shards: enough that concurrent hits rarely share a lock.
 const SHARDS: usize = 32;
 
 // Header layout: expiry, refresh-ahead time (u64 ns on `clock()`, MAX for
-// none), id length, request length (u32), protocol version (u8).
+// none), id length, request length (u32), the viewer: protocol version (u8)
+// and user namespace (u16).
 const EXPIRES: usize = 0;
 const REFRESH: usize = 8;
 const ID_LEN: usize = 16;
 const REQUEST_LEN: usize = 20;
-const PROTO: usize = 24;
-const HEADER: usize = 25;
+const VIEWER: usize = 24;
+const HEADER: usize = 27;
 
 /// Nanoseconds since a process-wide base: expiries in 8 bytes instead of an
 /// `Instant`'s 16, and compared as integers.
@@ -61,7 +62,7 @@ impl Variant {
     /// The variant for these parts; None if the id or request is over
     /// 4 GiB, which no cacheable read is.
     pub(super) fn new(
-        proto: Protocol,
+        viewer: Viewer,
         id: &[u8],
         request: &[u8],
         reply: &[u8],
@@ -75,7 +76,7 @@ impl Variant {
         buf.extend_from_slice(&refresh_at.map_or(u64::MAX, clock).to_le_bytes());
         buf.extend_from_slice(&id_len.to_le_bytes());
         buf.extend_from_slice(&request_len.to_le_bytes());
-        buf.push(proto_byte(proto));
+        buf.extend_from_slice(&viewer_bytes(viewer));
         buf.extend_from_slice(id);
         buf.extend_from_slice(request);
         buf.extend_from_slice(reply);
@@ -108,10 +109,10 @@ impl Variant {
         &self.0[HEADER..self.request_start()]
     }
 
-    /// The protocol of the client that asked.
+    /// Whether it is for `viewer` (its protocol and user).
     #[inline]
-    pub(super) fn is_proto(&self, proto: Protocol) -> bool {
-        self.0[PROTO] == proto_byte(proto)
+    pub(super) fn is_for(&self, viewer: Viewer) -> bool {
+        self.0[VIEWER..HEADER] == viewer_bytes(viewer)
     }
 
     /// The exact request this reply answers.
@@ -144,10 +145,10 @@ impl Variant {
         self.0.len() + 16 + std::mem::size_of::<Self>()
     }
 
-    /// Whether this is the reply to `request` on (db, key) in `proto`.
+    /// Whether this is the reply to `request` on (db, key) for `viewer`.
     #[inline]
-    fn answers(&self, db: u32, key: &[u8], proto: Protocol, request: &[u8]) -> bool {
-        self.is_proto(proto) && is_id(self.id(), db, key) && self.request() == request
+    fn answers(&self, db: u32, key: &[u8], viewer: Viewer, request: &[u8]) -> bool {
+        self.is_for(viewer) && is_id(self.id(), db, key) && self.request() == request
     }
 }
 
@@ -163,8 +164,10 @@ fn split_id(id: &[u8]) -> Option<(u32, &[u8])> {
     Some((u32::from_le_bytes([db[0], db[1], db[2], db[3]]), &id[4..]))
 }
 
-fn proto_byte(proto: Protocol) -> u8 {
-    proto.version() as u8
+#[inline]
+fn viewer_bytes(viewer: Viewer) -> [u8; 3] {
+    let [a, b] = viewer.user.to_le_bytes();
+    [viewer.proto.version() as u8, a, b]
 }
 
 /// Usually one (one command, one protocol).
@@ -242,14 +245,14 @@ impl Index {
     pub(super) fn with<T>(
         &self,
         (db, key): (u32, &[u8]),
-        proto: Protocol,
+        viewer: Viewer,
         request: &[u8],
         f: impl FnOnce(&Variant) -> Option<T>,
     ) -> Option<T> {
         let hash = self.hash(db, key);
         let shard = self.shard(hash).read().unwrap_or_else(|e| e.into_inner());
         shard
-            .find(hash, |v| v.answers(db, key, proto, request))
+            .find(hash, |v| v.answers(db, key, viewer, request))
             .and_then(f)
     }
 
@@ -336,20 +339,32 @@ impl Index {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Protocol;
 
     #[test]
     fn a_variant_keeps_its_parts_apart() {
         // Later than the clock's base, whenever that was set.
         let now = Instant::now() + std::time::Duration::from_secs(1);
-        let v =
-            Variant::new(Protocol::Resp3, b"id", b"req", b"reply", now, None).expect("small parts");
+        let v = Variant::new(Protocol::Resp3.into(), b"id", b"req", b"reply", now, None)
+            .expect("small parts");
         assert_eq!(v.id(), b"id");
         assert_eq!(v.request(), b"req");
         assert_eq!(v.reply(), b"reply");
-        assert!(v.is_proto(Protocol::Resp3) && !v.is_proto(Protocol::Resp2));
+        assert!(v.is_for(Protocol::Resp3.into()) && !v.is_for(Protocol::Resp2.into()));
+        let alice = Viewer {
+            proto: Protocol::Resp3,
+            user: 7,
+        };
+        let w = Variant::new(alice, b"id", b"req", b"reply", now, None).expect("small parts");
+        assert!(w.is_for(alice) && !w.is_for(Protocol::Resp3.into()));
+        assert_eq!(
+            (w.id(), w.request(), w.reply()),
+            (&b"id"[..], &b"req"[..], &b"reply"[..])
+        );
         assert_eq!(v.expires(), clock(now));
         assert!(!v.refresh_due(u64::MAX - 1));
-        let r = Variant::new(Protocol::Resp2, b"", b"", b"", now, Some(now)).expect("empty parts");
+        let r = Variant::new(Protocol::Resp2.into(), b"", b"", b"", now, Some(now))
+            .expect("empty parts");
         assert!(r.refresh_due(clock(now)) && !r.refresh_due(clock(now) - 1));
         assert_eq!(
             (r.id(), r.request(), r.reply()),
@@ -363,7 +378,7 @@ mod tests {
         let now = Instant::now();
         let id = [&0u32.to_le_bytes()[..], b"k"].concat();
         let variant = |req: &[u8]| {
-            Variant::new(Protocol::Resp2, &id, req, b"r", now, None).expect("small parts")
+            Variant::new(Protocol::Resp2.into(), &id, req, b"r", now, None).expect("small parts")
         };
         let entry = KeyEntry::new(
             index.hash(0, b"k"),
@@ -373,7 +388,7 @@ mod tests {
         index.insert(&entry);
         let found = |req: &[u8]| {
             index
-                .with((0, &b"k"[..]), Protocol::Resp2, req, |_| Some(()))
+                .with((0, &b"k"[..]), Protocol::Resp2.into(), req, |_| Some(()))
                 .is_some()
         };
         assert!(found(b"a") && found(b"b") && !found(b"c"));

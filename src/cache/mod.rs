@@ -2,7 +2,8 @@
 //! round trip to Redis.
 //!
 //! - **Shape.** One moka entry per (database, key), holding every cached reply
-//!   for that key (each a *variant*: protocol + the exact request, e.g.
+//!   for that key (each a *variant*: its viewer — protocol and, where Redis
+//!   decides on users, the user — plus the exact request, e.g.
 //!   `GET k` in RESP3, `HGET k f` in RESP2). A write drops the whole entry at
 //!   once, and RESP2 and RESP3 replies are never confused.
 //! - **Lifetime.** A variant lives for min(rule ttl, the key's remaining TTL in
@@ -42,6 +43,24 @@ pub use rules::{Rule, Rules};
 use crate::stats::RuleStats;
 
 use crate::protocol::Protocol;
+
+/// Whom a cached reply is for: RESP2 and RESP3 replies differ, and where
+/// Redis decides on users (`server.auth = "redis"`) a reply filled for one
+/// ACL user is served to that user only (`user` 0 is nearcache's own
+/// upstream identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Viewer {
+    /// The client's protocol.
+    pub proto: Protocol,
+    /// The user's namespace.
+    pub user: u16,
+}
+
+impl From<Protocol> for Viewer {
+    fn from(proto: Protocol) -> Self {
+        Viewer { proto, user: 0 }
+    }
+}
 
 /// Generation stripes: more stripes, fewer fills rejected because another
 /// key sharing the stripe was written.
@@ -174,12 +193,12 @@ impl L1 {
         &self,
         db: u32,
         key: &[u8],
-        proto: Protocol,
+        viewer: Viewer,
         request: &[u8],
         now: Now,
         sink: impl FnOnce(&[u8]),
     ) -> Option<bool> {
-        self.index.with((db, key), proto, request, |v| {
+        self.index.with((db, key), viewer, request, |v| {
             if v.expires() <= now.0 {
                 return None;
             }
@@ -227,7 +246,7 @@ impl L1 {
         db: u32,
         key: &[u8],
         stats: &Arc<RuleStats>,
-        proto: Protocol,
+        viewer: Viewer,
         request: &[u8],
         reply: &[u8],
         ttl: Duration,
@@ -244,7 +263,7 @@ impl L1 {
         let now = Instant::now();
         let expires = now + ttl;
         let refresh_at = refresh_ahead.map(|f| now + ttl.mul_f64(f));
-        let Some(variant) = Variant::new(proto, &id, request, reply, expires, refresh_at) else {
+        let Some(variant) = Variant::new(viewer, &id, request, reply, expires, refresh_at) else {
             return false;
         };
         let hash = token.hash;
@@ -259,8 +278,7 @@ impl L1 {
                 .variants
                 .iter()
                 .filter(|v| {
-                    v.expires() > index::clock(now)
-                        && !(v.is_proto(proto) && v.request() == request)
+                    v.expires() > index::clock(now) && !(v.is_for(viewer) && v.request() == request)
                 })
                 .cloned()
                 .collect(),
@@ -370,13 +388,14 @@ impl L1 {
         &self,
         db: u32,
         key: &[u8],
-        proto: Protocol,
+        viewer: Viewer,
         request: &[u8],
         out: &mut Vec<u8>,
     ) {
         out.clear();
         out.extend_from_slice(&db.to_le_bytes());
-        out.push(proto.version() as u8);
+        out.push(viewer.proto.version() as u8);
+        out.extend_from_slice(&viewer.user.to_le_bytes());
         let stripe = stripe_of(self.index.hash(db, key));
         out.extend_from_slice(&self.stripes[stripe].load(SeqCst).to_le_bytes());
         out.extend_from_slice(&self.epoch.load(SeqCst).to_le_bytes());

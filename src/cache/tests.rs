@@ -27,7 +27,7 @@ fn l1(max: u64) -> Cache {
 /// The reply (copied) and refresh flag of a hit.
 fn lookup(c: &L1, db: u32, key: &[u8], proto: Protocol, req: &[u8]) -> Option<(Vec<u8>, bool)> {
     let mut reply = Vec::new();
-    let refresh = c.get(db, key, proto, req, Now::current(), |r| {
+    let refresh = c.get(db, key, proto.into(), req, Now::current(), |r| {
         reply.extend_from_slice(r)
     })?;
     Some((reply, refresh))
@@ -44,7 +44,7 @@ fn a_fill_is_served_for_the_same_request_and_protocol_only() {
         0,
         b"t:a",
         &c.rule_stats,
-        Protocol::Resp2,
+        Protocol::Resp2.into(),
         REQ,
         b"$1\r\nx\r\n",
         Duration::from_secs(5),
@@ -80,7 +80,7 @@ fn no_stale_fill_after_an_invalidation_during_the_miss() {
         0,
         b"t:a",
         &c.rule_stats,
-        Protocol::Resp2,
+        Protocol::Resp2.into(),
         REQ,
         b"$3\r\nold\r\n",
         Duration::from_secs(5),
@@ -96,7 +96,7 @@ fn no_stale_fill_after_an_invalidation_during_the_miss() {
         0,
         b"t:a",
         &c.rule_stats,
-        Protocol::Resp2,
+        Protocol::Resp2.into(),
         REQ,
         b"$3\r\nold\r\n",
         Duration::from_secs(5),
@@ -123,7 +123,7 @@ fn no_stale_first_fill_in_a_database_after_an_invalidation_in_every_one() {
             5,
             b"t:a",
             &c.rule_stats,
-            Protocol::Resp2,
+            Protocol::Resp2.into(),
             REQ,
             b"$3\r\nold\r\n",
             Duration::from_secs(5),
@@ -160,7 +160,7 @@ fn a_fill_never_carries_over_variants_from_an_older_generation() {
             0,
             b"t:a",
             &c.rule_stats,
-            proto,
+            proto.into(),
             REQ,
             reply,
             Duration::from_secs(5),
@@ -213,7 +213,7 @@ fn concurrent_fills_never_serve_a_value_older_than_an_invalidation() {
                         0,
                         b"t:a",
                         &c.rule_stats,
-                        Protocol::Resp2,
+                        Protocol::Resp2.into(),
                         REQ,
                         v.as_bytes(),
                         Duration::from_secs(60),
@@ -252,7 +252,7 @@ fn invalidation_drops_every_variant_of_the_key() {
             0,
             b"t:a",
             &c.rule_stats,
-            proto,
+            proto.into(),
             REQ,
             b":1\r\n",
             Duration::from_secs(5),
@@ -277,7 +277,7 @@ fn a_hit_past_the_refresh_point_asks_for_a_refresh() {
         0,
         b"t:a",
         &c.rule_stats,
-        Protocol::Resp2,
+        Protocol::Resp2.into(),
         REQ,
         b":1\r\n",
         ttl,
@@ -300,7 +300,7 @@ fn expired_variants_are_not_served() {
         0,
         b"t:a",
         &c.rule_stats,
-        Protocol::Resp2,
+        Protocol::Resp2.into(),
         REQ,
         b":1\r\n",
         Duration::ZERO,
@@ -322,7 +322,7 @@ fn memory_stays_within_the_budget() {
             0,
             key.as_bytes(),
             &c.rule_stats,
-            Protocol::Resp2,
+            Protocol::Resp2.into(),
             REQ,
             &value,
             Duration::from_secs(60),
@@ -334,4 +334,31 @@ fn memory_stays_within_the_budget() {
     assert!(entries > 0 && entries < 5000);
     assert!(c.rule_stats.evictions.load(SeqCst) > 0);
     assert_eq!(c.rule_stats.bytes.load(SeqCst), bytes as i64);
+}
+
+#[test]
+fn each_viewer_sees_only_its_own_replies() {
+    let c = l1(1 << 20);
+    let alice = Viewer {
+        proto: Protocol::Resp2,
+        user: 1,
+    };
+    let t = c.begin_fill(0, b"t:a");
+    assert!(c.fill(
+        t,
+        0,
+        b"t:a",
+        &c.rule_stats,
+        alice,
+        REQ,
+        b"$1\r\nx\r\n",
+        Duration::from_secs(5),
+        None
+    ));
+    assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_none());
+    let mut hit = None;
+    c.get(0, b"t:a", alice, REQ, Now::current(), |r| {
+        hit = Some(r.to_vec())
+    });
+    assert_eq!(hit.as_deref(), Some(&b"$1\r\nx\r\n"[..]));
 }

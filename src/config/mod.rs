@@ -51,6 +51,9 @@ pub struct ServerConfig {
     /// If set, clients must `AUTH <password>` (or `HELLO … AUTH default <password>`)
     /// before anything else. Checked by the proxy; unrelated to the upstream password.
     pub password: Option<String>,
+    /// Who checks clients' credentials: nearcache (`password` above), or
+    /// Redis, for its own ACL users.
+    pub auth: AuthMode,
     /// Largest number of arguments in one command.
     pub max_args: usize,
     /// Largest single argument.
@@ -73,6 +76,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::default(),
             shutdown_timeout: Duration(std::time::Duration::from_secs(10)),
             password: None,
+            auth: AuthMode::Proxy,
             max_args: 1024 * 1024,
             max_bulk_bytes: ByteSize(512 << 20),
             max_request_bytes: ByteSize(512 << 20),
@@ -309,6 +313,21 @@ impl Default for CoherenceConfig {
             peer_timeout: Duration(std::time::Duration::from_millis(100)),
         }
     }
+}
+
+/// Who checks a client's `AUTH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMode {
+    /// nearcache: `server.password` for the `default` user; every client's
+    /// commands run as `upstream.url`'s user.
+    #[default]
+    Proxy,
+    /// Redis: `AUTH user password` is verified by authenticating an upstream
+    /// connection as that user, and the client's commands then run on
+    /// connections authenticated as it, so Redis's ACL applies unchanged.
+    /// Clients that do not authenticate run as `upstream.url`'s user.
+    Redis,
 }
 
 /// What L1 does while the invalidation bus is unreachable.

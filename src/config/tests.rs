@@ -57,6 +57,28 @@ fn validation_lists_every_problem_with_its_field() {
 }
 
 #[test]
+fn auth_by_redis_and_a_proxy_password_exclude_each_other() {
+    let check = |toml: &str| {
+        Config::from_toml(toml, Path::new("c.toml"))
+            .unwrap()
+            .validate("c.toml")
+    };
+    assert!(check("[server]\nauth = \"redis\"\n").is_ok());
+    let err = check("[server]\nauth = \"redis\"\npassword = \"x\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("server.auth"), "{err}");
+    let err = Config::from_toml("[server]\nauth = \"ldap\"\n", Path::new("c.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("auth"), "{err}");
+    let err = check("[upstream]\nmin_idle_dedicated = 20\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("upstream.min_idle_dedicated"), "{err}");
+}
+
+#[test]
 fn cache_rules_parse_and_bad_rules_are_named() {
     let cfg = Config::from_toml(
         "[cache]\nmax_memory = \"64MiB\"\n[[cache.rules]]\nprefix = \"ticker:\"\nttl = \"2s\"\n\

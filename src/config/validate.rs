@@ -52,6 +52,12 @@ impl Config {
                 bad(field, format!("{size} is too small (at least 16B)"));
             }
         }
+        if self.server.auth == AuthMode::Redis && self.server.password.is_some() {
+            bad(
+                "server.auth",
+                "\"redis\" lets Redis check clients' passwords: leave server.password unset".into(),
+            );
+        }
         if self.server.password.as_deref() == Some("") {
             bad(
                 "server.password",

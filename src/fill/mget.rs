@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
 use super::{Fetch, FillPolicy, Flight, Upstream, integer};
-use crate::cache::{FillToken, L1, Now, Rules};
+use crate::cache::{FillToken, L1, Now, Rules, Viewer};
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
 use crate::stats::RuleStats;
@@ -38,7 +38,7 @@ pub struct Mget {
 pub fn mget(
     l1: &L1,
     rules: &Rules,
-    (db, proto): (u32, crate::protocol::Protocol),
+    (db, viewer): (u32, Viewer),
     keys: &[Bytes],
     buf: &mut Vec<u8>,
 ) -> Option<Mget> {
@@ -59,7 +59,7 @@ pub fn mget(
         };
         any_rule = true;
         let start = buf.len();
-        let hit = l1.get(db, key, proto, MGET_ELEMENT, now, |e| {
+        let hit = l1.get(db, key, viewer, MGET_ELEMENT, now, |e| {
             buf.extend_from_slice(e)
         });
         match hit {
@@ -120,7 +120,7 @@ impl<U: Upstream> Fetch<'_, U> {
         let count = u32::try_from(pttls + 1).unwrap_or(u32::MAX);
         let sent = self.upstream.request(frames.freeze(), count).await;
         let (client_tx, client_rx) = oneshot::channel();
-        let (db, proto, l1) = (self.db, self.proto, self.l1.clone());
+        let (db, viewer, l1) = (self.db, self.viewer, self.l1.clone());
         tokio::spawn(async move {
             let reply = match sent.replies().await {
                 Ok(frames) => match split(&frames, missing.len(), pttls) {
@@ -130,7 +130,7 @@ impl<U: Upstream> Fetch<'_, U> {
                             if let Some((policy, token)) = fill {
                                 let pttl = pttls.next().copied().flatten();
                                 let at = (db, &keys[*i][..]);
-                                policy.fill(&l1, *token, at, proto, MGET_ELEMENT, element, pttl);
+                                policy.fill(&l1, *token, at, viewer, MGET_ELEMENT, element, pttl);
                             }
                         }
                         let fetched: Vec<(usize, &[u8])> = missing
@@ -161,7 +161,7 @@ impl<U: Upstream> Fetch<'_, U> {
         for (i, policy) in m.refresh {
             let key = keys[i].clone();
             self.l1
-                .flight_id(self.db, &key, self.proto, MGET_ELEMENT, self.scratch);
+                .flight_id(self.db, &key, self.viewer, MGET_ELEMENT, self.scratch);
             let Flight::Leader = self.flights.join(self.scratch) else {
                 continue;
             };
@@ -170,13 +170,13 @@ impl<U: Upstream> Fetch<'_, U> {
             let mut frames = BytesMut::from(&encode_command(&[&b"MGET"[..], &key])[..]);
             frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &key]));
             let sent = self.upstream.request(frames.freeze(), 2).await;
-            let (db, proto) = (self.db, self.proto);
+            let (db, viewer) = (self.db, self.viewer);
             let (l1, flights) = (self.l1.clone(), self.flights.clone());
             tokio::spawn(async move {
                 if let Ok(frames) = sent.replies().await {
                     if let Some((elements, pttls)) = split(&frames, 1, 1) {
                         let (element, pttl) = (elements[0], pttls[0]);
-                        policy.fill(&l1, token, (db, &key), proto, MGET_ELEMENT, element, pttl);
+                        policy.fill(&l1, token, (db, &key), viewer, MGET_ELEMENT, element, pttl);
                     }
                 }
                 // Only refreshes join this flight, and none of them waits.

@@ -27,9 +27,9 @@ use tokio::sync::oneshot;
 
 pub use mget::mget;
 
-use crate::cache::{FillToken, L1, Rule};
+use crate::cache::{FillToken, L1, Rule, Viewer};
+use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
-use crate::protocol::{Protocol, ReplyScanner};
 use crate::stats::RuleStats;
 use crate::upstream::connection::Failed;
 use crate::upstream::{Replies, UpstreamError, encode_command};
@@ -123,7 +123,7 @@ impl FillPolicy {
         l1: &L1,
         token: FillToken,
         (db, key): (u32, &[u8]),
-        proto: Protocol,
+        viewer: Viewer,
         request: &[u8],
         value: &[u8],
         pttl: Option<i64>,
@@ -134,7 +134,7 @@ impl FillPolicy {
                 db,
                 key,
                 &self.stats,
-                proto,
+                viewer,
                 request,
                 value,
                 ttl,
@@ -155,8 +155,8 @@ pub struct Fetch<'a, U> {
     pub upstream: U,
     /// The client's database.
     pub db: u32,
-    /// The client's protocol.
-    pub proto: Protocol,
+    /// Whom the replies are for (the client's protocol and user).
+    pub viewer: Viewer,
     /// A reused buffer for flight ids.
     pub scratch: &'a mut Vec<u8>,
 }
@@ -172,7 +172,7 @@ impl<U: Upstream> Fetch<'_, U> {
         policy: FillPolicy,
     ) -> oneshot::Receiver<Replies> {
         self.l1
-            .flight_id(self.db, &key, self.proto, &request, self.scratch);
+            .flight_id(self.db, &key, self.viewer, &request, self.scratch);
         match self.flights.join(self.scratch) {
             Flight::Follower(rx) => rx,
             Flight::Leader => {
@@ -187,7 +187,7 @@ impl<U: Upstream> Fetch<'_, U> {
     /// waits for it.
     pub async fn refresh(&mut self, key: Bytes, request: Bytes, policy: FillPolicy) {
         self.l1
-            .flight_id(self.db, &key, self.proto, &request, self.scratch);
+            .flight_id(self.db, &key, self.viewer, &request, self.scratch);
         if let Flight::Leader = self.flights.join(self.scratch) {
             let flight = Bytes::copy_from_slice(self.scratch);
             drop(self.lead(key, request, policy, flight).await);
@@ -210,12 +210,12 @@ impl<U: Upstream> Fetch<'_, U> {
         frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], &key]));
         let sent = self.upstream.request(frames.freeze(), 2).await;
         let (client_tx, client_rx) = oneshot::channel();
-        let (db, proto) = (self.db, self.proto);
+        let (db, viewer) = (self.db, self.viewer);
         let (l1, flights) = (self.l1.clone(), self.flights.clone());
         tokio::spawn(async move {
             let replies = sent.replies().await;
             let reply = complete(replies, |value, pttl| {
-                policy.fill(&l1, token, (db, &key), proto, &request, value, pttl);
+                policy.fill(&l1, token, (db, &key), viewer, &request, value, pttl);
             });
             // Land only after the fill, so a request arriving now hits.
             for waiter in flights.land(&flight) {

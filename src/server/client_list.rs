@@ -183,7 +183,7 @@ fn write_line(
             ("tot-mem", &0),
             ("events", &"r"),
             ("cmd", &cmd),
-            ("user", &"default"),
+            ("user", &p.user),
             ("redir", &-1),
         ];
         for (key, value) in fields {
@@ -209,7 +209,7 @@ fn write_line(
             }
             "db" => field(out, key, &p.db),
             "cmd" => field(out, key, &cmd),
-            "user" => field(out, key, &"default"),
+            "user" => field(out, key, &p.user),
             "resp" => field(out, key, &p.resp),
             "redir" => match value.parse::<u64>().ok().and_then(session_of) {
                 Some(ours) => field(out, key, &ours),

@@ -83,6 +83,8 @@ pub struct Profile {
     pub no_evict: bool,
     /// The last command run (`NULL` before the first, as Redis writes it).
     pub cmd: &'static str,
+    /// The user it runs as.
+    pub user: Arc<str>,
 }
 
 impl Default for Profile {
@@ -93,6 +95,7 @@ impl Default for Profile {
             resp: 2,
             no_evict: false,
             cmd: "NULL",
+            user: "default".into(),
         }
     }
 }
@@ -267,6 +270,8 @@ pub struct KillFilter {
     pub laddr: Option<Vec<u8>>,
     /// `TYPE`.
     pub kind: Option<ClientType>,
+    /// `USER`.
+    pub user: Option<Vec<u8>>,
     /// `SKIPME yes` (the default in the filter form): the caller is spared.
     pub skip_me: bool,
 }
@@ -422,9 +427,12 @@ pub enum KillForm {
 
 impl KillFilter {
     /// Reads `CLIENT KILL`'s arguments (after `KILL`) as Redis does, with
-    /// Redis's error for the first bad one. Nearcache knows one user,
-    /// `default` (see `AUTH`), which every client is.
-    pub fn parse(args: &[Bytes]) -> Result<(KillFilter, KillForm), String> {
+    /// Redis's error for the first bad one; `known_user` tells the users
+    /// that exist (`default` alone, unless Redis decides on users).
+    pub fn parse(
+        args: &[Bytes],
+        known_user: impl Fn(&[u8]) -> bool,
+    ) -> Result<(KillFilter, KillForm), String> {
         const SYNTAX: &str = "ERR syntax error";
         if let [addr] = args {
             let filter = KillFilter {
@@ -457,9 +465,10 @@ impl KillFilter {
             } else if is("laddr") {
                 filter.laddr = Some(value.to_vec());
             } else if is("user") {
-                if value.as_ref() != b"default" {
+                if !known_user(value) {
                     return Err(format!("ERR No such user '{}'", text()));
                 }
+                filter.user = Some(value.to_vec());
             } else if is("skipme") {
                 filter.skip_me = if value.eq_ignore_ascii_case(b"yes") {
                     true
@@ -486,8 +495,20 @@ impl KillFilter {
             want.as_deref()
                 .is_none_or(|want| want == addr.to_string().as_bytes())
         };
+        let user = || {
+            let profile = client
+                .shown
+                .profile
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            profile.user.clone()
+        };
         self.id.is_none_or(|want| want == id)
             && self.kind.is_none_or(|want| want == kind)
+            && self
+                .user
+                .as_deref()
+                .is_none_or(|want| want == user().as_bytes())
             && same(&self.addr, client.addr)
             && same(&self.laddr, client.laddr)
     }
@@ -545,7 +566,9 @@ mod tests {
             .split(' ')
             .map(|a| Bytes::copy_from_slice(a.as_bytes()))
             .collect();
-        KillFilter::parse(&args).expect("valid filter").0
+        KillFilter::parse(&args, |u| u == b"default")
+            .expect("valid filter")
+            .0
     }
 
     #[test]
@@ -577,8 +600,10 @@ mod tests {
         // The caller closes itself, after its reply.
         assert!(killed.try_recv().is_err());
         let (_e4, _) = d.enroll(4, &peer(1004, 6380, 9));
-        let (f, form) =
-            KillFilter::parse(&[Bytes::from_static(b"127.0.0.1:1004")]).expect("the old form");
+        let (f, form) = KillFilter::parse(&[Bytes::from_static(b"127.0.0.1:1004")], |u| {
+            u == b"default"
+        })
+        .expect("the old form");
         assert_eq!(form, KillForm::Old);
         assert_eq!(d.kill(&f, 4), (1, true), "the old form spares no one");
     }
@@ -603,7 +628,7 @@ mod tests {
                 .iter()
                 .map(|a| Bytes::copy_from_slice(a.as_bytes()))
                 .collect();
-            KillFilter::parse(&args).expect_err("a bad filter")
+            KillFilter::parse(&args, |u| u == b"default").expect_err("a bad filter")
         };
         assert_eq!(err(&["TYPE", "x", "ADDR"]), "ERR Unknown client type 'x'");
         assert_eq!(err(&["ADDR", "a", "TYPE"]), "ERR syntax error");
@@ -611,7 +636,10 @@ mod tests {
         assert_eq!(err(&["USER", "bob"]), "ERR No such user 'bob'");
         assert_eq!(err(&["SKIPME", "maybe"]), "ERR syntax error");
         assert_eq!(err(&["MAXAGE", "5"]), "ERR syntax error");
-        assert_eq!(filter("USER default"), filter("SKIPME yes"));
+        assert_eq!(
+            filter("USER default").user.as_deref(),
+            Some(&b"default"[..])
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 
 use crate::cache::{L1, Rules};
 use crate::coherence::{Ack, Bus, tracking};
-use crate::config::{Config, ConfigError};
+use crate::config::{AuthMode, Config, ConfigError};
 use crate::context::{Context, Snapshot};
 use crate::error::ProxyError;
 use crate::protocol::Protocol;
@@ -77,6 +77,7 @@ impl Proxy {
         let url = cfg.upstream_url()?;
         let upstream = Upstream::new(url.clone(), cfg.upstream.clone());
         let key = PoolKey {
+            user: None,
             db: url.db,
             proto: Protocol::Resp2,
         };
@@ -88,6 +89,9 @@ impl Proxy {
                     url: url.to_string(),
                     source,
                 })?;
+        if cfg.server.auth == AuthMode::Redis {
+            upstream.close_idle_user_pools(std::time::Duration::from_secs(60));
+        }
         let listener = TcpListener::bind(&cfg.server.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -122,6 +126,10 @@ impl Proxy {
                 stats.tracking.clone(),
             );
         }
+        let anonymous_user: Arc<str> = match cfg.server.auth {
+            AuthMode::Redis => upstream.url_user().into(),
+            AuthMode::Proxy => "default".into(),
+        };
         let ctx = Arc::new(Context {
             ack: Ack::new(l1.clone(), bus.clone()),
             l1,
@@ -134,6 +142,7 @@ impl Proxy {
             directory: Arc::default(),
             stats,
             snapshot: ArcSwap::from_pointee(Snapshot { rules }),
+            anonymous_user,
         });
         if let Some(l1) = &ctx.l1 {
             // Hits bypass moka, so its expiry and eviction run on a tick.

@@ -32,14 +32,27 @@ pub struct Handshaken<S = Stream> {
     pub client_id: u64,
 }
 
-/// Connects to `url` and prepares the connection for `db` and `proto`.
+/// Connects to `url` and prepares the connection for `db` and `proto`, as
+/// the URL's user.
 pub async fn connect(
     url: &RedisUrl,
     db: u32,
     proto: Protocol,
     timeout: Duration,
 ) -> Result<Handshaken, UpstreamError> {
-    tokio::time::timeout(timeout, connect_inner(url, db, proto))
+    connect_as(url, None, db, proto, timeout).await
+}
+
+/// [`connect`], authenticating as `as_user` (user, password) instead of the
+/// URL's user when given.
+pub async fn connect_as(
+    url: &RedisUrl,
+    as_user: Option<(&str, &str)>,
+    db: u32,
+    proto: Protocol,
+    timeout: Duration,
+) -> Result<Handshaken, UpstreamError> {
+    tokio::time::timeout(timeout, connect_inner(url, as_user, db, proto))
         .await
         .map_err(|_| {
             unavailable(format!(
@@ -51,26 +64,35 @@ pub async fn connect(
 
 async fn connect_inner(
     url: &RedisUrl,
+    as_user: Option<(&str, &str)>,
     db: u32,
     proto: Protocol,
 ) -> Result<Handshaken, UpstreamError> {
     let stream = transport::open(url).await?;
-    handshake(stream, url, db, proto).await
+    handshake(stream, url, as_user, db, proto).await
 }
 
 /// Prepares an open stream for `db` and `proto`.
 async fn handshake<S: UpstreamStream>(
     mut stream: S,
     url: &RedisUrl,
+    as_user: Option<(&str, &str)>,
     db: u32,
     proto: Protocol,
 ) -> Result<Handshaken<S>, UpstreamError> {
     let addr = url.addr();
     let version = proto.version().to_string();
     let mut hello: Vec<&[u8]> = vec![b"HELLO", version.as_bytes()];
-    if let Some(password) = &url.password {
+    let credentials = match (as_user, &url.password) {
+        (Some((user, password)), _) => Some((user, password)),
+        (None, Some(password)) => {
+            Some((url.username.as_deref().unwrap_or("default"), &password[..]))
+        }
+        (None, None) => None,
+    };
+    if let Some((user, password)) = credentials {
         hello.push(b"AUTH");
-        hello.push(url.username.as_deref().unwrap_or("default").as_bytes());
+        hello.push(user.as_bytes());
         hello.push(password.as_bytes());
     }
     hello.extend_from_slice(&[b"SETNAME", b"nearcache"]);

@@ -48,8 +48,8 @@ impl Lane {
         }
     }
 
-    /// The database and protocol of the pool in use.
-    pub fn key(&self) -> PoolKey {
+    /// The database, protocol and user of the pool in use.
+    pub fn key(&self) -> &PoolKey {
         self.pool.key()
     }
 
@@ -63,8 +63,19 @@ impl Lane {
     /// when Redis rejects that setup, e.g. a database out of range; the lane
     /// then stays where it was.
     pub async fn switch(&mut self, key: PoolKey) -> Result<(), UpstreamError> {
-        if self.pool.key() != key {
+        if *self.pool.key() != key {
             self.pool = self.upstream.pool(key).await?;
+            self.conn = None;
+        }
+        Ok(())
+    }
+
+    /// Moves to the pool for `key` (a Redis user's) once Redis has accepted
+    /// its credentials just now (see [`Upstream::verified_pool`]).
+    pub async fn switch_verified(&mut self, key: PoolKey) -> Result<(), UpstreamError> {
+        let pool = self.upstream.verified_pool(key).await?;
+        if !Arc::ptr_eq(&pool, &self.pool) {
+            self.pool = pool;
             self.conn = None;
         }
         Ok(())

@@ -22,7 +22,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 pub use connection::{Conn, OnAnswer, Op, Replies};
 pub use lane::Lane;
-pub use pool::{Pool, PoolKey, Upstream};
+pub use pool::{Credentials, Pool, PoolKey, Upstream};
 
 /// Why an upstream request failed. Each kind becomes an `-ERR upstream …`
 /// reply to the client; none of them ends the client's connection.

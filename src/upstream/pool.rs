@@ -25,12 +25,36 @@ use crate::config::{RedisUrl, UpstreamConfig};
 use crate::protocol::Protocol;
 
 /// Which pool: upstream connections are bound to a database and a protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     /// Selected database.
     pub db: u32,
     /// Reply protocol.
     pub proto: Protocol,
+    /// The Redis user its connections authenticate as; None: the URL's.
+    pub user: Option<Arc<Credentials>>,
+}
+
+/// A Redis user a client authenticated as, where Redis decides on users
+/// (`server.auth = "redis"`): its connections authenticate as that user, so
+/// Redis's ACL applies to the client's commands unchanged.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Credentials {
+    /// The user name.
+    pub user: Arc<str>,
+    password: Arc<str>,
+    /// Its L1 namespace (see `cache::Viewer`): replies filled for one user
+    /// are served to that user only.
+    pub namespace: u16,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
 }
 
 /// All pools to one upstream Redis, created on first use.
@@ -42,6 +66,9 @@ pub struct Upstream {
     version: Mutex<String>,
     /// Asks Redis about overdue requests, for every connection.
     probe: Arc<Probe>,
+    /// L1 namespaces of the Redis users clients authenticated as (0 is the
+    /// URL's identity).
+    namespaces: Mutex<HashMap<Arc<str>, u16>>,
 }
 
 impl Upstream {
@@ -53,7 +80,37 @@ impl Upstream {
             cfg,
             pools: Mutex::new(HashMap::new()),
             version: Mutex::new(String::new()),
+            namespaces: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Credentials for `user` with `password`, with the user's L1 namespace
+    /// (the same for every client of that user). Users beyond 65 534 share
+    /// the last namespace: replies are then shared among them, which only a
+    /// deployment with that many Redis users could notice.
+    pub fn credentials(&self, user: &[u8], password: &[u8]) -> Arc<Credentials> {
+        let user: Arc<str> = String::from_utf8_lossy(user).into();
+        let mut namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        let next = u16::try_from(namespaces.len() + 1).unwrap_or(u16::MAX);
+        let namespace = *namespaces.entry(user.clone()).or_insert(next);
+        Arc::new(Credentials {
+            user,
+            password: String::from_utf8_lossy(password).into(),
+            namespace,
+        })
+    }
+
+    /// Whether `user` is a Redis user some client authenticated as, or the
+    /// URL's.
+    pub fn knows_user(&self, user: &[u8]) -> bool {
+        let url_user = self.url.username.as_deref().unwrap_or("default");
+        let namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
+        user == url_user.as_bytes() || namespaces.keys().any(|u| u.as_bytes() == user)
+    }
+
+    /// The user the URL's connections run as.
+    pub fn url_user(&self) -> &str {
+        self.url.username.as_deref().unwrap_or("default")
     }
 
     /// The database a client starts in (the URL's `/db`).
@@ -79,6 +136,42 @@ impl Upstream {
         .await
     }
 
+    /// The pool for `key` (a Redis user's), after Redis has accepted its
+    /// credentials on a new connection just now, even when the pool exists:
+    /// a client's `AUTH` is Redis's to judge each time (its password may
+    /// have changed). The connection is kept as an idle dedicated one.
+    pub async fn verified_pool(self: &Arc<Self>, key: PoolKey) -> Result<Arc<Pool>, UpstreamError> {
+        let existing = self.lock_pools().get(&key).cloned();
+        let Some(pool) = existing else {
+            return self.pool(key).await;
+        };
+        let conn = self
+            .connect(key, self.dedicated_options(&pool.idle))
+            .await?;
+        pool.idle.put(conn);
+        Ok(pool)
+    }
+
+    /// Closes, every `every`, the pools of Redis users no client uses any
+    /// more (the pools of `upstream.url`'s user stay).
+    pub fn close_idle_user_pools(self: &Arc<Self>, every: Duration) {
+        let upstream = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(upstream) = upstream.upgrade() else {
+                    break;
+                };
+                // (Only the map holds it: no session is on it.)
+                upstream
+                    .lock_pools()
+                    .retain(|key, pool| key.user.is_none() || Arc::strong_count(pool) > 1);
+            }
+        });
+    }
+
     /// The pool clients start on, at start-up: as [`Upstream::pool`], but a
     /// Redis busy or loading then still yields the pool (nearcache starts
     /// while Redis cannot serve, and serves once it can).
@@ -99,7 +192,10 @@ impl Upstream {
         // One handshake first, so a rejected database is reported to the client
         // that asked for it instead of becoming a pool that retries forever.
         // The connection is kept as the pool's first idle dedicated one.
-        match self.connect(key, self.dedicated_options(&idle)).await {
+        match self
+            .connect(key.clone(), self.dedicated_options(&idle))
+            .await
+        {
             Ok(conn) => idle.put(conn),
             Err(e) if fatal(&e) => return Err(e),
             Err(_) => {}
@@ -108,7 +204,7 @@ impl Upstream {
         if let Some(pool) = pools.get(&key) {
             return Ok(pool.clone());
         }
-        let pool = Arc::new(Pool::start(self.clone(), key, idle));
+        let pool = Arc::new(Pool::start(self.clone(), key.clone(), idle));
         pool.warm();
         pools.insert(key, pool.clone());
         Ok(pool)
@@ -128,8 +224,15 @@ impl Upstream {
 
     /// Opens one connection for `key` and starts its task.
     async fn connect(&self, key: PoolKey, opts: ConnOptions) -> Result<Conn, UpstreamError> {
-        let h =
-            handshake::connect(&self.url, key.db, key.proto, self.cfg.connect_timeout.0).await?;
+        let as_user = key.user.as_ref().map(|c| (&c.user[..], &c.password[..]));
+        let h = handshake::connect_as(
+            &self.url,
+            as_user,
+            key.db,
+            key.proto,
+            self.cfg.connect_timeout.0,
+        )
+        .await?;
         if !h.server_version.is_empty() {
             if let Ok(mut v) = self.version.lock() {
                 v.clone_from(&h.server_version);
@@ -171,7 +274,12 @@ impl Pool {
         for _ in 0..upstream.cfg.pool_size {
             let (tx, rx) = watch::channel(SlotState::Connecting);
             let wake = wake.clone();
-            supervisors.push(tokio::spawn(supervise(upstream.clone(), key, tx, wake)));
+            supervisors.push(tokio::spawn(supervise(
+                upstream.clone(),
+                key.clone(),
+                tx,
+                wake,
+            )));
             slots.push(rx);
         }
         Self {
@@ -187,8 +295,8 @@ impl Pool {
     }
 
     /// This pool's database and protocol.
-    pub fn key(&self) -> PoolKey {
-        self.key
+    pub fn key(&self) -> &PoolKey {
+        &self.key
     }
 
     /// A live shared connection (round-robin). Waits for a connection being
@@ -235,7 +343,10 @@ impl Pool {
             Some(conn) => Ok(conn),
             None => {
                 self.upstream
-                    .connect(self.key, self.upstream.dedicated_options(&self.idle))
+                    .connect(
+                        self.key.clone(),
+                        self.upstream.dedicated_options(&self.idle),
+                    )
                     .await
             }
         }
@@ -250,18 +361,19 @@ impl Pool {
             self.warming.fetch_add(1, Ordering::Relaxed);
             let (upstream, key, idle, warming) = (
                 self.upstream.clone(),
-                self.key,
+                self.key.clone(),
                 self.idle.clone(),
                 self.warming.clone(),
             );
             tokio::spawn(async move {
+                let db = key.db;
                 match upstream
                     .connect(key, upstream.dedicated_options(&idle))
                     .await
                 {
                     Ok(conn) => idle.put(conn),
                     Err(e) => {
-                        tracing::debug!(db = key.db, error = %e, "warming a dedicated connection failed")
+                        tracing::debug!(db, error = %e, "warming a dedicated connection failed")
                     }
                 }
                 warming.fetch_sub(1, Ordering::Relaxed);
@@ -294,7 +406,7 @@ async fn supervise(
         idle: None,
     };
     loop {
-        match upstream.connect(key, opts.clone()).await {
+        match upstream.connect(key.clone(), opts.clone()).await {
             Ok(conn) => {
                 tracing::debug!(db = key.db, proto = ?key.proto, "upstream connection up");
                 state.send_replace(SlotState::Up(conn.clone()));

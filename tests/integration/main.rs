@@ -7,6 +7,7 @@
 
 mod support;
 
+mod acl;
 mod busy;
 mod clients;
 mod command_keys;

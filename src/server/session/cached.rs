@@ -52,7 +52,7 @@ macro_rules! fetch {
                 out: &mut $s.out,
             },
             db: $s.client.db,
-            proto: $s.client.proto,
+            viewer: $s.client.viewer(),
             scratch: &mut $s.scratch.ids,
         }
     };
@@ -93,10 +93,10 @@ impl Session {
         };
         // A hit is copied straight from the entry into the client's output:
         // no reference counts touched, no allocation.
-        let (db, proto) = (self.client.db, self.client.proto);
+        let (db, viewer) = (self.client.db, self.client.viewer());
         let out = &mut self.out;
         let hit = req
-            .with_bytes(|request| l1.get(db, key, proto, request, Now::current(), |r| out.put(r)));
+            .with_bytes(|request| l1.get(db, key, viewer, request, Now::current(), |r| out.put(r)));
         match hit {
             Some(due) => {
                 RuleStats::inc(&rule.stats.hits);
@@ -125,7 +125,7 @@ impl Session {
     async fn cached_mget(&mut self, req: &Request<'_>, l1: &Arc<cache::L1>) -> bool {
         let mut buf = std::mem::take(&mut self.scratch.mget);
         let keys = &req.argv[1..];
-        let at = (self.client.db, self.client.proto);
+        let at = (self.client.db, self.client.viewer());
         let Some(mut m) = fill::mget(l1, &self.snapshot.rules, at, keys, &mut buf) else {
             self.keep_mget_buf(buf);
             return false;

@@ -7,6 +7,7 @@
 use bytes::Bytes;
 
 use super::Session;
+use crate::config::AuthMode;
 use crate::protocol::reply::{self, OK, Reply};
 use crate::server::client_list::{self, ListFilter};
 use crate::server::directory::{KillFilter, KillForm, Profile};
@@ -17,7 +18,11 @@ impl Session {
     /// where `TYPE normal` would take every client's requests in flight
     /// down with them, is never asked).
     pub(super) fn client_kill(&mut self, argv: &[Bytes]) -> Bytes {
-        let (filter, form) = match KillFilter::parse(argv.get(2..).unwrap_or_default()) {
+        let known = |user: &[u8]| match self.ctx.cfg.server.auth {
+            AuthMode::Proxy => user == b"default",
+            AuthMode::Redis => user == b"default" || self.ctx.upstream.knows_user(user),
+        };
+        let (filter, form) = match KillFilter::parse(argv.get(2..).unwrap_or_default(), known) {
             Ok(parsed) => parsed,
             Err(e) => return reply::error(&e),
         };
@@ -94,11 +99,16 @@ impl Session {
     /// Publishes what `CLIENT LIST` shows of this session, if it changed.
     pub(super) fn publish_profile(&mut self) {
         let (shown, c) = (&self.shown, &self.client);
+        let user = match &c.user {
+            Some(credentials) => &credentials.user,
+            None => &self.ctx.anonymous_user,
+        };
         let changed = shown.db != c.db
             || shown.resp != c.proto.version()
             || shown.no_evict != c.no_evict
             || !std::ptr::eq(shown.cmd, c.last_cmd)
-            || shown.name != c.name;
+            || shown.name != c.name
+            || !std::sync::Arc::ptr_eq(&shown.user, user);
         if changed {
             self.shown = Profile {
                 name: c.name.clone(),
@@ -106,6 +116,7 @@ impl Session {
                 resp: c.proto.version(),
                 no_evict: c.no_evict,
                 cmd: c.last_cmd,
+                user: user.clone(),
             };
             self.enrollment.publish(&self.shown);
         }

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::mode::Mode;
 use super::{Flow, Request, Session, owned};
+use crate::config::AuthMode;
 use crate::error::{ErrorKind, ProxyError};
 use crate::protocol::parser::{keyword, parse_i64};
 use crate::protocol::reply::{self, OK, Protocol, Reply};
@@ -33,7 +34,7 @@ impl Session {
     /// state.
     pub(super) async fn local_reply(&mut self, route: Route, argv: &[Bytes]) -> Bytes {
         match route {
-            Route::Auth => self.auth(&argv[1..]),
+            Route::Auth => self.auth(&argv[1..]).await,
             Route::ClientSetName => self.set_name(argv.get(2)),
             Route::ClientGetName => {
                 let mut r = Reply::new(self.client.proto);
@@ -74,13 +75,18 @@ impl Session {
         }
     }
 
-    /// `AUTH [user] password`, against `server.password`.
-    fn auth(&mut self, args: &[Bytes]) -> Bytes {
+    /// `AUTH [user] password`: checked against `server.password`, or by
+    /// Redis.
+    async fn auth(&mut self, args: &[Bytes]) -> Bytes {
         let (user, pass) = match args {
             [pass] => (None, pass),
             [user, pass] => (Some(user), pass),
             _ => return reply::error("ERR syntax error"),
         };
+        if self.ctx.cfg.server.auth == AuthMode::Redis {
+            let user = user.map_or(&b"default"[..], |u| &u[..]);
+            return self.auth_by_redis(user, pass).await;
+        }
         let default_user = user.is_none_or(|u| &u[..] == b"default");
         let Some(expected) = &self.ctx.cfg.server.password else {
             // As Redis's `default` user without a password (`nopass`): it
@@ -102,6 +108,30 @@ impl Session {
         }
         self.client.authed = true;
         Bytes::from_static(OK)
+    }
+
+    /// Redis judges `user`'s `pass`: an upstream connection authenticates as
+    /// that user, and on success the client's commands run on connections
+    /// authenticated as it (a pool per user), so Redis's ACL applies to them
+    /// unchanged; a refusal is Redis's own reply (`-WRONGPASS …`).
+    async fn auth_by_redis(&mut self, user: &[u8], pass: &[u8]) -> Bytes {
+        let credentials = self.ctx.upstream.credentials(user, pass);
+        let key = PoolKey {
+            db: self.client.db,
+            proto: self.client.proto,
+            user: Some(credentials.clone()),
+        };
+        match self.lane.switch_verified(key).await {
+            Ok(()) => {
+                self.client.user = Some(credentials);
+                self.client.authed = true;
+                Bytes::from_static(OK)
+            }
+            Err(e) => {
+                self.ctx.stats.requests.error(ErrorKind::Auth, 1);
+                e.to_reply()
+            }
+        }
     }
 
     /// Credentials refused: AUTH's reply, counted.
@@ -172,7 +202,7 @@ impl Session {
             }
         }
         if let Some(credentials) = auth {
-            let r = self.auth(credentials);
+            let r = self.auth(credentials).await;
             if &r[..] != OK {
                 return r;
             }
@@ -250,7 +280,8 @@ impl Session {
 
     /// Moves the session to the shared connections of `db` and `proto`.
     pub(super) async fn switch(&mut self, db: u32, proto: Protocol) -> Result<(), UpstreamError> {
-        self.lane.switch(PoolKey { db, proto }).await?;
+        let user = self.client.user.clone();
+        self.lane.switch(PoolKey { db, proto, user }).await?;
         self.client.db = db;
         self.client.proto = proto;
         Ok(())
@@ -279,6 +310,7 @@ impl Session {
         client.no_evict = false;
         client.name = None;
         client.db_uncertain = false;
+        client.user = None;
         client.authed = self.ctx.cfg.server.password.is_none();
         client.db = self.ctx.upstream.default_db();
         client.proto = Protocol::Resp2;

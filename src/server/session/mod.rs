@@ -48,12 +48,12 @@ use super::outbox::{Outbox, Slot};
 use super::request::Request;
 use super::route::Route;
 use super::transport::{ClientStream, Peer};
-use crate::cache::Invalidation;
+use crate::cache::{Invalidation, Viewer};
 use crate::context::{Context, Snapshot};
 use crate::error::ProxyError;
 use crate::protocol::reply::Protocol;
 use crate::stats::Tally;
-use crate::upstream::Lane;
+use crate::upstream::{Credentials, Lane};
 
 /// Whether the session goes on reading.
 #[derive(Debug, PartialEq, Eq)]
@@ -81,6 +81,20 @@ struct ClientState {
     /// later writes is unknown: their keys are dropped in every database
     /// until RESET.
     db_uncertain: bool,
+    /// The Redis user the client authenticated as where Redis decides
+    /// (`server.auth = "redis"`); None: nearcache's own upstream identity.
+    user: Option<Arc<Credentials>>,
+}
+
+impl ClientState {
+    /// Whom L1's replies are for: this protocol, this user.
+    #[inline]
+    fn viewer(&self) -> Viewer {
+        Viewer {
+            proto: self.proto,
+            user: self.user.as_ref().map_or(0, |u| u.namespace),
+        }
+    }
 }
 
 /// `CLIENT REPLY`'s state (in a relay, Redis applies it instead).
@@ -255,6 +269,7 @@ impl Session {
                 last_cmd: Profile::default().cmd,
                 closing: false,
                 db_uncertain: false,
+                user: None,
             },
             lane: Lane::new(ctx.upstream.clone(), ctx.default_pool.clone()),
             mode: Mode::Shared,

@@ -266,7 +266,7 @@ impl Session {
             // expected.) The session stays where its commands will go, so its
             // invalidations name the database its writes land in.
             tracing::warn!(db, error = %e, "no shared connection for the database a pin left");
-            let PoolKey { db, proto } = self.lane.key();
+            let PoolKey { db, proto, .. } = *self.lane.key();
             (self.client.db, self.client.proto) = (db, proto);
         }
     }
