@@ -70,17 +70,6 @@ impl Lane {
         Ok(())
     }
 
-    /// Moves to the pool for `key` (a Redis user's) once Redis has accepted
-    /// its credentials just now (see [`Upstream::verified_pool`]).
-    pub async fn switch_verified(&mut self, key: PoolKey) -> Result<(), UpstreamError> {
-        let pool = self.upstream.verified_pool(key).await?;
-        if !Arc::ptr_eq(&pool, &self.pool) {
-            self.pool = pool;
-            self.conn = None;
-        }
-        Ok(())
-    }
-
     /// Back on `pool` (RESET), with no sticky connection.
     pub fn reset(&mut self, pool: Arc<Pool>) {
         self.pool = pool;

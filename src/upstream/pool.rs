@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use redis_protocol::resp3::types::OwnedFrame;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -136,20 +138,30 @@ impl Upstream {
         .await
     }
 
-    /// The pool for `key` (a Redis user's), after Redis has accepted its
-    /// credentials on a new connection just now, even when the pool exists:
-    /// a client's `AUTH` is Redis's to judge each time (its password may
-    /// have changed). The connection is kept as an idle dedicated one.
-    pub async fn verified_pool(self: &Arc<Self>, key: PoolKey) -> Result<Arc<Pool>, UpstreamError> {
-        let existing = self.lock_pools().get(&key).cloned();
-        let Some(pool) = existing else {
-            return self.pool(key).await;
+    /// Redis's answer to a client's `AUTH <args>`, asked on a new
+    /// connection of its own (so no shared one changes user): `Ok` for
+    /// `+OK`, else Redis's own error line (`-WRONGPASS …`, or for `AUTH
+    /// <password>` against a `default` without one, its `-ERR AUTH …`).
+    pub async fn check_auth(&self, args: &[&[u8]]) -> Result<(), UpstreamError> {
+        let timeout = self.cfg.connect_timeout.0;
+        let ask = async {
+            let h = handshake::connect(&self.url, 0, Protocol::Resp2, timeout).await?;
+            let (mut stream, mut buf) = (h.stream, h.leftover);
+            let mut cmd: Vec<&[u8]> = vec![b"AUTH"];
+            cmd.extend_from_slice(args);
+            stream
+                .write_all(&super::encode_command(&cmd))
+                .await
+                .map_err(|_| UpstreamError::ConnectionLost)?;
+            match handshake::read_frame(&mut stream, &mut buf, &self.url.addr()).await? {
+                OwnedFrame::SimpleString { .. } => Ok(()),
+                OwnedFrame::SimpleError { data, .. } => Err(UpstreamError::Rejected(data.into())),
+                _ => Err(UpstreamError::InvalidReply),
+            }
         };
-        let conn = self
-            .connect(key, self.dedicated_options(&pool.idle))
-            .await?;
-        pool.idle.put(conn);
-        Ok(pool)
+        tokio::time::timeout(timeout, ask)
+            .await
+            .unwrap_or_else(|_| Err(UpstreamError::Timeout(timeout)))
     }
 
     /// Closes, every `every`, the pools of Redis users no client uses any

@@ -52,7 +52,8 @@ async fn as_users(port: u16) -> Vec<Bytes> {
     let mut seen = Vec::new();
     let mut c = Raw::connect(port).await;
     for cmd in [
-        &["AUTH", "alice", "wrong"][..],
+        &["AUTH", "just-a-password"][..],
+        &["AUTH", "alice", "wrong"],
         &["AUTH", "nobody", "x"],
         &["AUTH", "alice", "alice-pw"],
         &["ACL", "WHOAMI"],
@@ -84,9 +85,13 @@ async fn as_users(port: u16) -> Vec<Bytes> {
 async fn redis_decides_on_its_own_users_as_it_would_directly() {
     let redis = redis_with_users();
     let direct = as_users(redis.port()).await;
-    assert!(direct[0].starts_with(b"-WRONGPASS"), "{direct:?}");
-    assert_eq!(&direct[3][..], b"$5\r\nalice\r\n");
-    assert!(direct[6].starts_with(b"-NOPERM"), "{direct:?}");
+    assert!(
+        direct[0].starts_with(b"-ERR AUTH <password> called without"),
+        "{direct:?}"
+    );
+    assert!(direct[1].starts_with(b"-WRONGPASS"), "{direct:?}");
+    assert_eq!(&direct[4][..], b"$5\r\nalice\r\n");
+    assert!(direct[7].starts_with(b"-NOPERM"), "{direct:?}");
     let _: () = redis::cmd("DEL")
         .arg("orders:1")
         .query(&mut redis.direct())

@@ -84,8 +84,7 @@ impl Session {
             _ => return reply::error("ERR syntax error"),
         };
         if self.ctx.cfg.server.auth == AuthMode::Redis {
-            let user = user.map_or(&b"default"[..], |u| &u[..]);
-            return self.auth_by_redis(user, pass).await;
+            return self.auth_by_redis(user.map(|u| &u[..]), pass).await;
         }
         let default_user = user.is_none_or(|u| &u[..] == b"default");
         let Some(expected) = &self.ctx.cfg.server.password else {
@@ -110,18 +109,26 @@ impl Session {
         Bytes::from_static(OK)
     }
 
-    /// Redis judges `user`'s `pass`: an upstream connection authenticates as
-    /// that user, and on success the client's commands run on connections
-    /// authenticated as it (a pool per user), so Redis's ACL applies to them
+    /// Redis judges the `AUTH` (on a connection of its own, each time); on
+    /// success the client's commands run on connections authenticated as
+    /// that user (a pool per user), so Redis's ACL applies to them
     /// unchanged; a refusal is Redis's own reply (`-WRONGPASS …`).
-    async fn auth_by_redis(&mut self, user: &[u8], pass: &[u8]) -> Bytes {
-        let credentials = self.ctx.upstream.credentials(user, pass);
+    async fn auth_by_redis(&mut self, user: Option<&[u8]>, pass: &[u8]) -> Bytes {
+        let args: Vec<&[u8]> = user.into_iter().chain([pass]).collect();
+        if let Err(e) = self.ctx.upstream.check_auth(&args).await {
+            self.ctx.stats.requests.error(ErrorKind::Auth, 1);
+            return e.to_reply();
+        }
+        let credentials = self
+            .ctx
+            .upstream
+            .credentials(user.unwrap_or(b"default"), pass);
         let key = PoolKey {
             db: self.client.db,
             proto: self.client.proto,
             user: Some(credentials.clone()),
         };
-        match self.lane.switch_verified(key).await {
+        match self.lane.switch(key).await {
             Ok(()) => {
                 self.client.user = Some(credentials);
                 self.client.authed = true;
