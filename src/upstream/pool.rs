@@ -161,7 +161,7 @@ impl Upstream {
         };
         tokio::time::timeout(timeout, ask)
             .await
-            .unwrap_or_else(|_| Err(UpstreamError::Timeout(timeout)))
+            .unwrap_or(Err(UpstreamError::Timeout(timeout)))
     }
 
     /// Closes, every `every`, the pools of Redis users no client uses any
