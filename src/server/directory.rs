@@ -16,7 +16,9 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::transport::Peer;
+use crate::protocol::Protocol;
 use crate::protocol::parser::{keyword, parse_i64};
+use crate::upstream::Conn;
 
 /// Sessions pinned to (or blocked on) a dedicated connection, by nearcache
 /// id → Redis id; and every session, by id, for `CLIENT KILL` and `CLIENT
@@ -56,6 +58,20 @@ struct Client {
     since: Instant,
     /// What the session publishes about itself.
     shown: Arc<Shown>,
+    /// A dedicated connection held for it since another client named it as
+    /// its `CLIENT TRACKING` redirect (see [`Directory::reserve`]).
+    reserved: Option<Reserved>,
+}
+
+/// A connection held for a session, and the pool it came from.
+#[derive(Debug)]
+pub struct Reserved {
+    /// The connection.
+    pub conn: Conn,
+    /// Its database.
+    pub db: u32,
+    /// Its protocol.
+    pub proto: Protocol,
 }
 
 /// What a session publishes about itself, read by other clients' `CLIENT
@@ -219,11 +235,19 @@ fn subscription_count(frame: &[u8]) -> Option<(bool, i64)> {
 
 impl Drop for Enrollment {
     fn drop(&mut self) {
-        self.directory
+        let client = self
+            .directory
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.session);
+        // A connection held for it and never taken goes (closed) with it.
+        if let Some(reserved) = client.and_then(|c| c.reserved) {
+            let mut pinned = self.directory.lock();
+            if pinned.get(&self.session) == Some(&reserved.conn.redis_id()) {
+                pinned.remove(&self.session);
+            }
+        }
     }
 }
 
@@ -329,6 +353,7 @@ impl Directory {
                     fd,
                     since: Instant::now(),
                     shown,
+                    reserved: None,
                 },
             );
         (enrollment, killed)
@@ -409,6 +434,62 @@ impl Directory {
     /// Redis's id for the connection `session` is pinned to, if it is.
     pub fn redis_id(&self, session: u64) -> Option<u64> {
         self.lock().get(&session).copied()
+    }
+
+    /// The user `session` runs as, if it runs.
+    pub fn user_of(&self, session: u64) -> Option<Arc<str>> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let client = sessions.get(&session)?;
+        let profile = client
+            .shown
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Some(profile.user.clone())
+    }
+
+    /// The database and protocol `session` is on, if it runs.
+    pub fn whereabouts(&self, session: u64) -> Option<(u32, i64)> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let client = sessions.get(&session)?;
+        let profile = client
+            .shown
+            .profile
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Some((profile.db, profile.resp))
+    }
+
+    /// Holds `reserved` for `session`, which another client named as its
+    /// `CLIENT TRACKING` redirect while it has no dedicated connection of
+    /// its own: Redis then has a client to send the invalidations to, and
+    /// the session subscribes on that very connection when it starts a
+    /// relay (`SUBSCRIBE __redis__:invalidate`), so they reach it. Returns
+    /// the Redis id to redirect to (that of a connection already held, if
+    /// any); None if the session is gone.
+    pub fn reserve(&self, session: u64, reserved: Reserved) -> Option<u64> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let client = sessions.get_mut(&session)?;
+        if let Some(held) = &client.reserved {
+            return Some(held.conn.redis_id());
+        }
+        let id = reserved.conn.redis_id();
+        client.reserved = Some(reserved);
+        self.lock().insert(session, id);
+        Some(id)
+    }
+
+    /// The connection held for `session`, if any (see
+    /// [`Directory::reserve`]).
+    pub fn take_reserved(&self, session: u64) -> Option<Reserved> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let reserved = sessions.get_mut(&session)?.reserved.take()?;
+        // (The session lists the connection anew if it pins it.)
+        let mut pinned = self.lock();
+        if pinned.get(&session) == Some(&reserved.conn.redis_id()) {
+            pinned.remove(&session);
+        }
+        Some(reserved)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, u64>> {

@@ -19,7 +19,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use nearcache::config::{Duration as Dur, RuleConfig};
+use nearcache::config::{AuthMode, Duration as Dur, RuleConfig};
+use nearcache::server::route::{Route, route};
 
 use crate::compat::{Raw, encode_pipeline, encode_text};
 use crate::support::{RedisServer, TestProxy, config_for};
@@ -554,10 +555,24 @@ fn cache_everything() -> RuleConfig {
 async fn replay(seed: u64, ops: usize) {
     // Blocking commands that time out wait for Redis's timer, which runs hz
     // times a second.
-    let oracle = RedisServer::start_with(&["--hz", "500"]);
-    let behind = RedisServer::start_with(&["--hz", "500"]);
+    // (And a script answers -BUSY to others 50 ms in.)
+    let args = ["--hz", "500", "--busy-reply-threshold", "50"];
+    let oracle = RedisServer::start_with(&args);
+    let behind = RedisServer::start_with(&args);
+    for redis in [&oracle, &behind] {
+        add_users(redis);
+    }
     let mut cfg = config_for(&behind);
     cfg.cache.rules = vec![cache_everything()];
+    // Every third seed lets Redis decide on its own users; every third
+    // (from 1) gives up on a silent connection after 100 ms, so requests
+    // Redis holds longer (scripts, pauses) must be told from a dead one.
+    if seed % 3 == 0 {
+        cfg.server.auth = AuthMode::Redis;
+    }
+    if seed % 3 == 1 {
+        cfg.upstream.command_timeout = Dur(Duration::from_millis(100));
+    }
     // Odd seeds squeeze the limits, so pipelines stop and resume at their
     // reply budget and every dedicated connection is a fresh one.
     // Every fourth seed (from 2) refreshes hits ahead after 60 ms, so
@@ -655,20 +670,34 @@ async fn replay(seed: u64, ops: usize) {
         }
         // Replies nearcache makes itself, among Redis's (a RESP3 subscriber
         // may send anything; a RESP2 one is refused them while subscribed,
-        // which only Redis's answer to the stand-in tells; its SETNAME
-        // nearcache refuses until RESET, so it sends none).
+        // which only Redis's answer to the stand-in tells, and SETNAME while
+        // Redis's (un)subscribe replies count a subscription, so it follows
+        // a change of subscriptions only once that is answered).
+        let mut local = Vec::new();
         if rng.chance(10) {
-            let kinds = if sub_resp3 { 3 } else { 2 };
-            let local: &[&str] = match rng.below(kinds) {
+            let cmd: &[&str] = match rng.below(3) {
                 0 => &["CLIENT", "GETNAME"],
                 1 => &["GET"],
                 _ => &["CLIENT", "SETNAME", "sub"],
             };
-            sub.push(local.iter().map(|a| (*a).to_owned()).collect());
-            sub.push(vec!["ECHO".to_owned(), "after".to_owned()]);
+            local.push(cmd.iter().map(|a| (*a).to_owned()).collect());
+            local.push(vec!["ECHO".to_owned(), "after".to_owned()]);
         }
-        let want = direct.drain(&sub).await;
-        let got = proxied.drain(&sub).await;
+        if rng.chance(3) {
+            // Leaves every channel (the next change may join one again),
+            // naming them: without arguments, Redis answers in the order of
+            // its own hash table, which differs between two servers.
+            let mut all = vec!["UNSUBSCRIBE".to_owned()];
+            all.extend(CHANNELS.iter().map(|c| (*c).to_owned()));
+            sub.push(all);
+            sub.push(vec!["PUNSUBSCRIBE".to_owned(), "c*".to_owned()]);
+        }
+        let mut want = direct.drain(&sub).await;
+        let mut got = proxied.drain(&sub).await;
+        if !local.is_empty() {
+            want.extend(direct.drain(&local).await);
+            got.extend(proxied.drain(&local).await);
+        }
         messages += want
             .iter()
             .filter(|f| f.windows(9).any(|w| w == b"message\r\n"))
@@ -681,12 +710,116 @@ async fn replay(seed: u64, ops: usize) {
             history[history.len().saturating_sub(20)..].join("\n")
         );
     }
+    held_by_redis(
+        seed,
+        &mut rng,
+        [&mut direct, &mut proxied],
+        [&oracle, &behind],
+    )
+    .await;
     // (The stream is long enough that some PUBLISH found the subscriber.)
     assert!(
         messages > 0 || ops < 1000,
         "seed {seed}: no message was delivered"
     );
     proxy.shutdown().await;
+}
+
+/// The same ACL users on each Redis: `reader` may read `s*` keys only,
+/// `writer` anything.
+fn add_users(redis: &RedisServer) {
+    let mut c = redis.direct();
+    for rule in [
+        &[
+            "SETUSER",
+            "reader",
+            "on",
+            ">r-pw",
+            "~s*",
+            "+@read",
+            "+@connection",
+            "+echo",
+        ][..],
+        &["SETUSER", "writer", "on", ">w-pw", "~*", "&*", "+@all"],
+    ] {
+        let _: () = redis::cmd("ACL").arg(rule).query(&mut c).unwrap();
+    }
+}
+
+/// After the random stream, the same random commands meet what makes Redis
+/// hold or refuse them — on each side in turn, and every reply compared:
+/// a script running past `busy-reply-threshold` (its caller's answer, others'
+/// `-BUSY`), `CLIENT PAUSE WRITE`, and (where Redis decides on users) Redis's
+/// ACL users.
+async fn held_by_redis(
+    seed: u64,
+    rng: &mut Rng,
+    sides: [&mut Side; 2],
+    servers: [&RedisServer; 2],
+) {
+    let script = vec![
+        "EVAL".to_owned(),
+        "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + 300000 \
+         repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] > stop return 'held'"
+            .to_owned(),
+        "0".to_owned(),
+    ];
+    // (Commands nearcache answers itself it answers while Redis is busy too,
+    // which the README lists: only what goes to Redis is compared here.)
+    let mut others: Vec<Vec<String>> = Vec::new();
+    while others.len() < 3 {
+        let c = command(rng);
+        let argv: Vec<Bytes> = c.iter().map(|a| Bytes::from(a.clone())).collect();
+        if matches!(
+            route(&argv),
+            Route::Forward | Route::Blocking | Route::Script
+        ) {
+            others.push(c);
+        }
+    }
+    let writes: Vec<Vec<String>> = (0..3).map(|_| command(rng)).collect();
+    let as_users: Vec<Vec<String>> = (0..8).map(|_| command(rng)).collect();
+    let strs = |cmd: &[&str]| cmd.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+    let mut heard: [Vec<Bytes>; 2] = [Vec::new(), Vec::new()];
+    for (i, (side, redis)) in sides.into_iter().zip(servers).enumerate() {
+        let seen = &mut heard[i];
+        // A script on connection 0 past the threshold; the others' commands
+        // meanwhile, one at a time, each after Redis is known busy.
+        side.conns[0].write(&encode_text(&script)).await;
+        let mut probe = Raw::connect(redis.port()).await;
+        while !probe.cmd(&["PING"]).await.starts_with(b"-BUSY") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for cmd in &others {
+            // (One at a time, without `run`'s ECHO: Redis refuses that too.)
+            let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            seen.push(side.conns[1].cmd(&args).await);
+        }
+        seen.push(side.conns[0].frame().await);
+        // Writes held by a pause (past a 100 ms command_timeout), answered
+        // once it ends.
+        assert_eq!(
+            &probe.cmd(&["CLIENT", "PAUSE", "300", "WRITE"]).await[..],
+            b"+OK\r\n"
+        );
+        seen.extend(side.run(2, &writes, &[false; 3]).await);
+        // Redis's own users, where Redis decides.
+        if seed % 3 == 0 {
+            // (From a fresh state: the stream may have left a WATCH, and an
+            // AUTH while pinned takes effect when the pin ends.)
+            let mut batch = vec![strs(&["RESET"]), strs(&["AUTH", "reader", "r-pw"])];
+            batch.extend(as_users[..4].iter().cloned());
+            batch.push(strs(&["AUTH", "writer", "w-pw"]));
+            batch.extend(as_users[4..].iter().cloned());
+            batch.push(strs(&["AUTH", "writer", "wrong"]));
+            batch.push(strs(&["RESET"]));
+            seen.extend(side.run(1, &batch, &[false; 13]).await);
+        }
+    }
+    assert_eq!(
+        heard[1], heard[0],
+        "seed {seed}: commands held or refused by Redis (others {others:?}, writes {writes:?}, as users {as_users:?})"
+    );
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {

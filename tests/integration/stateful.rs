@@ -430,6 +430,36 @@ async fn client_tracking_redirect_names_a_client_by_its_proxy_id() {
     assert!(field(&mine[0], "flags").contains('t'), "{mine:?}");
 }
 
+/// The order redis-py's `client_tracking_on(clientid=…)` may take: the
+/// redirect names a client that has not subscribed yet (it is on the shared
+/// connections, so Redis knows no connection of its). nearcache holds a
+/// connection for it, redirects there, and the client subscribes on that
+/// very connection: the invalidations reach it, as directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracking_redirect_to_a_client_not_yet_subscribed_reaches_it() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    let mut heard = Vec::new();
+    for port in [redis.port(), proxy.port()] {
+        let mut writer = Raw::connect(port).await;
+        assert_eq!(writer.cmd(&["SET", "rk", "1"]).await, OK);
+        let mut listener = Raw::connect(port).await;
+        let id = client_id(&mut listener).await;
+        let mut tracked = Raw::connect(port).await;
+        heard.push(
+            tracked
+                .cmd(&["CLIENT", "TRACKING", "on", "REDIRECT", &id])
+                .await,
+        );
+        heard.push(tracked.cmd(&["GET", "rk"]).await);
+        heard.push(listener.cmd(&["SUBSCRIBE", "__redis__:invalidate"]).await);
+        assert_eq!(writer.cmd(&["SET", "rk", "2"]).await, OK);
+        heard.push(listener.frame().await);
+    }
+    assert_eq!(&heard[0][..], OK, "{heard:?}");
+    assert_eq!(heard[4..], heard[..4], "through nearcache");
+}
+
 // ---------------------------------------------------------------- blocking
 
 /// Sends a blocking command on a fresh proxy connection, waits until Redis

@@ -13,6 +13,7 @@ use crate::config::AuthMode;
 use crate::error::{ErrorKind, ProxyError};
 use crate::protocol::parser::{keyword, parse_i64};
 use crate::protocol::reply::{self, OK, Protocol, Reply};
+use crate::server::directory::Reserved;
 use crate::server::route::Route;
 use crate::upstream::{PoolKey, UpstreamError};
 
@@ -327,9 +328,9 @@ impl Session {
     /// Ids the client got from nearcache (`CLIENT ID`) where a command names
     /// another client, replaced by Redis's id for the dedicated connection
     /// that client is pinned to or blocked on.
-    pub(super) fn translate_ids(&mut self, req: &mut Request<'_>) -> Result<(), ProxyError> {
+    pub(super) async fn translate_ids(&mut self, req: &mut Request<'_>) -> Result<(), ProxyError> {
         match req.route {
-            Route::Relay if req.name() == "client|tracking" => self.translate_redirect(req),
+            Route::Relay if req.name() == "client|tracking" => self.translate_redirect(req).await,
             Route::ClientUnblock => {
                 // Any id of no blocked client becomes one no Redis client
                 // has, so Redis still checks the arguments and answers 0 as
@@ -347,9 +348,11 @@ impl Session {
         }
     }
 
-    /// `CLIENT TRACKING … REDIRECT <id>`; an id of no pinned client gets
+    /// `CLIENT TRACKING … REDIRECT <id>`: a client pinned to a dedicated
+    /// connection by that Redis id; one on the shared connections gets one
+    /// held for it (see `Directory::reserve`); an id of no client gets
     /// Redis's own error for an unknown id.
-    fn translate_redirect(&self, req: &mut Request<'_>) -> Result<(), ProxyError> {
+    async fn translate_redirect(&self, req: &mut Request<'_>) -> Result<(), ProxyError> {
         let mut i = 3;
         while i + 1 < req.argv.len() {
             let opt = &req.argv[i];
@@ -358,14 +361,16 @@ impl Session {
                     // Redis judges the syntax.
                     return Ok(());
                 };
-                let Some(id) = u64::try_from(client)
-                    .ok()
-                    .and_then(|c| self.ctx.directory.redis_id(c))
-                else {
-                    return Err(ProxyError::new(
+                let unknown = || {
+                    ProxyError::new(
                         ErrorKind::Argument,
                         "ERR The client ID you want redirect to does not exist",
-                    ));
+                    )
+                };
+                let target = u64::try_from(client).map_err(|_| unknown())?;
+                let id = match self.ctx.directory.redis_id(target) {
+                    Some(id) => id,
+                    None => self.hold_connection_for(target).await.ok_or_else(unknown)?,
                 };
                 req.set_arg(i + 1, Bytes::from(id.to_string()));
                 return Ok(());
@@ -378,6 +383,42 @@ impl Session {
             };
         }
         Ok(())
+    }
+}
+
+impl Session {
+    /// Holds a dedicated connection for client `target` (on its database
+    /// and protocol, as nearcache's own upstream identity), for its
+    /// invalidations; its Redis id, or None if there is no such client (or
+    /// it runs as a Redis user of its own, whose connection nearcache cannot
+    /// open for it).
+    async fn hold_connection_for(&self, target: u64) -> Option<u64> {
+        let (db, resp) = self.ctx.directory.whereabouts(target)?;
+        let proto = if resp == 3 {
+            Protocol::Resp3
+        } else {
+            Protocol::Resp2
+        };
+        if self.ctx.directory.user_of(target)? != self.ctx.anonymous_user {
+            return None;
+        }
+        let key = PoolKey {
+            db,
+            proto,
+            user: None,
+        };
+        let conn = self
+            .ctx
+            .upstream
+            .pool(key)
+            .await
+            .ok()?
+            .dedicated()
+            .await
+            .ok()?;
+        self.ctx
+            .directory
+            .reserve(target, Reserved { conn, db, proto })
     }
 }
 

@@ -351,7 +351,7 @@ impl Session {
             self.note_write(req, spec);
         }
         // Ids the client got from nearcache, as Redis knows them.
-        if let Err(e) = self.translate_ids(req) {
+        if let Err(e) = self.translate_ids(req).await {
             self.refuse(e).await;
             return Flow::Continue;
         }

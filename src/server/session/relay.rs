@@ -130,7 +130,7 @@ impl Session {
     /// one (from the shared connections, or pinned by WATCH).
     pub(super) async fn start_relay(&mut self, req: &Request<'_>) {
         self.flush_run().await;
-        if !self.mode.pinned() && !self.pin_dedicated().await {
+        if !self.mode.pinned() && !self.pin_held() && !self.pin_dedicated().await {
             return;
         }
         let mut frames = req.bytes();

@@ -127,6 +127,31 @@ impl Session {
         }
     }
 
+    /// Pins the connection held for this client (another client named it
+    /// as its tracking redirect), if one is and it is on the client's
+    /// database and protocol: its invalidations arrive there.
+    pub(super) fn pin_held(&mut self) -> bool {
+        let Some(held) = self.ctx.directory.take_reserved(self.client.id) else {
+            return false;
+        };
+        let fits = (held.db, held.proto) == (self.client.db, self.client.proto)
+            && self.client.user.is_none()
+            && !held.conn.is_closed();
+        if !fits {
+            return false;
+        }
+        let listing = self
+            .ctx
+            .directory
+            .list(self.client.id, held.conn.redis_id());
+        self.mode = Mode::Pinned(Pin {
+            _listing: Some(listing),
+            conn: held.conn,
+            dirty: false,
+        });
+        true
+    }
+
     /// Lets the pin go: back to its pool's idle list, or closed and the
     /// session moved to where it ended up if its state changed.
     async fn unpin(&mut self) {
