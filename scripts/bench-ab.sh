@@ -9,6 +9,7 @@
 # Usage: scripts/bench-ab.sh BINARY[@CONFIG] BINARY[@CONFIG] ...
 #   e.g. scripts/bench-ab.sh /tmp/nearcache-before target/release/nearcache
 # Env:   T=get  P=16  N=1000000  ROUNDS=4  (redis-benchmark -t, -P, -n; rounds)
+#        CMD='EVAL "return 1" 0'  (instead of -t: one command, as words)
 #        CLIENTS=50 DATA_SIZE=64 KEYSPACE=100000
 #
 # Needs redis-server and redis-benchmark; everything on 127.0.0.1, free ports;
@@ -76,9 +77,14 @@ for ((round = 0; round < ROUNDS; round++)); do
     for ((k = 0; k < n; k++)); do
         j=$(((k + round) % n))
         read -r b0 i0 < <(cpu)
+        if [[ -n ${CMD:-} ]]; then
+            eval "what=($CMD)"
+        else
+            what=(-t "$T")
+        fi
         rps=$(redis-benchmark -h "$HOST" -p "${ports[$j]}" -c "$CLIENTS" -n "$N" -P "$P" \
-            -r "$KEYSPACE" -d "$DATA_SIZE" -t "$T" -q 2>/dev/null | tr '\r' '\n' \
-            | grep -a 'requests per second' | tail -1 | awk '{print int($2)}')
+            -r "$KEYSPACE" -d "$DATA_SIZE" -q "${what[@]}" 2>/dev/null | tr '\r' '\n' \
+            | grep -a 'requests per second' | tail -1 | sed -E 's/.*: ([0-9]+)[.0-9]* requests per second.*/\1/')
         read -r b1 i1 < <(cpu)
         printf '%d\t%-40s\t%s\t%d\n' "$round" "${names[$j]}" "$rps" \
             $((100 * (i1 - i0) / (b1 - b0 + i1 - i0 + 1)))

@@ -29,8 +29,8 @@ pub struct Lane {
     /// The shared connection this session pipelines through (sticky, so a
     /// client's commands stay ordered relative to each other).
     conn: Option<Conn>,
-    /// The dedicated connection a run of scripts goes to (see
-    /// [`Lane::send_script`]), while it is the last one sent to.
+    /// The pool's scripts' connection (see [`Lane::send_script`]), while the
+    /// session's last sends went there.
     script: Option<Conn>,
     /// The [serial](Conn::serial) of the connection last sent to.
     last: u64,
@@ -74,7 +74,7 @@ impl Lane {
     pub fn reset(&mut self, pool: Arc<Pool>) {
         self.pool = pool;
         self.conn = None;
-        self.release_script();
+        self.script = None;
     }
 
     /// Called before sending on `conn`: when the session last sent on
@@ -87,46 +87,40 @@ impl Lane {
                 out.settle_upstream().await;
             }
             self.last = serial;
-            // The scripts are answered: their connection goes back.
             if self.script.as_ref().is_some_and(|s| s.serial() != serial) {
-                self.release_script();
+                self.script = None;
             }
         }
     }
 
-    /// Sends `op` (scripts or functions) on a dedicated connection of the
-    /// pool, kept for as long as scripts follow one another, ordered after
-    /// the session's earlier sends. A script that runs long then holds up
-    /// nobody else's commands: Redis answers them `-BUSY` past
-    /// `busy-reply-threshold`, as it would directly, and `SCRIPT KILL` or
-    /// `FUNCTION KILL` from anyone reaches it.
+    /// Sends `op` (scripts or functions) on the pool's scripts' connection
+    /// (see [`Pool::scripts`]), ordered after the session's earlier sends.
+    /// The session's commands that follow go there too while replies are
+    /// due (see [`Lane::send_shared`]), so a pipeline mixing scripts and
+    /// other commands keeps its order without waiting.
     pub async fn send_script(&mut self, op: Op, out: &mut Outbox) -> Result<(), UpstreamError> {
         let conn = match self.script.as_ref().filter(|c| !c.is_closed()) {
             Some(conn) => conn.clone(),
-            None => {
-                let conn = self.pool.dedicated().await?;
-                self.script = Some(conn.clone());
-                conn
-            }
+            None => self.pool.scripts().await?,
         };
         self.order_for(&conn, out).await;
+        self.script = Some(conn.clone());
         conn.send(op).map_err(|_| {
             self.script = None;
             UpstreamError::ConnectionLost
         })
     }
 
-    /// Lets the scripts' connection go back to the idle list once what was
-    /// sent on it is answered.
-    fn release_script(&mut self) {
-        if let Some(conn) = self.script.take() {
-            let _ = conn.send(Op::Release(conn.clone()));
-        }
-    }
-
     /// Sends `op` on the sticky shared connection, ordered after the
     /// session's earlier sends; if that connection died, on one fresh one.
     pub async fn send_shared(&mut self, mut op: Op, out: &mut Outbox) -> Result<(), UpstreamError> {
+        // Behind scripts whose replies are due: on their connection, which
+        // keeps the order with no wait.
+        if let Some(script) = self.script.as_ref().filter(|c| !c.is_closed()) {
+            if out.awaits_upstream() {
+                return script.send(op).map_err(|_| UpstreamError::ConnectionLost);
+            }
+        }
         for _ in 0..2 {
             let conn = match self.conn.as_ref().filter(|c| !c.is_closed()) {
                 Some(conn) => conn.clone(),
@@ -152,11 +146,5 @@ impl Lane {
     /// the pool or a new one.
     pub async fn dedicated(&self) -> Result<Conn, UpstreamError> {
         self.pool.dedicated().await
-    }
-}
-
-impl Drop for Lane {
-    fn drop(&mut self) {
-        self.release_script();
     }
 }

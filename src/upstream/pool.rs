@@ -283,7 +283,8 @@ impl Pool {
         let mut slots = Vec::new();
         let mut supervisors = Vec::new();
         let wake = Arc::new(Notify::new());
-        for _ in 0..upstream.cfg.pool_size {
+        // The shared connections, then as many for scripts.
+        for _ in 0..upstream.cfg.pool_size * 2 {
             let (tx, rx) = watch::channel(SlotState::Connecting);
             let wake = wake.clone();
             supervisors.push(tokio::spawn(supervise(
@@ -315,14 +316,37 @@ impl Pool {
     /// established, up to the connect timeout; fails at once when every slot
     /// is down.
     pub async fn shared(&self) -> Result<Conn, UpstreamError> {
-        let n = self.slots.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        self.pick(&self.slots[..self.slots.len() / 2], start).await
+    }
+
+    /// One of the pool's connections for scripts and functions (`EVAL`,
+    /// `FCALL`…), as many as the shared ones and shared by every client's
+    /// scripts alike: a script that runs long then holds up only the scripts
+    /// behind it (Redis, which runs one at a time, would answer them
+    /// `-BUSY`), never the other commands, which get Redis's `-BUSY`, and
+    /// `SCRIPT KILL` reaches it. While they are down, a shared one.
+    pub async fn scripts(&self) -> Result<Conn, UpstreamError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        match self.pick(&self.slots[self.slots.len() / 2..], start).await {
+            Ok(conn) => Ok(conn),
+            Err(_) => self.shared().await,
+        }
+    }
+
+    /// A live connection of `slots`, round-robin from `start`.
+    async fn pick(
+        &self,
+        slots: &[watch::Receiver<SlotState>],
+        start: usize,
+    ) -> Result<Conn, UpstreamError> {
+        let n = slots.len();
         let mut waited = false;
         loop {
             let mut connecting = None;
             let mut last_error: Option<UpstreamError> = None;
             for i in 0..n {
-                let slot = &self.slots[(start + i) % n];
+                let slot = &slots[(start + i) % n];
                 match &*slot.borrow() {
                     SlotState::Up(conn) if !conn.is_closed() => return Ok(conn.clone()),
                     SlotState::Up(_) | SlotState::Connecting => connecting = Some(slot.clone()),

@@ -930,9 +930,9 @@ async fn idle_dedicated_connections_are_kept_warm() {
             .filter(|l| l.contains(" name=nearcache "))
             .count()
     };
-    // Two shared connections and two idle dedicated ones.
+    // Two shared connections, two for scripts and two idle dedicated ones.
     wait_until("the pool to warm up", Duration::from_secs(10), || {
-        nearcache_conns() == 4
+        nearcache_conns() == 6
     });
     let mut c = Raw::connect(proxy.port()).await;
     assert_eq!(c.cmd(&["MULTI"]).await, OK);
@@ -940,7 +940,7 @@ async fn idle_dedicated_connections_are_kept_warm() {
     wait_until(
         "the idle list to be topped up",
         Duration::from_secs(10),
-        || nearcache_conns() == 5,
+        || nearcache_conns() == 7,
     );
     assert_eq!(c.cmd(&["DISCARD"]).await, OK);
 }
