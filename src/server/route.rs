@@ -29,6 +29,9 @@ pub enum Route {
     ClientSetName,
     /// `CLIENT GETNAME`.
     ClientGetName,
+    /// `CLIENT GETREDIR`: the redirect by the id the client knows
+    /// (nearcache's), not Redis's for the connection it names.
+    ClientGetRedir,
     /// `CLIENT ID`: the proxy's id for this client.
     ClientId,
     /// `CLIENT UNBLOCK <id>`: the id is the proxy's; Redis needs its own.
@@ -83,6 +86,7 @@ impl Route {
             Route::Auth
                 | Route::ClientSetName
                 | Route::ClientGetName
+                | Route::ClientGetRedir
                 | Route::ClientId
                 | Route::ClientKill
                 | Route::ClientNoEvict
@@ -170,6 +174,7 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         "reset" => Route::Reset,
         "client|setname" => Route::ClientSetName,
         "client|getname" => Route::ClientGetName,
+        "client|getredir" => Route::ClientGetRedir,
         "client|id" => Route::ClientId,
         "client|unblock" => Route::ClientUnblock,
         "client|kill" => Route::ClientKill,

@@ -446,18 +446,25 @@ async fn a_tracking_redirect_to_a_client_not_yet_subscribed_reaches_it() {
         let mut listener = Raw::connect(port).await;
         let id = client_id(&mut listener).await;
         let mut tracked = Raw::connect(port).await;
+        heard.push(tracked.cmd(&["CLIENT", "GETREDIR"]).await);
         heard.push(
             tracked
                 .cmd(&["CLIENT", "TRACKING", "on", "REDIRECT", &id])
                 .await,
+        );
+        // The redirect by the id the client knows.
+        assert_eq!(
+            tracked.cmd(&["CLIENT", "GETREDIR"]).await,
+            format!(":{id}\r\n").as_bytes()[..]
         );
         heard.push(tracked.cmd(&["GET", "rk"]).await);
         heard.push(listener.cmd(&["SUBSCRIBE", "__redis__:invalidate"]).await);
         assert_eq!(writer.cmd(&["SET", "rk", "2"]).await, OK);
         heard.push(listener.frame().await);
     }
-    assert_eq!(&heard[0][..], OK, "{heard:?}");
-    assert_eq!(heard[4..], heard[..4], "through nearcache");
+    assert_eq!(&heard[0][..], b":-1\r\n", "{heard:?}");
+    assert_eq!(&heard[1][..], OK, "{heard:?}");
+    assert_eq!(heard[5..], heard[..5], "through nearcache");
 }
 
 // ---------------------------------------------------------------- blocking

@@ -7,11 +7,12 @@
 use bytes::Bytes;
 
 use super::Session;
+use super::mode::Mode;
 use crate::config::AuthMode;
 use crate::protocol::reply::{self, OK, Reply};
 use crate::server::client_list::{self, ListFilter};
 use crate::server::directory::{KillFilter, KillForm, Profile};
-use crate::upstream::{Op, encode_command};
+use crate::upstream::{OnAnswer, Op, encode_command};
 
 impl Session {
     /// `CLIENT KILL`: closes nearcache's clients that match (Redis's view,
@@ -79,6 +80,47 @@ impl Session {
         r.finish()
     }
 
+    /// `CLIENT GETREDIR`: -1 without tracking (which only a relay has), else
+    /// what Redis reports for the relay's connection (0: no redirect), with
+    /// a redirect by the id its client got from `CLIENT ID`. Asked once the
+    /// commands relayed before it are answered (a `CLIENT TRACKING` among
+    /// them must have run).
+    pub(super) async fn client_getredir(&mut self) -> Bytes {
+        let Mode::Relay(pin, book) = &self.mode else {
+            return int_reply(self.client.proto, -1);
+        };
+        let redis_id = pin.conn.redis_id();
+        if book.countable {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let answered = OnAnswer::new(move || {
+                let _ = tx.send(());
+            });
+            if pin.conn.send(Op::Ack(answered)).is_ok() {
+                let _ = rx.await;
+            }
+        }
+        let redir = self
+            .redis_client_list(&[redis_id])
+            .await
+            .as_deref()
+            .and_then(client_list::text_of)
+            .and_then(|text| {
+                let at = text.find(" redir=")? + " redir=".len();
+                let end = text[at..].find([' ', '\n']).map_or(text.len(), |e| at + e);
+                text[at..end].parse::<i64>().ok()
+            })
+            .unwrap_or(-1);
+        let ours = match u64::try_from(redir) {
+            Ok(id) if id > 0 => self
+                .ctx
+                .directory
+                .session_of(id)
+                .map_or(redir, |s| s as i64),
+            _ => redir,
+        };
+        int_reply(self.client.proto, ours)
+    }
+
     /// Redis's `CLIENT LIST ID …` reply for the connections `ids`, over a
     /// shared connection (unordered with the session's own commands: it is
     /// about other connections); None if Redis cannot say (the lines then
@@ -121,4 +163,11 @@ impl Session {
             self.enrollment.publish(&self.shown);
         }
     }
+}
+
+/// An integer reply.
+fn int_reply(proto: crate::protocol::Protocol, n: i64) -> Bytes {
+    let mut r = Reply::new(proto);
+    r.int(n);
+    r.finish()
 }

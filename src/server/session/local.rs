@@ -51,6 +51,7 @@ impl Session {
                 r.finish()
             }
             Route::ClientKill => self.client_kill(argv),
+            Route::ClientGetRedir => self.client_getredir().await,
             Route::ClientList => self.client_list(argv, false).await,
             Route::ClientInfo => self.client_list(argv, true).await,
             // Only ON and bad modes are queued (see `queued`); ON's reply is

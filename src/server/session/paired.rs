@@ -30,6 +30,7 @@ impl Session {
             Route::Auth
             | Route::ClientSetName
             | Route::ClientGetName
+            | Route::ClientGetRedir
             | Route::ClientId
             | Route::ClientKill
             | Route::ClientNoEvict
