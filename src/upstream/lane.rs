@@ -65,7 +65,9 @@ impl Lane {
     pub async fn switch(&mut self, key: PoolKey) -> Result<(), UpstreamError> {
         if *self.pool.key() != key {
             self.pool = self.upstream.pool(key).await?;
+            // (The scripts' connection is the old pool's too.)
             self.conn = None;
+            self.script = None;
         }
         Ok(())
     }

@@ -921,6 +921,34 @@ async fn monitor_does_not_show_nearcache_s_own_connections() {
     );
 }
 
+/// Scripts run on connections of their own: a `SELECT` between two
+/// scripts, and plain commands behind them, still land in the database the
+/// client chose, pipelined or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_follow_the_client_s_database() {
+    let redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    // (Both runs share one Redis: each starts from the same keys.)
+    let script: &[&[&str]] = &[
+        &["SELECT", "1"],
+        &["DEL", "k"],
+        &["SELECT", "0"],
+        &["SET", "k", "zero"],
+        &["EVAL", "return redis.call('GET', KEYS[1])", "1", "k"],
+        &["SELECT", "1"],
+        &["EVAL", "return redis.call('GET', KEYS[1])", "1", "k"],
+        &["SET", "k", "one"],
+        &["EVAL_RO", "return redis.call('GET', KEYS[1])", "1", "k"],
+        &["SELECT", "0"],
+        &["GET", "k"],
+        &["ECHO", "done"],
+    ];
+    let heard = frames_up_to_done(&redis, &proxy, false, script).await;
+    assert_eq!(&heard[0][6][..], b"$-1\r\n", "{:?}", heard[0]);
+    // (DEL answers 0 the first time, 1 the second.)
+    assert_eq!(heard[1][2..], heard[0][2..], "through nearcache");
+}
+
 /// Dedicated connections are kept warm (`min_idle_dedicated`, 2): a client
 /// that takes one (MULTI) finds it ready, and the pool opens another in its
 /// place, so the next one needs no handshake either.
