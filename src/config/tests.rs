@@ -57,6 +57,22 @@ fn validation_lists_every_problem_with_its_field() {
 }
 
 #[test]
+fn every_example_config_parses_and_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cfg = Config::from_file(&path).unwrap();
+            cfg.validate(&path.display().to_string())
+                .unwrap_or_else(|e| panic!("{e}"));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "examples/*.toml: {checked}");
+}
+
+#[test]
 fn auth_by_redis_and_a_proxy_password_exclude_each_other() {
     let check = |toml: &str| {
         Config::from_toml(toml, Path::new("c.toml"))
