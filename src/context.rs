@@ -25,6 +25,8 @@ use crate::upstream::{Pool, Upstream};
 pub struct Snapshot {
     /// The key rules, in match order.
     pub rules: Rules,
+    /// `server.password`: what clients must `AUTH` with, if anything.
+    pub password: Option<String>,
 }
 
 /// What every session shares.
@@ -52,6 +54,11 @@ pub struct Context {
     pub stats: Arc<Stats>,
     /// What a reload swaps.
     pub snapshot: ArcSwap<Snapshot>,
+    /// Where the configuration came from, for a reload (None: built in, or
+    /// given by a test).
+    pub source: Option<crate::reload::Source>,
+    /// Reloads one at a time.
+    pub reloading: tokio::sync::Mutex<()>,
     /// The user clients that did not authenticate as a Redis user run as,
     /// as `CLIENT LIST` names it: `upstream.url`'s where Redis decides on
     /// users, else `default`.

@@ -22,6 +22,7 @@
 //! | [`fill`] | fetching missed reads: single flight, PTTL, refresh-ahead, MGET split and stitch |
 //! | [`coherence`] | the one acknowledgement path, the NATS invalidation bus, Redis tracking |
 //! | [`stats`] | one registry of counters: requests by class, latency by path, errors by kind, per-rule cache counters, bus and tracking |
+//! | [`reload`] | SIGHUP and `PROXY RELOAD`: the file read again, what can change swapped, what cannot reported |
 //! | [`admin`] | `PROXY …` commands |
 //! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
@@ -44,6 +45,7 @@ pub mod error;
 pub(crate) mod fill;
 pub mod glob;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod stats;
 pub(crate) mod upstream;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use nearcache::config::{Config, Overrides};
+use nearcache::reload::Source;
 
 /// A Redis-protocol caching proxy.
 #[derive(Debug, Parser)]
@@ -87,7 +88,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         nats: cli.nats,
         instance_id: cli.instance_id,
     };
-    cfg.apply(Overrides::from_env().then(flags));
+    let overrides = Overrides::from_env().then(flags);
+    cfg.apply(overrides.clone());
+    let source = cli.config.clone().map(|path| Source { path, overrides });
     cfg.validate(&format!("{origin} (with environment and flags)"))?;
 
     // One thread: everything on the main thread, with no cross-thread
@@ -105,8 +108,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let proxy = nearcache::Proxy::start(cfg).await?;
-        wait_for_signal().await?;
+        // Before starting: a signal that comes while the upstream is
+        // connected is handled too, not fatal.
+        let signals = Signals::install()?;
+        let proxy = nearcache::Proxy::start_from(cfg, source).await?;
+        signals.serve_until_stopped(&proxy).await;
         tracing::info!("shutting down: finishing in-flight requests");
         proxy.shutdown().await;
         tracing::info!("bye");
@@ -114,13 +120,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// The signals nearcache handles: SIGTERM and SIGINT stop it (logged),
+/// SIGHUP reloads the configuration file.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
     }
-    Ok(())
+
+    /// Runs until SIGTERM or SIGINT; each SIGHUP reloads.
+    async fn serve_until_stopped(mut self, proxy: &nearcache::Proxy) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return tracing::info!("SIGTERM"),
+                _ = self.int.recv() => return tracing::info!("SIGINT"),
+                _ = self.hup.recv() => {
+                    // Logged by the reload itself, whatever it did.
+                    let _ = proxy.reload("SIGHUP").await;
+                }
+            }
+        }
+    }
 }

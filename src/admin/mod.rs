@@ -39,7 +39,7 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
         }
         Some(b"STATS") => reply::error("ERR wrong number of arguments for 'proxy|stats' command"),
         Some(other) => reply::error(&format!(
-            "ERR unknown subcommand '{}'. Try PROXY STATS, PROXY INVALIDATE <pattern>, PROXY FLUSH.",
+            "ERR unknown subcommand '{}'. Try PROXY STATS, PROXY INVALIDATE <pattern>, PROXY FLUSH, PROXY RELOAD.",
             String::from_utf8_lossy(other)
         )),
         None => reply::error("ERR wrong number of arguments for 'proxy' command"),

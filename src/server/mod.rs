@@ -29,6 +29,7 @@ use crate::config::{AuthMode, Config, ConfigError};
 use crate::context::{Context, Snapshot};
 use crate::error::ProxyError;
 use crate::protocol::Protocol;
+use crate::reload::Source;
 use crate::stats::Stats;
 use crate::upstream::{PoolKey, Upstream};
 use transport::Peer;
@@ -64,6 +65,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
+    ctx: Arc<Context>,
     shutdown: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -73,6 +75,12 @@ impl Proxy {
     /// upstream is not an error (the pool keeps reconnecting, and clients get
     /// `-ERR upstream unavailable` meanwhile); a rejected one is.
     pub async fn start(cfg: Config) -> Result<Proxy, StartError> {
+        Self::start_from(cfg, None).await
+    }
+
+    /// [`Proxy::start`] for a configuration read from `source`, which
+    /// SIGHUP and `PROXY RELOAD` then read again (see [`crate::reload`]).
+    pub async fn start_from(cfg: Config, source: Option<Source>) -> Result<Proxy, StartError> {
         cfg.validate("configuration")?;
         let url = cfg.upstream_url()?;
         let upstream = Upstream::new(url.clone(), cfg.upstream.clone());
@@ -130,6 +138,7 @@ impl Proxy {
             AuthMode::Redis => upstream.url_user().into(),
             AuthMode::Proxy => "default".into(),
         };
+        let password = cfg.server.password.clone();
         let ctx = Arc::new(Context {
             ack: Ack::new(l1.clone(), bus.clone()),
             l1,
@@ -141,7 +150,9 @@ impl Proxy {
             default_pool,
             directory: Arc::default(),
             stats,
-            snapshot: ArcSwap::from_pointee(Snapshot { rules }),
+            snapshot: ArcSwap::from_pointee(Snapshot { rules, password }),
+            source,
+            reloading: tokio::sync::Mutex::new(()),
             anonymous_user,
         });
         if let Some(l1) = &ctx.l1 {
@@ -157,13 +168,23 @@ impl Proxy {
             });
         }
         let (shutdown, rx) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, ctx, rx));
+        let accept = tokio::spawn(accept_loop(listener, ctx.clone(), rx));
         tracing::info!(%addr, upstream = %url, "nearcache listening");
         Ok(Proxy {
             addr,
+            ctx,
             shutdown,
             accept,
         })
+    }
+
+    /// Reads the configuration file again and applies what can change
+    /// while running (see [`crate::reload`]); logged as `why`.
+    pub async fn reload(
+        &self,
+        why: &str,
+    ) -> Result<crate::reload::Reloaded, crate::reload::ReloadError> {
+        crate::reload::reload(&self.ctx, why).await
     }
 
     /// The address clients connect to.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis_protocol::resp3::types::OwnedFrame;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
@@ -62,7 +63,9 @@ impl std::fmt::Debug for Credentials {
 /// All pools to one upstream Redis, created on first use.
 #[derive(Debug)]
 pub struct Upstream {
-    url: RedisUrl,
+    /// Where Redis is and who to authenticate as; a reload may change the
+    /// password (new connections then use it).
+    url: Arc<ArcSwap<RedisUrl>>,
     cfg: UpstreamConfig,
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     version: Mutex<String>,
@@ -76,6 +79,7 @@ pub struct Upstream {
 impl Upstream {
     /// An upstream with no connections yet.
     pub fn new(url: RedisUrl, cfg: UpstreamConfig) -> Arc<Self> {
+        let url = Arc::new(ArcSwap::from_pointee(url));
         Arc::new(Self {
             probe: Arc::new(Probe::new(url.clone(), cfg.connect_timeout.0)),
             url,
@@ -105,19 +109,37 @@ impl Upstream {
     /// Whether `user` is a Redis user some client authenticated as, or the
     /// URL's.
     pub fn knows_user(&self, user: &[u8]) -> bool {
-        let url_user = self.url.username.as_deref().unwrap_or("default");
+        let url = self.url.load();
+        let url_user = url.username.as_deref().unwrap_or("default");
         let namespaces = self.namespaces.lock().unwrap_or_else(|e| e.into_inner());
         user == url_user.as_bytes() || namespaces.keys().any(|u| u.as_bytes() == user)
     }
 
     /// The user the URL's connections run as.
-    pub fn url_user(&self) -> &str {
-        self.url.username.as_deref().unwrap_or("default")
+    pub fn url_user(&self) -> String {
+        self.url
+            .load()
+            .username
+            .clone()
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// Authenticates new connections with `password` (a reload's rotated
+    /// one; the address and user stay what they were).
+    pub fn set_password(&self, password: Option<String>) {
+        let mut next = RedisUrl::clone(&self.url.load());
+        next.password = password;
+        self.url.store(Arc::new(next));
+    }
+
+    /// The URL new connections use.
+    pub fn url(&self) -> Arc<RedisUrl> {
+        self.url.load_full()
     }
 
     /// The database a client starts in (the URL's `/db`).
     pub fn default_db(&self) -> u32 {
-        self.url.db
+        self.url.load().db
     }
 
     /// The upstream's version as its last HELLO reported it ("" before any).
@@ -145,7 +167,8 @@ impl Upstream {
     pub async fn check_auth(&self, args: &[&[u8]]) -> Result<(), UpstreamError> {
         let timeout = self.cfg.connect_timeout.0;
         let ask = async {
-            let h = handshake::connect(&self.url, 0, Protocol::Resp2, timeout).await?;
+            let url = self.url.load_full();
+            let h = handshake::connect(&url, 0, Protocol::Resp2, timeout).await?;
             let (mut stream, mut buf) = (h.stream, h.leftover);
             let mut cmd: Vec<&[u8]> = vec![b"AUTH"];
             cmd.extend_from_slice(args);
@@ -153,7 +176,7 @@ impl Upstream {
                 .write_all(&super::encode_command(&cmd))
                 .await
                 .map_err(|_| UpstreamError::ConnectionLost)?;
-            match handshake::read_frame(&mut stream, &mut buf, &self.url.addr()).await? {
+            match handshake::read_frame(&mut stream, &mut buf, &url.addr()).await? {
                 OwnedFrame::SimpleString { .. } => Ok(()),
                 OwnedFrame::SimpleError { data, .. } => Err(UpstreamError::Rejected(data.into())),
                 _ => Err(UpstreamError::InvalidReply),
@@ -238,7 +261,7 @@ impl Upstream {
     async fn connect(&self, key: PoolKey, opts: ConnOptions) -> Result<Conn, UpstreamError> {
         let as_user = key.user.as_ref().map(|c| (&c.user[..], &c.password[..]));
         let h = handshake::connect_as(
-            &self.url,
+            &self.url.load_full(),
             as_user,
             key.db,
             key.proto,

@@ -12,7 +12,10 @@
 //! connection. (`CLIENT PAUSE ALL` holds the question too: a connection
 //! waiting longer than `command_timeout` under it is declared dead.)
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use redis_protocol::resp3::types::OwnedFrame;
 use tokio::io::AsyncWriteExt;
@@ -24,13 +27,13 @@ use crate::protocol::Protocol;
 /// How to ask Redis about a connection.
 #[derive(Debug)]
 pub struct Probe {
-    url: RedisUrl,
+    url: Arc<ArcSwap<RedisUrl>>,
     timeout: Duration,
 }
 
 impl Probe {
     /// Asks `url`'s server, allowing `timeout` for connecting and answering.
-    pub fn new(url: RedisUrl, timeout: Duration) -> Self {
+    pub fn new(url: Arc<ArcSwap<RedisUrl>>, timeout: Duration) -> Self {
         Self { url, timeout }
     }
 
@@ -45,7 +48,8 @@ impl Probe {
     }
 
     async fn ask(&self, redis_id: u64) -> Result<bool, UpstreamError> {
-        let h = handshake::connect(&self.url, 0, Protocol::Resp2, self.timeout).await?;
+        let url = self.url.load_full();
+        let h = handshake::connect(&url, 0, Protocol::Resp2, self.timeout).await?;
         let (mut stream, mut buf) = (h.stream, h.leftover);
         let id = redis_id.to_string();
         stream
@@ -58,7 +62,7 @@ impl Probe {
             .await
             .map_err(|_| UpstreamError::ConnectionLost)?;
         let needle = format!("id={id} ");
-        match handshake::read_frame(&mut stream, &mut buf, &self.url.addr()).await? {
+        match handshake::read_frame(&mut stream, &mut buf, &url.addr()).await? {
             OwnedFrame::SimpleError { data, .. } => Ok(data.starts_with("BUSY")),
             OwnedFrame::BlobString { data, .. } | OwnedFrame::VerbatimString { data, .. } => {
                 Ok(String::from_utf8_lossy(&data).starts_with(&needle))

@@ -14,6 +14,7 @@ mod command_keys;
 mod faults;
 mod lifecycle;
 mod log_check;
+mod reload;
 mod smoke;
 
 mod cache;

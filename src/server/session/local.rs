@@ -89,7 +89,7 @@ impl Session {
             return self.auth_by_redis(user.map(|u| &u[..]), pass).await;
         }
         let default_user = user.is_none_or(|u| &u[..] == b"default");
-        let Some(expected) = &self.ctx.cfg.server.password else {
+        let Some(expected) = &self.snapshot.password else {
             // As Redis's `default` user without a password (`nopass`): it
             // takes any password when named, so clients configured with
             // credentials still connect; the one-argument form is refused.
@@ -320,7 +320,7 @@ impl Session {
         client.name = None;
         client.db_uncertain = false;
         client.user = None;
-        client.authed = self.ctx.cfg.server.password.is_none();
+        client.authed = self.snapshot.password.is_none();
         client.db = self.ctx.upstream.default_db();
         client.proto = Protocol::Resp2;
         self.lane.reset(self.ctx.default_pool.clone());

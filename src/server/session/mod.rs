@@ -264,7 +264,7 @@ impl Session {
                 db: ctx.upstream.default_db(),
                 proto: Protocol::Resp2,
                 name: None,
-                authed: ctx.cfg.server.password.is_none(),
+                authed: ctx.snapshot.load().password.is_none(),
                 no_evict: false,
                 last_cmd: Profile::default().cmd,
                 closing: false,

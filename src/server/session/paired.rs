@@ -7,7 +7,7 @@ use bytes::Bytes;
 use super::mode::Mode;
 use super::{Flow, Request, Session};
 use crate::error::ProxyError;
-use crate::protocol::reply::OK;
+use crate::protocol::reply::{self, OK, Reply};
 use crate::server::outbox::Slot;
 use crate::server::route::Route;
 
@@ -19,7 +19,11 @@ impl Session {
             Route::Forward => self.forward_or_serve(req).await,
             Route::Script => self.forward(req).await,
             Route::Proxy => {
-                let r = crate::admin::proxy_command(&req.argv, &self.ctx, self.client.proto);
+                let r = if req.argv.len() == 2 && req.argv[1].eq_ignore_ascii_case(b"reload") {
+                    self.reload().await
+                } else {
+                    crate::admin::proxy_command(&req.argv, &self.ctx, self.client.proto)
+                };
                 self.answer(req, r).await;
             }
             Route::Quit => {
@@ -67,6 +71,23 @@ impl Session {
             }
         }
         self.forward(req).await;
+    }
+
+    /// `PROXY RELOAD`: the configuration file read again (see
+    /// [`crate::reload`]); what takes a restart is said in the reply.
+    async fn reload(&mut self) -> Bytes {
+        match crate::reload::reload(&self.ctx, "PROXY RELOAD").await {
+            Ok(done) if done.restart_needed.is_empty() => Bytes::from_static(OK),
+            Ok(done) => {
+                let mut r = Reply::new(self.client.proto);
+                r.simple(&format!(
+                    "OK reloaded; these changes take a restart: {}",
+                    done.restart_needed.join(", ")
+                ));
+                r.finish()
+            }
+            Err(e) => reply::error(&format!("ERR reload failed: {}", e.one_line())),
+        }
     }
 
     /// `RESET`: back to a fresh connection's state; a pin is closed.

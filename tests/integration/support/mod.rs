@@ -507,15 +507,20 @@ impl ProxyProcess {
     /// Runs `nearcache --listen 127.0.0.1:<free> --upstream <url> <extra…>` and
     /// waits until it answers PING.
     pub fn start(upstream: &RedisServer, extra: &[&str]) -> Self {
+        let url = upstream.url();
+        Self::start_args(&[&["--upstream", &url], extra].concat())
+    }
+
+    /// Runs `nearcache --listen 127.0.0.1:<free> <args…>` (the upstream from
+    /// a `--config` file, say) and waits until it answers PING.
+    pub fn start_args(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("nearcache.log");
         let port = free_port();
         let child = Command::new(Self::binary())
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
-            .arg("--upstream")
-            .arg(upstream.url())
-            .args(extra)
+            .args(args)
             .env("NEARCACHE_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -532,7 +537,8 @@ impl ProxyProcess {
             if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
                 panic!("nearcache exited at startup ({status}):\n{}", p.log());
             }
-            raw_roundtrip(port, "PING").as_deref() == Some("+PONG")
+            // A proxy with a password answers too.
+            raw_roundtrip(port, "PING").is_some_and(|r| r == "+PONG" || r.starts_with("-NOAUTH"))
         });
         p
     }
@@ -584,6 +590,11 @@ impl ProxyProcess {
     pub fn must_log(&self, pattern: &str) -> &Self {
         self.expected.must(pattern);
         self
+    }
+
+    /// Everything the process logged so far, without colour codes.
+    pub fn log_text(&self) -> String {
+        log::strip_ansi(&self.log())
     }
 
     /// Everything the process logged so far (as written: with colour codes).
