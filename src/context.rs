@@ -1,6 +1,6 @@
 //! What every session shares: the configuration, the upstream, L1, the bus,
 //! the directory of clients, the stats registry, and the snapshot of what a
-//! reload may swap (the rules; limits and users next).
+//! reload may swap (the rules, the limits, the password).
 //!
 //! It sits apart from `server` so that `admin` (which reads it) and the
 //! request path (which calls `admin`) do not import each other.
@@ -27,6 +27,8 @@ pub struct Snapshot {
     pub rules: Rules,
     /// `server.password`: what clients must `AUTH` with, if anything.
     pub password: Option<String>,
+    /// The rate limits.
+    pub limits: crate::limits::Limits,
 }
 
 /// What every session shares.
@@ -63,4 +65,20 @@ pub struct Context {
     /// as `CLIENT LIST` names it: `upstream.url`'s where Redis decides on
     /// users, else `default`.
     pub anonymous_user: Arc<str>,
+}
+
+impl Context {
+    /// Instances alive on the coherence bus, this one included (1 without
+    /// a bus).
+    pub fn live_instances(&self) -> u32 {
+        if self.bus.is_none() {
+            return 1;
+        }
+        let peers = self
+            .stats
+            .bus
+            .live_peers
+            .load(std::sync::atomic::Ordering::Relaxed);
+        u32::try_from(peers).unwrap_or(u32::MAX - 1) + 1
+    }
 }

@@ -30,6 +30,8 @@ pub enum ErrorKind {
     Argument,
     /// A client limit (`max_clients`).
     Limit,
+    /// A rate limit (`[[limits]]`).
+    RateLimited,
     /// No upstream connection could be had.
     UpstreamUnavailable,
     /// Redis did not answer within `command_timeout`.
@@ -46,13 +48,14 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in a fixed order (for counters indexed by kind).
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::Protocol,
         ErrorKind::Auth,
         ErrorKind::Arity,
         ErrorKind::Unsupported,
         ErrorKind::Argument,
         ErrorKind::Limit,
+        ErrorKind::RateLimited,
         ErrorKind::UpstreamUnavailable,
         ErrorKind::UpstreamTimeout,
         ErrorKind::UpstreamLost,
@@ -70,6 +73,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Argument => "argument",
             ErrorKind::Limit => "limit",
+            ErrorKind::RateLimited => "rate_limited",
             ErrorKind::UpstreamUnavailable => "upstream_unavailable",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamLost => "upstream_lost",
@@ -93,7 +97,8 @@ impl ErrorKind {
             | ErrorKind::Arity
             | ErrorKind::Unsupported
             | ErrorKind::Argument
-            | ErrorKind::Limit => Side::Client,
+            | ErrorKind::Limit
+            | ErrorKind::RateLimited => Side::Client,
             ErrorKind::UpstreamUnavailable
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamLost
@@ -151,6 +156,28 @@ impl ProxyError {
     /// Beyond `max_clients`.
     pub fn max_clients() -> Self {
         Self::new(ErrorKind::Limit, "ERR max number of clients reached")
+    }
+
+    /// Over the rate limit `name` (described as `label`, "500/s per ip");
+    /// the client may retry after `retry`.
+    pub fn rate_limited(name: &str, label: &str, retry: std::time::Duration) -> Self {
+        // Rounded up, so a retry after it is in time.
+        let ms = retry.as_micros().div_ceil(1000).max(1);
+        Self::new(
+            ErrorKind::RateLimited,
+            format!("ERR rate limited by '{name}' ({label}), retry in {ms} ms"),
+        )
+    }
+
+    /// A command that no rate of `name` can ever let through (its bytes
+    /// exceed the burst).
+    pub fn over_burst(name: &str, label: &str, burst: u32) -> Self {
+        Self::new(
+            ErrorKind::RateLimited,
+            format!(
+                "ERR rate limited by '{name}' ({label}): the command is larger than the burst of {burst}"
+            ),
+        )
     }
 
     /// What went wrong.

@@ -27,6 +27,7 @@
 //! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs, cacheability) and key extraction |
+//! | [`limits`] | rate limits at admission (`[[limits]]`): which commands count, buckets per ip/name/user/command/pattern, fleet shares |
 //! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
 
 #![forbid(unsafe_code)]
@@ -44,6 +45,7 @@ pub(crate) mod context;
 pub mod error;
 pub(crate) mod fill;
 pub mod glob;
+pub mod limits;
 pub mod protocol;
 pub mod reload;
 pub mod server;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use crate::cache::{Rule, Rules};
 use crate::config::{Config, ConfigError, Overrides};
 use crate::context::{Context, Snapshot};
+use crate::limits::Limits;
 
 /// Where the running configuration came from.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct Source {
 pub struct Reloaded {
     /// Rules added, changed or removed.
     pub rules_changed: usize,
+    /// Limits added, changed or removed.
+    pub limits_changed: usize,
     /// Fields that changed but take a restart to apply.
     pub restart_needed: Vec<String>,
 }
@@ -58,6 +61,7 @@ pub async fn reload(ctx: &Context, why: &str) -> Result<Reloaded, ReloadError> {
         }
         Ok(done) => tracing::warn!(
             rules_changed = done.rules_changed,
+            limits_changed = done.limits_changed,
             restart_needed = %done.restart_needed.join(", "),
             "{why}: configuration reloaded; these changes take a restart"
         ),
@@ -109,9 +113,26 @@ async fn apply(ctx: &Context) -> Result<Reloaded, ReloadError> {
     if url.username == ctx.upstream.url().username {
         ctx.upstream.set_password(url.password);
     }
+    let limits = Limits::new(
+        &next.limits,
+        &ctx.stats,
+        Some(&current.limits),
+        ctx.live_instances(),
+    );
+    report.limits_changed = next
+        .limits
+        .iter()
+        .filter(|l| !ctx_has(&current.limits, l))
+        .count()
+        + current
+            .limits
+            .iter()
+            .filter(|l| !next.limits.contains(l.config()))
+            .count();
     ctx.snapshot.store(Arc::new(Snapshot {
         rules,
         password: next.server.password.clone(),
+        limits,
     }));
     // After the swap: no new fill can take an old rule's ttl any more.
     if let Some(l1) = &ctx.l1 {
@@ -120,6 +141,11 @@ async fn apply(ctx: &Context) -> Result<Reloaded, ReloadError> {
         }
     }
     Ok(report)
+}
+
+/// Whether `limits` has one configured as `cfg`.
+fn ctx_has(limits: &Limits, cfg: &crate::config::LimitConfig) -> bool {
+    limits.iter().any(|l| l.config() == cfg)
 }
 
 /// The globs of keys whose rule is not the same any more: rules removed or
@@ -174,6 +200,7 @@ fn restart_needed(running: &Config, next: &Config) -> Vec<String> {
     let mut b = next.clone();
     // What a reload applies is left out of the comparison.
     b.server.password.clone_from(&a.server.password);
+    b.limits.clone_from(&a.limits);
     if let (Ok(ua), Ok(ub)) = (a.upstream_url(), b.upstream_url()) {
         // A new password applies; a new user (whose L1 and CLIENT LIST
         // name are set at start) or address takes a restart.

@@ -1,5 +1,8 @@
 //! nearcache's own view of itself: `PROXY …` commands that redis-cli can run.
 //! (The HTTP endpoints, metrics and INFO section come with the admin issue.)
+//! `PROXY LIMITS` is in `limits.rs`.
+
+mod limits;
 
 use bytes::Bytes;
 
@@ -12,6 +15,12 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
     let sub = argv.get(1).map(|s| s.to_ascii_uppercase());
     match sub.as_deref() {
         Some(b"STATS") if argv.len() == 2 => stats(ctx, proto),
+        Some(b"LIMITS") if argv.len() == 2 => {
+            let mut r = Reply::new(proto);
+            limits::limits(&mut r, ctx);
+            r.finish()
+        }
+        Some(b"LIMITS") => reply::error("ERR wrong number of arguments for 'proxy|limits' command"),
         Some(b"INVALIDATE") if argv.len() == 3 => {
             // Local first, then every peer over the bus. Redis is untouched.
             let dropped = ctx
@@ -39,7 +48,7 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
         }
         Some(b"STATS") => reply::error("ERR wrong number of arguments for 'proxy|stats' command"),
         Some(other) => reply::error(&format!(
-            "ERR unknown subcommand '{}'. Try PROXY STATS, PROXY INVALIDATE <pattern>, PROXY FLUSH, PROXY RELOAD.",
+            "ERR unknown subcommand '{}'. Try PROXY STATS, PROXY LIMITS, PROXY INVALIDATE <pattern>, PROXY FLUSH, PROXY RELOAD.",
             String::from_utf8_lossy(other)
         )),
         None => reply::error("ERR wrong number of arguments for 'proxy' command"),
@@ -52,18 +61,20 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
 fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     let mut r = Reply::new(proto);
     let Some(l1) = &ctx.l1 else {
-        r.map(2)
+        r.map(3)
             .bulk(b"cache")
             .bulk(b"disabled (no rule caches anything)");
         request_stats(&mut r, ctx);
+        limits::stats(&mut r, ctx);
         return r.finish();
     };
     let (entries, bytes) = l1.usage();
     let snapshot = ctx.snapshot.load();
     let rules: Vec<_> = snapshot.rules.iter().collect();
-    r.map(8);
+    r.map(9);
     bus_stats(&mut r, ctx);
     request_stats(&mut r, ctx);
+    limits::stats(&mut r, ctx);
     // 1 once Redis tracks the cached prefixes for us (and L1 was flushed
     // after it began), 0 while it does not, -1 when not configured.
     let configured = ctx.cfg.coherence.redis_tracking;
@@ -143,8 +154,9 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
     let s = &ctx.stats.bus;
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let d = &s.delay_us;
-    let fields: [(&str, i64); 18] = [
+    let fields: [(&str, i64); 19] = [
         ("healthy", i64::from(bus.healthy())),
+        ("live_peers", n(s.live_peers.load(Relaxed))),
         ("published", n(s.published.load(Relaxed))),
         ("published_keys", n(s.published_keys.load(Relaxed))),
         ("received", n(s.received.load(Relaxed))),

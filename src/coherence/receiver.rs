@@ -136,6 +136,7 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                     stats.flushes.fetch_add(1, SeqCst);
                 }
                 settle(&mut missing);
+                stats.live_peers.store(last_seen.len() as u64, SeqCst);
                 continue;
             }
         };
@@ -163,6 +164,7 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
             }
         };
         last_seen.insert(m.instance.clone(), Instant::now());
+        stats.live_peers.store(last_seen.len() as u64, SeqCst);
         stats.received.fetch_add(1, SeqCst);
         // (Back: its message shows its gap, which flushes, below.)
         let returned = missing.heard(&m.instance);
@@ -213,6 +215,7 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
             Kind::Resync => continue,
             Kind::Leave => {
                 last_seen.remove(&m.instance);
+                stats.live_peers.store(last_seen.len() as u64, SeqCst);
                 last_seq.remove(&m.instance);
                 stats.peers_left.fetch_add(1, SeqCst);
                 tracing::info!(peer = %m.instance, "peer left the bus");

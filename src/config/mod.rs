@@ -6,6 +6,7 @@
 //! shipped `config.toml` documents the same values and a test keeps the two in
 //! step.
 
+mod limits;
 mod units;
 mod upstream_url;
 mod validate;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use limits::{Action, Counts, LimitConfig, Per, Rate, Scope};
 pub use units::{ByteSize, Duration};
 pub use upstream_url::RedisUrl;
 
@@ -31,6 +33,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Invalidation bus between instances.
     pub coherence: CoherenceConfig,
+    /// Rate limits at admission (`[[limits]]`).
+    pub limits: Vec<LimitConfig>,
 }
 
 /// The client-facing side: listener, limits, client authentication.

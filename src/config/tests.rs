@@ -186,3 +186,43 @@ fn overrides_take_precedence_in_order() {
     assert_eq!(cfg.server.listen, "127.0.0.1:1");
     assert_eq!(cfg.upstream.url, "redis://flag:2");
 }
+
+#[test]
+fn bad_limits_are_named_by_field() {
+    let cfg: Config = toml::from_str(
+        r#"
+        [[limits]]
+        name = "a"
+        rate = "10/s"
+        commands = ["read", "NOSUCH"]
+        per = ["pattern"]
+        scope = "fleet"
+
+        [[limits]]
+        name = "a"
+        rate = "10/s"
+        burst = 0
+        action = "delay"
+        max_wait = "0"
+        "#,
+    )
+    .unwrap();
+    let err = cfg.validate("limits.toml").unwrap_err().to_string();
+    for want in [
+        "limits[0] (\"a\").commands: 'read' is not a command; a class is written '@read'",
+        "limits[0] (\"a\").per: 'pattern' needs keys",
+        "limits[0] (\"a\").scope: \"fleet\" shares the rate",
+        "limits[1] (\"a\").name: another limit has the same name",
+        "limits[1] (\"a\").burst: 0 is out of range",
+        "limits[1] (\"a\").max_wait: must be more than 0",
+    ] {
+        assert!(err.contains(want), "{want}\n{err}");
+    }
+    let bad_rate = toml::from_str::<Config>("[[limits]]\nname = \"x\"\nrate = \"fast\"\n");
+    assert!(
+        bad_rate
+            .unwrap_err()
+            .to_string()
+            .contains("'fast' is not a rate")
+    );
+}

@@ -230,6 +230,63 @@ impl Config {
                 ),
             );
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, limit) in self.limits.iter().enumerate() {
+            let field = |name: &str| format!("limits[{i}] (\"{}\").{name}", limit.name);
+            if limit.name.is_empty() {
+                bad(
+                    &field("name"),
+                    "must not be empty: errors and counters name the limit".into(),
+                );
+            } else if !names.insert(&limit.name) {
+                bad(&field("name"), "another limit has the same name".into());
+            }
+            let count = limit.rate.count;
+            if count > u64::from(u32::MAX) || limit.rate.period.as_nanos() < u128::from(count) {
+                bad(
+                    &field("rate"),
+                    format!("{} is more than one per nanosecond", limit.rate),
+                );
+            }
+            if let Some(burst) = limit.burst {
+                if burst == 0 || burst > u64::from(u32::MAX) {
+                    bad(
+                        &field("burst"),
+                        format!("{burst} is out of range (1 to 4294967295)"),
+                    );
+                }
+            }
+            if let Err(e) = crate::limits::CommandSet::new(&limit.commands) {
+                bad(&field("commands"), e);
+            }
+            if limit.keys.iter().any(String::is_empty) {
+                bad(&field("keys"), "a glob must not be empty".into());
+            }
+            let mut per = std::collections::HashSet::new();
+            for p in &limit.per {
+                if !per.insert(p) {
+                    bad(&field("per"), format!("'{}' is listed twice", p.name()));
+                }
+            }
+            if limit.per.contains(&crate::config::Per::Pattern) && limit.keys.is_empty() {
+                bad(
+                    &field("per"),
+                    "'pattern' needs keys = [...] to tell patterns apart".into(),
+                );
+            }
+            if limit.scope == crate::config::Scope::Fleet && self.coherence.nats_url.is_empty() {
+                bad(
+                    &field("scope"),
+                    "\"fleet\" shares the rate among the instances on the coherence bus: set coherence.nats_url".into(),
+                );
+            }
+            if limit.action == crate::config::Action::Delay && limit.max_wait.0.is_zero() {
+                bad(
+                    &field("max_wait"),
+                    "must be more than 0 for action = \"delay\"".into(),
+                );
+            }
+        }
         let nats = &self.coherence.nats_url;
         if !(nats.is_empty() || nats.starts_with("nats://") || nats.starts_with("tls://")) {
             bad(

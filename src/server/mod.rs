@@ -112,6 +112,7 @@ impl Proxy {
         })?;
         let stats = Arc::new(Stats::default());
         let rules = Rules::new(&cfg.cache.rules, &stats);
+        let limits = crate::limits::Limits::new(&cfg.limits, &stats, None, 1);
         let l1 = (!rules.caches_nothing()).then(|| L1::new(cfg.cache.max_memory.0));
         let bus = match (&l1, cfg.coherence.nats_url.is_empty()) {
             (Some(l1), false) => {
@@ -150,7 +151,11 @@ impl Proxy {
             default_pool,
             directory: Arc::default(),
             stats,
-            snapshot: ArcSwap::from_pointee(Snapshot { rules, password }),
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                rules,
+                password,
+                limits,
+            }),
             source,
             reloading: tokio::sync::Mutex::new(()),
             anonymous_user,
@@ -164,6 +169,23 @@ impl Proxy {
                     tick.tick().await;
                     let Some(l1) = l1.upgrade() else { break };
                     l1.maintain();
+                }
+            });
+        }
+        if ctx.bus.is_some() {
+            // Fleet-scoped limits follow the instances the bus sees, at the
+            // bus's own cadence.
+            let weak = Arc::downgrade(&ctx);
+            let every = ctx.cfg.coherence.heartbeat_interval.0;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let Some(ctx) = weak.upgrade() else { break };
+                    ctx.snapshot
+                        .load()
+                        .limits
+                        .set_instances(ctx.live_instances());
                 }
             });
         }

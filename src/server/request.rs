@@ -70,6 +70,14 @@ impl<'c> Request<'c> {
         }
     }
 
+    /// How many bytes go upstream for it.
+    pub fn len(&self) -> usize {
+        match (&self.replaced, &self.frame) {
+            (None, Some(f)) => f.len(),
+            _ => self.bytes().len(),
+        }
+    }
+
     /// The bytes to send upstream: the client's own, unless re-encoded.
     pub fn bytes(&self) -> Bytes {
         if let Some(bytes) = &self.replaced {

@@ -31,6 +31,9 @@ pub struct BusStats {
     /// instance had the write acknowledged (the oldest in the message) to the
     /// moment this instance applied it. Heartbeats are not counted.
     pub delay_us: Histogram,
+    /// Peers heard from within `peer_timeout` (heartbeats or messages) and
+    /// not gone: the other live instances, for fleet-scoped limits.
+    pub live_peers: AtomicU64,
     /// Peers that fell silent past `peer_timeout` (each flushed L1).
     pub silent_peers: AtomicU64,
     /// Peers that said goodbye on a clean shutdown (no flush needed).

@@ -246,6 +246,18 @@ pub struct Stats {
     /// Redis tracking.
     pub tracking: Arc<TrackingStats>,
     rules: Mutex<HashMap<String, Arc<RuleStats>>>,
+    limits: Mutex<HashMap<String, Arc<LimitStats>>>,
+}
+
+/// Counters for one rate limit.
+#[derive(Debug, Default)]
+pub struct LimitStats {
+    /// Commands let through (at once or after a delay).
+    pub allowed: AtomicU64,
+    /// Commands held before they were let through or refused.
+    pub delayed: AtomicU64,
+    /// Commands refused.
+    pub rejected: AtomicU64,
 }
 
 impl Stats {
@@ -255,6 +267,13 @@ impl Stats {
     pub fn rule(&self, selector: &str) -> Arc<RuleStats> {
         let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
         rules.entry(selector.to_owned()).or_default().clone()
+    }
+
+    /// The counters of the limit called `name`, kept across reloads as a
+    /// rule's are.
+    pub fn limit(&self, name: &str) -> Arc<LimitStats> {
+        let mut limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        limits.entry(name.to_owned()).or_default().clone()
     }
 }
 

@@ -13,6 +13,7 @@ mod clients;
 mod command_keys;
 mod faults;
 mod lifecycle;
+mod limits;
 mod log_check;
 mod reload;
 mod smoke;

@@ -369,3 +369,45 @@ fn sigint_is_logged_and_exits_cleanly() {
     assert!(log.contains("SIGINT"), "{log}");
     assert!(log.contains("bye"), "{log}");
 }
+
+#[test]
+fn a_limit_added_by_reload_applies_to_live_connections_and_a_broken_one_changes_nothing() {
+    let redis = RedisServer::start();
+    let file = ConfigFile::new("");
+    let proxy = start(&redis, &file);
+    proxy.must_log(NOT_RELOADED);
+    let mut conn = connect(&proxy);
+    let id = client_id(&mut conn);
+    for _ in 0..5 {
+        assert_eq!(get(&mut conn, "k"), None, "no limit yet");
+    }
+    let limit = "[[limits]]\nname = \"gets\"\nrate = \"1/m\"\nburst = 2\ncommands = [\"GET\"]\n";
+    file.write(limit);
+    sighup(&proxy, RELOADED);
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        let r: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("k").query(&mut conn);
+        replies.push(r.map_err(|e| e.to_string()));
+    }
+    assert_eq!(replies[..2], [Ok(None), Ok(None)], "the burst");
+    let refused = replies[2].clone().unwrap_err();
+    assert!(
+        refused.contains("rate limited by 'gets' (1/m)"),
+        "{refused}"
+    );
+    assert_eq!(client_id(&mut conn), id, "the client kept its connection");
+
+    // A limit naming no command: nothing changes, the field is named.
+    file.write(&limit.replace("GET", "GETT"));
+    sighup(&proxy, NOT_RELOADED);
+    let log = proxy.log_text();
+    assert!(
+        log.contains("limits[0] (\"gets\").commands: 'GETT' is not a command"),
+        "{log}"
+    );
+    let r: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("k").query(&mut conn);
+    assert!(
+        r.is_err(),
+        "the running limit, its bucket still empty, stays"
+    );
+}

@@ -61,6 +61,16 @@ pub fn key_positions<A: AsRef<[u8]>>(
     extract(spec, args, &mut |pos, flags| out.push((pos, flags)))
 }
 
+/// The argument index of the first key [`key_positions`] would report, if
+/// any; allocates nothing.
+pub fn first_key<A: AsRef<[u8]>>(spec: &CommandSpec, args: &[A]) -> Option<usize> {
+    let mut first = None;
+    extract(spec, args, &mut |pos, _| {
+        first.get_or_insert(pos);
+    });
+    first
+}
+
 /// True when [`key_positions`] would return [`Extraction::Incomplete`] for
 /// these arguments, i.e. the request may touch keys that cannot be named.
 #[must_use]

@@ -19,7 +19,9 @@ use super::{Request, Session};
 use crate::cache::{self, Invalidation, Now, Rules};
 use crate::command::keys::key_positions;
 use crate::command::{CommandSpec, flag};
+use crate::error::ProxyError;
 use crate::fill::{self, Fetch, FillPolicy, Sent};
+use crate::limits::Stage;
 use crate::server::outbox::{Outbox, Slot};
 use crate::stats::{Path, RuleStats};
 use crate::upstream::{Lane, Op, encode_command};
@@ -110,6 +112,14 @@ impl Session {
             }
             None => {
                 RuleStats::inc(&rule.stats.misses);
+                if let Err(e) = self.limit_upstream(req).await {
+                    self.refuse(e).await;
+                    return true;
+                }
+                let (Some(l1), Some(rule)) = (&self.ctx.l1, self.snapshot.rules.caching(key))
+                else {
+                    return false;
+                };
                 let policy = FillPolicy::of(rule);
                 let rx = fetch!(self, l1)
                     .miss(key.clone(), req.bytes(), policy)
@@ -134,6 +144,10 @@ impl Session {
         if m.complete() {
             self.out.put(&buf);
             self.tally.hits += 1;
+        } else if let Err(e) = self.limit_upstream(req).await {
+            self.keep_mget_buf(buf);
+            self.refuse(e).await;
+            return true;
         } else {
             let rx = fetch!(self, l1).mget_rest(&mut m, keys, &buf).await;
             self.push_fetched(rx);
@@ -141,6 +155,15 @@ impl Session {
         self.keep_mget_buf(buf);
         fetch!(self, l1).mget_refresh(m, keys).await;
         true
+    }
+
+    /// The limits that count upstream traffic, for a read L1 does not
+    /// answer whole.
+    pub(super) async fn limit_upstream(&mut self, req: &Request<'_>) -> Result<(), ProxyError> {
+        if self.snapshot.limits.is_empty() {
+            return Ok(());
+        }
+        self.limit(req, Stage::Upstream).await
     }
 
     /// Queues the slot of a read fetched from Redis (it writes nothing).

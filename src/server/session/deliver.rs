@@ -212,6 +212,8 @@ impl Session {
     /// Redis sees the command, so it stands whatever state Redis is in).
     pub(super) async fn refuse(&mut self, e: ProxyError) {
         self.ctx.stats.requests.error(e.kind(), 1);
+        // Forwarded commands read before it answer before it.
+        self.flush_run().await;
         match &self.mode {
             Mode::Transaction(pin, _) => {
                 // A command with the wrong arity, whose reply nobody reads,

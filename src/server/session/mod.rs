@@ -3,7 +3,7 @@
 //! The request path, for every command of a read ([`Session::handle`]):
 //! 1. **classify** — the command table and [`route`](super::route) say what
 //!    the command is and what the proxy does with it ([`Request::new`]);
-//! 2. **admit** — authentication (and, next, limits and permissions); a
+//! 2. **admit** — authentication and rate limits (`admit.rs`); a
 //!    refusal is delivered by [`Session::refuse`] wherever the mode needs it;
 //! 3. **note writes** — a write's keys leave L1 now, and again on its reply
 //!    (`cached.rs`);
@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+mod admit;
 mod blocking;
 mod cached;
 mod clients;
@@ -50,7 +51,6 @@ use super::route::Route;
 use super::transport::{ClientStream, Peer};
 use crate::cache::{Invalidation, Viewer};
 use crate::context::{Context, Snapshot};
-use crate::error::ProxyError;
 use crate::protocol::reply::Protocol;
 use crate::stats::Tally;
 use crate::upstream::{Credentials, Lane};
@@ -151,6 +151,10 @@ pub struct Session {
     shown: Profile,
     /// Arguments of the command being parsed, reused.
     argv: Vec<Bytes>,
+    /// The client's address, as rate limits key it.
+    ip: std::net::IpAddr,
+    /// The rate-limit buckets this session uses.
+    buckets: crate::limits::SessionBuckets,
 }
 
 /// A copy of `arg` for keeping: arguments are slices of the client's input
@@ -176,7 +180,7 @@ pub async fn serve<S: ClientStream>(
 ) {
     // `CLIENT KILL` from another client ends the session.
     let (enrollment, mut killed) = ctx.directory.enroll(id, &peer);
-    let mut session = Session::new(ctx.clone(), id, enrollment);
+    let mut session = Session::new(ctx.clone(), id, enrollment, peer.addr.ip());
     let mut input = Input::new(ctx.limits);
     let idle = ctx.cfg.server.idle_timeout.0;
     let max_pending = ctx.cfg.server.max_pending_replies;
@@ -252,7 +256,7 @@ pub async fn serve<S: ClientStream>(
 }
 
 impl Session {
-    fn new(ctx: Arc<Context>, id: u64, enrollment: Enrollment) -> Self {
+    fn new(ctx: Arc<Context>, id: u64, enrollment: Enrollment, ip: std::net::IpAddr) -> Self {
         ctx.stats
             .requests
             .clients
@@ -282,6 +286,8 @@ impl Session {
             enrollment,
             shown: Profile::default(),
             argv: Vec::with_capacity(8),
+            ip,
+            buckets: Default::default(),
             ctx,
         }
     }
@@ -341,7 +347,7 @@ impl Session {
             self.flush_run().await;
         }
         // Admit.
-        if let Err(e) = self.admit(req) {
+        if let Err(e) = self.admit(req).await {
             self.refuse(e).await;
             return Flow::Continue;
         }
@@ -361,18 +367,6 @@ impl Session {
             Mode::Transaction(..) => self.queued(req).await,
             Mode::Shared | Mode::Pinned(_) => self.paired(req).await,
         }
-    }
-
-    /// Whether the command may run now.
-    fn admit(&self, req: &Request<'_>) -> Result<(), ProxyError> {
-        let before_auth = matches!(
-            req.route,
-            Route::Auth | Route::Hello | Route::Quit | Route::Reset
-        );
-        if !self.client.authed && !before_auth {
-            return Err(ProxyError::no_auth());
-        }
-        Ok(())
     }
 
     /// Closes the connection once everything before is written.

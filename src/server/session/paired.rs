@@ -65,6 +65,9 @@ impl Session {
         if self.cached_read(req).await {
             return;
         }
+        if let Err(e) = self.limit_upstream(req).await {
+            return self.refuse(e).await;
+        }
         if self.ctx.l1.is_some() {
             if let Some(set) = super::cached::with_upstream_ttl(&self.snapshot.rules, &req.argv) {
                 req.replace(set);
