@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
 ensure_commands redis-server:redis-server redis-cli:redis-tools \
     redis-benchmark:redis-tools nats-server:nats-server openssl:openssl \
-    node:nodejs npm:npm
+    node:nodejs npm:npm promtool:prometheus
 need cargo || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 need python3 || { echo "python3 not found: apt-get install -y python3 python3-pip" >&2; exit 1; }
 if ! python3 -c 'import redis' 2>/dev/null; then

@@ -22,7 +22,7 @@ struct Cli {
     /// Upstream Redis, redis://[user:pass@]host:port[/db] [env: NEARCACHE_UPSTREAM, REDIS_URL].
     #[arg(long)]
     upstream: Option<String>,
-    /// Address for metrics and health endpoints [env: NEARCACHE_ADMIN] (not served yet).
+    /// Address for the admin HTTP endpoints: /metrics, /healthz, /readyz, /stats [env: NEARCACHE_ADMIN].
     #[arg(long)]
     admin: Option<String>,
     /// NATS URL for the invalidation bus [env: NATS_URL].

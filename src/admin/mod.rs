@@ -1,10 +1,14 @@
-//! nearcache's own view of itself: `PROXY …` commands that redis-cli can run.
-//! (The HTTP endpoints, metrics and INFO section come with the admin issue.)
-//! `PROXY LIMITS` is in `limits.rs`.
+//! nearcache's own view of itself: `PROXY …` commands that redis-cli can
+//! run, and the admin HTTP listener ([`http`]: health, readiness, `/metrics`
+//! from [`metrics`], `/stats`). Everything here reads `Context`. `PROXY LIMITS` is in
+//! `limits.rs`.
 
+pub mod http;
 mod limits;
+mod metrics;
 
 use bytes::Bytes;
+use serde_json::{Value, json};
 
 use crate::context::Context;
 use crate::protocol::reply::{self, Protocol, Reply};
@@ -180,4 +184,183 @@ fn bus_stats(r: &mut Reply, ctx: &Context) {
     for (name, value) in fields {
         r.bulk(name.as_bytes()).int(value);
     }
+}
+
+/// Whether the proxy can serve, and if not, why.
+#[derive(Debug)]
+pub struct Readiness {
+    /// Every check passed.
+    pub ready: bool,
+    /// A shared upstream connection is up.
+    pub upstream: bool,
+    /// The bus: "none", "connected", "lost, policy serves L1" or "lost".
+    pub bus: &'static str,
+    /// Graceful shutdown has begun.
+    pub draining: bool,
+}
+
+impl Readiness {
+    /// The `/readyz` body.
+    pub fn to_json(&self) -> Value {
+        let mut why = Vec::new();
+        if !self.upstream {
+            why.push("upstream unreachable");
+        }
+        if self.bus == "lost" {
+            why.push("bus lost and the loss policy bypasses L1");
+        }
+        if self.draining {
+            why.push("draining");
+        }
+        json!({
+            "ready": self.ready,
+            "upstream": if self.upstream { "up" } else { "down" },
+            "bus": self.bus,
+            "draining": self.draining,
+            "why": why,
+        })
+    }
+}
+
+/// Readiness now: the upstream reachable, the bus connected or its loss
+/// policy still serving L1, and not draining.
+pub fn readiness(ctx: &Context, draining: bool) -> Readiness {
+    let upstream = ctx.default_pool.any_shared_up();
+    let bus = match &ctx.bus {
+        None => "none",
+        Some(bus) if bus.healthy() => "connected",
+        Some(bus) if bus.l1_usable() => "lost, policy serves L1",
+        Some(_) => "lost",
+    };
+    Readiness {
+        ready: upstream && bus != "lost" && !draining,
+        upstream,
+        bus,
+        draining,
+    }
+}
+
+/// What `PROXY STATS` shows, as JSON (`/stats`), with hit ratios added.
+pub fn stats_json(ctx: &Context) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &ctx.stats.requests;
+    let latency: serde_json::Map<String, Value> = Path::ALL
+        .into_iter()
+        .map(|p| {
+            let h = s.latency(p);
+            let v = json!({
+                "count": h.count(),
+                "p50": h.quantile(0.5),
+                "p99": h.quantile(0.99),
+                "max": h.max(),
+            });
+            (p.name().to_owned(), v)
+        })
+        .collect();
+    let commands: serde_json::Map<String, Value> = s
+        .commands()
+        .map(|(c, v)| (c.name().to_owned(), json!(v)))
+        .collect();
+    let errors: serde_json::Map<String, Value> = s
+        .errors()
+        .map(|(k, v)| (k.name().to_owned(), json!(v)))
+        .collect();
+    let requests = json!({
+        "clients": s.clients.load(Relaxed),
+        "pinned": ctx.directory.pinned_count(),
+        "commands": commands,
+        "errors": errors,
+        "latency_us": latency,
+    });
+    let ratio = |hits: u64, misses: u64| {
+        let total = hits + misses;
+        if total == 0 {
+            Value::Null
+        } else {
+            json!(hits as f64 / total as f64)
+        }
+    };
+    let snapshot = ctx.snapshot.load();
+    let (mut all_hits, mut all_misses) = (0, 0);
+    let rules: Vec<Value> = snapshot
+        .rules
+        .iter()
+        .map(|rule| {
+            let (kind, selector) = rule.selector();
+            let mut m = serde_json::Map::new();
+            m.insert(kind.into(), json!(String::from_utf8_lossy(selector)));
+            m.insert(
+                "ttl_ms".into(),
+                json!(u64::try_from(rule.ttl.as_millis()).unwrap_or(u64::MAX)),
+            );
+            m.insert("cache".into(), json!(rule.cache));
+            for (name, value) in rule.stats.snapshot() {
+                m.insert(name.into(), json!(value));
+            }
+            let hits = rule.stats.hits.load(Relaxed);
+            let misses = rule.stats.misses.load(Relaxed);
+            all_hits += hits;
+            all_misses += misses;
+            m.insert("hit_ratio".into(), ratio(hits, misses));
+            Value::Object(m)
+        })
+        .collect();
+    let cache = match &ctx.l1 {
+        None => json!("disabled (no rule caches anything)"),
+        Some(l1) => {
+            let (entries, bytes) = l1.usage();
+            json!({
+                "keys": entries,
+                "bytes": bytes,
+                "max_memory": ctx.cfg.cache.max_memory.0,
+                "hit_ratio": ratio(all_hits, all_misses),
+                "rules": rules,
+            })
+        }
+    };
+    let bus = match &ctx.bus {
+        None => json!("none"),
+        Some(bus) => {
+            let b = &ctx.stats.bus;
+            let d = &b.delay_us;
+            json!({
+                "instance": bus.instance.to_string(),
+                "healthy": bus.healthy(),
+                "l1_usable": bus.l1_usable(),
+                "published": b.published.load(Relaxed),
+                "published_keys": b.published_keys.load(Relaxed),
+                "received": b.received.load(Relaxed),
+                "applied_keys": b.applied_keys.load(Relaxed),
+                "gaps": b.gaps.load(Relaxed),
+                "flushes": b.flushes.load(Relaxed),
+                "publish_errors": b.publish_errors.load(Relaxed),
+                "dropped_keys": b.dropped_keys.load(Relaxed),
+                "queued_keys": b.queued_keys.load(Relaxed),
+                "silent_peers": b.silent_peers.load(Relaxed),
+                "peers_left": b.peers_left.load(Relaxed),
+                "awaiting_peers": b.awaiting_peers.load(Relaxed),
+                "delay_samples": d.count(),
+                "delay_avg_us": d.mean(),
+                "delay_p50_us": d.quantile(0.5),
+                "delay_p99_us": d.quantile(0.99),
+                "delay_max_us": d.max(),
+            })
+        }
+    };
+    let tracking = if ctx.cfg.coherence.redis_tracking {
+        json!({
+            "active": ctx.stats.tracking.active.load(Relaxed),
+            "keys": ctx.stats.tracking.keys.load(Relaxed),
+        })
+    } else {
+        json!("off")
+    };
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "upstream": if ctx.default_pool.any_shared_up() { "up" } else { "down" },
+        "requests": requests,
+        "cache": cache,
+        "bus": bus,
+        "redis_tracking": tracking,
+    })
 }

@@ -220,12 +220,14 @@ fn default_max_value_size() -> ByteSize {
     ByteSize(1 << 20)
 }
 
-/// HTTP endpoints for metrics and health (not served yet).
+/// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/stats`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address for `/metrics`, `/healthz`…; empty = disabled.
     pub listen: String,
+    /// If set, every endpoint but `/healthz` wants `Authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 /// The NATS invalidation bus between instances.

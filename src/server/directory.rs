@@ -359,6 +359,11 @@ impl Directory {
         (enrollment, killed)
     }
 
+    /// Sessions pinned to (or blocked on) a dedicated connection now.
+    pub fn pinned_count(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Every running session (the ones a kill has told to close aside, as
     /// Redis no longer lists a client it has freed), by ascending id.
     pub fn clients(&self) -> Vec<ClientView> {

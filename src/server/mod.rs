@@ -68,6 +68,7 @@ pub struct Proxy {
     ctx: Arc<Context>,
     shutdown: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
+    admin: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
 }
 
 impl Proxy {
@@ -110,6 +111,21 @@ impl Proxy {
             addr: cfg.server.listen.clone(),
             source,
         })?;
+        // The admin listener is bound now, so a taken port fails the start;
+        // it serves once the context exists.
+        let admin_listener = if cfg.admin.listen.is_empty() {
+            None
+        } else {
+            let bind_error = |source| StartError::Bind {
+                addr: cfg.admin.listen.clone(),
+                source,
+            };
+            let l = TcpListener::bind(&cfg.admin.listen)
+                .await
+                .map_err(bind_error)?;
+            let a = l.local_addr().map_err(bind_error)?;
+            Some((l, a))
+        };
         let stats = Arc::new(Stats::default());
         let rules = Rules::new(&cfg.cache.rules, &stats);
         let limits = crate::limits::Limits::new(&cfg.limits, &stats, None, 1);
@@ -190,6 +206,11 @@ impl Proxy {
             });
         }
         let (shutdown, rx) = watch::channel(false);
+        let admin = admin_listener.map(|(l, a)| {
+            tracing::info!(addr = %a, token = ctx.cfg.admin.token.is_some(), "admin listening");
+            let task = tokio::spawn(crate::admin::http::serve(l, ctx.clone(), rx.clone()));
+            (a, task)
+        });
         let accept = tokio::spawn(accept_loop(listener, ctx.clone(), rx));
         tracing::info!(%addr, upstream = %url, "nearcache listening");
         Ok(Proxy {
@@ -197,6 +218,7 @@ impl Proxy {
             ctx,
             shutdown,
             accept,
+            admin,
         })
     }
 
@@ -214,11 +236,20 @@ impl Proxy {
         self.addr
     }
 
+    /// The admin listener's address, if `admin.listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
+    }
+
     /// Stops accepting, lets sessions finish in-flight requests (up to
-    /// `server.shutdown_timeout`), then returns.
+    /// `server.shutdown_timeout`), then returns. The admin listener serves
+    /// until then (`/readyz` says "draining").
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.accept.await;
+        if let Some((_, task)) = &self.admin {
+            task.abort();
+        }
     }
 }
 

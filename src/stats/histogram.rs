@@ -95,6 +95,21 @@ impl Histogram {
         self.max.load(Relaxed)
     }
 
+    /// Sum of the values recorded.
+    pub fn sum(&self) -> u64 {
+        self.sum.load(Relaxed)
+    }
+
+    /// Counts per bucket as (largest value in the bucket, count), the empty
+    /// ones left out: for an exporter that re-buckets at scrape time.
+    pub fn buckets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(b, n)| (upper_bound(b), n.load(Relaxed)))
+            .filter(|&(_, n)| n != 0)
+    }
+
     /// The value at quantile `q` (0.0–1.0), as its bucket's upper bound capped
     /// by the maximum; 0 if nothing was recorded.
     pub fn quantile(&self, q: f64) -> u64 {

@@ -335,6 +335,13 @@ impl Pool {
         &self.key
     }
 
+    /// Whether a shared connection is up now (for readiness; never waits).
+    pub fn any_shared_up(&self) -> bool {
+        self.slots[..self.slots.len() / 2]
+            .iter()
+            .any(|slot| matches!(&*slot.borrow(), SlotState::Up(conn) if !conn.is_closed()))
+    }
+
     /// A live shared connection (round-robin). Waits for a connection being
     /// established, up to the connect timeout; fails at once when every slot
     /// is down.

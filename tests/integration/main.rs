@@ -8,6 +8,7 @@
 mod support;
 
 mod acl;
+mod admin;
 mod busy;
 mod clients;
 mod command_keys;

@@ -432,6 +432,14 @@ impl TestProxy {
         self.addr.port()
     }
 
+    /// The admin listener's address (`admin.listen` set).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.proxy
+            .as_ref()
+            .and_then(|p| p.admin_addr())
+            .expect("admin.listen is set")
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
