@@ -421,3 +421,103 @@ async fn proxy_limits_shows_each_limit_and_its_counts() {
     assert!(stats.contains("heavy"), "{stats}");
     proxy.shutdown().await;
 }
+
+/// The `instances` a fleet limit (the first limit) is shared by now, as
+/// `PROXY LIMITS` says.
+fn fleet_instances(port: u16) -> i64 {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let limits: Vec<redis::Value> = redis::cmd("PROXY").arg("LIMITS").query(&mut conn).unwrap();
+    let redis::Value::Array(fields) = &limits[0] else {
+        panic!("{limits:?}")
+    };
+    fields
+        .chunks(2)
+        .find_map(|kv| match kv {
+            [redis::Value::BulkString(k), redis::Value::Int(n)] if k == b"instances" => Some(*n),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// Each of `ports` hammered at once from its own thread for `span`: the
+/// admitted total, and the seconds it took.
+fn hammer_all(ports: &[u16], span: Duration) -> (u64, f64) {
+    let start = Instant::now();
+    let threads: Vec<_> = ports
+        .iter()
+        .map(|&port| {
+            std::thread::spawn(move || {
+                let mut c = Raw::connect(port);
+                hammer(&mut c, &["GET", "k"], span).0
+            })
+        })
+        .collect();
+    let admitted = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    (admitted, start.elapsed().as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_limit_is_shared_by_the_live_instances_and_follows_one_leaving() {
+    let redis = RedisServer::start();
+    let nats = crate::support::NatsServer::start();
+    let extra: Config = toml::from_str(
+        r#"
+        [[limits]]
+        name = "fleet-gets"
+        rate = "300/s"
+        burst = 3
+        commands = ["GET"]
+        scope = "fleet"
+        "#,
+    )
+    .unwrap();
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        let mut cfg = config_for(&redis);
+        // (The bus runs where L1 does.)
+        cfg.cache.rules = vec![RuleConfig::caching("t:", Duration::from_secs(60))];
+        cfg.coherence.nats_url = nats.url();
+        cfg.coherence.instance_id = format!("fleet-{i}");
+        cfg.limits = extra.limits.clone();
+        proxies.push(TestProxy::start_with(cfg).await);
+    }
+    let ports: Vec<u16> = proxies.iter().map(TestProxy::port).collect();
+    let limit = Duration::from_secs(10);
+    let all = ports.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::support::wait_until("every instance to see three", limit, || {
+            all.iter().all(|&p| fleet_instances(p) == 3)
+        });
+        let (admitted, secs) = hammer_all(&all, Duration::from_secs(2));
+        let expected = 3.0 + 300.0 * secs;
+        let ratio = admitted as f64 / expected;
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "three: {admitted} in {secs:.2}s, ~{expected:.0} expected"
+        );
+    })
+    .await
+    .unwrap();
+
+    let gone = proxies.pop().unwrap();
+    gone.shutdown().await;
+    let two = ports[..2].to_vec();
+    tokio::task::spawn_blocking(move || {
+        crate::support::wait_until("the other two to see two", limit, || {
+            two.iter().all(|&p| fleet_instances(p) == 2)
+        });
+        let (admitted, secs) = hammer_all(&two, Duration::from_secs(2));
+        let expected = 2.0 + 300.0 * secs;
+        let ratio = admitted as f64 / expected;
+        assert!(
+            (0.85..=1.15).contains(&ratio),
+            "two: {admitted} in {secs:.2}s, ~{expected:.0} expected"
+        );
+    })
+    .await
+    .unwrap();
+    for p in proxies {
+        p.shutdown().await;
+    }
+}
