@@ -143,9 +143,16 @@ async fn healthz_and_readyz_follow_the_upstream() {
     let proxy = proxy(&redis, None).await;
     proxy.expect_log("upstream");
     let admin = proxy.admin_addr();
-    let (status, body) = tokio::task::spawn_blocking(move || get(admin, "/readyz", None))
-        .await
-        .unwrap();
+    // Ready once the first shared connection is up (the pool connects in
+    // the background after start).
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        wait_until("/readyz 200", Duration::from_secs(10), || {
+            get(admin, "/readyz", None).0 == 200
+        });
+        get(admin, "/readyz", None)
+    })
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"ready\":true"), "{body}");
 

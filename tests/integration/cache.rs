@@ -141,8 +141,9 @@ async fn stats(c: &mut MultiplexedConnection) -> Stats {
                 top.insert(name, *n);
             }
             // The coherence bus's own section (tests/integration/coherence.rs)
-            // and the request path's (checked below).
-            ("bus" | "requests", _) => {}
+            // the request path's (checked below) and the limits'
+            // (tests/integration/limits.rs).
+            ("bus" | "requests" | "limits", _) => {}
             other => panic!("unexpected PROXY STATS field {other:?}"),
         }
     }
