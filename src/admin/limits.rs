@@ -26,12 +26,9 @@ pub fn limits(r: &mut Reply, ctx: &Context) {
         r.bulk(b"per").bulk(per.join(" ").as_bytes());
         r.bulk(b"commands").bulk(words(&cfg.commands).as_bytes());
         r.bulk(b"keys").bulk(words(&cfg.keys).as_bytes());
-        r.bulk(b"counts")
-            .bulk(format!("{:?}", cfg.counts).to_lowercase().as_bytes());
-        r.bulk(b"scope")
-            .bulk(format!("{:?}", cfg.scope).to_lowercase().as_bytes());
-        r.bulk(b"action")
-            .bulk(format!("{:?}", cfg.action).to_lowercase().as_bytes());
+        r.bulk(b"counts").bulk(cfg.counts.name().as_bytes());
+        r.bulk(b"scope").bulk(cfg.scope.name().as_bytes());
+        r.bulk(b"action").bulk(cfg.action.name().as_bytes());
         r.bulk(b"max_wait_ms")
             .int(i64::try_from(cfg.max_wait.0.as_millis()).unwrap_or(i64::MAX));
         r.bulk(b"instances").int(i64::from(limit.instances()));

@@ -124,6 +124,37 @@ pub enum Action {
     Delay,
 }
 
+impl Counts {
+    /// The word the config uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counts::Commands => "commands",
+            Counts::Upstream => "upstream",
+            Counts::UpstreamBytes => "upstream_bytes",
+        }
+    }
+}
+
+impl Scope {
+    /// The word the config uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Instance => "instance",
+            Scope::Fleet => "fleet",
+        }
+    }
+}
+
+impl Action {
+    /// The word the config uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Reject => "reject",
+            Action::Delay => "delay",
+        }
+    }
+}
+
 /// `count` per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {

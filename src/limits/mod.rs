@@ -133,6 +133,8 @@ pub struct Limit {
     commands: Option<CommandSet>,
     keys: Vec<Vec<u8>>,
     burst: u32,
+    /// `cfg.per` as bits (`1 << Per as u8`), for the request path.
+    per_bits: u8,
     /// Live instances the rate is shared by (fleet scope; else 1).
     instances: AtomicU32,
     /// Moves when the share changes, so sessions drop buckets of the old one.
@@ -179,6 +181,7 @@ impl Limit {
                 .then(|| CommandSet::new(&cfg.commands).unwrap_or_default()),
             keys: cfg.keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
             burst,
+            per_bits: cfg.per.iter().fold(0, |bits, &p| bits | 1 << p as u8),
             instances: AtomicU32::new(instances),
             generation: AtomicU64::new(0),
             buckets: Mutex::default(),
@@ -266,8 +269,9 @@ impl Limit {
 
     /// Whether a bucket's key includes the command (or the pattern), so
     /// that a session keys its copy by them too.
+    #[inline]
     fn per(&self, per: Per) -> bool {
-        self.cfg.per.contains(&per)
+        self.per_bits & (1 << per as u8) != 0
     }
 
     /// The shared bucket for `who`, sending `spec`, whose key matched glob
@@ -421,13 +425,14 @@ impl SessionBuckets {
         let pattern = if limit.per(Per::Pattern) { pattern } else { 0 };
         let key = (i as u16, command, pattern);
         let generation = limit.generation.load(Relaxed);
-        let fresh = self
+        let bucket = self
             .map
-            .get(&key)
-            .is_some_and(|b| b.generation == generation);
-        if !fresh {
-            self.map.insert(key, limit.bucket(who, spec, pattern));
+            .entry(key)
+            .or_insert_with(|| limit.bucket(who, spec, pattern));
+        if bucket.generation != generation {
+            // The fleet's share changed since it was taken.
+            *bucket = limit.bucket(who, spec, pattern);
         }
-        &self.map[&key]
+        bucket
     }
 }
