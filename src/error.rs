@@ -44,11 +44,13 @@ pub enum ErrorKind {
     UpstreamBusy,
     /// Redis sent bytes that are not RESP.
     UpstreamInvalid,
+    /// Too much already waits for Redis (`upstream.max_in_flight`): not sent.
+    UpstreamBacklog,
 }
 
 impl ErrorKind {
     /// Every kind, in a fixed order (for counters indexed by kind).
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::Protocol,
         ErrorKind::Auth,
         ErrorKind::Arity,
@@ -62,6 +64,7 @@ impl ErrorKind {
         ErrorKind::UpstreamRejected,
         ErrorKind::UpstreamBusy,
         ErrorKind::UpstreamInvalid,
+        ErrorKind::UpstreamBacklog,
     ];
 
     /// A short name (`PROXY STATS`, metrics labels).
@@ -80,6 +83,7 @@ impl ErrorKind {
             ErrorKind::UpstreamRejected => "upstream_rejected",
             ErrorKind::UpstreamBusy => "upstream_busy",
             ErrorKind::UpstreamInvalid => "upstream_invalid",
+            ErrorKind::UpstreamBacklog => "upstream_backlog",
         }
     }
 
@@ -104,7 +108,8 @@ impl ErrorKind {
             | ErrorKind::UpstreamLost
             | ErrorKind::UpstreamRejected
             | ErrorKind::UpstreamBusy
-            | ErrorKind::UpstreamInvalid => Side::Upstream,
+            | ErrorKind::UpstreamInvalid
+            | ErrorKind::UpstreamBacklog => Side::Upstream,
         }
     }
 }
@@ -229,6 +234,7 @@ impl From<&UpstreamError> for ProxyError {
             UpstreamError::Rejected(_) => ErrorKind::UpstreamRejected,
             UpstreamError::Busy(_) => ErrorKind::UpstreamBusy,
             UpstreamError::InvalidReply => ErrorKind::UpstreamInvalid,
+            UpstreamError::Backlog(_) => ErrorKind::UpstreamBacklog,
         };
         match e {
             // Redis's own words (`-WRONGPASS …`, `-BUSY …`), as a client

@@ -171,6 +171,33 @@ impl Collector for StatsCollector {
             None,
             i64::from(ctx.default_pool.any_shared_up()),
         )?;
+        let backlog = ctx.upstream.backlog.stats();
+        gauge(
+            &mut enc,
+            "nearcache_upstream_in_flight_commands",
+            "Commands sent or queued to Redis and not yet answered (capped by upstream.max_in_flight).",
+            None,
+            n(backlog.commands),
+        )?;
+        gauge(
+            &mut enc,
+            "nearcache_upstream_in_flight",
+            "Request bytes sent or queued to Redis and not yet answered (capped by upstream.max_in_flight_bytes).",
+            Some(&Unit::Bytes),
+            n(backlog.bytes),
+        )?;
+        counter(
+            &mut enc,
+            "nearcache_upstream_backlog_waits",
+            "Requests that found the upstream backlog full and waited for room.",
+            backlog.waited,
+        )?;
+        counter(
+            &mut enc,
+            "nearcache_upstream_backlog_refused",
+            "Requests refused unsent after waiting command_timeout for room in the upstream backlog.",
+            backlog.refused,
+        )?;
 
         // Rate limits, by limit (names come from the config: bounded).
         let snapshot = ctx.snapshot.load();

@@ -65,9 +65,10 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
 fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     let mut r = Reply::new(proto);
     let Some(l1) = &ctx.l1 else {
-        r.map(3)
+        r.map(4)
             .bulk(b"cache")
             .bulk(b"disabled (no rule caches anything)");
+        upstream_stats(&mut r, ctx);
         request_stats(&mut r, ctx);
         limits::stats(&mut r, ctx);
         return r.finish();
@@ -75,8 +76,9 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     let (entries, bytes) = l1.usage();
     let snapshot = ctx.snapshot.load();
     let rules: Vec<_> = snapshot.rules.iter().collect();
-    r.map(9);
+    r.map(10);
     bus_stats(&mut r, ctx);
+    upstream_stats(&mut r, ctx);
     request_stats(&mut r, ctx);
     limits::stats(&mut r, ctx);
     // 1 once Redis tracks the cached prefixes for us (and L1 was flushed
@@ -144,6 +146,26 @@ fn request_stats(r: &mut Reply, ctx: &Context) {
         r.bulk(b"p50").int(n(h.quantile(0.5)));
         r.bulk(b"p99").int(n(h.quantile(0.99)));
         r.bulk(b"max").int(n(h.max()));
+    }
+}
+
+/// The `upstream` entry of `PROXY STATS`: whether a shared connection is
+/// up, and what waits for Redis against its caps.
+fn upstream_stats(r: &mut Reply, ctx: &Context) {
+    let b = ctx.upstream.backlog.stats();
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let fields: [(&str, i64); 7] = [
+        ("up", i64::from(ctx.default_pool.any_shared_up())),
+        ("in_flight", n(b.commands)),
+        ("in_flight_bytes", n(b.bytes)),
+        ("max_in_flight", n(b.max_commands)),
+        ("max_in_flight_bytes", n(b.max_bytes)),
+        ("backlog_waits", n(b.waited)),
+        ("backlog_refused", n(b.refused)),
+    ];
+    r.bulk(b"upstream").map(fields.len());
+    for (name, value) in fields {
+        r.bulk(name.as_bytes()).int(value);
     }
 }
 
@@ -355,9 +377,18 @@ pub fn stats_json(ctx: &Context) -> Value {
     } else {
         json!("off")
     };
+    let backlog = ctx.upstream.backlog.stats();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "upstream": if ctx.default_pool.any_shared_up() { "up" } else { "down" },
+        "upstream_backlog": {
+            "in_flight": backlog.commands,
+            "in_flight_bytes": backlog.bytes,
+            "max_in_flight": backlog.max_commands,
+            "max_in_flight_bytes": backlog.max_bytes,
+            "waits": backlog.waited,
+            "refused": backlog.refused,
+        },
         "requests": requests,
         "cache": cache,
         "bus": bus,

@@ -115,6 +115,18 @@ pub struct UpstreamConfig {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// Commands sent or queued to Redis and not yet answered, over every
+    /// connection: beyond it a request waits (its client's pipeline only)
+    /// up to `command_timeout`, then is refused unsent. Bounds nearcache's
+    /// memory when Redis slows down or stops.
+    pub max_in_flight: usize,
+    /// The same cap in request bytes (the bytes buffered for all clients
+    /// together on their way to Redis).
+    pub max_in_flight_bytes: ByteSize,
+    /// Requests written to one connection and not yet answered; the rest
+    /// wait their turn in nearcache (so Redis's own buffers for one of its
+    /// clients stay small).
+    pub max_in_flight_per_connection: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -128,6 +140,9 @@ impl Default for UpstreamConfig {
             command_timeout: Duration(std::time::Duration::from_secs(10)),
             reconnect_min: Duration(std::time::Duration::from_millis(50)),
             reconnect_max: Duration(std::time::Duration::from_secs(2)),
+            max_in_flight: 100_000,
+            max_in_flight_bytes: ByteSize(256 << 20),
+            max_in_flight_per_connection: 10_000,
         }
     }
 }

@@ -91,6 +91,23 @@ impl Config {
                 bad(field, "must be more than 0".into());
             }
         }
+        for (field, n) in [
+            ("upstream.max_in_flight", self.upstream.max_in_flight),
+            (
+                "upstream.max_in_flight_bytes",
+                self.upstream.max_in_flight_bytes.as_usize(),
+            ),
+            (
+                "upstream.max_in_flight_per_connection",
+                self.upstream.max_in_flight_per_connection,
+            ),
+        ] {
+            if n == 0 {
+                bad(field, "must be more than 0".into());
+            } else if n > u32::MAX as usize {
+                bad(field, format!("{n} is more than {}", u32::MAX));
+            }
+        }
         if self.upstream.reconnect_max < self.upstream.reconnect_min {
             bad(
                 "upstream.reconnect_max",

@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::UpstreamError;
+use super::backlog::InFlight;
 use super::probe::Probe;
 pub use super::relay::OnAnswer;
 use super::relay::{Acks, MAX_STAND_INS, StandIn, may_answer_a_stand_in, splice_stand_ins};
@@ -82,6 +83,9 @@ pub enum Op {
         blocking: bool,
         /// Receives the frames.
         tx: ReplyTx,
+        /// Its room in the [backlog](super::backlog), given back when its
+        /// replies arrive or it fails.
+        held: Option<InFlight>,
     },
     /// Write `frames`, then relay every frame from here on to `tx`.
     Relay {
@@ -147,8 +151,27 @@ impl Op {
             replies,
             blocking,
             tx,
+            held: None,
         };
         (op, rx)
+    }
+
+    /// The commands and bytes a [`Op::Send`] puts in flight (none for
+    /// the others, which relaying connections and releases send).
+    pub fn weight(&self) -> Option<(u32, usize)> {
+        match self {
+            Op::Send {
+                frames, replies, ..
+            } => Some((*replies, frames.len())),
+            _ => None,
+        }
+    }
+
+    /// Attaches the backlog room a request took.
+    pub fn hold(&mut self, room: InFlight) {
+        if let Op::Send { held, .. } = self {
+            *held = Some(room);
+        }
     }
 }
 
@@ -209,6 +232,9 @@ pub struct ConnOptions {
     pub probe: Option<Arc<Probe>>,
     /// Where a dedicated connection goes when released; `None` for shared ones.
     pub idle: Option<Arc<IdleList>>,
+    /// Requests written and not yet answered, at most; the next ones wait
+    /// in the queue (`upstream.max_in_flight_per_connection`).
+    pub max_in_flight: usize,
 }
 
 /// Idle dedicated connections of one pool.
@@ -261,6 +287,7 @@ enum Pending {
         tx: ReplyTx,
         since: Instant,
         blocking: bool,
+        _held: Option<InFlight>,
     },
     Relay {
         tx: mpsc::Sender<Bytes>,
@@ -337,7 +364,7 @@ async fn run<S: UpstreamStream>(
                     rbuf.reserve(64 * 1024);
                 }
             }
-            op = rx.recv(), if !orphaned => {
+            op = rx.recv(), if !orphaned && pending.len() < opts.max_in_flight => {
                 let Some(op) = op else {
                     // Every handle is gone, but what was written is still
                     // answered to whoever waits for it: a session that drops
@@ -355,7 +382,7 @@ async fn run<S: UpstreamStream>(
                 // (tokio would otherwise run this task right after the first
                 // sender, and batches would stay tiny).
                 let mut yielded = false;
-                while wbuf.len() < MAX_BATCH_BYTES {
+                while wbuf.len() < MAX_BATCH_BYTES && pending.len() < opts.max_in_flight {
                     match rx.try_recv() {
                         Ok(op) => queue(op, &mut wbuf, &mut pending).await,
                         Err(_) if !yielded => {
@@ -443,6 +470,7 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
             replies,
             blocking,
             tx,
+            held,
         } => {
             wbuf.extend_from_slice(&frames);
             if replies == 0 {
@@ -453,6 +481,7 @@ async fn queue(op: Op, wbuf: &mut BytesMut, pending: &mut VecDeque<Pending>) {
                     tx,
                     since: Instant::now(),
                     blocking,
+                    _held: held,
                 });
             }
         }

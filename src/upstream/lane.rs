@@ -100,7 +100,8 @@ impl Lane {
     /// The session's commands that follow go there too while replies are
     /// due (see [`Lane::send_shared`]), so a pipeline mixing scripts and
     /// other commands keeps its order without waiting.
-    pub async fn send_script(&mut self, op: Op, out: &mut Outbox) -> Result<(), UpstreamError> {
+    pub async fn send_script(&mut self, mut op: Op, out: &mut Outbox) -> Result<(), UpstreamError> {
+        self.admit(&mut op).await?;
         let conn = match self.script.as_ref().filter(|c| !c.is_closed()) {
             Some(conn) => conn.clone(),
             None => self.pool.scripts().await?,
@@ -116,6 +117,7 @@ impl Lane {
     /// Sends `op` on the sticky shared connection, ordered after the
     /// session's earlier sends; if that connection died, on one fresh one.
     pub async fn send_shared(&mut self, mut op: Op, out: &mut Outbox) -> Result<(), UpstreamError> {
+        self.admit(&mut op).await?;
         // Behind scripts whose replies are due: on their connection, which
         // keeps the order with no wait.
         if let Some(script) = self.script.as_ref().filter(|c| !c.is_closed()) {
@@ -142,6 +144,17 @@ impl Lane {
             }
         }
         Err(UpstreamError::ConnectionLost)
+    }
+
+    /// Takes room for `op` in the upstream's [backlog](super::backlog),
+    /// waiting for it up to `command_timeout` (only this session waits).
+    /// Every request the session sends takes room, except a blocking
+    /// command's, which may wait for as long as its client does.
+    pub async fn admit(&self, op: &mut Op) -> Result<(), UpstreamError> {
+        if let Some((commands, bytes)) = op.weight() {
+            op.hold(self.upstream.backlog.admit(commands, bytes).await?);
+        }
+        Ok(())
     }
 
     /// A dedicated connection (a pin, a blocking command): an idle one of

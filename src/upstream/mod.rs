@@ -8,6 +8,7 @@
 //!   clients pipeline through, kept alive by supervisors that reconnect with
 //!   backoff, plus dedicated connections for stateful commands.
 
+pub mod backlog;
 pub mod connection;
 pub mod handshake;
 pub mod lane;
@@ -53,6 +54,11 @@ pub enum UpstreamError {
     /// Upstream sent bytes that are not RESP.
     #[error("upstream sent an invalid reply")]
     InvalidReply,
+    /// Every permit of `upstream.max_in_flight` / `max_in_flight_bytes` was
+    /// taken for this long (`command_timeout`): the command was not sent,
+    /// so a retry is safe.
+    #[error("upstream backlog full: waited {0:?} for room (upstream.max_in_flight), not sent")]
+    Backlog(std::time::Duration),
 }
 
 impl UpstreamError {

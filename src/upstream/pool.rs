@@ -21,6 +21,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use super::UpstreamError;
+use super::backlog::Backlog;
 use super::connection::{self, Conn, ConnOptions, IdleList};
 use super::handshake;
 use super::probe::Probe;
@@ -74,6 +75,8 @@ pub struct Upstream {
     /// L1 namespaces of the Redis users clients authenticated as (0 is the
     /// URL's identity).
     namespaces: Mutex<HashMap<Arc<str>, u16>>,
+    /// Commands and bytes in flight over every connection, and their caps.
+    pub backlog: Backlog,
 }
 
 impl Upstream {
@@ -83,10 +86,15 @@ impl Upstream {
         Arc::new(Self {
             probe: Arc::new(Probe::new(url.clone(), cfg.connect_timeout.0)),
             url,
-            cfg,
             pools: Mutex::new(HashMap::new()),
             version: Mutex::new(String::new()),
             namespaces: Mutex::new(HashMap::new()),
+            backlog: Backlog::new(
+                cfg.max_in_flight,
+                cfg.max_in_flight_bytes.as_usize(),
+                cfg.command_timeout.0,
+            ),
+            cfg,
         })
     }
 
@@ -250,6 +258,7 @@ impl Upstream {
             command_timeout: self.cfg.command_timeout.0,
             probe: Some(self.probe.clone()),
             idle: Some(idle.clone()),
+            max_in_flight: self.cfg.max_in_flight_per_connection,
         }
     }
 
@@ -470,6 +479,7 @@ async fn supervise(
         command_timeout: upstream.cfg.command_timeout.0,
         probe: Some(upstream.probe.clone()),
         idle: None,
+        max_in_flight: upstream.cfg.max_in_flight_per_connection,
     };
     loop {
         match upstream.connect(key.clone(), opts.clone()).await {

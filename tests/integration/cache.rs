@@ -141,9 +141,10 @@ async fn stats(c: &mut MultiplexedConnection) -> Stats {
                 top.insert(name, *n);
             }
             // The coherence bus's own section (tests/integration/coherence.rs)
-            // the request path's (checked below) and the limits'
-            // (tests/integration/limits.rs).
-            ("bus" | "requests" | "limits", _) => {}
+            // the request path's (checked below), the limits'
+            // (tests/integration/limits.rs) and the upstream's
+            // (tests/integration/backpressure.rs).
+            ("bus" | "requests" | "limits" | "upstream", _) => {}
             other => panic!("unexpected PROXY STATS field {other:?}"),
         }
     }

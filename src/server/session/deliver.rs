@@ -22,7 +22,7 @@ use crate::protocol::reply::{self, OK};
 use crate::server::outbox::Slot;
 use crate::server::route::Route;
 use crate::stats::{Path, Timing};
-use crate::upstream::{Op, UpstreamError, encode_command};
+use crate::upstream::{Conn, Op, UpstreamError, encode_command};
 
 /// Where forwarded commands go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +154,16 @@ impl Session {
                 }
             }
             Mode::Pinned(pin) | Mode::Transaction(pin, _) => {
-                let (op, rx) = Op::request(frames, count, blocking);
+                let (mut op, rx) = Op::request(frames, count, blocking);
+                if !blocking {
+                    if let Err(e) = self.lane.admit(&mut op).await {
+                        // Not sent: inside MULTI, EXEC must not run the rest.
+                        if let Mode::Transaction(pin, _) = &self.mode {
+                            abort_at_exec(&pin.conn);
+                        }
+                        return self.fail(&e, count);
+                    }
+                }
                 if pin.conn.send(op).is_err() {
                     // The dedicated connection died: its state (MULTI,
                     // WATCH) is gone, so the client must hear about it.
@@ -216,10 +225,7 @@ impl Session {
         self.flush_run().await;
         match &self.mode {
             Mode::Transaction(pin, _) => {
-                // A command with the wrong arity, whose reply nobody reads,
-                // makes Redis fail the EXEC with EXECABORT.
-                let (poison, _unread) = Op::request(encode_command(&["GET"]), 1, false);
-                let _ = pin.conn.send(poison);
+                abort_at_exec(&pin.conn);
                 self.out.put_bytes(e.to_reply());
             }
             Mode::Relay(..) => {
@@ -297,4 +303,12 @@ pub(super) fn subscribed_refusal(req: &Request<'_>) -> Bytes {
         "ERR Can't execute '{}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context",
         req.name()
     ))
+}
+
+/// Makes Redis fail the transaction open on `conn` at EXEC with EXECABORT,
+/// as for a command it refuses while queuing: a command with the wrong
+/// arity, whose reply nobody reads.
+fn abort_at_exec(conn: &Conn) {
+    let (poison, _unread) = Op::request(encode_command(&["GET"]), 1, false);
+    let _ = conn.send(poison);
 }
