@@ -182,6 +182,7 @@ pub struct Conn {
     tx: mpsc::UnboundedSender<Op>,
     redis_id: u64,
     serial: u64,
+    epoch: u64,
 }
 
 impl Conn {
@@ -189,6 +190,13 @@ impl Conn {
     #[inline]
     pub fn serial(&self) -> u64 {
         self.serial
+    }
+
+    /// The upstream's credentials epoch when this connection was made (see
+    /// [`super::Upstream::is_current`]).
+    #[inline]
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Redis's id for this connection (its `CLIENT ID`; 0 if unknown).
@@ -300,12 +308,14 @@ enum Pending {
 }
 
 /// Starts the task for an established (already handshaken) connection.
-/// `leftover` holds bytes the handshake read past its own replies.
+/// `leftover` holds bytes the handshake read past its own replies; `epoch`
+/// is the credentials epoch it authenticated under.
 pub fn spawn<S: UpstreamStream>(
     stream: S,
     leftover: BytesMut,
     opts: ConnOptions,
     redis_id: u64,
+    epoch: u64,
 ) -> Conn {
     static SERIAL: AtomicU64 = AtomicU64::new(1);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -314,6 +324,7 @@ pub fn spawn<S: UpstreamStream>(
         tx,
         redis_id,
         serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+        epoch,
     }
 }
 
@@ -321,7 +332,7 @@ pub fn spawn<S: UpstreamStream>(
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 async fn run<S: UpstreamStream>(
-    mut stream: S,
+    stream: S,
     mut rbuf: BytesMut,
     mut rx: mpsc::UnboundedReceiver<Op>,
     opts: ConnOptions,
@@ -345,10 +356,16 @@ async fn run<S: UpstreamStream>(
     // A probe asking whether Redis still holds the overdue head request.
     let mut probing: Option<oneshot::Receiver<bool>> = None;
 
+    // Reading, writing and the timeout check each go on while another
+    // waits: a Redis that stopped reading (SIGSTOP, a hung host) fills the
+    // socket, and a write that blocked the task would keep the timeout from
+    // ever failing what waits on it.
+    let (mut reader, mut writer) = tokio::io::split(stream);
+
     let error = loop {
         tokio::select! {
             biased;
-            read = stream.read_buf(&mut rbuf) => {
+            read = reader.read_buf(&mut rbuf) => {
                 match read {
                     Ok(0) => break UpstreamError::ConnectionLost,
                     Ok(_) => {}
@@ -364,7 +381,18 @@ async fn run<S: UpstreamStream>(
                     rbuf.reserve(64 * 1024);
                 }
             }
-            op = rx.recv(), if !orphaned && pending.len() < opts.max_in_flight => {
+            written = writer.write(&wbuf), if !wbuf.is_empty() => match written {
+                Ok(0) | Err(_) => break UpstreamError::ConnectionLost,
+                Ok(n) => {
+                    wbuf.advance(n);
+                    if wbuf.is_empty() {
+                        wbuf.clear();
+                    }
+                }
+            },
+            op = rx.recv(), if !orphaned
+                && pending.len() < opts.max_in_flight
+                && wbuf.len() < MAX_BATCH_BYTES => {
                 let Some(op) = op else {
                     // Every handle is gone, but what was written is still
                     // answered to whoever waits for it: a session that drops
@@ -393,12 +421,6 @@ async fn run<S: UpstreamStream>(
                     }
                 }
                 release_ready(&mut pending, &opts);
-                if !wbuf.is_empty() {
-                    if stream.write_all(&wbuf).await.is_err() {
-                        break UpstreamError::ConnectionLost;
-                    }
-                    wbuf.clear();
-                }
             }
             held = async {
                 match probing.as_mut() {

@@ -102,7 +102,11 @@ impl Lane {
     /// other commands keeps its order without waiting.
     pub async fn send_script(&mut self, mut op: Op, out: &mut Outbox) -> Result<(), UpstreamError> {
         self.admit(&mut op).await?;
-        let conn = match self.script.as_ref().filter(|c| !c.is_closed()) {
+        let conn = match self
+            .script
+            .as_ref()
+            .filter(|c| !c.is_closed() && self.upstream.is_current(c))
+        {
             Some(conn) => conn.clone(),
             None => self.pool.scripts().await?,
         };
@@ -126,7 +130,11 @@ impl Lane {
             }
         }
         for _ in 0..2 {
-            let conn = match self.conn.as_ref().filter(|c| !c.is_closed()) {
+            let conn = match self
+                .conn
+                .as_ref()
+                .filter(|c| !c.is_closed() && self.upstream.is_current(c))
+            {
                 Some(conn) => conn.clone(),
                 None => {
                     let conn = self.pool.shared().await?;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,6 +77,14 @@ pub struct Upstream {
     namespaces: Mutex<HashMap<Arc<str>, u16>>,
     /// Commands and bytes in flight over every connection, and their caps.
     pub backlog: Backlog,
+    /// Bumped when the URL's password changes: connections made before
+    /// are replaced (shared ones at once, by their supervisors; dedicated
+    /// ones when next taken or released; a session's sticky one on its
+    /// next send), so a rotated password needs no restart and Redis may
+    /// drop the old one.
+    epoch: watch::Sender<u64>,
+    /// The same, read on every send without the watch's lock.
+    epoch_now: AtomicU64,
 }
 
 impl Upstream {
@@ -89,6 +97,8 @@ impl Upstream {
             pools: Mutex::new(HashMap::new()),
             version: Mutex::new(String::new()),
             namespaces: Mutex::new(HashMap::new()),
+            epoch: watch::Sender::new(1),
+            epoch_now: AtomicU64::new(1),
             backlog: Backlog::new(
                 cfg.max_in_flight,
                 cfg.max_in_flight_bytes.as_usize(),
@@ -136,8 +146,19 @@ impl Upstream {
     /// one; the address and user stay what they were).
     pub fn set_password(&self, password: Option<String>) {
         let mut next = RedisUrl::clone(&self.url.load());
+        if next.password == password {
+            return;
+        }
         next.password = password;
         self.url.store(Arc::new(next));
+        let epoch = self.epoch_now.fetch_add(1, Ordering::AcqRel) + 1;
+        self.epoch.send_replace(epoch);
+    }
+
+    /// Whether `conn` was made with the credentials in use now.
+    #[inline]
+    pub fn is_current(&self, conn: &Conn) -> bool {
+        conn.epoch() == self.epoch_now.load(Ordering::Acquire)
     }
 
     /// The URL new connections use.
@@ -268,6 +289,9 @@ impl Upstream {
 
     /// Opens one connection for `key` and starts its task.
     async fn connect(&self, key: PoolKey, opts: ConnOptions) -> Result<Conn, UpstreamError> {
+        // Read before the handshake: a password rotated meanwhile makes
+        // this connection one to replace.
+        let epoch = self.epoch_now.load(Ordering::Acquire);
         let as_user = key.user.as_ref().map(|c| (&c.user[..], &c.password[..]));
         let h = handshake::connect_as(
             &self.url.load_full(),
@@ -282,7 +306,13 @@ impl Upstream {
                 v.clone_from(&h.server_version);
             }
         }
-        Ok(connection::spawn(h.stream, h.leftover, opts, h.client_id))
+        Ok(connection::spawn(
+            h.stream,
+            h.leftover,
+            opts,
+            h.client_id,
+            epoch,
+        ))
     }
 }
 
@@ -412,7 +442,12 @@ impl Pool {
     /// [`Op::Release`](super::Op::Release) when its state is clean, or drop
     /// every handle to close it.
     pub async fn dedicated(&self) -> Result<Conn, UpstreamError> {
-        let taken = self.idle.take();
+        let mut taken = self.idle.take();
+        // Connections made with a password rotated since are closed, not
+        // reused.
+        while taken.as_ref().is_some_and(|c| !self.upstream.is_current(c)) {
+            taken = self.idle.take();
+        }
         self.warm();
         match taken {
             Some(conn) => Ok(conn),
@@ -487,7 +522,31 @@ async fn supervise(
                 tracing::debug!(db = key.db, proto = ?key.proto, "upstream connection up");
                 state.send_replace(SlotState::Up(conn.clone()));
                 delay = min;
-                conn.closed().await;
+                let mut conn = conn;
+                let mut epoch = upstream.epoch.subscribe();
+                loop {
+                    tokio::select! {
+                        _ = conn.closed() => break,
+                        changed = epoch.changed() => {
+                            if changed.is_err() || upstream.is_current(&conn) {
+                                continue;
+                            }
+                            // The password rotated: the new connection
+                            // takes the slot before the old one goes, so no
+                            // request finds the slot empty; the old one
+                            // closes once the sessions still on it move
+                            // (their next send) and its replies are in.
+                            match upstream.connect(key.clone(), opts.clone()).await {
+                                Ok(fresh) => {
+                                    tracing::info!(db = key.db, "upstream connection renewed with the rotated credentials");
+                                    state.send_replace(SlotState::Up(fresh.clone()));
+                                    conn = fresh;
+                                }
+                                Err(e) => tracing::warn!(db = key.db, error = %e, "renewing an upstream connection with the rotated credentials failed; keeping the old one"),
+                            }
+                        }
+                    }
+                }
                 tracing::warn!(db = key.db, "upstream connection lost; reconnecting");
                 state.send_replace(SlotState::Connecting);
                 // Reconnect at once the first time: a lost connection is often

@@ -9,6 +9,7 @@ mod support;
 
 mod acl;
 mod admin;
+mod backpressure;
 mod busy;
 mod clients;
 mod command_keys;

@@ -339,6 +339,69 @@ fn a_rotated_upstream_password_is_used_for_the_next_connections() {
     assert_eq!(value, "after");
 }
 
+/// Redis's ids of the connections authenticated as `bot`.
+fn bot_connections(redis: &RedisServer) -> std::collections::BTreeSet<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.direct())
+        .unwrap();
+    list.lines()
+        .filter(|l| l.split(' ').any(|f| f == "user=bot"))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_rotated_upstream_password_replaces_the_open_connections_with_no_client_error() {
+    let redis = RedisServer::start();
+    set_bot_password(&redis, "old");
+    let file = ConfigFile::new(&upstream_as_bot(&redis, "old"));
+    let proxy = ProxyProcess::start_args(&["--config", file.path()]);
+    proxy.expect_log(UPSTREAM_LOST);
+    let mut conn = connect(&proxy);
+    // Shared, scripts' and dedicated connections all in use.
+    let round = |conn: &mut redis::Connection, i: usize| {
+        set(conn, "k", &i.to_string());
+        let _: i64 = redis::cmd("EVAL")
+            .arg(&["return 1", "0"])
+            .query(conn)
+            .unwrap();
+        let (n,): (i64,) = redis::pipe()
+            .atomic()
+            .cmd("INCR")
+            .arg("n")
+            .query(conn)
+            .unwrap();
+        assert_eq!(n, i as i64 + 1, "every transaction ran once");
+    };
+    round(&mut conn, 0);
+    let before = bot_connections(&redis);
+    assert!(!before.is_empty());
+
+    // Redis keeps connections authenticated under a password it no longer
+    // has: only nearcache replacing them retires the old password.
+    set_bot_password(&redis, "new");
+    file.write(&upstream_as_bot(&redis, "new"));
+    sighup(&proxy, RELOADED);
+    let mut i = 1;
+    wait_until(
+        "every connection made with the old password to close",
+        LIMIT,
+        || {
+            round(&mut conn, i);
+            i += 1;
+            bot_connections(&redis).is_disjoint(&before)
+        },
+    );
+    proxy.expect_log("renewed with the rotated credentials");
+    let value: String = redis::cmd("GET")
+        .arg("k")
+        .query(&mut redis.direct())
+        .unwrap();
+    assert_eq!(value, (i - 1).to_string());
+}
+
 #[test]
 fn without_a_config_file_sighup_is_logged_and_ignored_and_term_is_logged() {
     let redis = RedisServer::start();
