@@ -74,7 +74,7 @@
   // Charts: created on the first poll, fed a sliding window after.
   const charts = {};
   const series = { t: [], ops: PATHS.map(() => []), hit: [], p99: PATHS.map(() => []), bytes: [], budget: [] };
-  function chart(id, lines, range) {
+  function chart(id, lines, range, format) {
     const el = $(id);
     const opts = {
       width: Math.max(300, el.clientWidth),
@@ -84,7 +84,9 @@
       scales: range ? { y: { range } } : {},
       axes: [
         { stroke: "#8a96a3", grid: { stroke: "#2b343e" } },
-        { stroke: "#8a96a3", grid: { stroke: "#2b343e" }, size: 60 },
+        format
+          ? { stroke: "#8a96a3", grid: { stroke: "#2b343e" }, size: 80, values: (u, ticks) => ticks.map(format) }
+          : { stroke: "#8a96a3", grid: { stroke: "#2b343e" }, size: 60 },
       ],
       series: [{}].concat(lines.map((l, i) => ({ label: l, stroke: COLOURS[i % COLOURS.length], width: 2, points: { show: false } }))),
     };
@@ -153,7 +155,8 @@
     setText("max-in-flight", backlog.max_in_flight ? fmtInt(backlog.max_in_flight) : "no cap");
     setText("backlog-refused", fmtInt(backlog.refused));
     if (typeof s.bus === "object" && s.bus !== null) {
-      setText("bus-delay", fmtUs(s.bus.delay_p50_us) + " / " + fmtUs(s.bus.delay_p99_us));
+      // (No samples until a peer's invalidation arrives.)
+      setText("bus-delay", s.bus.delay_samples ? fmtUs(s.bus.delay_p50_us) + " / " + fmtUs(s.bus.delay_p99_us) : "—");
       setText("bus-samples", fmtInt(s.bus.delay_samples));
     } else {
       setText("bus-delay", "no bus");
@@ -174,10 +177,10 @@
     ]), "no rules");
     fillTable("latency", PATHS.map((p, i) => {
       const h = lat[p] || {};
-      return [p, fmtRate(opsByPath[i]), fmtInt(h.count), fmtInt(h.p50), fmtInt(h.p99), fmtInt(h.max)];
+      return [p, fmtRate(opsByPath[i]), fmtInt(h.count), fmtUs(h.p50), fmtUs(h.p99), fmtUs(h.max)];
     }), "no paths");
     fillTable("limits", Object.entries(limits).map(([name, l]) => [name, fmtInt(l.allowed), fmtInt(l.delayed), fmtInt(l.rejected)]), "no limits configured");
-    fillTable("errors", Object.entries(req.errors || {}).map(([kind, n]) => [kind, fmtInt(n)]), "none");
+    fillTable("errors", Object.entries(req.errors || {}).filter(([, n]) => num(n) > 0).map(([kind, n]) => [kind, fmtInt(n)]), "none");
     fillTable("hot-keys", (Array.isArray(s.hot_keys) ? s.hot_keys : []).map((k) => [String(k.key), fmtInt(k.count)]), "none yet");
     fillTable("big-keys", (Array.isArray(s.big_keys) ? s.big_keys : []).map((k) => [String(k.key), fmtBytes(k.bytes), String(k.rule || "")]), "none yet");
 
@@ -195,7 +198,7 @@
         charts["chart-ops"] = chart("chart-ops", PATHS);
         charts["chart-hits"] = chart("chart-hits", ["hit ratio"], [0, 1]);
         charts["chart-latency"] = chart("chart-latency", PATHS);
-        charts["chart-memory"] = chart("chart-memory", ["bytes", "max_memory"]);
+        charts["chart-memory"] = chart("chart-memory", ["bytes", "max_memory"], null, fmtBytes);
       }
       charts["chart-ops"].setData([series.t].concat(series.ops));
       charts["chart-hits"].setData([series.t, series.hit]);
