@@ -12,6 +12,7 @@ mod admin;
 mod busy;
 mod clients;
 mod command_keys;
+mod dashboard;
 mod faults;
 mod lifecycle;
 mod limits;
