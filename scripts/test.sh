@@ -30,6 +30,9 @@ if [[ ! -d tests/node/node_modules/ioredis \
     || { echo "could not install ioredis: cd tests/node && npm ci" >&2; exit 1; }
 fi
 
+echo "== promtool check rules / test rules (deploy/prometheus)"
+promtool check rules deploy/prometheus/alerts.yml
+(cd deploy/prometheus && promtool test rules alerts_test.yml)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

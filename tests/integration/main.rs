@@ -13,6 +13,7 @@ mod busy;
 mod clients;
 mod command_keys;
 mod dashboard;
+mod deploy;
 mod faults;
 mod lifecycle;
 mod limits;
