@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one entry point for checks; developers and CI (.ci/run) both run it.
-# Installs what the tests need on Debian when missing (Debian packages,
+# Installs what the tests need on Debian when missing (Debian packages —
+# chromium for the dashboard test, prometheus for promtool —
 # redis-py, ioredis), then: rustfmt check, clippy and rustdoc with warnings
 # as errors, and every test (unit, integration against
 # real redis-server/nats-server processes, end-to-end with the built binary).
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib/deps.sh
 ensure_commands redis-server:redis-server redis-cli:redis-tools \
     redis-benchmark:redis-tools nats-server:nats-server openssl:openssl \
-    node:nodejs npm:npm promtool:prometheus
+    node:nodejs npm:npm promtool:prometheus chromium:chromium
 need cargo || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 need python3 || { echo "python3 not found: apt-get install -y python3 python3-pip" >&2; exit 1; }
 if ! python3 -c 'import redis' 2>/dev/null; then
@@ -29,6 +30,9 @@ if [[ ! -d tests/node/node_modules/ioredis \
     || { echo "could not install ioredis: cd tests/node && npm ci" >&2; exit 1; }
 fi
 
+echo "== promtool check rules / test rules (deploy/prometheus)"
+promtool check rules deploy/prometheus/alerts.yml
+(cd deploy/prometheus && promtool test rules alerts_test.yml)
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

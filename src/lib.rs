@@ -23,7 +23,7 @@
 //! | [`coherence`] | the one acknowledgement path, the NATS invalidation bus, Redis tracking |
 //! | [`stats`] | one registry of counters: requests by class, latency by path, errors by kind, per-rule cache counters, bus and tracking |
 //! | [`reload`] | SIGHUP and `PROXY RELOAD`: the file read again, what can change swapped, what cannot reported |
-//! | [`admin`] | `PROXY …` commands; the admin HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/stats`) |
+//! | [`admin`] | `PROXY …` commands; the admin HTTP listener (the dashboard at `/`, `/healthz`, `/readyz`, `/metrics`, `/stats`) |
 //! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs, cacheability) and key extraction |

@@ -1,17 +1,18 @@
-//! The admin HTTP listener (`admin.listen`): `/healthz`, `/readyz`,
-//! `/metrics`, `/stats`. It runs on the proxy's runtime as one more task and
+//! The admin HTTP listener (`admin.listen`): the dashboard at `/`,
+//! `/healthz`, `/readyz`, `/metrics`, `/stats`. It runs on the proxy's runtime as one more task and
 //! only reads `Context` (atomics, and the rules' snapshot), so a scrape never
 //! takes a lock the request path holds.
 //!
 //! `admin.token`, when set, is required as `Authorization: Bearer <token>`
 //! on everything but `/healthz`, which a load balancer or kubelet probes
-//! without credentials.
+//! without credentials. `/` also takes it as `/?token=…`, since a browser
+//! cannot set a header on a page load (see [`super::dashboard`]).
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
@@ -33,6 +34,7 @@ struct Admin {
 /// "draining" meanwhile).
 pub async fn serve(listener: TcpListener, ctx: Arc<Context>, draining: watch::Receiver<bool>) {
     let app = Router::new()
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -52,15 +54,18 @@ fn authorized(admin: &Admin, headers: &HeaderMap) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    // Constant time in the token's length: no early exit on the first
-    // differing byte.
-    given.is_some_and(|g| {
-        g.len() == token.len()
-            && g.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    })
+    given.is_some_and(|g| same_token(g, token))
+}
+
+/// Constant time in the token's length: no early exit on the first
+/// differing byte.
+fn same_token(given: &str, token: &str) -> bool {
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn unauthorized() -> Response {
@@ -68,6 +73,36 @@ fn unauthorized() -> Response {
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
         "admin.token required: Authorization: Bearer <token>\n",
+    )
+        .into_response()
+}
+
+/// The dashboard page: the header as everywhere, or `?token=` (a browser
+/// cannot set a header on a page load). Never cached or sent on as a
+/// referrer, since the address may hold the token.
+async fn dashboard(State(admin): State<Admin>, headers: HeaderMap, uri: Uri) -> Response {
+    let by_query = || {
+        let token = admin.ctx.cfg.admin.token.as_deref();
+        let given = uri.query().and_then(super::dashboard::query_token);
+        matches!((token, given), (Some(t), Some(g)) if same_token(&g, t))
+    };
+    if !authorized(&admin, &headers) && !by_query() {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "admin.token required: open /?token=<token>\n",
+        )
+            .into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, super::dashboard::CSP),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        super::dashboard::PAGE.as_str(),
     )
         .into_response()
 }
@@ -120,6 +155,7 @@ async fn stats(State(admin): State<Admin>, headers: HeaderMap) -> Response {
     if let Some(obj) = body.as_object_mut() {
         let r = super::readiness(&admin.ctx, *admin.draining.borrow());
         obj.insert("ready".into(), json!(r.to_json()));
+        super::dashboard_stats(&admin.ctx, obj);
     }
     axum::Json(body).into_response()
 }

@@ -1,8 +1,9 @@
 //! nearcache's own view of itself: `PROXY …` commands that redis-cli can
 //! run, and the admin HTTP listener ([`http`]: health, readiness, `/metrics`
-//! from [`metrics`], `/stats`). Everything here reads `Context`. `PROXY LIMITS` is in
+//! from [`metrics`], `/stats`, the [`dashboard`] page). Everything here reads `Context`. `PROXY LIMITS` is in
 //! `limits.rs`.
 
+mod dashboard;
 pub mod http;
 mod limits;
 mod metrics;
@@ -394,4 +395,51 @@ pub fn stats_json(ctx: &Context) -> Value {
         "bus": bus,
         "redis_tracking": tracking,
     })
+}
+
+// ---------------------------------------------------------------------------
+// `/stats` figures the dashboard needs that the sections above do not give.
+// Kept in one block, added to the body by `http::stats`.
+// ---------------------------------------------------------------------------
+
+/// Adds to a `/stats` body: `limits` (each limit's decisions, by name, as
+/// `PROXY STATS` has them) and `peers` (instances alive on the bus, this one
+/// included, and the other peers' states; `live` is 1 and the rest 0
+/// without a bus).
+pub fn dashboard_stats(ctx: &Context, body: &mut serde_json::Map<String, Value>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let snapshot = ctx.snapshot.load();
+    let limits: serde_json::Map<String, Value> = snapshot
+        .limits
+        .iter()
+        .map(|limit| {
+            let s = &limit.stats;
+            let v = json!({
+                "allowed": s.allowed.load(Relaxed),
+                "delayed": s.delayed.load(Relaxed),
+                "rejected": s.rejected.load(Relaxed),
+            });
+            (limit.name().to_owned(), v)
+        })
+        .collect();
+    body.insert("limits".into(), Value::Object(limits));
+    let b = &ctx.stats.bus;
+    let (awaiting, silent, left) = if ctx.bus.is_some() {
+        (
+            b.awaiting_peers.load(Relaxed),
+            b.silent_peers.load(Relaxed),
+            b.peers_left.load(Relaxed),
+        )
+    } else {
+        (0, 0, 0)
+    };
+    body.insert(
+        "peers".into(),
+        json!({
+            "live": ctx.live_instances(),
+            "awaiting": awaiting,
+            "silent_total": silent,
+            "left_total": left,
+        }),
+    );
 }

@@ -13,6 +13,8 @@ mod backpressure;
 mod busy;
 mod clients;
 mod command_keys;
+mod dashboard;
+mod deploy;
 mod faults;
 mod lifecycle;
 mod limits;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use nearcache::Config;
 
+pub mod browser;
 mod log;
 mod query;
 
@@ -854,4 +855,26 @@ pub fn tls_certificates(dir: &Path) -> TlsFiles {
         client_cert,
         client_key,
     }
+}
+
+/// One HTTP/1.1 GET to `addr` (Connection: close) with extra header lines
+/// (each ending in `\r\n`): (status, body).
+pub fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: nearcache\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    (status, body.to_owned())
 }
