@@ -31,8 +31,19 @@ struct Cli {
     /// This instance's id on the bus [env: NEARCACHE_INSTANCE_ID].
     #[arg(long)]
     instance_id: Option<String>,
+    /// Log lines for people (`human`, the default) or one JSON object per
+    /// line (`json`) [env: NEARCACHE_LOG_FORMAT].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,15 +57,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("NEARCACHE_LOG")
-                // async-nats logs every failed reconnect attempt at INFO during
-                // an outage; the bus reports the outage itself, once, at WARN.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let format = match (cli.log_format, std::env::var("NEARCACHE_LOG_FORMAT")) {
+        (Some(f), _) => f,
+        (None, Ok(v)) => match <LogFormat as clap::ValueEnum>::from_str(&v, true) {
+            Ok(f) => f,
+            Err(_) => {
+                #[allow(clippy::print_stderr)]
+                {
+                    eprintln!("nearcache: NEARCACHE_LOG_FORMAT: '{v}' is not human or json");
+                }
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, Err(_)) => LogFormat::Human,
+    };
+    init_logging(format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -64,6 +81,32 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr, filtered by `NEARCACHE_LOG`; colours only on a
+/// terminal (a file or a collector gets plain text).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    // async-nats logs every failed reconnect attempt at INFO during an
+    // outage (the bus reports the outage itself, once, at WARN), and its
+    // DEBUG lines print the server URL with its password: it stays at WARN
+    // unless NEARCACHE_LOG names it.
+    let wanted = std::env::var("NEARCACHE_LOG").unwrap_or_else(|_| "info".into());
+    let directives = if wanted.contains("async_nats") {
+        wanted
+    } else {
+        format!("{wanted},async_nats=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
 

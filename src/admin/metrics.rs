@@ -171,6 +171,18 @@ impl Collector for StatsCollector {
             None,
             i64::from(ctx.default_pool.any_shared_up()),
         )?;
+        counter(
+            &mut enc,
+            "nearcache_upstream_outages",
+            "Upstream outages begun: a shared connection lost, or not made, while no outage was going on.",
+            ctx.upstream.outages.count(),
+        )?;
+        counter(
+            &mut enc,
+            "nearcache_upstream_reconnects",
+            "Upstream outages that ended with a connection back.",
+            ctx.upstream.outages.reconnects(),
+        )?;
         let backlog = ctx.upstream.backlog.stats();
         gauge(
             &mut enc,
@@ -283,6 +295,18 @@ impl Collector for StatsCollector {
             for (name, s) in &rules {
                 let labels = [("rule", name.clone())];
                 ConstGauge::new(s.bytes.load(Relaxed)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "nearcache_l1_rule_entries",
+                "Keys held in L1, by rule.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, s) in &rules {
+                let labels = [("rule", name.clone())];
+                ConstGauge::new(s.entries.load(Relaxed)).encode(m.encode_family(&labels)?)?;
             }
         }
         if let Some(l1) = &ctx.l1 {

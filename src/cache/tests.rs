@@ -334,6 +334,7 @@ fn memory_stays_within_the_budget() {
     assert!(entries > 0 && entries < 5000);
     assert!(c.rule_stats.evictions.load(SeqCst) > 0);
     assert_eq!(c.rule_stats.bytes.load(SeqCst), bytes as i64);
+    assert_eq!(c.rule_stats.entries.load(SeqCst), entries as i64);
 }
 
 #[test]

@@ -119,8 +119,16 @@ impl Bus {
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis(50 * attempts as u64).min(RECONNECT_DELAY_MAX)
             });
-        if !cfg.user.is_empty() {
-            opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
+        // Credentials in the URL count as the fields would (async-nats
+        // takes them only as options); the fields win when both are set.
+        let (nats_url, in_url) = crate::config::split_credentials(&cfg.nats_url);
+        match in_url {
+            _ if !cfg.user.is_empty() => {
+                opts = opts.user_and_password(cfg.user.clone(), cfg.password.clone());
+            }
+            Some((user, Some(password))) => opts = opts.user_and_password(user, password),
+            Some((token, None)) if cfg.token.is_empty() => opts = opts.token(token),
+            _ => {}
         }
         if !cfg.token.is_empty() {
             opts = opts.token(cfg.token.clone());
@@ -157,10 +165,10 @@ impl Bus {
             async move { events.on(event) }
         });
         let client = opts
-            .connect(&cfg.nats_url)
+            .connect(&nats_url)
             .await
             .map_err(|e| BusError::Connect {
-                url: cfg.nats_url.clone(),
+                url: crate::config::redact_url(&cfg.nats_url).into_owned(),
                 reason: e.to_string(),
             })?;
         let subject = cfg.subject();
@@ -169,7 +177,7 @@ impl Bus {
                 .subscribe(subject.clone())
                 .await
                 .map_err(|e| BusError::Connect {
-                    url: cfg.nats_url.clone(),
+                    url: crate::config::redact_url(&cfg.nats_url).into_owned(),
                     reason: format!("subscribe to {subject}: {e}"),
                 })?;
         let last_echo_us = Arc::new(AtomicU64::new(0));
@@ -203,7 +211,7 @@ impl Bus {
                 heartbeat: cfg.heartbeat_interval.0,
             },
         ));
-        tracing::info!(%instance, url = %cfg.nats_url, "coherence bus starting");
+        tracing::info!(%instance, url = %crate::config::redact_url(&cfg.nats_url), "coherence bus starting");
         Ok(Arc::new(Bus {
             queue: Queue {
                 tx,
@@ -319,11 +327,17 @@ impl EventHandler {
                 // clean, then tell peers our sequence so they see our gaps.
                 self.l1.flush();
                 self.stats.flushes.fetch_add(1, SeqCst);
-                self.connected_at_ms
-                    .store((self.start.elapsed().as_millis() as u64).max(1), SeqCst);
+                let now_ms = (self.start.elapsed().as_millis() as u64).max(1);
+                self.connected_at_ms.store(now_ms, SeqCst);
                 self.healthy.store(true, SeqCst);
                 let _ = self.resync.send(Outgoing::Resync);
-                tracing::info!("coherence bus connected; L1 flushed");
+                match self.down_at_ms.load(SeqCst) {
+                    0 => tracing::info!("coherence bus connected; L1 flushed"),
+                    down => tracing::info!(
+                        after = ?std::time::Duration::from_millis(now_ms.saturating_sub(down)),
+                        "coherence bus back; L1 flushed"
+                    ),
+                }
             }
             async_nats::Event::Disconnected => {
                 self.healthy.store(false, SeqCst);

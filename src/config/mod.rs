@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub use limits::{Action, Counts, LimitConfig, Per, Rate, Scope};
 pub use units::{ByteSize, Duration};
-pub use upstream_url::RedisUrl;
+pub use upstream_url::{RedisUrl, redact_url, split_credentials};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -243,6 +243,10 @@ pub struct AdminConfig {
     pub listen: String,
     /// If set, every endpoint but `/healthz` wants `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// A file holding the token (its first line), instead of `token`: a
+    /// mounted secret. Read at start; a reload that finds it changed says
+    /// it takes a restart.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The NATS invalidation bus between instances.
@@ -470,13 +474,34 @@ impl Config {
         })
     }
 
-    /// Reads and parses a file (not yet validated).
+    /// Reads and parses a file (not yet validated), and the files it
+    /// names for secrets (`admin.token_file`).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        let mut cfg = Self::from_toml(&text, path)?;
+        if let Some(file) = &cfg.admin.token_file {
+            let invalid = |message: String| ConfigError::Invalid {
+                origin: path.display().to_string(),
+                errors: vec![FieldError {
+                    field: "admin.token_file".into(),
+                    message,
+                }],
+            };
+            if cfg.admin.token.is_some() {
+                return Err(invalid("set with admin.token: use one of them".into()));
+            }
+            let token = std::fs::read_to_string(file)
+                .map_err(|e| invalid(format!("{}: {e}", file.display())))?;
+            let token = token.lines().next().unwrap_or("").trim().to_owned();
+            if token.is_empty() {
+                return Err(invalid(format!("{}: the file is empty", file.display())));
+            }
+            cfg.admin.token = Some(token);
+        }
+        Ok(cfg)
     }
 
     /// Applies overrides from the environment or the command line.

@@ -84,6 +84,48 @@ impl RedisUrl {
     }
 }
 
+/// `url` with any password in it (`scheme://user:password@host`) shown as
+/// `***`: for URLs nearcache does not parse itself (NATS), before they are
+/// logged or reported.
+pub fn redact_url(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.into();
+    };
+    let rest = &url[scheme_end..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    // The last '@': a password may hold one.
+    let Some(at) = authority.rfind('@') else {
+        return url.into();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end], &rest[at..]).into(),
+        // A lone token (`nats://token@host`) is a secret too.
+        None => format!("{}***{}", &url[..scheme_end], &rest[at..]).into(),
+    }
+}
+
+/// `url` without its `user:password@` (or `token@`), and what that was:
+/// for clients (async-nats) that take credentials as options and do not
+/// read them from the URL.
+pub fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return (url.to_owned(), None);
+    };
+    let rest = &url[scheme_end..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let userinfo = &rest[..at];
+    let bare = format!("{}{}", &url[..scheme_end], &rest[at + 1..]);
+    let creds = match userinfo.split_once(':') {
+        Some((user, password)) => (user.to_owned(), Some(password.to_owned())),
+        None => (userinfo.to_owned(), None),
+    };
+    (bare, Some(creds))
+}
+
 /// Never prints the password: URLs end up in logs and `PROXY` replies.
 impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -134,6 +176,25 @@ mod tests {
         assert_eq!(u.port, 6390);
         assert_eq!(u.username.as_deref(), Some("app"));
         assert_eq!(u.password.as_deref(), Some("p@ss"));
+        assert_eq!(
+            redact_url("nats://bot:s3cret@h:4222"),
+            "nats://bot:***@h:4222"
+        );
+        assert_eq!(redact_url("nats://t0ken@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_url("nats://u:p@ss@h/x@y"), "nats://u:***@h/x@y");
+        assert_eq!(
+            split_credentials("nats://u:p@ss@h:4222"),
+            (
+                "nats://h:4222".to_owned(),
+                Some(("u".to_owned(), Some("p@ss".to_owned())))
+            )
+        );
+        assert_eq!(
+            split_credentials("nats://tok@h"),
+            ("nats://h".to_owned(), Some(("tok".to_owned(), None)))
+        );
+        assert_eq!(split_credentials("nats://h"), ("nats://h".to_owned(), None));
         assert_eq!(u.db, 3);
         assert_eq!(u.to_string(), "redis://app:***@10.0.0.1:6390/3");
     }

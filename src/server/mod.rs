@@ -212,7 +212,21 @@ impl Proxy {
             (a, task)
         });
         let accept = tokio::spawn(accept_loop(listener, ctx.clone(), rx));
-        tracing::info!(%addr, upstream = %url, "nearcache listening");
+        let snapshot = ctx.snapshot.load();
+        tracing::info!(
+            %addr,
+            upstream = %url,
+            rules = snapshot.rules.iter().count(),
+            limits = snapshot.limits.iter().count(),
+            bus = %if ctx.bus.is_some() {
+                crate::config::redact_url(&ctx.cfg.coherence.nats_url)
+            } else {
+                "off".into()
+            },
+            redis_tracking = ctx.cfg.coherence.redis_tracking && ctx.l1.is_some(),
+            auth = ?ctx.cfg.server.auth,
+            "nearcache listening"
+        );
         Ok(Proxy {
             addr,
             ctx,

@@ -21,6 +21,8 @@ pub struct RuleStats {
     pub invalidations: AtomicU64,
     /// Bytes currently held (entry weights).
     pub bytes: AtomicI64,
+    /// Keys currently held.
+    pub entries: AtomicI64,
 }
 
 impl RuleStats {
@@ -31,7 +33,7 @@ impl RuleStats {
     }
 
     /// A consistent-enough snapshot: (name, value) pairs.
-    pub fn snapshot(&self) -> [(&'static str, i64); 7] {
+    pub fn snapshot(&self) -> [(&'static str, i64); 8] {
         let g = |c: &AtomicU64| i64::try_from(c.load(Relaxed)).unwrap_or(i64::MAX);
         [
             ("hits", g(&self.hits)),
@@ -41,6 +43,7 @@ impl RuleStats {
             ("evictions", g(&self.evictions)),
             ("invalidations", g(&self.invalidations)),
             ("bytes", self.bytes.load(Relaxed)),
+            ("entries", self.entries.load(Relaxed)),
         ]
     }
 }

@@ -12,6 +12,7 @@ pub mod backlog;
 pub mod connection;
 pub mod handshake;
 pub mod lane;
+pub mod outage;
 pub mod pool;
 mod probe;
 mod relay;

@@ -24,6 +24,7 @@ use super::UpstreamError;
 use super::backlog::Backlog;
 use super::connection::{self, Conn, ConnOptions, IdleList};
 use super::handshake;
+use super::outage::Outages;
 use super::probe::Probe;
 use crate::config::{RedisUrl, UpstreamConfig};
 use crate::protocol::Protocol;
@@ -85,6 +86,8 @@ pub struct Upstream {
     epoch: watch::Sender<u64>,
     /// The same, read on every send without the watch's lock.
     epoch_now: AtomicU64,
+    /// Outages of the shared connections, for the log and the metrics.
+    pub outages: Outages,
 }
 
 impl Upstream {
@@ -99,6 +102,7 @@ impl Upstream {
             namespaces: Mutex::new(HashMap::new()),
             epoch: watch::Sender::new(1),
             epoch_now: AtomicU64::new(1),
+            outages: Outages::default(),
             backlog: Backlog::new(
                 cfg.max_in_flight,
                 cfg.max_in_flight_bytes.as_usize(),
@@ -519,7 +523,12 @@ async fn supervise(
     loop {
         match upstream.connect(key.clone(), opts.clone()).await {
             Ok(conn) => {
-                tracing::debug!(db = key.db, proto = ?key.proto, "upstream connection up");
+                match upstream.outages.end() {
+                    Some(after) => tracing::info!(db = key.db, after = ?after, "upstream back"),
+                    None => {
+                        tracing::debug!(db = key.db, proto = ?key.proto, "upstream connection up")
+                    }
+                }
                 state.send_replace(SlotState::Up(conn.clone()));
                 delay = min;
                 let mut conn = conn;
@@ -547,14 +556,23 @@ async fn supervise(
                         }
                     }
                 }
-                tracing::warn!(db = key.db, "upstream connection lost; reconnecting");
+                if upstream.outages.begin() {
+                    tracing::warn!(db = key.db, "upstream connection lost; reconnecting");
+                } else {
+                    tracing::debug!(db = key.db, "upstream connection lost; reconnecting");
+                }
                 state.send_replace(SlotState::Connecting);
                 // Reconnect at once the first time: a lost connection is often
                 // a single event (a killed client, a failover), not an outage.
                 continue;
             }
             Err(e) => {
-                tracing::warn!(db = key.db, error = %e, retry_in = ?delay, "upstream connect failed");
+                // One line per outage; each retry is DEBUG.
+                if upstream.outages.begin() {
+                    tracing::warn!(db = key.db, error = %e, "upstream connect failed; retrying until it is back");
+                } else {
+                    tracing::debug!(db = key.db, error = %e, retry_in = ?delay, "upstream connect failed");
+                }
                 state.send_replace(SlotState::Down(e));
                 // Back off, but try at once when a request wants Redis
                 // (after a short floor, so a flood of requests during an

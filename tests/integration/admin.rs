@@ -8,9 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nearcache::config::RuleConfig;
+use nearcache::config::{LossPolicy, RuleConfig};
 
-use crate::support::{RedisServer, TestProxy, config_for, wait_until};
+use crate::support::{BUS_LOST, NatsServer, RedisServer, TestProxy, config_for, wait_until};
 
 /// One HTTP/1.1 GET (Connection: close): (status, body).
 fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
@@ -173,6 +173,55 @@ async fn healthz_and_readyz_follow_the_upstream() {
     tokio::task::spawn_blocking(move || {
         wait_until("/readyz 200 again", Duration::from_secs(15), || {
             get(admin, "/readyz", None).0 == 200
+        });
+    })
+    .await
+    .unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_bus_under_the_bypass_policy() {
+    let redis = RedisServer::start();
+    let mut nats = NatsServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.admin.listen = "127.0.0.1:0".into();
+    cfg.cache.rules = vec![RuleConfig::caching("t:", Duration::from_secs(60))];
+    cfg.coherence.nats_url = nats.url();
+    assert_eq!(cfg.coherence.loss_policy, LossPolicy::Bypass);
+    let proxy = TestProxy::start_with(cfg).await;
+    proxy.expect_log(BUS_LOST);
+    let admin = proxy.admin_addr();
+    let status = move || get(admin, "/readyz", None);
+    tokio::task::spawn_blocking(move || {
+        wait_until("/readyz 200", Duration::from_secs(10), || status().0 == 200);
+        assert!(
+            status().1.contains("\"bus\":\"connected\""),
+            "{}",
+            status().1
+        );
+    })
+    .await
+    .unwrap();
+
+    nats.kill();
+    tokio::task::spawn_blocking(move || {
+        wait_until("/readyz 503", Duration::from_secs(10), || status().0 == 503);
+        let (_, body) = status();
+        assert!(body.contains("\"bus\":\"lost\""), "{body}");
+        assert_eq!(
+            get(admin, "/healthz", None).0,
+            200,
+            "the process still serves"
+        );
+    })
+    .await
+    .unwrap();
+
+    nats.restart();
+    tokio::task::spawn_blocking(move || {
+        wait_until("/readyz 200 again", Duration::from_secs(15), || {
+            status().0 == 200
         });
     })
     .await

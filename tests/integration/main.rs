@@ -19,6 +19,7 @@ mod faults;
 mod lifecycle;
 mod limits;
 mod log_check;
+mod logs;
 mod reload;
 mod smoke;
 
