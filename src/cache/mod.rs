@@ -156,6 +156,7 @@ impl L1 {
                     listener_index.remove_if_same(&v);
                 }
                 v.stats.bytes.fetch_sub(i64::from(v.weight), SeqCst);
+                v.stats.entries.fetch_sub(1, SeqCst);
                 if cause == RemovalCause::Size {
                     RuleStats::inc(&v.stats.evictions);
                 }
@@ -289,11 +290,13 @@ impl L1 {
         entry.generation = generation;
         let entry = Arc::new(entry);
         stats.bytes.fetch_add(i64::from(entry.weight), SeqCst);
+        stats.entries.fetch_add(1, SeqCst);
         // Index first: if moka evicts the entry at once, its listener then
         // finds it in the index and removes it there too.
         self.index.insert(&entry);
         self.entries.insert(id, entry);
         RuleStats::inc(&stats.fills);
+        stats.big_keys.offer(db, key, reply.len() as u64);
         true
     }
 
