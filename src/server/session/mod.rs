@@ -34,6 +34,7 @@ mod blocking;
 mod cached;
 mod clients;
 mod deliver;
+mod info;
 mod input;
 mod local;
 mod mode;
