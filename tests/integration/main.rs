@@ -16,6 +16,7 @@ mod faults;
 mod lifecycle;
 mod limits;
 mod log_check;
+mod proxy_admin;
 mod reload;
 mod smoke;
 
