@@ -21,9 +21,9 @@
 //! | [`cache`] | L1: generation-checked fills, invalidation, key-prefix rules |
 //! | [`fill`] | fetching missed reads: single flight, PTTL, refresh-ahead, MGET split and stitch |
 //! | [`coherence`] | the one acknowledgement path, the NATS invalidation bus, Redis tracking |
-//! | [`stats`] | one registry of counters: requests by class, latency by path, errors by kind, per-rule cache counters, bus and tracking |
+//! | [`stats`] | one registry of counters: requests by class, latency by path, errors by kind, per-rule cache counters and big keys, bus and its peers, tracking; hot keys (sampled per session), the slow log |
 //! | [`reload`] | SIGHUP and `PROXY RELOAD`: the file read again, what can change swapped, what cannot reported |
-//! | [`admin`] | `PROXY …` commands; the admin HTTP listener (the dashboard at `/`, `/healthz`, `/readyz`, `/metrics`, `/stats`) |
+//! | [`admin`] | `PROXY …` commands and `INFO`'s `# Nearcache` section; the admin HTTP listener (the dashboard at `/`, `/healthz`, `/readyz`, `/metrics`, `/stats`) |
 //! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs, cacheability) and key extraction |

@@ -1,10 +1,15 @@
 //! nearcache's own view of itself: `PROXY …` commands that redis-cli can
 //! run, and the admin HTTP listener ([`http`]: health, readiness, `/metrics`
 //! from [`metrics`], `/stats`, the [`dashboard`] page). Everything here reads `Context`. `PROXY LIMITS` is in
-//! `limits.rs`.
+//! `limits.rs`; `INFO`'s section and `PROXY INFO` in [`info`]; `PROXY CONFIG
+//! GET` in `config_get.rs`; `RULES`, `HOTKEYS`, `BIGKEYS`, `PEERS` and
+//! `SLOWLOG` in `inspect.rs`.
 
+mod config_get;
 mod dashboard;
 pub mod http;
+pub mod info;
+mod inspect;
 mod limits;
 mod metrics;
 
@@ -15,10 +20,94 @@ use crate::context::Context;
 use crate::protocol::reply::{self, Protocol, Reply};
 use crate::stats::Path;
 
+/// `PROXY HELP`: one line per subcommand, as Redis's `… HELP` lists its own.
+const HELP: &[&str] = &[
+    "PROXY <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+    "HELP -- This help.",
+    "INFO -- Version, uptime, config file, listen addresses, upstream (password masked) and bus.",
+    "STATS -- Cache, rule, request, upstream, bus and limit counters, with hit ratios.",
+    "RULES -- Each cache rule: selector, TTLs, cache on/off, entries, bytes, hits, misses, hit ratio.",
+    "HOTKEYS [<count>] -- The most-read cacheable keys (estimated reads; default 10).",
+    "BIGKEYS [<count>] -- The largest replies stored in L1, with their rule (default 10).",
+    "PEERS -- Other instances on the bus: id, last heard (ms ago), delay, messages.",
+    "SLOWLOG [<count>|RESET] -- Latest upstream calls slower than admin.slowlog_threshold (default 10).",
+    "CONFIG GET <field|glob> [...] -- Configuration in force by dotted name (upstream.url); secrets masked.",
+    "LIMITS -- Every rate limit, as configured, with its share and counters.",
+    "INVALIDATE <pattern> -- Drop matching keys from L1 here and on every peer (Redis untouched).",
+    "FLUSH -- Empty L1 here and on every peer (Redis untouched).",
+    "RELOAD -- Read the configuration file again (as SIGHUP).",
+];
+
+/// An optional `[<count>]` argument (at `argv[2]`): `default` when absent.
+fn count_arg(argv: &[Bytes], default: usize) -> Result<usize, Bytes> {
+    match argv.get(2) {
+        None => Ok(default),
+        Some(a) => crate::protocol::parser::parse_i64(a)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| reply::error("ERR value is out of range, must be positive")),
+    }
+}
+
+/// The reply built by `f` in `proto`.
+fn built(proto: Protocol, f: impl FnOnce(&mut Reply)) -> Bytes {
+    let mut r = Reply::new(proto);
+    f(&mut r);
+    r.finish()
+}
+
 /// Answers `PROXY <subcommand> …`.
 pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
     let sub = argv.get(1).map(|s| s.to_ascii_uppercase());
+    let arity = |name: &str| {
+        reply::error(&format!(
+            "ERR wrong number of arguments for 'proxy|{name}' command"
+        ))
+    };
     match sub.as_deref() {
+        Some(b"HELP") if argv.len() == 2 => built(proto, |r| {
+            r.array(HELP.len());
+            for line in HELP {
+                r.simple(line);
+            }
+        }),
+        Some(b"INFO") if argv.len() == 2 => built(proto, |r| info::proxy_info(r, ctx)),
+        Some(b"RULES") if argv.len() == 2 => built(proto, |r| inspect::rules(r, ctx)),
+        Some(b"PEERS") if argv.len() == 2 => built(proto, |r| inspect::peers(r, ctx)),
+        Some(b"HOTKEYS") if argv.len() <= 3 => match count_arg(argv, inspect::DEFAULT_COUNT) {
+            Ok(n) => built(proto, |r| inspect::hot_keys(r, ctx, n)),
+            Err(e) => e,
+        },
+        Some(b"BIGKEYS") if argv.len() <= 3 => match count_arg(argv, inspect::DEFAULT_COUNT) {
+            Ok(n) => built(proto, |r| inspect::big_keys(r, ctx, n)),
+            Err(e) => e,
+        },
+        Some(b"SLOWLOG") if argv.len() == 3 && argv[2].eq_ignore_ascii_case(b"reset") => {
+            ctx.stats.slowlog.reset();
+            Bytes::from_static(reply::OK)
+        }
+        Some(b"SLOWLOG") if argv.len() <= 3 => match count_arg(argv, inspect::DEFAULT_COUNT) {
+            Ok(n) => built(proto, |r| inspect::slowlog(r, ctx, n)),
+            Err(e) => e,
+        },
+        Some(b"CONFIG") if argv.len() >= 4 && argv[2].eq_ignore_ascii_case(b"get") => {
+            built(proto, |r| config_get::config_get(r, &ctx.cfg, &argv[3..]))
+        }
+        Some(b"CONFIG") if argv.len() >= 3 && !argv[2].eq_ignore_ascii_case(b"get") => {
+            reply::error(&format!(
+                "ERR unknown subcommand 'config|{}'. Try PROXY HELP.",
+                String::from_utf8_lossy(&argv[2]).to_lowercase()
+            ))
+        }
+        Some(
+            name @ (b"HELP" | b"INFO" | b"RULES" | b"PEERS" | b"HOTKEYS" | b"BIGKEYS" | b"SLOWLOG"
+            | b"CONFIG"),
+        ) => {
+            let name = String::from_utf8_lossy(name).to_lowercase();
+            match name.as_str() {
+                "config" => arity("config|get"),
+                other => arity(other),
+            }
+        }
         Some(b"STATS") if argv.len() == 2 => stats(ctx, proto),
         Some(b"LIMITS") if argv.len() == 2 => {
             let mut r = Reply::new(proto);
@@ -53,7 +142,7 @@ pub fn proxy_command(argv: &[Bytes], ctx: &Context, proto: Protocol) -> Bytes {
         }
         Some(b"STATS") => reply::error("ERR wrong number of arguments for 'proxy|stats' command"),
         Some(other) => reply::error(&format!(
-            "ERR unknown subcommand '{}'. Try PROXY STATS, PROXY LIMITS, PROXY INVALIDATE <pattern>, PROXY FLUSH, PROXY RELOAD.",
+            "ERR unknown subcommand '{}'. Try PROXY HELP.",
             String::from_utf8_lossy(other)
         )),
         None => reply::error("ERR wrong number of arguments for 'proxy' command"),
@@ -77,7 +166,7 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     let (entries, bytes) = l1.usage();
     let snapshot = ctx.snapshot.load();
     let rules: Vec<_> = snapshot.rules.iter().collect();
-    r.map(10);
+    r.map(11);
     bus_stats(&mut r, ctx);
     upstream_stats(&mut r, ctx);
     request_stats(&mut r, ctx);
@@ -105,10 +194,14 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
         .int(i64::try_from(bytes).unwrap_or(i64::MAX));
     r.bulk(b"max_memory")
         .int(i64::try_from(ctx.cfg.cache.max_memory.0).unwrap_or(i64::MAX));
+    // (A double: a bulk string in RESP2, as Redis sends one; null before
+    // any cacheable read.)
+    let (hits, misses) = info::hits_and_misses(ctx);
+    r.bulk(b"hit_ratio").ratio(hits, misses);
     r.bulk(b"rules").array(rules.len());
     for rule in rules {
         let counters = rule.stats.snapshot();
-        r.map(3 + counters.len());
+        r.map(4 + counters.len());
         let (kind, selector) = rule.selector();
         r.bulk(kind.as_bytes()).bulk(selector);
         r.bulk(b"ttl_ms")
@@ -117,18 +210,26 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
         for (name, value) in counters {
             r.bulk(name.as_bytes()).int(value);
         }
+        let s = &rule.stats;
+        r.bulk(b"hit_ratio").ratio(
+            s.hits.load(std::sync::atomic::Ordering::Relaxed),
+            s.misses.load(std::sync::atomic::Ordering::Relaxed),
+        );
     }
     r.finish()
 }
 
-/// The `requests` entry of `PROXY STATS`: clients connected, commands by
-/// class, errors nearcache answered with by kind, and reply latency by path.
+/// The `requests` entry of `PROXY STATS`: clients connected (and of them
+/// pinned to a connection of their own), commands by class, errors
+/// nearcache answered with by kind, and reply latency by path.
 fn request_stats(r: &mut Reply, ctx: &Context) {
     use std::sync::atomic::Ordering::Relaxed;
     let s = &ctx.stats.requests;
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    r.bulk(b"requests").map(4);
+    r.bulk(b"requests").map(5);
     r.bulk(b"clients").int(n(s.clients.load(Relaxed)));
+    r.bulk(b"pinned")
+        .int(n(ctx.directory.pinned_count() as u64));
     let commands: Vec<_> = s.commands().collect();
     r.bulk(b"commands").map(commands.len());
     for (class, count) in commands {
@@ -392,6 +493,8 @@ pub fn stats_json(ctx: &Context) -> Value {
         },
         "requests": requests,
         "cache": cache,
+        "hot_keys": inspect::hot_keys_json(ctx),
+        "big_keys": inspect::big_keys_json(ctx),
         "bus": bus,
         "redis_tracking": tracking,
     })

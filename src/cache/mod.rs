@@ -296,6 +296,7 @@ impl L1 {
         self.index.insert(&entry);
         self.entries.insert(id, entry);
         RuleStats::inc(&stats.fills);
+        stats.big_keys.offer(db, key, reply.len() as u64);
         true
     }
 

@@ -127,6 +127,7 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
                 for peer in silent {
                     tracing::warn!(%peer, "peer silent past peer_timeout; flushing L1");
                     last_seen.remove(&peer);
+                    stats.peer_gone(&peer);
                     last_seq.remove(&peer);
                     // (No read fills L1 from here until the peer is back.)
                     missing.forgot(peer, start.elapsed().as_millis() as u64);
@@ -166,6 +167,7 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
         last_seen.insert(m.instance.clone(), Instant::now());
         stats.live_peers.store(last_seen.len() as u64, SeqCst);
         stats.received.fetch_add(1, SeqCst);
+        stats.peer_heard(&m.instance, now_us().saturating_sub(m.sent_at_us));
         // (Back: its message shows its gap, which flushes, below.)
         let returned = missing.heard(&m.instance);
         let prev = last_seq.insert(m.instance.clone(), m.seq);
@@ -215,6 +217,7 @@ pub(super) async fn receive(mut sub: async_nats::Subscriber, r: Receiver) {
             Kind::Resync => continue,
             Kind::Leave => {
                 last_seen.remove(&m.instance);
+                stats.peer_gone(&m.instance);
                 stats.live_peers.store(last_seen.len() as u64, SeqCst);
                 last_seq.remove(&m.instance);
                 stats.peers_left.fetch_add(1, SeqCst);

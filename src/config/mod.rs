@@ -235,8 +235,9 @@ fn default_max_value_size() -> ByteSize {
     ByteSize(1 << 20)
 }
 
-/// The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/stats`.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+/// The admin HTTP listener (`/metrics`, `/healthz`, `/readyz`, `/stats`)
+/// and what `PROXY …` keeps for administrators (the slow log).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address for `/metrics`, `/healthz`…; empty = disabled.
@@ -247,6 +248,22 @@ pub struct AdminConfig {
     /// mounted secret. Read at start; a reload that finds it changed says
     /// it takes a restart.
     pub token_file: Option<PathBuf>,
+    /// Upstream calls slower than this go in the slow log (`PROXY SLOWLOG`).
+    pub slowlog_threshold: Duration,
+    /// Slow calls kept (the latest); 0 = no slow log.
+    pub slowlog_len: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            token: None,
+            token_file: None,
+            slowlog_threshold: Duration(std::time::Duration::from_millis(10)),
+            slowlog_len: 128,
+        }
+    }
 }
 
 /// The NATS invalidation bus between instances.

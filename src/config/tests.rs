@@ -57,6 +57,25 @@ fn validation_lists_every_problem_with_its_field() {
 }
 
 #[test]
+fn slowlog_fields_are_validated_by_name() {
+    let cfg = Config::from_toml(
+        "[admin]\nslowlog_len = 1000000\nslowlog_threshold = \"2h\"\n",
+        Path::new("c.toml"),
+    )
+    .unwrap();
+    let err = cfg.validate("c.toml").unwrap_err().to_string();
+    for field in ["admin.slowlog_len", "admin.slowlog_threshold"] {
+        assert!(err.contains(field), "{field} missing from: {err}");
+    }
+    let cfg = Config::from_toml(
+        "[admin]\nslowlog_len = 0\nslowlog_threshold = \"0\"\n",
+        Path::new("c.toml"),
+    )
+    .unwrap();
+    cfg.validate("c.toml").unwrap();
+}
+
+#[test]
 fn every_example_config_parses_and_validates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut checked = 0;

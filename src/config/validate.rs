@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 
 use super::*;
 
+/// The longest slow log `admin.slowlog_len` may ask for.
+const MAX_SLOWLOG_LEN: usize = 100_000;
+
 impl Config {
     /// Checks every field and reports all problems at once; `origin` (the file
     /// name) prefixes the message.
@@ -124,6 +127,24 @@ impl Config {
                     format!("'{}' is not an address ({e})", self.admin.listen),
                 );
             }
+        }
+        if self.admin.slowlog_len > MAX_SLOWLOG_LEN {
+            bad(
+                "admin.slowlog_len",
+                format!(
+                    "{} is more than {MAX_SLOWLOG_LEN} (the slow log is kept in memory)",
+                    self.admin.slowlog_len
+                ),
+            );
+        }
+        if self.admin.slowlog_threshold.0 > std::time::Duration::from_secs(3600) {
+            bad(
+                "admin.slowlog_threshold",
+                format!(
+                    "{} is more than 1h (no call waits that long; set slowlog_len = 0 to turn the slow log off)",
+                    self.admin.slowlog_threshold
+                ),
+            );
         }
         if self.cache.max_memory.0 < 1024 {
             bad(

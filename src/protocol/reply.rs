@@ -88,6 +88,26 @@ impl Reply {
         self.line(b':', itoa(n).as_bytes())
     }
 
+    /// A double: RESP3's `,`; in RESP2 a bulk string, as Redis sends
+    /// `ZSCORE`'s. Written with at most four decimals (ratios, for people).
+    pub fn double(&mut self, v: f64) -> &mut Self {
+        let rounded = (v * 10_000.0).round() / 10_000.0;
+        let text = rounded.to_string();
+        match self.proto {
+            Protocol::Resp2 => self.bulk(text.as_bytes()),
+            Protocol::Resp3 => self.line(b',', text.as_bytes()),
+        }
+    }
+
+    /// `hits / (hits + misses)` as a [`Reply::double`], or null before any
+    /// read.
+    pub fn ratio(&mut self, hits: u64, misses: u64) -> &mut Self {
+        match hits + misses {
+            0 => self.null(),
+            total => self.double(hits as f64 / total as f64),
+        }
+    }
+
     /// Null (`$-1` in RESP2, `_` in RESP3).
     pub fn null(&mut self) -> &mut Self {
         match self.proto {
@@ -144,6 +164,16 @@ mod tests {
         let mut r3 = Reply::new(Protocol::Resp3);
         r3.map(1).bulk(b"k").null();
         assert_eq!(&r3.finish()[..], b"%1\r\n$1\r\nk\r\n_\r\n");
+    }
+
+    #[test]
+    fn doubles_are_bulk_strings_in_resp2() {
+        let mut r2 = Reply::new(Protocol::Resp2);
+        r2.ratio(2, 1).ratio(0, 0);
+        assert_eq!(&r2.finish()[..], b"$6\r\n0.6667\r\n$-1\r\n");
+        let mut r3 = Reply::new(Protocol::Resp3);
+        r3.ratio(1, 1).ratio(0, 0);
+        assert_eq!(&r3.finish()[..], b",0.5\r\n_\r\n");
     }
 
     #[test]

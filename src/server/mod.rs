@@ -126,7 +126,7 @@ impl Proxy {
             let a = l.local_addr().map_err(bind_error)?;
             Some((l, a))
         };
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new(&cfg));
         let rules = Rules::new(&cfg.cache.rules, &stats);
         let limits = crate::limits::Limits::new(&cfg.limits, &stats, None, 1);
         let l1 = (!rules.caches_nothing()).then(|| L1::new(cfg.cache.max_memory.0));

@@ -297,7 +297,8 @@ impl Outbox {
             return;
         };
         let count = *count;
-        self.stats.requests.replied(*timing, u64::from(count));
+        let us = self.stats.requests.replied(*timing, u64::from(count));
+        self.stats.slowlog.note(timing, count, us);
         self.ack.acknowledged(inv, &mut self.scratch);
         self.pop();
         self.append(replies, count);
@@ -360,6 +361,7 @@ mod tests {
         Timing {
             path: crate::stats::Path::Shared,
             since: std::time::Instant::now(),
+            command: "get",
         }
     }
 

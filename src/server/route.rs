@@ -74,6 +74,10 @@ pub enum Route {
     WrongArity(&'static str),
     /// `PROXY …`: nearcache's own admin commands.
     Proxy,
+    /// `INFO [section …]`: Redis's reply with nearcache's own section
+    /// appended when the sections asked for include it; `INFO nearcache`
+    /// alone is answered here (see `session/info.rs`).
+    Info,
 }
 
 impl Route {
@@ -164,6 +168,10 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         | flag::ADMIN
         | flag::SCRIPTING;
     if spec.flags & STATEFUL == 0 {
+        // (INFO carries none of them either; a length test settles the rest.)
+        if spec.name.len() == 4 && spec.name == "info" {
+            return Route::Info;
+        }
         return Route::Forward;
     }
     match spec.name {
@@ -255,6 +263,8 @@ mod tests {
         assert_eq!(r(&["client", "unblock", "7"]), Route::ClientUnblock);
         assert_eq!(r(&["CLIENT", "NO-EVICT", "on"]), Route::ClientNoEvict);
         assert_eq!(r(&["select", "2"]), Route::Select);
+        assert_eq!(r(&["INFO"]), Route::Info);
+        assert_eq!(r(&["info", "nearcache", "server"]), Route::Info);
         assert!(matches!(r(&["PSYNC", "?", "-1"]), Route::Refuse(_)));
     }
 

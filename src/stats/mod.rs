@@ -12,15 +12,19 @@
 mod cache;
 mod coherence;
 mod histogram;
+mod hotkeys;
+mod slowlog;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-pub use cache::RuleStats;
-pub use coherence::{BusStats, TrackingStats};
+pub use cache::{BIG_KEYS_PER_RULE, BigKey, BigKeys, RuleStats};
+pub use coherence::{BusStats, PeerSeen, TrackingStats};
 pub use histogram::Histogram;
+pub use hotkeys::{HotKey, HotKeySampler, HotKeys};
+pub use slowlog::{SlowEntry, Slowlog};
 
 use crate::command::{CommandSpec, flag};
 use crate::error::ErrorKind;
@@ -155,6 +159,9 @@ pub struct Timing {
     pub path: Path,
     /// When the commands were read.
     pub since: Instant,
+    /// The first command's full name (`""` if not in the command table),
+    /// for the slow log.
+    pub command: &'static str,
 }
 
 /// The request path's counters.
@@ -181,11 +188,13 @@ impl RequestStats {
         &self.latency_us[path as usize]
     }
 
-    /// Records `n` replies that took `timing`'s path and arrived now.
+    /// Records `n` replies that took `timing`'s path and arrived now;
+    /// returns how long they took (µs).
     #[inline]
-    pub fn replied(&self, timing: Timing, n: u64) {
+    pub fn replied(&self, timing: Timing, n: u64) -> u64 {
         let us = u64::try_from(timing.since.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.latency_us[timing.path as usize].record_n(us, n);
+        us
     }
 
     /// Counts an error nearcache answered with (a refusal, or `n` commands
@@ -230,6 +239,7 @@ impl Tally {
             let timing = Timing {
                 path: Path::L1Hit,
                 since,
+                command: "",
             };
             stats.replied(timing, std::mem::take(&mut self.hits));
         }
@@ -239,14 +249,30 @@ impl Tally {
 /// Every counter of the process.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// When the process started (for uptime).
+    pub started: Started,
     /// The request path.
     pub requests: RequestStats,
+    /// The most-read keys.
+    pub hot_keys: HotKeys,
+    /// Slow upstream calls.
+    pub slowlog: Slowlog,
     /// The coherence bus.
     pub bus: Arc<BusStats>,
     /// Redis tracking.
     pub tracking: Arc<TrackingStats>,
     rules: Mutex<HashMap<String, Arc<RuleStats>>>,
     limits: Mutex<HashMap<String, Arc<LimitStats>>>,
+}
+
+/// When the registry was made: at the process's start.
+#[derive(Debug, Clone, Copy)]
+pub struct Started(pub Instant);
+
+impl Default for Started {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
 }
 
 /// Counters for one rate limit.
@@ -261,6 +287,21 @@ pub struct LimitStats {
 }
 
 impl Stats {
+    /// A registry for `cfg` (the slow log's threshold and length).
+    pub fn new(cfg: &crate::config::Config) -> Self {
+        let stats = Self::default();
+        stats
+            .slowlog
+            .configure(cfg.admin.slowlog_threshold.0, cfg.admin.slowlog_len);
+        stats
+    }
+
+    /// Every rate limit's rejections so far (for `INFO`).
+    pub fn limits_rejected(&self) -> u64 {
+        let limits = self.limits.lock().unwrap_or_else(|e| e.into_inner());
+        limits.values().map(|l| l.rejected.load(Relaxed)).sum()
+    }
+
     /// The counters of the rule named by `selector` (`prefix:ticker:`,
     /// `pattern:candles:*`), created on first use and kept for the life of
     /// the process, so a rule keeps its counters across a reload.

@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod log_check;
 mod logs;
+mod proxy_admin;
 mod reload;
 mod smoke;
 

@@ -29,7 +29,7 @@ impl Session {
             count: 1,
             blocking: true,
             inv,
-            timing: self.timing(Path::Blocking),
+            timing: self.timing(Path::Blocking, ""),
         });
     }
 
@@ -43,7 +43,8 @@ impl Session {
             txn.queued += 1;
         }
         let inv = std::mem::take(&mut self.batch.pending_inv);
-        self.send_pinned(req.bytes(), 1, true, inv).await;
+        self.send_pinned(req.bytes(), 1, true, inv, req.name())
+            .await;
     }
 
     /// Runs a blocking command on a dedicated connection that goes back to the

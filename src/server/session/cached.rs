@@ -96,6 +96,8 @@ impl Session {
         // A hit is copied straight from the entry into the client's output:
         // no reference counts touched, no allocation.
         let (db, viewer) = (self.client.db, self.client.viewer());
+        // (Hit or miss; a plain counter, a copy one read in eight.)
+        self.hot.read(db, key, &self.ctx.stats.hot_keys);
         let out = &mut self.out;
         let hit = req
             .with_bytes(|request| l1.get(db, key, viewer, request, Now::current(), |r| out.put(r)));
@@ -124,7 +126,7 @@ impl Session {
                 let rx = fetch!(self, l1)
                     .miss(key.clone(), req.bytes(), policy)
                     .await;
-                self.push_fetched(rx);
+                self.push_fetched(rx, req.name());
             }
         }
         true
@@ -150,7 +152,7 @@ impl Session {
             return true;
         } else {
             let rx = fetch!(self, l1).mget_rest(&mut m, keys, &buf).await;
-            self.push_fetched(rx);
+            self.push_fetched(rx, req.name());
         }
         self.keep_mget_buf(buf);
         fetch!(self, l1).mget_refresh(m, keys).await;
@@ -167,13 +169,17 @@ impl Session {
     }
 
     /// Queues the slot of a read fetched from Redis (it writes nothing).
-    fn push_fetched(&mut self, rx: tokio::sync::oneshot::Receiver<crate::upstream::Replies>) {
+    fn push_fetched(
+        &mut self,
+        rx: tokio::sync::oneshot::Receiver<crate::upstream::Replies>,
+        command: &'static str,
+    ) {
         self.out.push(Slot::Upstream {
             rx,
             count: 1,
             blocking: false,
             inv: Invalidation::default(),
-            timing: self.timing(Path::Shared),
+            timing: self.timing(Path::Shared, command),
         });
     }
 

@@ -44,6 +44,8 @@ pub(super) struct Run {
     frames: Range<usize>,
     count: u32,
     to: Target,
+    /// The first command's name, for the slow log.
+    first: &'static str,
 }
 
 /// Longest run of commands sent upstream as one request, so that replies to a
@@ -67,7 +69,8 @@ impl Session {
         let Some(frame) = req.frame() else {
             self.flush_run().await;
             let inv = std::mem::take(&mut self.batch.pending_inv);
-            self.send_upstream(req.bytes(), 1, to, inv).await;
+            self.send_upstream(req.bytes(), 1, to, inv, req.name())
+                .await;
             return;
         };
         let batch = &mut self.batch;
@@ -91,6 +94,7 @@ impl Session {
             frames: frame,
             count: 1,
             to,
+            first: req.name(),
         });
     }
 
@@ -98,21 +102,24 @@ impl Session {
     pub(super) async fn flush_run(&mut self) {
         if let Some(run) = self.batch.run.take() {
             let inv = std::mem::take(&mut self.batch.run_inv);
-            self.send_upstream(run.chunk.slice(run.frames), run.count, run.to, inv)
+            let frames = run.chunk.slice(run.frames);
+            self.send_upstream(frames, run.count, run.to, inv, run.first)
                 .await;
         }
     }
 
-    /// Sends `count` commands upstream and queues the slot for their replies.
+    /// Sends `count` commands upstream (the first named `command`) and
+    /// queues the slot for their replies.
     pub(super) async fn send_upstream(
         &mut self,
         frames: Bytes,
         count: u32,
         to: Target,
         inv: Invalidation,
+        command: &'static str,
     ) {
         if to == Target::Pinned {
-            return self.send_pinned(frames, count, false, inv).await;
+            return self.send_pinned(frames, count, false, inv, command).await;
         }
         let (op, rx) = Op::request(frames, count, false);
         let (sent, path) = if to == Target::Script {
@@ -126,7 +133,7 @@ impl Session {
                 count,
                 blocking: false,
                 inv,
-                timing: self.timing(path),
+                timing: self.timing(path, command),
             }),
             Err(e) => self.fail(&e, count),
         }
@@ -140,6 +147,7 @@ impl Session {
         count: u32,
         blocking: bool,
         inv: Invalidation,
+        command: &'static str,
     ) {
         if let Some(pin) = self.mode.pin() {
             let conn = pin.conn.clone();
@@ -180,18 +188,20 @@ impl Session {
                     count,
                     blocking,
                     inv,
-                    timing: self.timing(path),
+                    timing: self.timing(path, command),
                 });
             }
         }
     }
 
-    /// When the commands being handled were read, for their replies' latency.
+    /// When the commands being handled were read, for their replies'
+    /// latency (and the first one's name, for the slow log).
     #[inline]
-    pub(super) fn timing(&self, path: Path) -> Timing {
+    pub(super) fn timing(&self, path: Path, command: &'static str) -> Timing {
         Timing {
             path,
             since: self.read_at,
+            command,
         }
     }
 

@@ -34,6 +34,7 @@ mod blocking;
 mod cached;
 mod clients;
 mod deliver;
+mod info;
 mod input;
 mod local;
 mod mode;
@@ -52,7 +53,7 @@ use super::transport::{ClientStream, Peer};
 use crate::cache::{Invalidation, Viewer};
 use crate::context::{Context, Snapshot};
 use crate::protocol::reply::Protocol;
-use crate::stats::Tally;
+use crate::stats::{HotKeySampler, Tally};
 use crate::upstream::{Credentials, Lane};
 
 /// Whether the session goes on reading.
@@ -155,6 +156,8 @@ pub struct Session {
     ip: std::net::IpAddr,
     /// The rate-limit buckets this session uses.
     buckets: crate::limits::SessionBuckets,
+    /// Samples of the keys this session reads, for `PROXY HOTKEYS`.
+    hot: HotKeySampler,
 }
 
 /// A copy of `arg` for keeping: arguments are slices of the client's input
@@ -288,6 +291,7 @@ impl Session {
             argv: Vec::with_capacity(8),
             ip,
             buckets: Default::default(),
+            hot: HotKeySampler::new(id),
             ctx,
         }
     }
@@ -378,6 +382,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        self.hot.flush(&self.ctx.stats.hot_keys);
         self.ctx
             .stats
             .requests

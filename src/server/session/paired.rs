@@ -41,6 +41,7 @@ impl Session {
             | Route::ClientList
             | Route::ClientInfo => return self.local(req).await,
             Route::Hello => self.hello(req).await,
+            Route::Info => self.info(req).await,
             Route::Select => self.select(req).await,
             // (Its id is translated already.)
             Route::ClientUnblock => self.forward(req).await,

@@ -45,6 +45,9 @@ impl Session {
             // Redis must see it: a queuing error makes EXEC fail with
             // EXECABORT, and answering here would let the rest commit.
             Route::WrongArity(_) => self.forward(req).await,
+            // Queued by Redis and answered in EXEC's reply, as Redis's own
+            // (see `info.rs`).
+            Route::Info => self.forward(req).await,
             _ => return self.paired(req).await,
         }
         Flow::Continue
