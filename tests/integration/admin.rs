@@ -3,37 +3,23 @@
 //! metrics` with counters that move as traffic does, and `/stats`.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nearcache::config::{LossPolicy, RuleConfig};
 
-use crate::support::{BUS_LOST, NatsServer, RedisServer, TestProxy, config_for, wait_until};
+use crate::support::{
+    BUS_LOST, NatsServer, RedisServer, TestProxy, config_for, http_get, set_then_get, wait_until,
+};
 
-/// One HTTP/1.1 GET (Connection: close): (status, body).
+/// One admin GET, with the bearer token when given: (status, body).
 fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: nearcache\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status line");
-    (status, body.to_owned())
+    http_get(addr, path, &auth)
 }
 
 /// A proxy with the admin listener on a free port and `prefix:` `t:` cached.
@@ -268,20 +254,7 @@ async fn metrics_parse_and_move_with_traffic() {
     assert_eq!((b[hits], b[misses]), (0.0, 0.0));
 
     let mut c = proxy.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg("t:a")
-        .arg("1")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    for _ in 0..3 {
-        let v: String = redis::cmd("GET")
-            .arg("t:a")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        assert_eq!(v, "1");
-    }
+    set_then_get(&mut c, "t:a", "1", 3).await;
 
     let (_, after) = scrape().await;
     promtool_check(&after);

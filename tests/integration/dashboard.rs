@@ -98,6 +98,7 @@ const FIGURES: &str = r##"(() => {
     limits: t("limits"),
     hotRows: rows("hot-keys"),
     bigRows: rows("big-keys"),
+    bigKeys: t("big-keys"),
     charts: document.querySelectorAll(".uplot canvas").length,
   };
 })()"##;
@@ -175,9 +176,14 @@ async fn the_dashboard_loads_from_the_admin_listener_alone_and_shows_live_figure
         figures["limits"].as_str().unwrap().contains("pings"),
         "{figures}"
     );
-    // Filled by /stats's hot_keys and big_keys when present, else one
-    // "none yet" row: a row either way.
+    // Every miss's fill is a big-key candidate, so the table names a `t:`
+    // key; hot keys are sampled (one read in 8, flushed per 32 samples), so
+    // that table may still say "none yet": a row either way.
     assert!(f(&figures, "hotRows") >= 1.0 && f(&figures, "bigRows") >= 1.0);
+    assert!(
+        figures["bigKeys"].as_str().unwrap().contains("t:"),
+        "{figures}"
+    );
 
     let origin = format!("http://{admin}/");
     let requests: Vec<String> = browser

@@ -11,7 +11,9 @@ use nearcache::config::{Config, RuleConfig};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-use crate::support::{NatsServer, RedisServer, TestProxy, config_for, pairs, redis_cli, text};
+use crate::support::{
+    NatsServer, RedisServer, TestProxy, config_for, pairs, redis_cli, set_then_get, text,
+};
 
 /// How long a condition that follows from traffic already sent may take.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
@@ -88,19 +90,7 @@ async fn info_nearcache_is_answered_here_and_appended_to_redis_s_info() {
     let redis = RedisServer::start();
     let p = proxy(&redis, |_| {}).await;
     let mut c = p.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg("t:a")
-        .arg("1")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    for _ in 0..3 {
-        let _: String = redis::cmd("GET")
-            .arg("t:a")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
+    set_then_get(&mut c, "t:a", "1", 3).await;
     redis.reset_stats();
 
     // RESP2: a bulk string; only our section, Redis not asked.

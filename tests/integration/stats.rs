@@ -9,7 +9,7 @@ use nearcache::config::RuleConfig;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 
-use crate::support::{RedisServer, TestProxy, config_for, pairs};
+use crate::support::{RedisServer, TestProxy, config_for, pairs, set_then_get};
 
 /// A map reply as a map.
 fn map(v: &Value) -> HashMap<String, Value> {
@@ -73,19 +73,7 @@ async fn proxy_stats_counts_commands_errors_and_latency_by_path() {
     // shows in the next.)
     assert_eq!(before["commands.proxy"], 0, "{before:?}");
 
-    let _: () = redis::cmd("SET")
-        .arg("c:k")
-        .arg("v")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    for _ in 0..3 {
-        let _: String = redis::cmd("GET")
-            .arg("c:k")
-            .query_async(&mut c)
-            .await
-            .unwrap();
-    }
+    set_then_get(&mut c, "c:k", "v", 3).await;
     let wrong: redis::RedisResult<String> = redis::cmd("GET").query_async(&mut c).await;
     assert!(wrong.is_err());
     let _: () = redis::cmd("MULTI").query_async(&mut c).await.unwrap();

@@ -857,6 +857,26 @@ pub fn tls_certificates(dir: &Path) -> TlsFiles {
     }
 }
 
+/// `SET key value`, then `reads` GETs of it (each must return `value`): the
+/// write and the miss-then-hits most cache tests start from.
+pub async fn set_then_get(
+    c: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    value: &str,
+    reads: usize,
+) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .query_async(c)
+        .await
+        .unwrap();
+    for _ in 0..reads {
+        let got: String = redis::cmd("GET").arg(key).query_async(c).await.unwrap();
+        assert_eq!(got, value, "GET {key}");
+    }
+}
+
 /// One HTTP/1.1 GET to `addr` (Connection: close) with extra header lines
 /// (each ending in `\r\n`): (status, body).
 pub fn http_get(addr: SocketAddr, path: &str, headers: &str) -> (u16, String) {
