@@ -69,6 +69,10 @@ pub struct ServerConfig {
     /// Replies a client may have outstanding before the proxy stops reading its
     /// pipeline (backpressure against clients that never read).
     pub max_pending_replies: usize,
+    /// As Redis's `protected-mode`: refuse to start with a listener on a
+    /// non-loopback address that nothing guards (clients: no password, users
+    /// or client TLS; admin: no token). `false` lets it, knowingly.
+    pub protected_mode: bool,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             max_request_bytes: ByteSize(512 << 20),
             max_inline_bytes: ByteSize(64 << 10),
             max_pending_replies: 1024,
+            protected_mode: true,
         }
     }
 }

@@ -9,6 +9,48 @@ use super::*;
 const MAX_SLOWLOG_LEN: usize = 100_000;
 
 impl Config {
+    /// Whether clients must prove who they are before a command runs: a
+    /// password for `default` (what protected mode asks for).
+    pub fn clients_authenticate(&self) -> bool {
+        self.server.password.is_some()
+    }
+
+    /// Listeners on a non-loopback address that nothing guards, each with
+    /// the message protected mode refuses it with (which says how to fix it).
+    fn unprotected_listeners(&self) -> Vec<(&'static str, String)> {
+        let exposed = |addr: &str| {
+            addr.parse::<SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+        };
+        let mut found = Vec::new();
+        if exposed(&self.server.listen) && !self.clients_authenticate() {
+            found.push((
+                "server.listen",
+                format!(
+                    "'{}' is reachable from other hosts and no client must authenticate \
+                     (protected mode): set server.password, or bind a loopback address, \
+                     or set server.protected_mode = false if the network itself is trusted",
+                    self.server.listen
+                ),
+            ));
+        }
+        if exposed(&self.admin.listen)
+            && self.admin.token.is_none()
+            && self.admin.token_file.is_none()
+        {
+            found.push((
+                "admin.listen",
+                format!(
+                    "'{}' is reachable from other hosts and has no token (protected mode): \
+                     set admin.token or admin.token_file, or bind a loopback address, \
+                     or set server.protected_mode = false",
+                    self.admin.listen
+                ),
+            ));
+        }
+        found
+    }
+
     /// Checks every field and reports all problems at once; `origin` (the file
     /// name) prefixes the message.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
@@ -126,6 +168,11 @@ impl Config {
                     "admin.listen",
                     format!("'{}' is not an address ({e})", self.admin.listen),
                 );
+            }
+        }
+        if self.server.protected_mode {
+            for (field, message) in self.unprotected_listeners() {
+                bad(field, message);
             }
         }
         if self.admin.slowlog_len > MAX_SLOWLOG_LEN {

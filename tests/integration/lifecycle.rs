@@ -640,6 +640,81 @@ fn check_config_rejects_bad_files_naming_the_file_and_the_field() {
     assert!(run.stderr().contains("missing.toml"), "{}", run.stderr());
 }
 
+#[test]
+fn protected_mode_refuses_unguarded_listeners_beyond_loopback_and_says_how() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refused at start, before anything is bound (so nothing listens on
+    // other interfaces even for a moment): the message names the field and
+    // the ways out.
+    let mut run = Nearcache::spawn(
+        &[
+            "--listen",
+            "0.0.0.0:6380",
+            "--upstream",
+            "redis://127.0.0.1:1",
+        ],
+        &[],
+    );
+    assert!(!run.wait_exit(Duration::from_secs(10)).success());
+    let stderr = run.stderr();
+    for says in [
+        "server.listen",
+        "protected mode",
+        "server.password",
+        "server.protected_mode = false",
+    ] {
+        assert!(stderr.contains(says), "{says} missing: {stderr}");
+    }
+    let cases = [
+        (
+            "open.toml",
+            "[server]\nlisten = \"0.0.0.0:6380\"\n",
+            Some("server.listen"),
+        ),
+        (
+            "open-v6.toml",
+            "[server]\nlisten = \"[::]:6380\"\n",
+            Some("server.listen"),
+        ),
+        (
+            "open-admin.toml",
+            "[admin]\nlisten = \"0.0.0.0:9180\"\n",
+            Some("admin.listen"),
+        ),
+        (
+            "guarded.toml",
+            "[server]\nlisten = \"0.0.0.0:6380\"\npassword = \"p\"\n[admin]\nlisten = \"0.0.0.0:9180\"\ntoken = \"t\"\n",
+            None,
+        ),
+        (
+            "trusted.toml",
+            "[server]\nlisten = \"0.0.0.0:6380\"\nprotected_mode = false\n[admin]\nlisten = \"0.0.0.0:9180\"\n",
+            None,
+        ),
+        (
+            "loopback.toml",
+            "[admin]\nlisten = \"127.0.0.1:9180\"\n",
+            None,
+        ),
+    ];
+    for (name, text, refused) in cases {
+        let path = write_file(dir.path(), name, text);
+        let mut run = Nearcache::spawn(&["check-config", &path], &[]);
+        let ok = run.wait_exit(Duration::from_secs(10)).success();
+        let stderr = run.stderr();
+        match refused {
+            Some(field) => {
+                assert!(!ok, "{name} passed check-config");
+                assert!(
+                    stderr.contains(field) && stderr.contains("protected mode"),
+                    "{name}: {stderr}"
+                );
+            }
+            None => assert!(ok, "{name} refused: {stderr}"),
+        }
+    }
+}
+
 /// Sets a unique key through the proxy on `port` and reports whether it
 /// landed in `redis`.
 fn writes_reach(port: u16, redis: &RedisServer) -> bool {
