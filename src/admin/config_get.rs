@@ -50,10 +50,7 @@ fn flatten(path: &str, value: &toml::Value, out: &mut Vec<(String, String)>) {
 /// `value` of the field at `path`, masked if it is a secret.
 fn masked(path: &str, value: &str) -> String {
     let name = path.rsplit('.').next().unwrap_or(path);
-    let secret = ["password", "token", "secret"]
-        .iter()
-        .any(|s| name.contains(s));
-    if secret && !value.is_empty() {
+    if crate::config::is_secret_field(name) && !value.is_empty() {
         return MASK.to_owned();
     }
     if value.contains("://") {

@@ -438,6 +438,43 @@ pub enum ConfigError {
     },
 }
 
+/// Whether a field named `name` (the last part of its dotted path) holds a
+/// secret, which is never shown: passwords, tokens, anything called secret.
+pub fn is_secret_field(name: &str) -> bool {
+    ["password", "token", "secret"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+/// toml's error as one line: where, the key on that line, and what is wrong
+/// — but never the line itself, which toml would quote and which may hold a
+/// password (a reload's error is logged). For a secret's line, or a URL's
+/// (credentials), the detail is left out too, as toml puts values in it.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let hidden = key.is_some_and(|k| is_secret_field(k) || line.contains("://"));
+    let detail = if hidden {
+        "invalid value (not shown: it may hold a secret)"
+    } else {
+        e.message()
+    };
+    match key {
+        Some(key) => format!("line {line_no}, column {column}, at `{key}`: {detail}"),
+        None => format!("line {line_no}, column {column}: {detail}"),
+    }
+}
+
 fn list(errors: &[FieldError]) -> String {
     errors
         .iter()
@@ -492,7 +529,7 @@ impl Config {
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            message: parse_message(text, &e),
         })
     }
 

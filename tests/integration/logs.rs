@@ -4,30 +4,21 @@
 //! upstream outage as one line when it begins and one when it ends — not a
 //! line per connection per retry.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::support::{
     NatsServer, ProxyProcess, RedisServer, UPSTREAM_CONNECT_FAILED, UPSTREAM_LOST, free_port,
-    redis_cli, wait_until,
+    http_get, redis_cli, wait_until,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-/// The status of `GET path` on the admin listener with `token`.
-fn admin_status(port: u16, path: &str, token: &str) -> u16 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: nearcache\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    raw.split_whitespace().nth(1).unwrap().parse().unwrap()
+/// `GET path` on the admin listener with `token`: (status, body).
+fn admin_get(port: u16, path: &str, token: &str) -> (u16, String) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    http_get(addr, path, &format!("Authorization: Bearer {token}\r\n"))
 }
 
 /// WARN lines from the upstream pool, as a human-format log writes them.
@@ -82,13 +73,54 @@ fn secrets_are_never_logged_and_stderr_to_a_file_has_no_colour() {
     wait_until("the admin listener", LIMIT, || {
         TcpStream::connect(("127.0.0.1", admin_port)).is_ok()
     });
-    assert_eq!(admin_status(admin_port, "/stats", ADMIN_TOKEN), 200);
-    assert_eq!(admin_status(admin_port, "/stats", "not-the-token"), 401);
+    // What nearcache answers with: errors, the admin endpoints, its
+    // configuration, its clients, INFO.
+    let mut answered = String::new();
+    let (status, refused) = admin_get(admin_port, "/stats", "not-the-token");
+    assert_eq!(status, 401);
+    answered += &refused;
+    for path in ["/stats", "/metrics"] {
+        let (status, body) = admin_get(admin_port, path, ADMIN_TOKEN);
+        assert_eq!(status, 200, "{path}");
+        answered += &body;
+    }
+    // (Ready or not yet, as the bus connects: its body says why.)
+    answered += &admin_get(admin_port, "/readyz", ADMIN_TOKEN).1;
+    let stdin = format!(
+        "AUTH {CLIENT_PW}\nPROXY CONFIG GET *\nCLIENT LIST\nINFO\nPROXY STATS\nPROXY INFO\n"
+    );
+    let admin_out = redis_cli(port, &[], Some(stdin.as_bytes()));
+    assert!(
+        admin_out.contains("server.password") && admin_out.contains("upstream.url"),
+        "{admin_out}"
+    );
+    answered += &admin_out;
+    answered += &redis_cli(port, &["AUTH", "wrong-pw"], None);
+    answered += &redis_cli(port, &["HELLO", "3", "AUTH", "default", "wrong-pw"], None);
+
     let before = proxy.log().matches("configuration reloaded").count();
     proxy.signal("HUP");
     wait_until("the reload's log line", LIMIT, || {
         proxy.log().matches("configuration reloaded").count() > before
     });
+    // A reload of a broken file whose bad line holds a secret: the error
+    // names the place, not the text.
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        good.replace(
+            &format!("password = \"{CLIENT_PW}\""),
+            &format!("password = \"{CLIENT_PW}"),
+        ),
+    )
+    .unwrap();
+    proxy.expect_log("configuration not reloaded");
+    let rejected = proxy.log().matches("configuration not reloaded").count();
+    proxy.signal("HUP");
+    wait_until("the broken reload's log line", LIMIT, || {
+        proxy.log().matches("configuration not reloaded").count() > rejected
+    });
+    std::fs::write(&config, good).unwrap();
 
     // The URL's NATS credentials were used (async-nats takes them only as
     // options).
@@ -98,6 +130,10 @@ fn secrets_are_never_logged_and_stderr_to_a_file_has_no_colour() {
     let log = proxy.log();
     for secret in [UPSTREAM_PW, CLIENT_PW, ADMIN_TOKEN, NATS_PW] {
         assert!(!log.contains(secret), "{secret} was logged:\n{log}");
+        assert!(
+            !answered.contains(secret),
+            "{secret} was answered:\n{answered}"
+        );
     }
     // What was loaded is said, with the credentials masked.
     let listening = log
