@@ -73,6 +73,14 @@ CACHEABLE = {
     "zcard", "zrank", "zrevrank", "zcount", "zlexcount", "xrange", "xrevrange",
     "xlen", "type",
 }
+# Every ACL category Redis 7.0 has, in `ACL CAT`'s order -> acl::* constant.
+# A category Redis reports that is not here stops the generator: nearcache's
+# users could not name it, so the table must learn it first.
+ACL_ALL = [
+    "keyspace", "read", "write", "set", "sortedset", "list", "hash", "string",
+    "bitmap", "hyperloglog", "geo", "stream", "pubsub", "admin", "fast",
+    "slow", "blocking", "dangerous", "connection", "transaction", "scripting",
+]
 KEY_FLAGS = [
     ("RO", "RO"),
     ("RW", "RW"),
@@ -235,6 +243,16 @@ def command_flags(name, flags, categories, key_specs):
     return bit_expr("flag", consts)
 
 
+def acl_expr(name, categories):
+    for cat in categories:
+        bare = cat.lstrip("@")
+        if bare not in ACL_ALL:
+            sys.exit("gen-command-table: %s has ACL category %r, unknown to ACL_ALL" % (name, cat))
+    cats = {c.lstrip("@") for c in categories}
+    consts = [c.upper() for c in ACL_ALL if c in cats]
+    return bit_expr("acl", consts)
+
+
 def key_spec(cmd, raw):
     spec = pairs(raw)
     flags = set(spec.get("flags", []))
@@ -271,6 +289,9 @@ def key_spec(cmd, raw):
     return "KeySpec { flags: %s, begin: %s, find: %s }" % (kflags, begin, find)
 
 
+_next_id = [0]
+
+
 def command(info, indent):
     # [name, arity, flags, first, last, step, acl categories, tips, key specs,
     #  subcommands]
@@ -281,8 +302,11 @@ def command(info, indent):
     pad = " " * indent
     lines = [pad + "CommandSpec {"]
     lines.append(pad + "    name: %s," % rust_str(name))
+    lines.append(pad + "    id: %d," % _next_id[0])
+    _next_id[0] += 1
     lines.append(pad + "    arity: %d," % arity)
     lines.append(pad + "    flags: %s," % command_flags(name, flags, categories, specs))
+    lines.append(pad + "    acl: %s," % acl_expr(name, categories))
     if specs:
         lines.append(pad + "    key_specs: &[")
         for s in specs:
@@ -317,7 +341,7 @@ def render(version, infos):
         "//! Redis's command table (%d commands, %d subcommands), as `COMMAND INFO` reports it."
         % (len(infos), n_subs),
         "",
-        "use super::spec::{BeginSearch, CommandSpec, FindKeys, KeySpec, flag, key_flag};",
+        "use super::spec::{BeginSearch, CommandSpec, FindKeys, KeySpec, acl, flag, key_flag};",
         "",
         "/// Every top-level command, sorted by name; subcommands nested and sorted.",
         "pub static COMMANDS: &[CommandSpec] = &[",
@@ -325,6 +349,9 @@ def render(version, infos):
     for info in infos:
         out.extend(command(info, 4))
     out.append("];")
+    out.append("")
+    out.append("/// How many commands and subcommands the table holds: every `id` is below.")
+    out.append("pub const COUNT: usize = %d;" % _next_id[0])
     return "\n".join(out) + "\n", len(infos), n_subs
 
 

@@ -8,9 +8,12 @@
 
 pub mod keys;
 pub mod spec;
+mod idset;
 mod table;
 
-pub use spec::{BeginSearch, CommandSpec, FindKeys, KeySpec, flag, key_flag};
+pub use idset::IdSet;
+pub use spec::{BeginSearch, CommandSpec, FindKeys, KeySpec, acl, flag, key_flag};
+pub use table::COUNT;
 
 /// Longest name [`lookup`] accepts. The longest name Redis 7 has is
 /// `cluster|count-failure-reports` (29 bytes); anything longer cannot match,
@@ -22,6 +25,14 @@ const MAX_NAME_LEN: usize = 32;
 #[must_use]
 pub fn all() -> &'static [CommandSpec] {
     table::COMMANDS
+}
+
+/// Every command and every subcommand (containers before their
+/// subcommands).
+pub fn every() -> impl Iterator<Item = &'static CommandSpec> {
+    table::COMMANDS
+        .iter()
+        .flat_map(|c| std::iter::once(c).chain(c.subcommands.iter()))
 }
 
 /// Finds a command by name, ignoring ASCII case.

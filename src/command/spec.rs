@@ -53,6 +53,86 @@ pub mod flag {
     pub const CACHEABLE: u32 = 1 << 20;
 }
 
+/// Redis's ACL categories (`ACL CAT`), one bit each; a command's `acl` is the
+/// union of the categories `COMMAND INFO` gives it.
+pub mod acl {
+    /// `@keyspace`.
+    pub const KEYSPACE: u32 = 1 << 0;
+    /// `@read`.
+    pub const READ: u32 = 1 << 1;
+    /// `@write`.
+    pub const WRITE: u32 = 1 << 2;
+    /// `@set`.
+    pub const SET: u32 = 1 << 3;
+    /// `@sortedset`.
+    pub const SORTEDSET: u32 = 1 << 4;
+    /// `@list`.
+    pub const LIST: u32 = 1 << 5;
+    /// `@hash`.
+    pub const HASH: u32 = 1 << 6;
+    /// `@string`.
+    pub const STRING: u32 = 1 << 7;
+    /// `@bitmap`.
+    pub const BITMAP: u32 = 1 << 8;
+    /// `@hyperloglog`.
+    pub const HYPERLOGLOG: u32 = 1 << 9;
+    /// `@geo`.
+    pub const GEO: u32 = 1 << 10;
+    /// `@stream`.
+    pub const STREAM: u32 = 1 << 11;
+    /// `@pubsub`.
+    pub const PUBSUB: u32 = 1 << 12;
+    /// `@admin`.
+    pub const ADMIN: u32 = 1 << 13;
+    /// `@fast`.
+    pub const FAST: u32 = 1 << 14;
+    /// `@slow`.
+    pub const SLOW: u32 = 1 << 15;
+    /// `@blocking`.
+    pub const BLOCKING: u32 = 1 << 16;
+    /// `@dangerous`.
+    pub const DANGEROUS: u32 = 1 << 17;
+    /// `@connection`.
+    pub const CONNECTION: u32 = 1 << 18;
+    /// `@transaction`.
+    pub const TRANSACTION: u32 = 1 << 19;
+    /// `@scripting`.
+    pub const SCRIPTING: u32 = 1 << 20;
+
+    /// Every category's name and bit, in `ACL CAT`'s order.
+    pub const ALL: &[(&str, u32)] = &[
+        ("keyspace", KEYSPACE),
+        ("read", READ),
+        ("write", WRITE),
+        ("set", SET),
+        ("sortedset", SORTEDSET),
+        ("list", LIST),
+        ("hash", HASH),
+        ("string", STRING),
+        ("bitmap", BITMAP),
+        ("hyperloglog", HYPERLOGLOG),
+        ("geo", GEO),
+        ("stream", STREAM),
+        ("pubsub", PUBSUB),
+        ("admin", ADMIN),
+        ("fast", FAST),
+        ("slow", SLOW),
+        ("blocking", BLOCKING),
+        ("dangerous", DANGEROUS),
+        ("connection", CONNECTION),
+        ("transaction", TRANSACTION),
+        ("scripting", SCRIPTING),
+    ];
+
+    /// The bit of category `name` (without the `@`, any case).
+    #[must_use]
+    pub fn by_name(name: &str) -> Option<u32> {
+        ALL.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|&(_, bit)| bit)
+    }
+}
+
 /// Key-spec flags (Redis's `key_specs[].flags`).
 pub mod key_flag {
     /// Read-only access to the key.
@@ -140,11 +220,16 @@ pub struct KeySpec {
 pub struct CommandSpec {
     /// Lower-case name; subcommands as `container|sub` (e.g. `client|setname`).
     pub name: &'static str,
+    /// Position in the generated table (0..[`super::COUNT`]), for bitsets of
+    /// commands such as a user's permissions.
+    pub id: u16,
     /// Redis arity: positive = exact argument count including the name,
     /// negative = at least that many.
     pub arity: i32,
     /// Union of `flag::*`.
     pub flags: u32,
+    /// Union of `acl::*`: the ACL categories Redis puts the command in.
+    pub acl: u32,
     /// Key specs, in Redis's order.
     pub key_specs: &'static [KeySpec],
     /// Subcommands, sorted by name (empty for plain commands).

@@ -2,104 +2,132 @@
 
 //! Redis's command table (240 commands, 126 subcommands), as `COMMAND INFO` reports it.
 
-use super::spec::{BeginSearch, CommandSpec, FindKeys, KeySpec, flag, key_flag};
+use super::spec::{BeginSearch, CommandSpec, FindKeys, KeySpec, acl, flag, key_flag};
 
 /// Every top-level command, sorted by name; subcommands nested and sorted.
 pub static COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "acl",
+        id: 0,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "acl|cat",
+                id: 1,
                 arity: -2,
                 flags: flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|deluser",
+                id: 2,
                 arity: -3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|dryrun",
+                id: 3,
                 arity: -4,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|genpass",
+                id: 4,
                 arity: -2,
                 flags: flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|getuser",
+                id: 5,
                 arity: 3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|help",
+                id: 6,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|list",
+                id: 7,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|load",
+                id: 8,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|log",
+                id: 9,
                 arity: -2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|save",
+                id: 10,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|setuser",
+                id: 11,
                 arity: -3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|users",
+                id: 12,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "acl|whoami",
+                id: 13,
                 arity: 2,
                 flags: flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -107,8 +135,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "append",
+        id: 14,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -122,13 +152,16 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "asking",
+        id: 15,
         arity: 1,
         flags: flag::FAST | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "auth",
+        id: 16,
         arity: -2,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -138,27 +171,34 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::ALLOW_BUSY
             | flag::CONNECTION
             | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "bgrewriteaof",
+        id: 17,
         arity: 1,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "bgsave",
+        id: 18,
         arity: -1,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "bitcount",
+        id: 19,
         arity: -2,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -172,8 +212,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "bitfield",
+        id: 20,
         arity: -2,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE | key_flag::VARIABLE_FLAGS,
             begin: BeginSearch::Index(1),
@@ -187,8 +229,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "bitfield_ro",
+        id: 21,
         arity: -2,
         flags: flag::READONLY | flag::FAST,
+        acl: acl::READ | acl::BITMAP | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -202,8 +246,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "bitop",
+        id: 22,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::BITMAP | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -228,8 +274,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "bitpos",
+        id: 23,
         arity: -3,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -243,8 +291,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "blmove",
+        id: 24,
         arity: 6,
         flags: flag::WRITE | flag::DENYOOM | flag::NOSCRIPT | flag::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -269,8 +319,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "blmpop",
+        id: 25,
         arity: -5,
         flags: flag::WRITE | flag::BLOCKING | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(2),
@@ -284,8 +336,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "blpop",
+        id: 26,
         arity: -3,
         flags: flag::WRITE | flag::NOSCRIPT | flag::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -299,8 +353,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "brpop",
+        id: 27,
         arity: -3,
         flags: flag::WRITE | flag::NOSCRIPT | flag::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -314,8 +370,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "brpoplpush",
+        id: 28,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM | flag::NOSCRIPT | flag::BLOCKING,
+        acl: acl::WRITE | acl::LIST | acl::SLOW | acl::BLOCKING,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -340,8 +398,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "bzmpop",
+        id: 29,
         arity: -5,
         flags: flag::WRITE | flag::BLOCKING | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(2),
@@ -355,8 +415,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "bzpopmax",
+        id: 30,
         arity: -3,
         flags: flag::WRITE | flag::NOSCRIPT | flag::BLOCKING | flag::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -370,8 +432,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "bzpopmin",
+        id: 31,
         arity: -3,
         flags: flag::WRITE | flag::NOSCRIPT | flag::BLOCKING | flag::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -385,74 +449,89 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "client",
+        id: 32,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "client|caching",
+                id: 33,
                 arity: 3,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|getname",
+                id: 34,
                 arity: 2,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|getredir",
+                id: 35,
                 arity: 2,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|help",
+                id: 36,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|id",
+                id: 37,
                 arity: 2,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|info",
+                id: 38,
                 arity: 2,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|kill",
+                id: 39,
                 arity: -3,
                 flags: flag::ADMIN
                     | flag::NOSCRIPT
@@ -460,11 +539,13 @@ pub static COMMANDS: &[CommandSpec] = &[
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|list",
+                id: 40,
                 arity: -2,
                 flags: flag::ADMIN
                     | flag::NOSCRIPT
@@ -472,11 +553,13 @@ pub static COMMANDS: &[CommandSpec] = &[
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|no-evict",
+                id: 41,
                 arity: 3,
                 flags: flag::ADMIN
                     | flag::NOSCRIPT
@@ -484,11 +567,13 @@ pub static COMMANDS: &[CommandSpec] = &[
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|pause",
+                id: 42,
                 arity: -3,
                 flags: flag::ADMIN
                     | flag::NOSCRIPT
@@ -496,55 +581,65 @@ pub static COMMANDS: &[CommandSpec] = &[
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|reply",
+                id: 43,
                 arity: 3,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|setname",
+                id: 44,
                 arity: 3,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|tracking",
+                id: 45,
                 arity: -3,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|trackinginfo",
+                id: 46,
                 arity: 2,
                 flags: flag::NOSCRIPT
                     | flag::LOADING
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|unblock",
+                id: 47,
                 arity: -3,
                 flags: flag::ADMIN
                     | flag::NOSCRIPT
@@ -552,11 +647,13 @@ pub static COMMANDS: &[CommandSpec] = &[
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "client|unpause",
+                id: 48,
                 arity: 2,
                 flags: flag::ADMIN
                     | flag::NOSCRIPT
@@ -564,6 +661,7 @@ pub static COMMANDS: &[CommandSpec] = &[
                     | flag::STALE
                     | flag::CONNECTION
                     | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -571,196 +669,252 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "cluster",
+        id: 49,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "cluster|addslots",
+                id: 50,
                 arity: -3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|addslotsrange",
+                id: 51,
                 arity: -4,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|bumpepoch",
+                id: 52,
                 arity: 2,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|count-failure-reports",
+                id: 53,
                 arity: 3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|countkeysinslot",
+                id: 54,
                 arity: 3,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|delslots",
+                id: 55,
                 arity: -3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|delslotsrange",
+                id: 56,
                 arity: -4,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|failover",
+                id: 57,
                 arity: -2,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|flushslots",
+                id: 58,
                 arity: 2,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|forget",
+                id: 59,
                 arity: 3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|getkeysinslot",
+                id: 60,
                 arity: 4,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|help",
+                id: 61,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|info",
+                id: 62,
                 arity: 2,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|keyslot",
+                id: 63,
                 arity: 3,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|links",
+                id: 64,
                 arity: 2,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|meet",
+                id: 65,
                 arity: -4,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|myid",
+                id: 66,
                 arity: 2,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|nodes",
+                id: 67,
                 arity: 2,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|replicas",
+                id: 68,
                 arity: 3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|replicate",
+                id: 69,
                 arity: 3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|reset",
+                id: 70,
                 arity: -2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|saveconfig",
+                id: 71,
                 arity: 2,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|set-config-epoch",
+                id: 72,
                 arity: 3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|setslot",
+                id: 73,
                 arity: -4,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|shards",
+                id: 74,
                 arity: 2,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|slaves",
+                id: 75,
                 arity: 3,
                 flags: flag::ADMIN | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "cluster|slots",
+                id: 76,
                 arity: 2,
                 flags: flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -768,56 +922,72 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "command",
+        id: 77,
         arity: -1,
         flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::SLOW | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "command|count",
+                id: 78,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "command|docs",
+                id: 79,
                 arity: -2,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "command|getkeys",
+                id: 80,
                 arity: -4,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "command|getkeysandflags",
+                id: 81,
                 arity: -4,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "command|help",
+                id: 82,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "command|info",
+                id: 83,
                 arity: -2,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "command|list",
+                id: 84,
                 arity: -2,
                 flags: flag::LOADING | flag::STALE | flag::CONNECTION | flag::NO_KEYS,
+                acl: acl::SLOW | acl::CONNECTION,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -825,42 +995,54 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "config",
+        id: 85,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "config|get",
+                id: 86,
                 arity: -3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "config|help",
+                id: 87,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "config|resetstat",
+                id: 88,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "config|rewrite",
+                id: 89,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "config|set",
+                id: 90,
                 arity: -4,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -868,8 +1050,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "copy",
+        id: 91,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RO | key_flag::ACCESS,
@@ -894,22 +1078,28 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "dbsize",
+        id: 92,
         arity: 1,
         flags: flag::READONLY | flag::FAST | flag::NO_KEYS,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "debug",
+        id: 93,
         arity: -2,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "decr",
+        id: 94,
         arity: 2,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -923,8 +1113,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "decrby",
+        id: 95,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -938,8 +1130,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "del",
+        id: 96,
         arity: -2,
         flags: flag::WRITE,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RM | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -953,6 +1147,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "discard",
+        id: 97,
         arity: 1,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -961,13 +1156,16 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::ALLOW_BUSY
             | flag::TRANSACTION
             | flag::NO_KEYS,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "dump",
+        id: 98,
         arity: 2,
         flags: flag::READONLY,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -981,19 +1179,23 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "echo",
+        id: 99,
         arity: 2,
         flags: flag::LOADING | flag::STALE | flag::FAST | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "eval",
+        id: 100,
         arity: -3,
         flags: flag::NOSCRIPT
             | flag::STALE
             | flag::MOVABLE_KEYS
             | flag::NO_MANDATORY_KEYS
             | flag::SCRIPTING,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(2),
@@ -1007,6 +1209,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "eval_ro",
+        id: 101,
         arity: -3,
         flags: flag::READONLY
             | flag::NOSCRIPT
@@ -1014,6 +1217,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::MOVABLE_KEYS
             | flag::NO_MANDATORY_KEYS
             | flag::SCRIPTING,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(2),
@@ -1027,12 +1231,14 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "evalsha",
+        id: 102,
         arity: -3,
         flags: flag::NOSCRIPT
             | flag::STALE
             | flag::MOVABLE_KEYS
             | flag::NO_MANDATORY_KEYS
             | flag::SCRIPTING,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(2),
@@ -1046,6 +1252,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "evalsha_ro",
+        id: 103,
         arity: -3,
         flags: flag::READONLY
             | flag::NOSCRIPT
@@ -1053,6 +1260,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::MOVABLE_KEYS
             | flag::NO_MANDATORY_KEYS
             | flag::SCRIPTING,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(2),
@@ -1066,15 +1274,19 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "exec",
+        id: 104,
         arity: 1,
         flags: flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::TRANSACTION | flag::NO_KEYS,
+        acl: acl::SLOW | acl::TRANSACTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "exists",
+        id: 105,
         arity: -2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1088,8 +1300,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "expire",
+        id: 106,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1103,8 +1317,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "expireat",
+        id: 107,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1118,8 +1334,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "expiretime",
+        id: 108,
         arity: 2,
         flags: flag::READONLY | flag::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1133,19 +1351,23 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "failover",
+        id: 109,
         arity: -1,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::STALE | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "fcall",
+        id: 110,
         arity: -3,
         flags: flag::NOSCRIPT
             | flag::STALE
             | flag::MOVABLE_KEYS
             | flag::NO_MANDATORY_KEYS
             | flag::SCRIPTING,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(2),
@@ -1159,6 +1381,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "fcall_ro",
+        id: 111,
         arity: -3,
         flags: flag::READONLY
             | flag::NOSCRIPT
@@ -1166,6 +1389,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::MOVABLE_KEYS
             | flag::NO_MANDATORY_KEYS
             | flag::SCRIPTING,
+        acl: acl::SLOW | acl::SCRIPTING,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(2),
@@ -1179,92 +1403,116 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "flushall",
+        id: 112,
         arity: -1,
         flags: flag::WRITE | flag::NO_KEYS,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "flushdb",
+        id: 113,
         arity: -1,
         flags: flag::WRITE | flag::NO_KEYS,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "function",
+        id: 114,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "function|delete",
+                id: 115,
                 arity: 3,
                 flags: flag::WRITE | flag::NOSCRIPT | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|dump",
+                id: 116,
                 arity: 2,
                 flags: flag::NOSCRIPT | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|flush",
+                id: 117,
                 arity: -2,
                 flags: flag::WRITE | flag::NOSCRIPT | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|help",
+                id: 118,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|kill",
+                id: 119,
                 arity: 2,
                 flags: flag::NOSCRIPT | flag::ALLOW_BUSY | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|list",
+                id: 120,
                 arity: -2,
                 flags: flag::NOSCRIPT | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|load",
+                id: 121,
                 arity: -3,
                 flags: flag::WRITE
                     | flag::DENYOOM
                     | flag::NOSCRIPT
                     | flag::SCRIPTING
                     | flag::NO_KEYS,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|restore",
+                id: 122,
                 arity: -3,
                 flags: flag::WRITE
                     | flag::DENYOOM
                     | flag::NOSCRIPT
                     | flag::SCRIPTING
                     | flag::NO_KEYS,
+                acl: acl::WRITE | acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "function|stats",
+                id: 123,
                 arity: 2,
                 flags: flag::NOSCRIPT | flag::ALLOW_BUSY | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1272,8 +1520,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "geoadd",
+        id: 124,
         arity: -5,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1287,8 +1537,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "geodist",
+        id: 125,
         arity: -4,
         flags: flag::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1302,8 +1554,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "geohash",
+        id: 126,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1317,8 +1571,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "geopos",
+        id: 127,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1332,8 +1588,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "georadius",
+        id: 128,
         arity: -6,
         flags: flag::WRITE | flag::DENYOOM | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RO | key_flag::ACCESS,
@@ -1373,8 +1631,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "georadius_ro",
+        id: 129,
         arity: -6,
         flags: flag::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1388,8 +1648,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "georadiusbymember",
+        id: 130,
         arity: -5,
         flags: flag::WRITE | flag::DENYOOM | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RO | key_flag::ACCESS,
@@ -1429,8 +1691,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "georadiusbymember_ro",
+        id: 131,
         arity: -5,
         flags: flag::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1444,8 +1708,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "geosearch",
+        id: 132,
         arity: -7,
         flags: flag::READONLY,
+        acl: acl::READ | acl::GEO | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1459,8 +1725,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "geosearchstore",
+        id: 133,
         arity: -8,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::GEO | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -1485,8 +1753,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "get",
+        id: 134,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1500,8 +1770,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "getbit",
+        id: 135,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::BITMAP | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1515,8 +1787,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "getdel",
+        id: 136,
         arity: 2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -1530,8 +1804,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "getex",
+        id: 137,
         arity: -2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1545,8 +1821,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "getrange",
+        id: 138,
         arity: 4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1560,8 +1838,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "getset",
+        id: 139,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1575,8 +1855,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hdel",
+        id: 140,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -1590,6 +1872,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hello",
+        id: 141,
         arity: -1,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -1599,13 +1882,16 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::ALLOW_BUSY
             | flag::CONNECTION
             | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "hexists",
+        id: 142,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1619,8 +1905,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hget",
+        id: 143,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1634,8 +1922,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hgetall",
+        id: 144,
         arity: 2,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1649,8 +1939,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hincrby",
+        id: 145,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1664,8 +1956,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hincrbyfloat",
+        id: 146,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1679,8 +1973,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hkeys",
+        id: 147,
         arity: 2,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1694,8 +1990,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hlen",
+        id: 148,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1709,8 +2007,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hmget",
+        id: 149,
         arity: -3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1724,8 +2024,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hmset",
+        id: 150,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1739,8 +2041,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hrandfield",
+        id: 151,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1754,8 +2058,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hscan",
+        id: 152,
         arity: -3,
         flags: flag::READONLY,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1769,8 +2075,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hset",
+        id: 153,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1784,8 +2092,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hsetnx",
+        id: 154,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -1799,8 +2109,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hstrlen",
+        id: 155,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -1814,8 +2126,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "hvals",
+        id: 156,
         arity: 2,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::HASH | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1829,8 +2143,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "incr",
+        id: 157,
         arity: 2,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1844,8 +2160,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "incrby",
+        id: 158,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1859,8 +2177,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "incrbyfloat",
+        id: 159,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -1874,77 +2194,99 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "info",
+        id: 160,
         arity: -1,
         flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+        acl: acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "keys",
+        id: 161,
         arity: 2,
         flags: flag::READONLY | flag::NO_KEYS,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "lastsave",
+        id: 162,
         arity: 1,
         flags: flag::LOADING | flag::STALE | flag::FAST | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::FAST | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "latency",
+        id: 163,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "latency|doctor",
+                id: 164,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "latency|graph",
+                id: 165,
                 arity: 3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "latency|help",
+                id: 166,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "latency|histogram",
+                id: 167,
                 arity: -2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "latency|history",
+                id: 168,
                 arity: 3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "latency|latest",
+                id: 169,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "latency|reset",
+                id: 170,
                 arity: -2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -1952,8 +2294,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lcs",
+        id: 171,
         arity: -3,
         flags: flag::READONLY,
+        acl: acl::READ | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1967,8 +2311,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lindex",
+        id: 172,
         arity: 3,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -1982,8 +2328,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "linsert",
+        id: 173,
         arity: 5,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -1997,8 +2345,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "llen",
+        id: 174,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -2012,8 +2362,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lmove",
+        id: 175,
         arity: 5,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -2038,8 +2390,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lmpop",
+        id: 176,
         arity: -4,
         flags: flag::WRITE | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -2053,15 +2407,19 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lolwut",
+        id: 177,
         arity: -1,
         flags: flag::READONLY | flag::FAST | flag::NO_KEYS,
+        acl: acl::READ | acl::FAST,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "lpop",
+        id: 178,
         arity: -2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -2075,8 +2433,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lpos",
+        id: 179,
         arity: -3,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2090,8 +2450,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lpush",
+        id: 180,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -2105,8 +2467,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lpushx",
+        id: 181,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -2120,8 +2484,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lrange",
+        id: 182,
         arity: 4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2135,8 +2501,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lrem",
+        id: 183,
         arity: 4,
         flags: flag::WRITE,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -2150,8 +2518,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "lset",
+        id: 184,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2165,8 +2535,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "ltrim",
+        id: 185,
         arity: 4,
         flags: flag::WRITE,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -2180,49 +2552,63 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "memory",
+        id: 186,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "memory|doctor",
+                id: 187,
                 arity: 2,
                 flags: flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "memory|help",
+                id: 188,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "memory|malloc-stats",
+                id: 189,
                 arity: 2,
                 flags: flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "memory|purge",
+                id: 190,
                 arity: 2,
                 flags: flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "memory|stats",
+                id: 191,
                 arity: 2,
                 flags: flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "memory|usage",
+                id: 192,
                 arity: -3,
                 flags: flag::READONLY,
+                acl: acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO,
                     begin: BeginSearch::Index(2),
@@ -2238,8 +2624,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "mget",
+        id: 193,
         arity: -2,
         flags: flag::READONLY | flag::FAST,
+        acl: acl::READ | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2253,8 +2641,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "migrate",
+        id: 194,
         arity: -6,
         flags: flag::WRITE | flag::MOVABLE_KEYS,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -2282,42 +2672,54 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "module",
+        id: 195,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "module|help",
+                id: 196,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "module|list",
+                id: 197,
                 arity: 2,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "module|load",
+                id: 198,
                 arity: -3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "module|loadex",
+                id: 199,
                 arity: -3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "module|unload",
+                id: 200,
                 arity: 3,
                 flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2325,15 +2727,19 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "monitor",
+        id: 201,
         arity: 1,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "move",
+        id: 202,
         arity: 3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2347,8 +2753,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "mset",
+        id: 203,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::OW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2362,8 +2770,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "msetnx",
+        id: 204,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::OW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -2377,6 +2787,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "multi",
+        id: 205,
         arity: 1,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -2385,19 +2796,24 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::ALLOW_BUSY
             | flag::TRANSACTION
             | flag::NO_KEYS,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "object",
+        id: 206,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "object|encoding",
+                id: 207,
                 arity: 3,
                 flags: flag::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO,
                     begin: BeginSearch::Index(2),
@@ -2411,8 +2827,10 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "object|freq",
+                id: 208,
                 arity: 3,
                 flags: flag::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO,
                     begin: BeginSearch::Index(2),
@@ -2426,15 +2844,19 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "object|help",
+                id: 209,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::KEYSPACE | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "object|idletime",
+                id: 210,
                 arity: 3,
                 flags: flag::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO,
                     begin: BeginSearch::Index(2),
@@ -2448,8 +2870,10 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "object|refcount",
+                id: 211,
                 arity: 3,
                 flags: flag::READONLY,
+                acl: acl::KEYSPACE | acl::READ | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO,
                     begin: BeginSearch::Index(2),
@@ -2465,8 +2889,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "persist",
+        id: 212,
         arity: 2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2480,8 +2906,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pexpire",
+        id: 213,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2495,8 +2923,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pexpireat",
+        id: 214,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2510,8 +2940,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pexpiretime",
+        id: 215,
         arity: 2,
         flags: flag::READONLY | flag::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2525,8 +2957,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pfadd",
+        id: 216,
         arity: -2,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::HYPERLOGLOG | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -2540,8 +2974,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pfcount",
+        id: 217,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::HYPERLOGLOG | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2555,8 +2991,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pfdebug",
+        id: 218,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM | flag::ADMIN,
+        acl: acl::WRITE | acl::HYPERLOGLOG | acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS,
             begin: BeginSearch::Index(2),
@@ -2570,8 +3008,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pfmerge",
+        id: 219,
         arity: -2,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::HYPERLOGLOG | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::INSERT,
@@ -2596,22 +3036,28 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "pfselftest",
+        id: 220,
         arity: 1,
         flags: flag::ADMIN | flag::NO_KEYS,
+        acl: acl::HYPERLOGLOG | acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "ping",
+        id: 221,
         arity: -1,
         flags: flag::FAST | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "psetex",
+        id: 222,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::OW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2625,22 +3071,28 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "psubscribe",
+        id: 223,
         arity: -2,
         flags: flag::PUBSUB | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "psync",
+        id: 224,
         arity: -3,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_MULTI | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "pttl",
+        id: 225,
         arity: 2,
         flags: flag::READONLY | flag::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -2654,56 +3106,72 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "publish",
+        id: 226,
         arity: 3,
         flags: flag::PUBSUB | flag::LOADING | flag::STALE | flag::FAST | flag::NO_KEYS,
+        acl: acl::PUBSUB | acl::FAST,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "pubsub",
+        id: 227,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "pubsub|channels",
+                id: 228,
                 arity: -2,
                 flags: flag::PUBSUB | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "pubsub|help",
+                id: 229,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "pubsub|numpat",
+                id: 230,
                 arity: 2,
                 flags: flag::PUBSUB | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "pubsub|numsub",
+                id: 231,
                 arity: -2,
                 flags: flag::PUBSUB | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "pubsub|shardchannels",
+                id: 232,
                 arity: -2,
                 flags: flag::PUBSUB | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "pubsub|shardnumsub",
+                id: 233,
                 arity: -2,
                 flags: flag::PUBSUB | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::PUBSUB | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -2711,13 +3179,16 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "punsubscribe",
+        id: 234,
         arity: -1,
         flags: flag::PUBSUB | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "quit",
+        id: 235,
         arity: -1,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -2727,34 +3198,43 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::ALLOW_BUSY
             | flag::CONNECTION
             | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "randomkey",
+        id: 236,
         arity: 1,
         flags: flag::READONLY | flag::NO_KEYS,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "readonly",
+        id: 237,
         arity: 1,
         flags: flag::LOADING | flag::STALE | flag::FAST | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "readwrite",
+        id: 238,
         arity: 1,
         flags: flag::LOADING | flag::STALE | flag::FAST | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "rename",
+        id: 239,
         arity: 3,
         flags: flag::WRITE,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -2779,8 +3259,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "renamenx",
+        id: 240,
         arity: 3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -2805,6 +3287,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "replconf",
+        id: 241,
         arity: -1,
         flags: flag::ADMIN
             | flag::NOSCRIPT
@@ -2812,18 +3295,22 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::STALE
             | flag::ALLOW_BUSY
             | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "replicaof",
+        id: 242,
         arity: 3,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::STALE | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "reset",
+        id: 243,
         arity: 1,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -2833,13 +3320,16 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::ALLOW_BUSY
             | flag::CONNECTION
             | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "restore",
+        id: 244,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[KeySpec {
             flags: key_flag::OW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2853,8 +3343,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "restore-asking",
+        id: 245,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::KEYSPACE | acl::WRITE | acl::SLOW | acl::DANGEROUS,
         key_specs: &[KeySpec {
             flags: key_flag::OW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -2868,15 +3360,19 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "role",
+        id: 246,
         arity: 1,
         flags: flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::FAST | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::FAST | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "rpop",
+        id: 247,
         arity: -2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -2890,8 +3386,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "rpoplpush",
+        id: 248,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::LIST | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -2916,8 +3414,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "rpush",
+        id: 249,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -2931,8 +3431,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "rpushx",
+        id: 250,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::LIST | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -2946,8 +3448,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sadd",
+        id: 251,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -2961,22 +3465,28 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "save",
+        id: 252,
         arity: 1,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_MULTI | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "scan",
+        id: 253,
         arity: -2,
         flags: flag::READONLY | flag::NO_KEYS,
+        acl: acl::KEYSPACE | acl::READ | acl::SLOW,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "scard",
+        id: 254,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -2990,49 +3500,63 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "script",
+        id: 255,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "script|debug",
+                id: 256,
                 arity: 3,
                 flags: flag::NOSCRIPT | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "script|exists",
+                id: 257,
                 arity: -3,
                 flags: flag::NOSCRIPT | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "script|flush",
+                id: 258,
                 arity: -2,
                 flags: flag::NOSCRIPT | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "script|help",
+                id: 259,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "script|kill",
+                id: 260,
                 arity: 2,
                 flags: flag::NOSCRIPT | flag::ALLOW_BUSY | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "script|load",
+                id: 261,
                 arity: 3,
                 flags: flag::NOSCRIPT | flag::STALE | flag::SCRIPTING | flag::NO_KEYS,
+                acl: acl::SLOW | acl::SCRIPTING,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3040,8 +3564,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sdiff",
+        id: 262,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3055,8 +3581,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sdiffstore",
+        id: 263,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::SET | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -3081,15 +3609,19 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "select",
+        id: 264,
         arity: 2,
         flags: flag::LOADING | flag::STALE | flag::FAST | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::FAST | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "set",
+        id: 265,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE | key_flag::VARIABLE_FLAGS,
             begin: BeginSearch::Index(1),
@@ -3103,8 +3635,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "setbit",
+        id: 266,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::BITMAP | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -3118,8 +3652,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "setex",
+        id: 267,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::OW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -3133,8 +3669,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "setnx",
+        id: 268,
         arity: 3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::OW | key_flag::INSERT,
             begin: BeginSearch::Index(1),
@@ -3148,8 +3686,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "setrange",
+        id: 269,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -3163,6 +3703,7 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "shutdown",
+        id: 270,
         arity: -1,
         flags: flag::ADMIN
             | flag::NOSCRIPT
@@ -3171,13 +3712,16 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::NO_MULTI
             | flag::ALLOW_BUSY
             | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "sinter",
+        id: 271,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3191,8 +3735,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sintercard",
+        id: 272,
         arity: -3,
         flags: flag::READONLY | flag::MOVABLE_KEYS,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3206,8 +3752,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sinterstore",
+        id: 273,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::SET | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::UPDATE,
@@ -3232,8 +3780,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sismember",
+        id: 274,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3247,42 +3797,54 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "slaveof",
+        id: 275,
         arity: 3,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::STALE | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "slowlog",
+        id: 276,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "slowlog|get",
+                id: 277,
                 arity: -2,
                 flags: flag::ADMIN | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "slowlog|help",
+                id: 278,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "slowlog|len",
+                id: 279,
                 arity: 2,
                 flags: flag::ADMIN | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "slowlog|reset",
+                id: 280,
                 arity: 2,
                 flags: flag::ADMIN | flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
                 key_specs: &[],
                 subcommands: &[],
             },
@@ -3290,8 +3852,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "smembers",
+        id: 281,
         arity: 2,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3305,8 +3869,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "smismember",
+        id: 282,
         arity: -3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3320,8 +3886,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "smove",
+        id: 283,
         arity: 4,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
@@ -3346,8 +3914,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sort",
+        id: 284,
         arity: -2,
         flags: flag::WRITE | flag::DENYOOM | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::SET | acl::SORTEDSET | acl::LIST | acl::SLOW | acl::DANGEROUS,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RO | key_flag::ACCESS,
@@ -3373,8 +3943,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sort_ro",
+        id: 285,
         arity: -2,
         flags: flag::READONLY | flag::MOVABLE_KEYS,
+        acl: acl::READ | acl::SET | acl::SORTEDSET | acl::LIST | acl::SLOW | acl::DANGEROUS,
         key_specs: &[
             KeySpec {
                 flags: key_flag::RO | key_flag::ACCESS,
@@ -3395,8 +3967,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "spop",
+        id: 286,
         arity: -2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -3410,8 +3984,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "spublish",
+        id: 287,
         arity: 3,
         flags: flag::PUBSUB | flag::LOADING | flag::STALE | flag::FAST,
+        acl: acl::PUBSUB | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::NOT_KEY,
             begin: BeginSearch::Index(1),
@@ -3425,8 +4001,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "srandmember",
+        id: 288,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3440,8 +4018,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "srem",
+        id: 289,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::SET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -3455,8 +4035,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sscan",
+        id: 290,
         arity: -3,
         flags: flag::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3470,8 +4052,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "ssubscribe",
+        id: 291,
         arity: -2,
         flags: flag::PUBSUB | flag::NOSCRIPT | flag::LOADING | flag::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::NOT_KEY,
             begin: BeginSearch::Index(1),
@@ -3485,8 +4069,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "strlen",
+        id: 292,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::STRING | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3500,15 +4086,19 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "subscribe",
+        id: 293,
         arity: -2,
         flags: flag::PUBSUB | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "substr",
+        id: 294,
         arity: 4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::STRING | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3522,8 +4112,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sunion",
+        id: 295,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::SET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3537,8 +4129,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sunionstore",
+        id: 296,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::SET | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -3563,8 +4157,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "sunsubscribe",
+        id: 297,
         arity: -1,
         flags: flag::PUBSUB | flag::NOSCRIPT | flag::LOADING | flag::STALE,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::NOT_KEY,
             begin: BeginSearch::Index(1),
@@ -3578,29 +4174,37 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "swapdb",
+        id: 298,
         arity: 3,
         flags: flag::WRITE | flag::FAST | flag::NO_KEYS,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "sync",
+        id: 299,
         arity: 1,
         flags: flag::ADMIN | flag::NOSCRIPT | flag::NO_MULTI | flag::NO_KEYS,
+        acl: acl::ADMIN | acl::SLOW | acl::DANGEROUS,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "time",
+        id: 300,
         arity: 1,
         flags: flag::LOADING | flag::STALE | flag::FAST | flag::NO_KEYS,
+        acl: acl::FAST,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "touch",
+        id: 301,
         arity: -2,
         flags: flag::READONLY | flag::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3614,8 +4218,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "ttl",
+        id: 302,
         arity: 2,
         flags: flag::READONLY | flag::FAST,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3629,8 +4235,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "type",
+        id: 303,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::KEYSPACE | acl::READ | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3644,8 +4252,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "unlink",
+        id: 304,
         arity: -2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::KEYSPACE | acl::WRITE | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RM | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -3659,13 +4269,16 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "unsubscribe",
+        id: 305,
         arity: -1,
         flags: flag::PUBSUB | flag::NOSCRIPT | flag::LOADING | flag::STALE | flag::NO_KEYS,
+        acl: acl::PUBSUB | acl::SLOW,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "unwatch",
+        id: 306,
         arity: 1,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -3674,18 +4287,22 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::ALLOW_BUSY
             | flag::TRANSACTION
             | flag::NO_KEYS,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "wait",
+        id: 307,
         arity: 3,
         flags: flag::NOSCRIPT | flag::CONNECTION | flag::NO_KEYS,
+        acl: acl::SLOW | acl::CONNECTION,
         key_specs: &[],
         subcommands: &[],
     },
     CommandSpec {
         name: "watch",
+        id: 308,
         arity: -2,
         flags: flag::NOSCRIPT
             | flag::LOADING
@@ -3693,6 +4310,7 @@ pub static COMMANDS: &[CommandSpec] = &[
             | flag::FAST
             | flag::ALLOW_BUSY
             | flag::TRANSACTION,
+        acl: acl::FAST | acl::TRANSACTION,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3706,8 +4324,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xack",
+        id: 309,
         arity: -4,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -3721,8 +4341,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xadd",
+        id: 310,
         arity: -5,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -3736,8 +4358,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xautoclaim",
+        id: 311,
         arity: -6,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -3751,8 +4375,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xclaim",
+        id: 312,
         arity: -6,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -3766,8 +4392,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xdel",
+        id: 313,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -3781,14 +4409,18 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xgroup",
+        id: 314,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "xgroup|create",
+                id: 315,
                 arity: -5,
                 flags: flag::WRITE | flag::DENYOOM,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RW | key_flag::INSERT,
                     begin: BeginSearch::Index(2),
@@ -3802,8 +4434,10 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "xgroup|createconsumer",
+                id: 316,
                 arity: 5,
                 flags: flag::WRITE | flag::DENYOOM,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RW | key_flag::INSERT,
                     begin: BeginSearch::Index(2),
@@ -3817,8 +4451,10 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "xgroup|delconsumer",
+                id: 317,
                 arity: 5,
                 flags: flag::WRITE,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RW | key_flag::DELETE,
                     begin: BeginSearch::Index(2),
@@ -3832,8 +4468,10 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "xgroup|destroy",
+                id: 318,
                 arity: 4,
                 flags: flag::WRITE,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RW | key_flag::DELETE,
                     begin: BeginSearch::Index(2),
@@ -3847,15 +4485,19 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "xgroup|help",
+                id: 319,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::STREAM | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "xgroup|setid",
+                id: 320,
                 arity: -5,
                 flags: flag::WRITE,
+                acl: acl::WRITE | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RW | key_flag::UPDATE,
                     begin: BeginSearch::Index(2),
@@ -3871,14 +4513,18 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xinfo",
+        id: 321,
         arity: -2,
         flags: flag::NO_KEYS,
+        acl: acl::SLOW,
         key_specs: &[],
         subcommands: &[
             CommandSpec {
                 name: "xinfo|consumers",
+                id: 322,
                 arity: 4,
                 flags: flag::READONLY,
+                acl: acl::READ | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO | key_flag::ACCESS,
                     begin: BeginSearch::Index(2),
@@ -3892,8 +4538,10 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "xinfo|groups",
+                id: 323,
                 arity: 3,
                 flags: flag::READONLY,
+                acl: acl::READ | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO | key_flag::ACCESS,
                     begin: BeginSearch::Index(2),
@@ -3907,15 +4555,19 @@ pub static COMMANDS: &[CommandSpec] = &[
             },
             CommandSpec {
                 name: "xinfo|help",
+                id: 324,
                 arity: 2,
                 flags: flag::LOADING | flag::STALE | flag::NO_KEYS,
+                acl: acl::STREAM | acl::SLOW,
                 key_specs: &[],
                 subcommands: &[],
             },
             CommandSpec {
                 name: "xinfo|stream",
+                id: 325,
                 arity: -3,
                 flags: flag::READONLY,
+                acl: acl::READ | acl::STREAM | acl::SLOW,
                 key_specs: &[KeySpec {
                     flags: key_flag::RO | key_flag::ACCESS,
                     begin: BeginSearch::Index(2),
@@ -3931,8 +4583,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xlen",
+        id: 326,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -3946,8 +4600,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xpending",
+        id: 327,
         arity: -3,
         flags: flag::READONLY,
+        acl: acl::READ | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3961,8 +4617,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xrange",
+        id: 328,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -3976,8 +4634,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xread",
+        id: 329,
         arity: -4,
         flags: flag::READONLY | flag::BLOCKING | flag::MOVABLE_KEYS,
+        acl: acl::READ | acl::STREAM | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Keyword {
@@ -3994,8 +4654,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xreadgroup",
+        id: 330,
         arity: -7,
         flags: flag::WRITE | flag::BLOCKING | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::STREAM | acl::SLOW | acl::BLOCKING,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Keyword {
@@ -4012,8 +4674,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xrevrange",
+        id: 331,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4027,8 +4691,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xsetid",
+        id: 332,
         arity: -3,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::STREAM | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -4042,8 +4708,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "xtrim",
+        id: 333,
         arity: -4,
         flags: flag::WRITE,
+        acl: acl::WRITE | acl::STREAM | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4057,8 +4725,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zadd",
+        id: 334,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -4072,8 +4742,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zcard",
+        id: 335,
         arity: 2,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO,
             begin: BeginSearch::Index(1),
@@ -4087,8 +4759,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zcount",
+        id: 336,
         arity: 4,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4102,8 +4776,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zdiff",
+        id: 337,
         arity: -3,
         flags: flag::READONLY | flag::MOVABLE_KEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4117,8 +4793,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zdiffstore",
+        id: 338,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -4143,8 +4821,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zincrby",
+        id: 339,
         arity: 4,
         flags: flag::WRITE | flag::DENYOOM | flag::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::UPDATE,
             begin: BeginSearch::Index(1),
@@ -4158,8 +4838,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zinter",
+        id: 340,
         arity: -3,
         flags: flag::READONLY | flag::MOVABLE_KEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4173,8 +4855,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zintercard",
+        id: 341,
         arity: -3,
         flags: flag::READONLY | flag::MOVABLE_KEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4188,8 +4872,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zinterstore",
+        id: 342,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -4214,8 +4900,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zlexcount",
+        id: 343,
         arity: 4,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4229,8 +4917,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zmpop",
+        id: 344,
         arity: -4,
         flags: flag::WRITE | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4244,8 +4934,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zmscore",
+        id: 345,
         arity: -3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4259,8 +4951,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zpopmax",
+        id: 346,
         arity: -2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4274,8 +4968,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zpopmin",
+        id: 347,
         arity: -2,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::ACCESS | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4289,8 +4985,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrandmember",
+        id: 348,
         arity: -2,
         flags: flag::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4304,8 +5002,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrange",
+        id: 349,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4319,8 +5019,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrangebylex",
+        id: 350,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4334,8 +5036,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrangebyscore",
+        id: 351,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4349,8 +5053,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrangestore",
+        id: 352,
         arity: -5,
         flags: flag::WRITE | flag::DENYOOM,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -4375,8 +5081,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrank",
+        id: 353,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4390,8 +5098,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrem",
+        id: 354,
         arity: -3,
         flags: flag::WRITE | flag::FAST,
+        acl: acl::WRITE | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4405,8 +5115,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zremrangebylex",
+        id: 355,
         arity: 4,
         flags: flag::WRITE,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4420,8 +5132,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zremrangebyrank",
+        id: 356,
         arity: 4,
         flags: flag::WRITE,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4435,8 +5149,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zremrangebyscore",
+        id: 357,
         arity: 4,
         flags: flag::WRITE,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RW | key_flag::DELETE,
             begin: BeginSearch::Index(1),
@@ -4450,8 +5166,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrevrange",
+        id: 358,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4465,8 +5183,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrevrangebylex",
+        id: 359,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4480,8 +5200,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrevrangebyscore",
+        id: 360,
         arity: -4,
         flags: flag::READONLY | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4495,8 +5217,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zrevrank",
+        id: 361,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4510,8 +5234,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zscan",
+        id: 362,
         arity: -3,
         flags: flag::READONLY,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4525,8 +5251,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zscore",
+        id: 363,
         arity: 3,
         flags: flag::READONLY | flag::FAST | flag::CACHEABLE,
+        acl: acl::READ | acl::SORTEDSET | acl::FAST,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4540,8 +5268,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zunion",
+        id: 364,
         arity: -3,
         flags: flag::READONLY | flag::MOVABLE_KEYS,
+        acl: acl::READ | acl::SORTEDSET | acl::SLOW,
         key_specs: &[KeySpec {
             flags: key_flag::RO | key_flag::ACCESS,
             begin: BeginSearch::Index(1),
@@ -4555,8 +5285,10 @@ pub static COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "zunionstore",
+        id: 365,
         arity: -4,
         flags: flag::WRITE | flag::DENYOOM | flag::MOVABLE_KEYS,
+        acl: acl::WRITE | acl::SORTEDSET | acl::SLOW,
         key_specs: &[
             KeySpec {
                 flags: key_flag::OW | key_flag::UPDATE,
@@ -4580,3 +5312,6 @@ pub static COMMANDS: &[CommandSpec] = &[
         subcommands: &[],
     },
 ];
+
+/// How many commands and subcommands the table holds: every `id` is below.
+pub const COUNT: usize = 366;

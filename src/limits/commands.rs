@@ -1,90 +1,8 @@
 //! Which commands a limit counts: names and classes (`@write`), resolved
-//! once against the command table so that matching a request is a flag test
-//! and, for names, one set lookup.
+//! once against the command table into a bitset of command ids, so that
+//! matching a request is one bit test.
 
-use std::collections::HashSet;
-
-use crate::command::{self, CommandSpec, flag};
-
-/// Redis 7's `@dangerous` ACL category (`ACL CAT dangerous`), by the
-/// command table's full names.
-const DANGEROUS: &[&str] = &[
-    "acl|deluser",
-    "acl|dryrun",
-    "acl|getuser",
-    "acl|list",
-    "acl|load",
-    "acl|log",
-    "acl|save",
-    "acl|setuser",
-    "acl|users",
-    "bgrewriteaof",
-    "bgsave",
-    "client|kill",
-    "client|list",
-    "client|no-evict",
-    "client|pause",
-    "client|unblock",
-    "client|unpause",
-    "cluster|addslots",
-    "cluster|addslotsrange",
-    "cluster|bumpepoch",
-    "cluster|count-failure-reports",
-    "cluster|delslots",
-    "cluster|delslotsrange",
-    "cluster|failover",
-    "cluster|flushslots",
-    "cluster|forget",
-    "cluster|meet",
-    "cluster|replicas",
-    "cluster|replicate",
-    "cluster|reset",
-    "cluster|saveconfig",
-    "cluster|set-config-epoch",
-    "cluster|setslot",
-    "cluster|slaves",
-    "config|get",
-    "config|resetstat",
-    "config|rewrite",
-    "config|set",
-    "debug",
-    "failover",
-    "flushall",
-    "flushdb",
-    "info",
-    "keys",
-    "lastsave",
-    "latency|doctor",
-    "latency|graph",
-    "latency|histogram",
-    "latency|history",
-    "latency|latest",
-    "latency|reset",
-    "migrate",
-    "module|list",
-    "module|load",
-    "module|loadex",
-    "module|unload",
-    "monitor",
-    "pfdebug",
-    "pfselftest",
-    "psync",
-    "replconf",
-    "replicaof",
-    "restore",
-    "restore-asking",
-    "role",
-    "save",
-    "shutdown",
-    "slaveof",
-    "slowlog|get",
-    "slowlog|len",
-    "slowlog|reset",
-    "sort",
-    "sort_ro",
-    "swapdb",
-    "sync",
-];
+use crate::command::{self, CommandSpec, IdSet, acl, flag};
 
 /// The classes a limit may name, and the command-table flags behind each.
 const CLASSES: &[(&str, u32)] = &[
@@ -101,38 +19,29 @@ const CLASSES: &[(&str, u32)] = &[
 
 /// A set of commands.
 #[derive(Debug, Default)]
-pub struct CommandSet {
-    /// Any of these flags.
-    flags: u32,
-    /// `@slow`: commands without `fast`.
-    slow: bool,
-    /// Commands by their entry's address in the (static) table.
-    named: HashSet<usize>,
-}
+pub struct CommandSet(IdSet);
 
-fn address(spec: &'static CommandSpec) -> usize {
-    std::ptr::from_ref(spec) as usize
+/// Adds every command `pick` chooses.
+fn add_where(set: &mut IdSet, pick: impl Fn(&CommandSpec) -> bool) {
+    for spec in command::every().filter(|s| pick(s)) {
+        set.insert(spec);
+    }
 }
 
 impl CommandSet {
     /// Resolves `entries` (`KEYS`, `client|list`, `@write`); the error says
     /// which entry is not a command or a class.
     pub fn new(entries: &[String]) -> Result<CommandSet, String> {
-        let mut set = CommandSet::default();
+        let mut set = IdSet::empty();
         for entry in entries {
             if let Some(class) = entry.strip_prefix('@') {
                 let class = class.to_ascii_lowercase();
                 if class == "dangerous" {
-                    for name in DANGEROUS {
-                        // (A name this table lacks is a command Redis 7.0 lacks.)
-                        if let Some(spec) = command::lookup(name.as_bytes()) {
-                            set.named.insert(address(spec));
-                        }
-                    }
+                    add_where(&mut set, |s| s.acl & acl::DANGEROUS != 0);
                 } else if class == "slow" {
-                    set.slow = true;
-                } else if let Some((_, f)) = CLASSES.iter().find(|(n, _)| *n == class) {
-                    set.flags |= f;
+                    add_where(&mut set, |s| s.flags & flag::FAST == 0);
+                } else if let Some(&(_, f)) = CLASSES.iter().find(|(n, _)| *n == class) {
+                    add_where(&mut set, |s| s.flags & f != 0);
                 } else {
                     let known: Vec<&str> = CLASSES.iter().map(|(n, _)| *n).collect();
                     return Err(format!(
@@ -143,9 +52,7 @@ impl CommandSet {
                 continue;
             }
             match command::lookup(entry.as_bytes()) {
-                Some(spec) => {
-                    set.named.insert(address(spec));
-                }
+                Some(spec) => set.insert(spec),
                 None if CLASSES.iter().any(|(n, _)| entry.eq_ignore_ascii_case(n))
                     || entry.eq_ignore_ascii_case("dangerous") =>
                 {
@@ -156,16 +63,13 @@ impl CommandSet {
                 None => return Err(format!("'{entry}' is not a command Redis knows")),
             }
         }
-        Ok(set)
+        Ok(CommandSet(set))
     }
 
     /// Whether the command `spec` (None: not in the table) is in the set.
     #[inline]
     pub fn contains(&self, spec: Option<&'static CommandSpec>) -> bool {
-        let Some(spec) = spec else { return false };
-        spec.flags & self.flags != 0
-            || (self.slow && spec.flags & flag::FAST == 0)
-            || (!self.named.is_empty() && self.named.contains(&address(spec)))
+        spec.is_some_and(|spec| self.0.contains(spec))
     }
 }
 

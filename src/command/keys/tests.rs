@@ -192,8 +192,10 @@ static BACKWARD: &[KeySpec] = &[KeySpec {
 fn synthetic(key_specs: &'static [KeySpec]) -> CommandSpec {
     CommandSpec {
         name: "synthetic",
+        id: 0,
         arity: -1,
         flags: 0,
+        acl: 0,
         key_specs,
         subcommands: &[],
     }
