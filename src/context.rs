@@ -1,6 +1,6 @@
 //! What every session shares: the configuration, the upstream, L1, the bus,
 //! the directory of clients, the stats registry, and the snapshot of what a
-//! reload may swap (the rules, the limits, the password).
+//! reload may swap (the rules, the limits, the password, the users, the fence).
 //!
 //! It sits apart from `server` so that `admin` (which reads it) and the
 //! request path (which calls `admin`) do not import each other.
@@ -29,6 +29,38 @@ pub struct Snapshot {
     pub password: Option<String>,
     /// The rate limits.
     pub limits: crate::limits::Limits,
+    /// `[[users]]`: who clients may authenticate as, and what each may run.
+    pub users: crate::acl::Users,
+    /// `server.deny` and `server.rename`.
+    pub fence: crate::acl::Fence,
+}
+
+impl Snapshot {
+    /// The users and the fence of a validated configuration. (Validation
+    /// has already refused what would fail here; should it not have, the
+    /// failure is closed: no user, nothing fenced open.)
+    pub fn access(cfg: &Config) -> (crate::acl::Users, crate::acl::Fence) {
+        let users = crate::acl::Users::new(cfg.server.password.as_deref(), &cfg.users)
+            .unwrap_or_else(|e| {
+                tracing::error!("{e}");
+                crate::acl::Users::closed()
+            });
+        let fence = crate::acl::Fence::new(&cfg.server.deny, &cfg.server.rename)
+            .unwrap_or_else(|(field, message)| {
+                tracing::error!("{field}: {message}");
+                crate::acl::Fence::closed()
+            });
+        (users, fence)
+    }
+
+    /// Whether a new client may run commands before `AUTH`.
+    pub fn open(&self) -> bool {
+        if self.users.enforced {
+            self.users.open()
+        } else {
+            self.password.is_none()
+        }
+    }
 }
 
 /// What every session shares.

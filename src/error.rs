@@ -46,11 +46,13 @@ pub enum ErrorKind {
     UpstreamInvalid,
     /// Too much already waits for Redis (`upstream.max_in_flight`): not sent.
     UpstreamBacklog,
+    /// Refused by `server.deny`, `server.rename` or the user's permissions.
+    Denied,
 }
 
 impl ErrorKind {
     /// Every kind, in a fixed order (for counters indexed by kind).
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::Protocol,
         ErrorKind::Auth,
         ErrorKind::Arity,
@@ -65,6 +67,7 @@ impl ErrorKind {
         ErrorKind::UpstreamBusy,
         ErrorKind::UpstreamInvalid,
         ErrorKind::UpstreamBacklog,
+        ErrorKind::Denied,
     ];
 
     /// A short name (`PROXY STATS`, metrics labels).
@@ -84,6 +87,7 @@ impl ErrorKind {
             ErrorKind::UpstreamBusy => "upstream_busy",
             ErrorKind::UpstreamInvalid => "upstream_invalid",
             ErrorKind::UpstreamBacklog => "upstream_backlog",
+            ErrorKind::Denied => "denied",
         }
     }
 
@@ -102,7 +106,8 @@ impl ErrorKind {
             | ErrorKind::Unsupported
             | ErrorKind::Argument
             | ErrorKind::Limit
-            | ErrorKind::RateLimited => Side::Client,
+            | ErrorKind::RateLimited
+            | ErrorKind::Denied => Side::Client,
             ErrorKind::UpstreamUnavailable
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamLost

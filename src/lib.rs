@@ -14,7 +14,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`config`] | the TOML file, environment and flag overrides, validation |
-//! | [`context`] | what every session shares, and the snapshot a reload swaps (rules) |
+//! | [`context`] | what every session shares, and the snapshot a reload swaps (rules, limits, users, fence) |
 //! | [`server`] | listener, per-client sessions (the request path), routing, requests, the outbox, client transport, the directory of clients |
 //! | [`server::session`] | the request path: classify → admit → note writes → dispatch by mode (shared, pinned, transaction, relay) → respond → record |
 //! | [`upstream`] | connections to Redis: the session's lane (pool, sticky connection, ordering), pools, connection tasks, handshake, transport |
@@ -27,6 +27,7 @@
 //! | [`error`] | the errors nearcache answers with itself: kind, side, whether the connection closes |
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs, cacheability) and key extraction |
+//! | [`acl`] | users and permissions (`[[users]]`, a subset of Redis's ACL), fenced commands (`server.deny`, `server.rename`) |
 //! | [`limits`] | rate limits at admission (`[[limits]]`): which commands count, buckets per ip/name/user/command/pattern, fleet shares |
 //! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
 
@@ -36,6 +37,7 @@
 // crate-private modules too.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub mod acl;
 pub(crate) mod admin;
 pub mod cache;
 pub mod coherence;

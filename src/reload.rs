@@ -129,10 +129,13 @@ async fn apply(ctx: &Context) -> Result<Reloaded, ReloadError> {
             .iter()
             .filter(|l| !next.limits.contains(l.config()))
             .count();
+    let (users, fence) = Snapshot::access(&next);
     ctx.snapshot.store(Arc::new(Snapshot {
         rules,
         password: next.server.password.clone(),
         limits,
+        users,
+        fence,
     }));
     // After the swap: no new fill can take an old rule's ttl any more.
     if let Some(l1) = &ctx.l1 {
@@ -201,6 +204,9 @@ fn restart_needed(running: &Config, next: &Config) -> Vec<String> {
     // What a reload applies is left out of the comparison.
     b.server.password.clone_from(&a.server.password);
     b.limits.clone_from(&a.limits);
+    b.users.clone_from(&a.users);
+    b.server.deny.clone_from(&a.server.deny);
+    b.server.rename.clone_from(&a.server.rename);
     if let (Ok(ua), Ok(ub)) = (a.upstream_url(), b.upstream_url()) {
         // A new password applies; a new user (whose L1 and CLIENT LIST
         // name are set at start) or address takes a restart.

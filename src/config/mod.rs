@@ -35,6 +35,51 @@ pub struct Config {
     pub coherence: CoherenceConfig,
     /// Rate limits at admission (`[[limits]]`).
     pub limits: Vec<LimitConfig>,
+    /// Users nearcache authenticates and checks itself (`[[users]]`).
+    pub users: Vec<UserConfig>,
+}
+
+/// One user nearcache checks itself (`[[users]]`): its credentials and what
+/// it may run, in a subset of Redis's ACL syntax.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    /// The name clients `AUTH` as (`default`: the user of clients that do
+    /// not authenticate).
+    pub name: String,
+    /// SHA-256 of each accepted password, in hex (as Redis's `#<hash>`;
+    /// `nearcache hash-password` prints one).
+    pub passwords: Vec<String>,
+    /// Any password (or none, for `default`) is accepted.
+    pub nopass: bool,
+    /// A disabled user cannot authenticate.
+    pub enabled: bool,
+    /// Commands, left to right: `+@read -@dangerous +info -config|set`,
+    /// `allcommands`, `nocommands`. Nothing by default.
+    pub commands: String,
+    /// Key patterns: `~ticker:*` (read and write), `%R~candles:*`,
+    /// `%W~signal:*`, `allkeys`, `resetkeys`. None by default.
+    pub keys: String,
+    /// Pub/Sub channel patterns: `&prices:*`, `allchannels`,
+    /// `resetchannels`. None by default.
+    pub channels: String,
+    /// May run `PROXY …` and the `ACL` subcommands that change users.
+    pub admin: bool,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            passwords: Vec::new(),
+            nopass: false,
+            enabled: true,
+            commands: String::new(),
+            keys: String::new(),
+            channels: String::new(),
+            admin: false,
+        }
+    }
 }
 
 /// The client-facing side: listener, limits, client authentication.
@@ -73,6 +118,12 @@ pub struct ServerConfig {
     /// non-loopback address that nothing guards (clients: no password, users
     /// or client TLS; admin: no token). `false` lets it, knowingly.
     pub protected_mode: bool,
+    /// Commands refused to every client (`flushall`, `config`,
+    /// `client|kill`), before anything is sent.
+    pub deny: Vec<String>,
+    /// Commands renamed, as Redis's `rename-command`: `{ config = "cfg-x" }`
+    /// makes `CONFIG` unknown and `CFG-X` run it; `""` only hides it.
+    pub rename: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +142,8 @@ impl Default for ServerConfig {
             max_inline_bytes: ByteSize(64 << 10),
             max_pending_replies: 1024,
             protected_mode: true,
+            deny: Vec::new(),
+            rename: std::collections::BTreeMap::new(),
         }
     }
 }

@@ -10,9 +10,14 @@ const MAX_SLOWLOG_LEN: usize = 100_000;
 
 impl Config {
     /// Whether clients must prove who they are before a command runs: a
-    /// password for `default` (what protected mode asks for).
+    /// password for `default`, or users of which `default` (if listed) needs
+    /// a password (what protected mode asks for).
     pub fn clients_authenticate(&self) -> bool {
-        self.server.password.is_some()
+        let open_default = self
+            .users
+            .iter()
+            .any(|u| u.name == "default" && u.enabled && u.nopass);
+        self.server.password.is_some() || (!self.users.is_empty() && !open_default)
     }
 
     /// Listeners on a non-loopback address that nothing guards, each with
@@ -28,7 +33,7 @@ impl Config {
                 "server.listen",
                 format!(
                     "'{}' is reachable from other hosts and no client must authenticate \
-                     (protected mode): set server.password, or bind a loopback address, \
+                     (protected mode): set server.password or [[users]], or bind a loopback address, \
                      or set server.protected_mode = false if the network itself is trusted",
                     self.server.listen
                 ),
@@ -102,6 +107,18 @@ impl Config {
                 "server.auth",
                 "\"redis\" lets Redis check clients' passwords: leave server.password unset".into(),
             );
+        }
+        if self.server.auth == AuthMode::Redis && !self.users.is_empty() {
+            bad(
+                "users",
+                "\"redis\" lets Redis's own ACL users decide: remove [[users]] or set server.auth = \"proxy\"".into(),
+            );
+        }
+        if let Err(e) = crate::acl::Users::new(self.server.password.as_deref(), &self.users) {
+            bad(&format!("users[{}] (\"{}\").{}", e.index, e.name, e.field), e.message);
+        }
+        if let Err((field, message)) = crate::acl::Fence::new(&self.server.deny, &self.server.rename) {
+            bad(field, message);
         }
         if self.server.password.as_deref() == Some("") {
             bad(

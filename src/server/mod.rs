@@ -156,6 +156,7 @@ impl Proxy {
             AuthMode::Proxy => "default".into(),
         };
         let password = cfg.server.password.clone();
+        let (users, fence) = Snapshot::access(&cfg);
         let ctx = Arc::new(Context {
             ack: Ack::new(l1.clone(), bus.clone()),
             l1,
@@ -171,6 +172,8 @@ impl Proxy {
                 rules,
                 password,
                 limits,
+                users,
+                fence,
             }),
             source,
             reloading: tokio::sync::Mutex::new(()),

@@ -6,6 +6,7 @@ use std::ops::Range;
 use bytes::Bytes;
 
 use super::route::{Route, route_spec};
+use crate::acl::Renamed;
 use crate::command::CommandSpec;
 use crate::stats::Class;
 use crate::upstream::encode_command;
@@ -25,6 +26,8 @@ pub struct Request<'c> {
     pub route: Route,
     /// Its entry in the command table (None for unknown commands).
     pub spec: Option<&'static CommandSpec>,
+    /// What `server.rename` made of its name.
+    pub renamed: Renamed,
 }
 
 impl<'c> Request<'c> {
@@ -39,6 +42,7 @@ impl<'c> Request<'c> {
             argv,
             route,
             spec,
+            renamed: Renamed::No,
         }
     }
 

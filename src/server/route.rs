@@ -74,6 +74,8 @@ pub enum Route {
     WrongArity(&'static str),
     /// `PROXY …`: nearcache's own admin commands.
     Proxy,
+    /// `ACL WHOAMI`: the user the client is, as nearcache knows it.
+    AclWhoami,
     /// `INFO [section …]`: Redis's reply with nearcache's own section
     /// appended when the sections asked for include it; `INFO nearcache`
     /// alone is answered here (see `session/info.rs`).
@@ -96,6 +98,7 @@ impl Route {
                 | Route::ClientNoEvict
                 | Route::ClientList
                 | Route::ClientInfo
+                | Route::AclWhoami
         )
     }
 }
@@ -171,6 +174,9 @@ fn route_resolved(argv: &[Bytes], spec: Option<&'static CommandSpec>) -> Route {
         // (INFO carries none of them either; a length test settles the rest.)
         if spec.name.len() == 4 && spec.name == "info" {
             return Route::Info;
+        }
+        if spec.name == "acl|whoami" {
+            return Route::AclWhoami;
         }
         return Route::Forward;
     }

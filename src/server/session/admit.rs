@@ -8,15 +8,60 @@
 //! [`Stage::Upstream`], on the miss (`cached.rs`) or when L1 passes it on
 //! (`paired.rs`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::mode::Mode;
-use super::{Request, Session};
-use crate::error::ProxyError;
+use super::{ClientState, Request, Session};
+use crate::context::Snapshot;
+use crate::acl::{self, Renamed, unknown_command};
+use crate::error::{ErrorKind, ProxyError};
 use crate::limits::{Decision, Stage, Who};
 use crate::server::route::Route;
 
 impl Session {
+    /// `server.rename`, `server.deny`, then the user's permissions.
+    fn fence(&mut self, req: &Request<'_>) -> Result<(), ProxyError> {
+        if req.renamed == Renamed::Hidden {
+            return Err(ProxyError::new(ErrorKind::Denied, unknown_command(&req.argv)));
+        }
+        let snapshot = &self.snapshot;
+        if snapshot.fence.denied(req.spec) {
+            return Err(ProxyError::new(
+                ErrorKind::Denied,
+                format!("ERR '{}' is denied by this proxy (server.deny)", req.name()),
+            ));
+        }
+        let exempt = matches!(
+            req.route,
+            Route::Auth | Route::Hello | Route::Quit | Route::Reset | Route::WrongArity(_)
+        );
+        if snapshot.users.enforced && !exempt {
+            let proxy = req.route == Route::Proxy;
+            acl::check(
+                &self.client.acl,
+                req.spec,
+                proxy,
+                &req.argv,
+                &mut self.scratch.acl_keys,
+            )
+            .map_err(|text| ProxyError::new(ErrorKind::Denied, text))?;
+        }
+        Ok(())
+    }
+
+    /// The user the client is, as `CLIENT LIST` and `ACL WHOAMI` name it:
+    /// the Redis user it authenticated as where Redis decides, the
+    /// nearcache user where `[[users]]` decide, else the anonymous one.
+    pub(super) fn user_arc(&self) -> &Arc<str> {
+        user_of(&self.client, &self.snapshot, &self.ctx.anonymous_user)
+    }
+
+    /// [`Session::user_arc`] as text.
+    pub(super) fn user_name(&self) -> &str {
+        self.user_arc()
+    }
+
     /// Whether the command may run now (after a delay, for a limit that
     /// delays).
     pub(super) async fn admit(&mut self, req: &Request<'_>) -> Result<(), ProxyError> {
@@ -27,6 +72,7 @@ impl Session {
         if !self.client.authed && !before_auth {
             return Err(ProxyError::no_auth());
         }
+        self.fence(req)?;
         if self.snapshot.limits.is_empty() || matches!(req.route, Route::Proxy | Route::Quit) {
             // (The operator's own commands, and leaving, are never limited.)
             return Ok(());
@@ -57,10 +103,7 @@ impl Session {
             let who = Who {
                 ip: self.ip,
                 name: self.client.name.as_deref(),
-                user: match &self.client.user {
-                    Some(c) => &c.user,
-                    None => &self.ctx.anonymous_user,
-                },
+                user: user_of(&self.client, &self.snapshot, &self.ctx.anonymous_user),
             };
             let bucket = self.buckets.get(limits, i, who, req.spec, pattern);
             let decision = limit.check(bucket, cost);
@@ -99,5 +142,19 @@ impl Session {
             waited += wait;
         }
         Ok(())
+    }
+}
+
+/// [`Session::user_arc`], from the fields it needs (so that the caller may
+/// borrow others mutably).
+fn user_of<'a>(
+    client: &'a ClientState,
+    snapshot: &'a Snapshot,
+    anonymous: &'a Arc<str>,
+) -> &'a Arc<str> {
+    match &client.user {
+        Some(credentials) => &credentials.user,
+        None if snapshot.users.enforced => &client.acl.name,
+        None => anonymous,
     }
 }

@@ -141,10 +141,7 @@ impl Session {
     /// Publishes what `CLIENT LIST` shows of this session, if it changed.
     pub(super) fn publish_profile(&mut self) {
         let (shown, c) = (&self.shown, &self.client);
-        let user = match &c.user {
-            Some(credentials) => &credentials.user,
-            None => &self.ctx.anonymous_user,
-        };
+        let user = self.user_arc();
         let changed = shown.db != c.db
             || shown.resp != c.proto.version()
             || shown.no_evict != c.no_evict

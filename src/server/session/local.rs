@@ -54,6 +54,11 @@ impl Session {
             Route::ClientGetRedir => self.client_getredir().await,
             Route::ClientList => self.client_list(argv, false).await,
             Route::ClientInfo => self.client_list(argv, true).await,
+            Route::AclWhoami => {
+                let mut r = Reply::new(self.client.proto);
+                r.bulk(self.user_name().as_bytes());
+                r.finish()
+            }
             // Only ON and bad modes are queued (see `queued`); ON's reply is
             // an element of EXEC's, and replies come back on from it.
             Route::ClientReply => match reply_mode(argv) {
@@ -87,6 +92,17 @@ impl Session {
         };
         if self.ctx.cfg.server.auth == AuthMode::Redis {
             return self.auth_by_redis(user.map(|u| &u[..]), pass).await;
+        }
+        if self.snapshot.users.enforced {
+            let name = user.map_or(&b"default"[..], |u| &u[..]);
+            return match self.snapshot.users.authenticate(name, pass) {
+                Some(user) => {
+                    self.client.acl = user;
+                    self.client.authed = true;
+                    Bytes::from_static(OK)
+                }
+                None => self.wrong_pass(),
+            };
         }
         let default_user = user.is_none_or(|u| &u[..] == b"default");
         let Some(expected) = &self.snapshot.password else {
@@ -320,7 +336,8 @@ impl Session {
         client.name = None;
         client.db_uncertain = false;
         client.user = None;
-        client.authed = self.snapshot.password.is_none();
+        client.authed = self.snapshot.open();
+        client.acl = self.snapshot.users.default_user().clone();
         client.db = self.ctx.upstream.default_db();
         client.proto = Protocol::Resp2;
         self.lane.reset(self.ctx.default_pool.clone());
@@ -400,7 +417,10 @@ impl Session {
         } else {
             Protocol::Resp2
         };
-        if self.ctx.directory.user_of(target)? != self.ctx.anonymous_user {
+        // (nearcache's own users all share its upstream identity.)
+        if self.ctx.cfg.server.auth == AuthMode::Redis
+            && self.ctx.directory.user_of(target)? != self.ctx.anonymous_user
+        {
             return None;
         }
         let key = PoolKey {

@@ -42,6 +42,7 @@ mod paired;
 mod relay;
 mod transaction;
 
+use crate::acl::Renamed;
 use input::{Backlog, Cmd, Input};
 use mode::Mode;
 
@@ -85,6 +86,9 @@ struct ClientState {
     /// The Redis user the client authenticated as where Redis decides
     /// (`server.auth = "redis"`); None: nearcache's own upstream identity.
     user: Option<Arc<Credentials>>,
+    /// The nearcache user the client is (`[[users]]`; `default` until
+    /// `AUTH`), whose permissions admission checks.
+    acl: Arc<crate::acl::User>,
 }
 
 impl ClientState {
@@ -127,6 +131,8 @@ struct Scratch {
     ids: Vec<u8>,
     /// Key positions of a write.
     positions: Vec<(usize, u16)>,
+    /// Key positions for the permission check.
+    acl_keys: Vec<(usize, u16)>,
     /// An MGET's cached elements.
     mget: Vec<u8>,
 }
@@ -271,12 +277,13 @@ impl Session {
                 db: ctx.upstream.default_db(),
                 proto: Protocol::Resp2,
                 name: None,
-                authed: ctx.snapshot.load().password.is_none(),
+                authed: ctx.snapshot.load().open(),
                 no_evict: false,
                 last_cmd: Profile::default().cmd,
                 closing: false,
                 db_uncertain: false,
                 user: None,
+                acl: ctx.snapshot.load().users.default_user().clone(),
             },
             lane: Lane::new(ctx.upstream.clone(), ctx.default_pool.clone()),
             mode: Mode::Shared,
@@ -302,6 +309,8 @@ impl Session {
         self.read_at = Instant::now();
         if !Arc::ptr_eq(&self.snapshot, &*self.ctx.snapshot.load()) {
             self.snapshot = self.ctx.snapshot.load_full();
+            // A reload may have changed what the client's user may run.
+            self.client.acl = self.snapshot.users.current(&self.client.acl.name);
         }
         let mut flow = Flow::Continue;
         for cmd in cmds {
@@ -317,7 +326,10 @@ impl Session {
                     None
                 }
             };
+            let renamed = self.snapshot.fence.rename(&mut argv);
+            let frame = if renamed == Renamed::Alias { None } else { frame };
             let mut req = Request::new(chunk, frame, argv);
+            req.renamed = renamed;
             flow = if self.muting.skip_next {
                 self.handle_skipped(&mut req).await
             } else {

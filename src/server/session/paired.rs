@@ -39,7 +39,8 @@ impl Session {
             | Route::ClientKill
             | Route::ClientNoEvict
             | Route::ClientList
-            | Route::ClientInfo => return self.local(req).await,
+            | Route::ClientInfo
+            | Route::AclWhoami => return self.local(req).await,
             Route::Hello => self.hello(req).await,
             Route::Info => self.info(req).await,
             Route::Select => self.select(req).await,
