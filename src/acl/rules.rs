@@ -324,11 +324,11 @@ mod tests {
         assert_eq!(check(&p, "MGET ticker:a other"), Err(Denial::Key));
         assert_eq!(check(&p, "DEL ticker:a other"), Err(Denial::Key));
         assert_eq!(
-            check(&p, "EVAL return 1 2 ticker:a other"),
+            check(&p, "EVAL s 2 ticker:a other"),
             Err(Denial::Key),
             "EVAL's declared keys"
         );
-        assert_eq!(check(&p, "EVAL return 1 1 ticker:a other"), Ok(()));
+        assert_eq!(check(&p, "EVAL s 1 ticker:a other"), Ok(()));
         assert_eq!(check(&p, "SORT ticker:a BY x*"), Err(Denial::Key));
         assert_eq!(check(&p, "PING"), Ok(()));
     }
