@@ -65,6 +65,19 @@ pub struct Context {
     /// as `CLIENT LIST` names it: `upstream.url`'s where Redis decides on
     /// users, else `default`.
     pub anonymous_user: Arc<str>,
+    /// Client TLS, if `[server.tls]` is set.
+    pub tls: Option<ServerTls>,
+}
+
+/// Client TLS: the server configuration a reload swaps (certificates
+/// rotate; a handshake in progress keeps the one it started with), and how
+/// long a handshake may take.
+#[derive(Debug)]
+pub struct ServerTls {
+    /// The configuration new handshakes use.
+    pub config: ArcSwap<rustls::ServerConfig>,
+    /// `server.tls.handshake_timeout`.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl Context {

@@ -28,6 +28,7 @@
 //! | [`protocol`] | client command parsing (bounded, incremental), upstream reply framing, replies the proxy writes |
 //! | [`command`] | Redis's command table (flags, key specs, cacheability) and key extraction |
 //! | [`limits`] | rate limits at admission (`[[limits]]`): which commands count, buckets per ip/name/user/command/pattern, fleet shares |
+//! | [`tls`] | TLS on both sides (rustls, ring): client and server configurations from PEM files, the plain-or-TLS stream |
 //! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
 
 #![forbid(unsafe_code)]
@@ -50,6 +51,7 @@ pub mod protocol;
 pub mod reload;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub(crate) mod upstream;
 
 pub use config::Config;
