@@ -619,3 +619,59 @@ async fn a_bad_certificate_path_is_a_start_up_error_naming_the_field_and_the_fil
         "{text}"
     );
 }
+
+#[test]
+fn protected_mode_counts_required_client_certificates_as_a_guard() {
+    let certs = Certs::make();
+    let exposed = |tls: Option<ServerTlsConfig>, tls_listen: &str| {
+        let mut cfg = Config::default();
+        cfg.server.listen = "0.0.0.0:6380".into();
+        cfg.server.tls_listen = tls_listen.into();
+        cfg.server.tls = tls;
+        cfg.validate("t.toml").err().map(|e| e.to_string())
+    };
+    let mut mutual = server_tls(&certs, "server");
+    mutual.client_ca_file = Some(certs.crt("ca"));
+    // TLS on the main listener with client certificates required: guarded.
+    assert_eq!(exposed(Some(mutual.clone()), ""), None);
+    // TLS alone proves nothing about who connects.
+    let err = exposed(Some(server_tls(&certs, "server")), "").expect("refused");
+    assert!(
+        err.contains("server.listen") && err.contains("protected mode"),
+        "{err}"
+    );
+    // optional client certificates let anyone in.
+    let mut optional = mutual.clone();
+    optional.client_auth = Some(ClientAuth::Optional);
+    assert!(exposed(Some(optional), "").is_some());
+    // A second, TLS, listener guards only itself: the plain one is exposed.
+    let err = exposed(Some(mutual.clone()), "0.0.0.0:6381").expect("refused");
+    assert!(
+        err.contains("server.listen:") && !err.contains("server.tls_listen:"),
+        "{err}"
+    );
+    // tls_listen needs [server.tls]; client_auth needs a client CA.
+    let mut cfg = Config::default();
+    cfg.server.tls_listen = "127.0.0.1:6381".into();
+    let err = cfg.validate("t.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("server.tls_listen: needs [server.tls]"),
+        "{err}"
+    );
+    let mut no_ca = server_tls(&certs, "server");
+    no_ca.client_auth = Some(ClientAuth::Required);
+    cfg.server.tls = Some(no_ca);
+    let err = cfg.validate("t.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("server.tls.client_auth: needs server.tls.client_ca_file"),
+        "{err}"
+    );
+    // TLS settings for a plain upstream URL are a mistake, said so.
+    let mut cfg = Config::default();
+    cfg.upstream.tls.ca_file = Some(certs.crt("ca"));
+    let err = cfg.validate("t.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("upstream.tls: is set but upstream.url is redis://"),
+        "{err}"
+    );
+}
