@@ -327,6 +327,17 @@ pub enum MaybeTls<T> {
     Server(Box<tokio_rustls::server::TlsStream<T>>),
 }
 
+impl<T> MaybeTls<T> {
+    /// The stream TLS runs over (for its addresses).
+    pub fn get_ref(&self) -> &T {
+        match self {
+            MaybeTls::Plain(s) => s,
+            MaybeTls::Client(s) => s.get_ref().0,
+            MaybeTls::Server(s) => s.get_ref().0,
+        }
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -29,7 +29,7 @@ const LIMIT: Duration = Duration::from_secs(10);
 /// A CA, a second (wrong) CA, leaves it signed for 127.0.0.1/localhost
 /// (server, server2 for rotation, client, an expired one), a client leaf of
 /// the wrong CA and a self-signed leaf, in a temp dir.
-struct Certs {
+pub(crate) struct Certs {
     dir: tempfile::TempDir,
 }
 
@@ -66,7 +66,7 @@ openssl req -x509 -new -key selfsigned.key -out selfsigned.crt -days 30 -subj "/
 "#;
 
 impl Certs {
-    fn make() -> Self {
+    pub(crate) fn make() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new("sh")
             .arg("-c")
@@ -82,15 +82,42 @@ impl Certs {
         Certs { dir }
     }
 
+    /// redis-server's options for a TLS port `port` with the server leaf
+    /// (clients need not show a certificate).
+    pub(crate) fn redis_tls_args(&self, port: u16) -> Vec<String> {
+        let path = |p: PathBuf| p.display().to_string();
+        vec![
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(self.crt("server")),
+            "--tls-key-file".into(),
+            path(self.key("server")),
+            "--tls-ca-cert-file".into(),
+            path(self.crt("ca")),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
+
+    /// A TLS client connector trusting the CA, for raw connections.
+    pub(crate) fn client(&self) -> nearcache::tls::UpstreamTls {
+        let cfg = nearcache::config::UpstreamTlsConfig {
+            ca_file: Some(self.crt("ca")),
+            ..Default::default()
+        };
+        nearcache::tls::UpstreamTls::new(&cfg, "127.0.0.1").unwrap()
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn crt(&self, name: &str) -> PathBuf {
+    pub(crate) fn crt(&self, name: &str) -> PathBuf {
         self.path(&format!("{name}.crt"))
     }
 
-    fn key(&self, name: &str) -> PathBuf {
+    pub(crate) fn key(&self, name: &str) -> PathBuf {
         self.path(&format!("{name}.key"))
     }
 
@@ -172,7 +199,7 @@ fn plain_upstream() -> crate::support::RedisServer {
     crate::support::RedisServer::start()
 }
 
-fn server_tls(certs: &Certs, leaf: &str) -> ServerTlsConfig {
+pub(crate) fn server_tls(certs: &Certs, leaf: &str) -> ServerTlsConfig {
     ServerTlsConfig {
         cert_file: certs.crt(leaf),
         key_file: certs.key(leaf),
