@@ -293,7 +293,7 @@ fn handshakes(admin: SocketAddr, outcome: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rediss_upstream_verified_by_its_ca_serves_reads_and_writes() {
+async fn a_rediss_upstream_verified_by_its_ca_serves_reads_writes_and_tracking() {
     nearcache::tls::install_default_provider();
     let certs = Certs::make();
     let redis = TlsRedis::start(&certs, "server", false);
@@ -301,9 +301,73 @@ async fn a_rediss_upstream_verified_by_its_ca_serves_reads_and_writes() {
     cfg.server.listen = "127.0.0.1:0".into();
     cfg.upstream.url = redis.url();
     cfg.upstream.tls.ca_file = Some(certs.crt("ca"));
+    // Redis's own invalidations come over a tracking connection of its own:
+    // TLS too.
+    cfg.cache.rules = vec![nearcache::config::RuleConfig::caching(
+        "tls:cached:",
+        Duration::from_secs(60),
+    )];
+    cfg.coherence.redis_tracking = true;
     let proxy = TestProxy::start_with(cfg).await;
+    proxy.wait_for_log("redis tracking enabled", LIMIT).await;
     let mut conn = proxy.conn().await;
     set_get(&mut conn, "tls:plain-client", "over rediss").await;
+
+    // Cached (the second read is an L1 hit), then written behind
+    // nearcache's back: tracking's invalidation must reach L1 long before
+    // the rule's 60 s.
+    let redis_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, redis.port));
+    let mut direct = tls_client(redis_addr, &certs, "ca", None, false)
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg("tls:cached:k")
+        .arg("old")
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let v: String = redis::cmd("GET")
+            .arg("tls:cached:k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(v, "old");
+    }
+    let info: String = redis::cmd("INFO")
+        .arg("nearcache")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        info.lines().any(|l| l
+            .strip_prefix("nearcache_l1_hits:")
+            .is_some_and(|n| n.trim() != "0")),
+        "the second read was not an L1 hit: {info}"
+    );
+    let () = redis::cmd("SET")
+        .arg("tls:cached:k")
+        .arg("new")
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let v: String = redis::cmd("GET")
+            .arg("tls:cached:k")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if v == "new" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "L1 still serves the old value"
+        );
+        tokio::task::yield_now().await;
+    }
     // RESP3 clients get their own pool: another handshake, same settings.
     let mut conn3 = proxy
         .client_resp3()
