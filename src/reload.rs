@@ -232,9 +232,11 @@ fn restart_needed(running: &Config, next: &Config) -> Vec<String> {
     b.limits.clone_from(&a.limits);
     if let (Ok(ua), Ok(ub)) = (a.upstream_url(), b.upstream_url()) {
         // A new password applies; a new user (whose L1 and CLIENT LIST
-        // name are set at start) or address takes a restart.
-        let address =
-            |u: &crate::config::RedisUrl| (u.host.clone(), u.port, u.db, u.username.clone());
+        // name are set at start), address or scheme (TLS or not) takes a
+        // restart.
+        let address = |u: &crate::config::RedisUrl| {
+            (u.host.clone(), u.port, u.db, u.username.clone(), u.secure)
+        };
         if address(&ua) == address(&ub) {
             b.upstream.url.clone_from(&a.upstream.url);
         }

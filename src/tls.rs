@@ -401,3 +401,70 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Errors name the field to change and the file they are about, so a
+    /// start-up error says what to fix.
+    #[test]
+    fn errors_name_the_field_and_the_file() {
+        let missing = UpstreamTlsConfig {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..UpstreamTlsConfig::default()
+        };
+        let e = UpstreamTls::new(&missing, "redis.example").unwrap_err();
+        assert_eq!(e.field(), "upstream.tls.ca_file");
+        assert!(
+            e.to_string()
+                .starts_with("upstream.tls.ca_file: /nonexistent/ca.pem: cannot read"),
+            "{e}"
+        );
+
+        let half = UpstreamTlsConfig {
+            cert_file: Some("/nonexistent/c.pem".into()),
+            insecure_skip_verify: true,
+            ..UpstreamTlsConfig::default()
+        };
+        let e = UpstreamTls::new(&half, "redis.example").unwrap_err();
+        assert_eq!(e.field(), "upstream.tls.cert_file");
+
+        let bad_name = UpstreamTlsConfig {
+            insecure_skip_verify: true,
+            server_name: Some("not a name!".into()),
+            ..UpstreamTlsConfig::default()
+        };
+        let e = UpstreamTls::new(&bad_name, "h").unwrap_err();
+        assert_eq!(e.field(), "upstream.tls.server_name");
+
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no PEM here\n").expect("write");
+        let server = ServerTlsConfig {
+            cert_file: empty.clone(),
+            key_file: empty,
+            client_ca_file: None,
+            client_auth: None,
+            handshake_timeout: crate::config::Duration::default(),
+        };
+        let e = server_config(&server).unwrap_err();
+        assert_eq!(e.field(), "server.tls.cert_file");
+        assert!(
+            e.detail().contains("empty.pem: holds no PEM certificate"),
+            "{e}"
+        );
+    }
+
+    /// Plain streams pass bytes through untouched, in both directions.
+    #[tokio::test]
+    async fn a_plain_stream_is_the_stream_itself() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, b) = tokio::io::duplex(64);
+        let (mut a, mut b) = (MaybeTls::Plain(a), MaybeTls::Plain(b));
+        a.write_all(b"PING\r\n").await.expect("write");
+        let mut buf = [0u8; 6];
+        b.read_exact(&mut buf).await.expect("read");
+        assert_eq!(&buf, b"PING\r\n");
+    }
+}
