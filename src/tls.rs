@@ -414,7 +414,7 @@ mod tests {
             ca_file: Some("/nonexistent/ca.pem".into()),
             ..UpstreamTlsConfig::default()
         };
-        let e = UpstreamTls::new(&missing, "redis.example").unwrap_err();
+        let e = UpstreamTls::new(&missing, "redis.example").expect_err("refused");
         assert_eq!(e.field(), "upstream.tls.ca_file");
         assert!(
             e.to_string()
@@ -427,7 +427,7 @@ mod tests {
             insecure_skip_verify: true,
             ..UpstreamTlsConfig::default()
         };
-        let e = UpstreamTls::new(&half, "redis.example").unwrap_err();
+        let e = UpstreamTls::new(&half, "redis.example").expect_err("refused");
         assert_eq!(e.field(), "upstream.tls.cert_file");
 
         let bad_name = UpstreamTlsConfig {
@@ -435,7 +435,7 @@ mod tests {
             server_name: Some("not a name!".into()),
             ..UpstreamTlsConfig::default()
         };
-        let e = UpstreamTls::new(&bad_name, "h").unwrap_err();
+        let e = UpstreamTls::new(&bad_name, "h").expect_err("refused");
         assert_eq!(e.field(), "upstream.tls.server_name");
 
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -448,7 +448,7 @@ mod tests {
             client_auth: None,
             handshake_timeout: crate::config::Duration::default(),
         };
-        let e = server_config(&server).unwrap_err();
+        let e = server_config(&server).expect_err("refused");
         assert_eq!(e.field(), "server.tls.cert_file");
         assert!(
             e.detail().contains("empty.pem: holds no PEM certificate"),
