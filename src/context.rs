@@ -45,11 +45,12 @@ impl Snapshot {
                 tracing::error!("{e}");
                 crate::acl::Users::closed()
             });
-        let fence = crate::acl::Fence::new(&cfg.server.deny, &cfg.server.rename)
-            .unwrap_or_else(|(field, message)| {
+        let fence = crate::acl::Fence::new(&cfg.server.deny, &cfg.server.rename).unwrap_or_else(
+            |(field, message)| {
                 tracing::error!("{field}: {message}");
                 crate::acl::Fence::closed()
-            });
+            },
+        );
         (users, fence)
     }
 
@@ -97,6 +98,19 @@ pub struct Context {
     /// as `CLIENT LIST` names it: `upstream.url`'s where Redis decides on
     /// users, else `default`.
     pub anonymous_user: Arc<str>,
+    /// Client TLS, if `[server.tls]` is set.
+    pub tls: Option<ServerTls>,
+}
+
+/// Client TLS: the server configuration a reload swaps (certificates
+/// rotate; a handshake in progress keeps the one it started with), and how
+/// long a handshake may take.
+#[derive(Debug)]
+pub struct ServerTls {
+    /// The configuration new handshakes use.
+    pub config: ArcSwap<rustls::ServerConfig>,
+    /// `server.tls.handshake_timeout`.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl Context {

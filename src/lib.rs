@@ -29,6 +29,7 @@
 //! | [`command`] | Redis's command table (flags, key specs, cacheability) and key extraction |
 //! | [`acl`] | users and permissions (`[[users]]`, a subset of Redis's ACL), fenced commands (`server.deny`, `server.rename`) |
 //! | [`limits`] | rate limits at admission (`[[limits]]`): which commands count, buckets per ip/name/user/command/pattern, fleet shares |
+//! | [`tls`] | TLS on both sides (rustls, ring): client and server configurations from PEM files, the plain-or-TLS stream |
 //! | [`glob`] | Redis-style glob matching (pattern rules, `PROXY INVALIDATE`) |
 
 #![forbid(unsafe_code)]
@@ -52,6 +53,7 @@ pub mod protocol;
 pub mod reload;
 pub mod server;
 pub mod stats;
+pub mod tls;
 pub(crate) mod upstream;
 
 pub use config::Config;

@@ -56,6 +56,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // One crypto backend (ring) for the process, before anything makes TLS.
+    nearcache::tls::install_default_provider();
     let cli = Cli::parse();
     let format = match (cli.log_format, std::env::var("NEARCACHE_LOG_FORMAT")) {
         (Some(f), _) => f,

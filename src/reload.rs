@@ -2,7 +2,9 @@
 //! again (with the same environment and flags over it), validate it whole,
 //! and swap what can change at run time — the key rules, `server.password`,
 //! the upstream's password — in one step behind [`Context::snapshot`];
-//! no client connection is dropped. A file that does not validate changes
+//! no client connection is dropped. The client TLS certificate and key
+//! (`[server.tls]`) are read again and swapped too, so certificates rotate:
+//! connections keep the session they made, new ones get the new certificate. A file that does not validate changes
 //! nothing, and the error names the file and the field, as `check-config`
 //! does. A field that only a restart can apply is reported, not ignored.
 //!
@@ -110,8 +112,27 @@ async fn apply(ctx: &Context) -> Result<Reloaded, ReloadError> {
             .restart_needed
             .push("cache.rules (the prefixes Redis tracking watches)".into());
     }
+    // Built before anything is swapped: a broken certificate changes nothing
+    // (validate read the files too; this is the configuration to install).
+    let server_tls = match (&ctx.tls, &next.server.tls) {
+        (Some(_), Some(t)) => {
+            Some(
+                crate::tls::server_config(t).map_err(|e| ConfigError::Invalid {
+                    origin: source.path.display().to_string(),
+                    errors: vec![crate::config::FieldError {
+                        field: e.field().into(),
+                        message: e.detail(),
+                    }],
+                })?,
+            )
+        }
+        _ => None,
+    };
     if url.username == ctx.upstream.url().username {
         ctx.upstream.set_password(url.password);
+    }
+    if let (Some(tls), Some(config)) = (&ctx.tls, server_tls) {
+        tls.config.store(config);
     }
     let limits = Limits::new(
         &next.limits,
@@ -203,15 +224,25 @@ fn restart_needed(running: &Config, next: &Config) -> Vec<String> {
     let mut b = next.clone();
     // What a reload applies is left out of the comparison.
     b.server.password.clone_from(&a.server.password);
+    // Client TLS files are read again on every reload (rotation); where
+    // TLS is on and stays on, new paths and client authentication apply too.
+    if let (Some(ta), Some(tb)) = (&a.server.tls, &mut b.server.tls) {
+        tb.cert_file.clone_from(&ta.cert_file);
+        tb.key_file.clone_from(&ta.key_file);
+        tb.client_ca_file.clone_from(&ta.client_ca_file);
+        tb.client_auth = ta.client_auth;
+    }
     b.limits.clone_from(&a.limits);
     b.users.clone_from(&a.users);
     b.server.deny.clone_from(&a.server.deny);
     b.server.rename.clone_from(&a.server.rename);
     if let (Ok(ua), Ok(ub)) = (a.upstream_url(), b.upstream_url()) {
         // A new password applies; a new user (whose L1 and CLIENT LIST
-        // name are set at start) or address takes a restart.
-        let address =
-            |u: &crate::config::RedisUrl| (u.host.clone(), u.port, u.db, u.username.clone());
+        // name are set at start), address or scheme (TLS or not) takes a
+        // restart.
+        let address = |u: &crate::config::RedisUrl| {
+            (u.host.clone(), u.port, u.db, u.username.clone(), u.secure)
+        };
         if address(&ua) == address(&ub) {
             b.upstream.url.clone_from(&a.upstream.url);
         }

@@ -39,7 +39,10 @@ impl Fence {
         let mut fence = Fence::default();
         for name in deny {
             let spec = command::lookup(name.as_bytes()).ok_or_else(|| {
-                ("server.deny", format!("'{name}' is not a command Redis knows"))
+                (
+                    "server.deny",
+                    format!("'{name}' is not a command Redis knows"),
+                )
             })?;
             fence.deny.insert(spec);
             spec.subcommands.iter().for_each(|s| fence.deny.insert(s));
@@ -55,7 +58,10 @@ impl Fence {
                     )
                 })?;
             if alias.contains(|c: char| c.is_whitespace() || c == '|') {
-                return Err(("server.rename", format!("'{alias}': a new name has no spaces or '|'")));
+                return Err((
+                    "server.rename",
+                    format!("'{alias}': a new name has no spaces or '|'"),
+                ));
             }
             if !alias.is_empty() && command::lookup(alias.as_bytes()).is_some() {
                 return Err((
@@ -65,9 +71,10 @@ impl Fence {
             }
             fence.hidden.push(spec.name.as_bytes().to_vec());
             if !alias.is_empty() {
-                fence
-                    .aliases
-                    .push((alias.to_ascii_lowercase().into_bytes(), Bytes::from_static(spec.name.as_bytes())));
+                fence.aliases.push((
+                    alias.to_ascii_lowercase().into_bytes(),
+                    Bytes::from_static(spec.name.as_bytes()),
+                ));
             }
         }
         Ok(fence)
@@ -92,7 +99,11 @@ impl Fence {
         let Some(name) = argv.first_mut() else {
             return Renamed::No;
         };
-        if let Some((_, original)) = self.aliases.iter().find(|(a, _)| a.eq_ignore_ascii_case(name)) {
+        if let Some((_, original)) = self
+            .aliases
+            .iter()
+            .find(|(a, _)| a.eq_ignore_ascii_case(name))
+        {
             *name = original.clone();
             return Renamed::Alias;
         }
@@ -113,7 +124,10 @@ impl Fence {
 /// `ERR unknown command 'x', with args beginning with: 'a' 'b' `.
 #[must_use]
 pub fn unknown_command(argv: &[Bytes]) -> String {
-    let name = argv.first().map(|a| String::from_utf8_lossy(a)).unwrap_or_default();
+    let name = argv
+        .first()
+        .map(|a| String::from_utf8_lossy(a))
+        .unwrap_or_default();
     let mut args = String::new();
     for arg in argv.iter().skip(1) {
         if args.len() >= 128 {
@@ -137,12 +151,15 @@ mod tests {
     use super::*;
 
     fn argv(line: &str) -> Vec<Bytes> {
-        line.split(' ').map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+        line.split(' ')
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
     }
 
     #[test]
     fn deny_covers_a_container_or_one_subcommand() {
-        let fence = Fence::new(&["flushall".into(), "CLIENT|KILL".into()], &BTreeMap::new()).unwrap();
+        let fence =
+            Fence::new(&["flushall".into(), "CLIENT|KILL".into()], &BTreeMap::new()).unwrap();
         let denied = |line: &str| fence.denied(command::resolve(&argv(line)));
         assert!(denied("FLUSHALL") && denied("client kill id 1"));
         assert!(!denied("CLIENT SETNAME x") && !denied("GET k"));
@@ -163,7 +180,12 @@ mod tests {
         assert_eq!(fence.rename(&mut argv("KEYS *")), Renamed::Hidden);
         assert_eq!(fence.rename(&mut argv("GET k")), Renamed::No);
         let clash = BTreeMap::from([("config".to_string(), "get".to_string())]);
-        assert!(Fence::new(&[], &clash).unwrap_err().1.contains("already a command"));
+        assert!(
+            Fence::new(&[], &clash)
+                .unwrap_err()
+                .1
+                .contains("already a command")
+        );
     }
 
     #[test]

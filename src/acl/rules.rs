@@ -151,9 +151,9 @@ impl Permissions {
             }
             _ if rule.starts_with('~') => (true, true, &rule[1..]),
             _ if rule.starts_with('%') => {
-                let (perms, glob) = rule[1..]
-                    .split_once('~')
-                    .ok_or_else(|| format!("'{rule}': expected %R~, %W~ or %RW~ before the pattern"))?;
+                let (perms, glob) = rule[1..].split_once('~').ok_or_else(|| {
+                    format!("'{rule}': expected %R~, %W~ or %RW~ before the pattern")
+                })?;
                 let perms = perms.to_ascii_uppercase();
                 if perms.is_empty() || !perms.chars().all(|c| c == 'R' || c == 'W') {
                     return Err(format!("'{rule}': permissions are R, W or RW"));
@@ -217,7 +217,12 @@ impl Permissions {
         if !self.commands.contains(spec) {
             return Err(Denial::Command);
         }
-        if !self.all_keys && spec.key_specs.iter().any(|k| k.flags & key_flag::NOT_KEY == 0) {
+        if !self.all_keys
+            && spec
+                .key_specs
+                .iter()
+                .any(|k| k.flags & key_flag::NOT_KEY == 0)
+        {
             scratch.clear();
             // Keys that cannot be named (SORT … BY, a malformed request)
             // need every key, as Redis asks of SORT's BY and GET.
@@ -280,7 +285,9 @@ mod tests {
     use super::*;
 
     fn argv(line: &str) -> Vec<Bytes> {
-        line.split(' ').map(|s| Bytes::copy_from_slice(s.as_bytes())).collect()
+        line.split(' ')
+            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+            .collect()
     }
 
     fn check(p: &Permissions, line: &str) -> Result<(), Denial> {
@@ -293,7 +300,11 @@ mod tests {
         let p = Permissions::parse("+@read -@dangerous +info -hgetall", "allkeys", "").unwrap();
         assert_eq!(check(&p, "GET k"), Ok(()));
         assert_eq!(check(&p, "SET k v"), Err(Denial::Command));
-        assert_eq!(check(&p, "KEYS *"), Err(Denial::Command), "@dangerous removed");
+        assert_eq!(
+            check(&p, "KEYS *"),
+            Err(Denial::Command),
+            "@dangerous removed"
+        );
         assert_eq!(check(&p, "INFO"), Ok(()), "+info after -@dangerous");
         assert_eq!(check(&p, "HGETALL h"), Err(Denial::Command));
         assert_eq!(check(&p, "NOSUCHMODULE.CMD x"), Err(Denial::Command));
@@ -348,8 +359,16 @@ mod tests {
     fn bad_rules_are_named() {
         let err = |c: &str, k: &str, ch: &str| Permissions::parse(c, k, ch).unwrap_err();
         assert_eq!(err("+@reads", "", "").0, "commands");
-        assert!(err("+@reads", "", "").1.contains("unknown category '@reads'"));
-        assert!(err("+nosuch", "", "").1.contains("'nosuch' is not a command"));
+        assert!(
+            err("+@reads", "", "")
+                .1
+                .contains("unknown category '@reads'")
+        );
+        assert!(
+            err("+nosuch", "", "")
+                .1
+                .contains("'nosuch' is not a command")
+        );
         assert!(err("get", "", "").1.contains("is not a command rule"));
         assert_eq!(err("", "%X~a", "").0, "keys");
         assert_eq!(err("", "", "prices").0, "channels");

@@ -221,13 +221,16 @@ pub fn hash_password(password: &[u8]) -> String {
 }
 
 fn parse_hash(hex: &str) -> Result<[u8; 32], String> {
-    let bad = || "a password is given as its SHA-256 in hex (64 characters; nearcache hash-password prints it)".to_string();
+    let bad = || {
+        "a password is given as its SHA-256 in hex (64 characters; nearcache hash-password prints it)".to_string()
+    };
     if hex.len() != 64 {
         return Err(bad());
     }
     let mut out = [0u8; 32];
     for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16).map_err(|_| bad())?;
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
     }
     Ok(out)
 }
@@ -252,7 +255,10 @@ mod tests {
         let mut off = user("off", "pw");
         off.enabled = false;
         let users = Users::new(None, &[user("bot", "s3cret"), off]).unwrap();
-        assert!(users.enforced && !users.open(), "no default entry: AUTH required");
+        assert!(
+            users.enforced && !users.open(),
+            "no default entry: AUTH required"
+        );
         assert_eq!(&*users.authenticate(b"bot", b"s3cret").unwrap().name, "bot");
         assert!(users.authenticate(b"bot", b"wrong").is_none());
         assert!(users.authenticate(b"off", b"pw").is_none());
@@ -280,9 +286,13 @@ mod tests {
         assert!(e.starts_with("users[0] (\"bot\").passwords: "), "{e}");
         let mut bad = user("bot", "x");
         bad.keys = "ticker:*".into();
-        let e = Users::new(None, &[user("a", "x"), bad]).unwrap_err().to_string();
+        let e = Users::new(None, &[user("a", "x"), bad])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("users[1] (\"bot\").keys: "), "{e}");
-        let e = Users::new(None, &[user("a", "x"), user("a", "y")]).unwrap_err().to_string();
+        let e = Users::new(None, &[user("a", "x"), user("a", "y")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("defined twice"), "{e}");
     }
 

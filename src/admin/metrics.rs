@@ -150,6 +150,18 @@ impl Collector for StatsCollector {
                     )?;
             }
         }
+        if ctx.tls.is_some() {
+            counters(
+                &mut enc,
+                "nearcache_tls_handshakes",
+                "Client TLS handshakes, by outcome (ok, failed, timeout).",
+                "outcome",
+                ctx.stats
+                    .tls
+                    .outcomes()
+                    .map(|(outcome, v)| (outcome.to_owned(), v)),
+            )?;
+        }
         gauge(
             &mut enc,
             "nearcache_clients_connected",

@@ -48,7 +48,9 @@ impl IdSet {
     #[must_use]
     pub fn contains(&self, spec: &CommandSpec) -> bool {
         let id = usize::from(spec.id);
-        self.0.get(id / 64).is_some_and(|w| w & (1 << (id % 64)) != 0)
+        self.0
+            .get(id / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
     }
 }
 

@@ -6,9 +6,9 @@
 //! [`keys::key_positions`] do not allocate (the latter only pushes into the
 //! caller's buffer) and never panic, whatever the client sends.
 
+mod idset;
 pub mod keys;
 pub mod spec;
-mod idset;
 mod table;
 
 pub use idset::IdSet;

@@ -124,6 +124,88 @@ pub struct ServerConfig {
     /// Commands renamed, as Redis's `rename-command`: `{ config = "cfg-x" }`
     /// makes `CONFIG` unknown and `CFG-X` run it; `""` only hides it.
     pub rename: std::collections::BTreeMap<String, String>,
+    /// A second listener, for TLS clients, beside the plain `listen` (as
+    /// Redis's `tls-port` beside `port`); needs `[server.tls]`. Empty (the
+    /// default) with `[server.tls]` set: `listen` itself speaks TLS.
+    pub tls_listen: String,
+    /// TLS for clients; unset (the default) = plain TCP only.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`: the certificate clients see, and whether they must show
+/// one of their own. The files are read at start and again on every reload,
+/// so a certificate rotates with no connection dropped.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// The certificate chain (PEM), leaf first.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// CA certificates (PEM) client certificates are verified against
+    /// (mutual TLS); unset = clients show none.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// With `client_ca_file`: `required` (default: a client without a
+    /// certificate the CA signed is refused) or `optional` (one it shows
+    /// must verify, but it may show none).
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// A client that has not finished its handshake this long after
+    /// connecting is disconnected.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: Duration,
+}
+
+impl ServerTlsConfig {
+    /// Whether clients must show a certificate (`client_auth`, defaulting to
+    /// `required` when `client_ca_file` is set).
+    pub fn client_auth(&self) -> ClientAuth {
+        self.client_auth.unwrap_or(ClientAuth::Required)
+    }
+
+    /// Whether this alone keeps strangers out: every client must show a
+    /// certificate the configured CA signed.
+    pub fn authenticates_clients(&self) -> bool {
+        self.client_ca_file.is_some() && self.client_auth() == ClientAuth::Required
+    }
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration(std::time::Duration::from_secs(10))
+}
+
+/// Whether TLS clients must show a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuth {
+    /// Every client must show one the client CA signed.
+    Required,
+    /// A client may show none; one it shows must verify.
+    Optional,
+}
+
+/// `[upstream.tls]`: how a `rediss://` upstream is verified, and the
+/// certificate nearcache shows it (mutual TLS). Read at start; a reload
+/// that changes it says it takes a restart.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// CA certificates (PEM) Redis's certificate is verified against;
+    /// unset = the system's trusted CAs.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for a Redis that verifies its clients
+    /// (`tls-auth-clients yes`); goes with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// The name Redis's certificate must carry, also sent as SNI; unset =
+    /// the URL's host.
+    pub server_name: Option<String>,
+    /// DANGEROUS, tests only: accept any certificate Redis shows, so anyone
+    /// on the path can read and change every command. Logged as a warning
+    /// at start.
+    pub insecure_skip_verify: bool,
 }
 
 impl Default for ServerConfig {
@@ -144,6 +226,8 @@ impl Default for ServerConfig {
             protected_mode: true,
             deny: Vec::new(),
             rename: std::collections::BTreeMap::new(),
+            tls_listen: String::new(),
+            tls: None,
         }
     }
 }
@@ -152,7 +236,8 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS
+    /// (see `[upstream.tls]`).
     pub url: String,
     /// Shared, pipelined connections per (database, protocol) in use.
     pub pool_size: usize,
@@ -185,6 +270,8 @@ pub struct UpstreamConfig {
     /// wait their turn in nearcache (so Redis's own buffers for one of its
     /// clients stay small).
     pub max_in_flight_per_connection: usize,
+    /// TLS settings for a `rediss://` URL.
+    pub tls: UpstreamTlsConfig,
 }
 
 impl Default for UpstreamConfig {
@@ -201,6 +288,7 @@ impl Default for UpstreamConfig {
             max_in_flight: 100_000,
             max_in_flight_bytes: ByteSize(256 << 20),
             max_in_flight_per_connection: 10_000,
+            tls: UpstreamTlsConfig::default(),
         }
     }
 }
@@ -635,15 +723,25 @@ impl Config {
         }
     }
 
-    /// The parsed upstream URL; call after [`validate`](Self::validate).
+    /// The parsed upstream URL, with its TLS settings built (the files in
+    /// `[upstream.tls]` read) for `rediss://`; call after
+    /// [`validate`](Self::validate).
     pub fn upstream_url(&self) -> Result<RedisUrl, ConfigError> {
-        RedisUrl::parse(&self.upstream.url).map_err(|message| ConfigError::Invalid {
+        let invalid = |field: &str, message| ConfigError::Invalid {
             origin: "configuration".into(),
             errors: vec![FieldError {
-                field: "upstream.url".into(),
+                field: field.into(),
                 message,
             }],
-        })
+        };
+        let mut url =
+            RedisUrl::parse(&self.upstream.url).map_err(|m| invalid("upstream.url", m))?;
+        if url.secure {
+            let tls = crate::tls::UpstreamTls::new(&self.upstream.tls, &url.host)
+                .map_err(|e| invalid(e.field(), e.detail()))?;
+            url.tls = Some(tls);
+        }
+        Ok(url)
     }
 
     /// The client input limits.

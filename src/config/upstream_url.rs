@@ -1,4 +1,5 @@
-//! The upstream address as a `redis://[user:password@]host:port[/db]` URL.
+//! The upstream address as a `redis://[user:password@]host:port[/db]` URL
+//! (`rediss://` for TLS).
 
 use std::fmt;
 
@@ -15,20 +16,23 @@ pub struct RedisUrl {
     pub password: Option<String>,
     /// Database selected on every upstream connection by default.
     pub db: u32,
+    /// `rediss://`: connections make TLS before anything else.
+    pub secure: bool,
+    /// The TLS settings of a `rediss://` URL, built from `[upstream.tls]`
+    /// by [`Config::upstream_url`](super::Config::upstream_url).
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 impl RedisUrl {
-    /// Parses a `redis://` URL. `rediss://` (TLS) is refused with a message
-    /// saying so, rather than silently connecting in clear text.
+    /// Parses a `redis://` or `rediss://` URL (TLS settings are attached
+    /// afterwards, from `[upstream.tls]`).
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = if let Some(rest) = url.strip_prefix("redis://") {
-            rest
-        } else if url.starts_with("rediss://") {
-            return Err(format!(
-                "'{url}': TLS upstreams (rediss://) are not supported yet"
-            ));
+        let (rest, secure) = if let Some(rest) = url.strip_prefix("redis://") {
+            (rest, false)
+        } else if let Some(rest) = url.strip_prefix("rediss://") {
+            (rest, true)
         } else {
-            return Err(format!("'{url}' is not a redis:// URL"));
+            return Err(format!("'{url}' is not a redis:// or rediss:// URL"));
         };
         let (auth, hostpart) = match rest.rsplit_once('@') {
             Some((auth, host)) => (Some(auth), host),
@@ -71,6 +75,8 @@ impl RedisUrl {
             username,
             password,
             db,
+            secure,
+            tls: None,
         })
     }
 
@@ -135,7 +141,7 @@ impl fmt::Debug for RedisUrl {
 
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("redis://")?;
+        f.write_str(if self.secure { "rediss://" } else { "redis://" })?;
         match (&self.username, &self.password) {
             (Some(u), Some(_)) => write!(f, "{u}:***@")?,
             (None, Some(_)) => f.write_str(":***@")?,
@@ -213,7 +219,10 @@ mod tests {
 
     #[test]
     fn rejects_what_it_cannot_serve() {
-        assert!(RedisUrl::parse("rediss://h:1").is_err());
+        let tls = RedisUrl::parse("rediss://:pw@h:1").expect("TLS URLs parse");
+        assert!(tls.secure && tls.tls.is_none());
+        assert_eq!(tls.to_string(), "rediss://:***@h:1/0");
+        assert!(RedisUrl::parse("redisss://h:1").is_err());
         assert!(RedisUrl::parse("http://h").is_err());
         assert!(RedisUrl::parse("redis://h:port").is_err());
         assert!(RedisUrl::parse("redis://h:1/x").is_err());

@@ -28,14 +28,34 @@ impl Config {
                 .is_ok_and(|a| !a.ip().is_loopback())
         };
         let mut found = Vec::new();
-        if exposed(&self.server.listen) && !self.clients_authenticate() {
+        let tls = self.server.tls.as_ref();
+        // A listener is guarded by a password, or by TLS that every client
+        // must pass with a certificate the client CA signed.
+        let guarded = |speaks_tls: bool| {
+            self.clients_authenticate()
+                || (speaks_tls && tls.is_some_and(|t| t.authenticates_clients()))
+        };
+        let how = "set server.password or [[users]], or [server.tls] client_ca_file with \
+                   client_auth = \"required\", or bind a loopback address, \
+                   or set server.protected_mode = false if the network itself is trusted";
+        let main_tls = tls.is_some() && self.server.tls_listen.is_empty();
+        if exposed(&self.server.listen) && !guarded(main_tls) {
             found.push((
                 "server.listen",
                 format!(
                     "'{}' is reachable from other hosts and no client must authenticate \
-                     (protected mode): set server.password or [[users]], or bind a loopback address, \
-                     or set server.protected_mode = false if the network itself is trusted",
+                     (protected mode): {how}",
                     self.server.listen
+                ),
+            ));
+        }
+        if exposed(&self.server.tls_listen) && !guarded(true) {
+            found.push((
+                "server.tls_listen",
+                format!(
+                    "'{}' is reachable from other hosts and no client must authenticate \
+                     (protected mode): {how}",
+                    self.server.tls_listen
                 ),
             ));
         }
@@ -54,6 +74,48 @@ impl Config {
             ));
         }
         found
+    }
+
+    /// `[server.tls]` and `server.tls_listen`, reading the certificate and
+    /// key files (so check-config, start and reload refuse a broken one).
+    fn validate_server_tls(&self, bad: &mut impl FnMut(&str, String)) {
+        let listen = &self.server.tls_listen;
+        if !listen.is_empty() {
+            if let Err(e) = listen.parse::<SocketAddr>() {
+                bad(
+                    "server.tls_listen",
+                    format!("'{listen}' is not an address ({e}); use e.g. \"0.0.0.0:6381\""),
+                );
+            }
+            if self.server.tls.is_none() {
+                bad(
+                    "server.tls_listen",
+                    "needs [server.tls] (cert_file, key_file)".into(),
+                );
+            }
+            if *listen == self.server.listen {
+                bad(
+                    "server.tls_listen",
+                    "is the same address as server.listen".into(),
+                );
+            }
+        }
+        let Some(tls) = &self.server.tls else {
+            return;
+        };
+        if tls.client_auth.is_some() && tls.client_ca_file.is_none() {
+            bad(
+                "server.tls.client_auth",
+                "needs server.tls.client_ca_file (the CA client certificates are checked against)"
+                    .into(),
+            );
+        }
+        if tls.handshake_timeout.0.is_zero() {
+            bad("server.tls.handshake_timeout", "must be more than 0".into());
+        }
+        if let Err(e) = crate::tls::server_config(tls) {
+            bad(e.field(), e.detail());
+        }
     }
 
     /// Checks every field and reports all problems at once; `origin` (the file
@@ -115,9 +177,14 @@ impl Config {
             );
         }
         if let Err(e) = crate::acl::Users::new(self.server.password.as_deref(), &self.users) {
-            bad(&format!("users[{}] (\"{}\").{}", e.index, e.name, e.field), e.message);
+            bad(
+                &format!("users[{}] (\"{}\").{}", e.index, e.name, e.field),
+                e.message,
+            );
         }
-        if let Err((field, message)) = crate::acl::Fence::new(&self.server.deny, &self.server.rename) {
+        if let Err((field, message)) =
+            crate::acl::Fence::new(&self.server.deny, &self.server.rename)
+        {
             bad(field, message);
         }
         if self.server.password.as_deref() == Some("") {
@@ -126,9 +193,22 @@ impl Config {
                 "is empty; remove it to disable client authentication".into(),
             );
         }
-        if let Err(e) = RedisUrl::parse(&self.upstream.url) {
-            bad("upstream.url", e);
+        match RedisUrl::parse(&self.upstream.url) {
+            Err(e) => bad("upstream.url", e),
+            // Built now so a bad file is a start-up error naming it, as
+            // every reconnect would fail alike.
+            Ok(url) if url.secure => {
+                if let Err(e) = crate::tls::UpstreamTls::new(&self.upstream.tls, &url.host) {
+                    bad(e.field(), e.detail());
+                }
+            }
+            Ok(_) if self.upstream.tls != UpstreamTlsConfig::default() => bad(
+                "upstream.tls",
+                "is set but upstream.url is redis:// (plain text): use rediss://".into(),
+            ),
+            Ok(_) => {}
         }
+        self.validate_server_tls(&mut bad);
         if self.upstream.pool_size == 0 || self.upstream.pool_size > 64 {
             bad(
                 "upstream.pool_size",

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -26,11 +26,12 @@ use arc_swap::ArcSwap;
 use crate::cache::{L1, Rules};
 use crate::coherence::{Ack, Bus, tracking};
 use crate::config::{AuthMode, Config, ConfigError};
-use crate::context::{Context, Snapshot};
+use crate::context::{Context, ServerTls, Snapshot};
 use crate::error::ProxyError;
 use crate::protocol::Protocol;
 use crate::reload::Source;
 use crate::stats::Stats;
+use crate::tls::MaybeTls;
 use crate::upstream::{PoolKey, Upstream};
 use transport::Peer;
 
@@ -65,6 +66,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     ctx: Arc<Context>,
     shutdown: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
@@ -82,8 +84,36 @@ impl Proxy {
     /// [`Proxy::start`] for a configuration read from `source`, which
     /// SIGHUP and `PROXY RELOAD` then read again (see [`crate::reload`]).
     pub async fn start_from(cfg: Config, source: Option<Source>) -> Result<Proxy, StartError> {
+        crate::tls::install_default_provider();
         cfg.validate("configuration")?;
         let url = cfg.upstream_url()?;
+        if url.secure && cfg.upstream.tls.insecure_skip_verify {
+            tracing::warn!(
+                upstream = %url,
+                "upstream.tls.insecure_skip_verify = true: Redis's certificate is NOT verified; \
+                 anyone on the path can read and change every command (for tests only)"
+            );
+        }
+        let tls = cfg
+            .server
+            .tls
+            .as_ref()
+            .map(|t| {
+                crate::tls::server_config(t).map(|config| ServerTls {
+                    config: ArcSwap::new(config),
+                    handshake_timeout: t.handshake_timeout.0,
+                })
+            })
+            .transpose()
+            .map_err(|e| {
+                StartError::Config(ConfigError::Invalid {
+                    origin: "configuration".into(),
+                    errors: vec![crate::config::FieldError {
+                        field: e.field().into(),
+                        message: e.detail(),
+                    }],
+                })
+            })?;
         let upstream = Upstream::new(url.clone(), cfg.upstream.clone());
         let key = PoolKey {
             user: None,
@@ -111,6 +141,25 @@ impl Proxy {
             addr: cfg.server.listen.clone(),
             source,
         })?;
+        let tls_listener = if cfg.server.tls_listen.is_empty() {
+            None
+        } else {
+            let bind_error = |source| StartError::Bind {
+                addr: cfg.server.tls_listen.clone(),
+                source,
+            };
+            let l = TcpListener::bind(&cfg.server.tls_listen)
+                .await
+                .map_err(bind_error)?;
+            let a = l.local_addr().map_err(bind_error)?;
+            Some((l, a))
+        };
+        // Without a listener of its own, TLS is on the main one.
+        let main_tls = tls.is_some() && tls_listener.is_none();
+        let tls_addr = match &tls_listener {
+            Some((_, a)) => Some(*a),
+            None => main_tls.then_some(addr),
+        };
         // The admin listener is bound now, so a taken port fails the start;
         // it serves once the context exists.
         let admin_listener = if cfg.admin.listen.is_empty() {
@@ -178,6 +227,7 @@ impl Proxy {
             source,
             reloading: tokio::sync::Mutex::new(()),
             anonymous_user,
+            tls,
         });
         if let Some(l1) = &ctx.l1 {
             // Hits bypass moka, so its expiry and eviction run on a tick.
@@ -214,7 +264,12 @@ impl Proxy {
             let task = tokio::spawn(crate::admin::http::serve(l, ctx.clone(), rx.clone()));
             (a, task)
         });
-        let accept = tokio::spawn(accept_loop(listener, ctx.clone(), rx));
+        let listeners = Listeners {
+            main: listener,
+            main_tls,
+            tls: tls_listener.map(|(l, _)| l),
+        };
+        let accept = tokio::spawn(accept_loop(listeners, ctx.clone(), rx));
         let snapshot = ctx.snapshot.load();
         tracing::info!(
             %addr,
@@ -228,10 +283,12 @@ impl Proxy {
             },
             redis_tracking = ctx.cfg.coherence.redis_tracking && ctx.l1.is_some(),
             auth = ?ctx.cfg.server.auth,
+            tls = ?tls_addr,
             "nearcache listening"
         );
         Ok(Proxy {
             addr,
+            tls_addr,
             ctx,
             shutdown,
             accept,
@@ -253,6 +310,12 @@ impl Proxy {
         self.addr
     }
 
+    /// The address TLS clients connect to: `server.tls_listen`'s, or the
+    /// main listener's when it speaks TLS; None without `[server.tls]`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
     /// The admin listener's address, if `admin.listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(a, _)| *a)
@@ -270,17 +333,72 @@ impl Proxy {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    ctx: Arc<Context>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// What clients connect to: `server.listen` (plain, or TLS when
+/// `[server.tls]` is set without a `tls_listen`) and `server.tls_listen`.
+struct Listeners {
+    main: TcpListener,
+    main_tls: bool,
+    tls: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// The next connection on either listener, and whether it speaks TLS.
+    async fn accept(&self) -> (std::io::Result<(TcpStream, SocketAddr)>, bool) {
+        let second = async {
+            match &self.tls {
+                Some(l) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            a = self.main.accept() => (a, self.main_tls),
+            a = second => (a, true),
+        }
+    }
+}
+
+/// Makes TLS with a client that connected to a TLS listener, in the
+/// client's own task (a slow or hostile client never holds up `accept`),
+/// bounded by `handshake_timeout`. A failure ends only this connection: it
+/// is counted and logged once, below WARN, as clients cause it.
+async fn accept_tls(
+    ctx: &Context,
+    stream: TcpStream,
+    addr: SocketAddr,
+) -> Option<MaybeTls<TcpStream>> {
+    let tls = ctx.tls.as_ref()?;
+    // The configuration of this moment: a reload swaps it for later clients.
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.load_full());
+    let counters = &ctx.stats.tls;
+    match tokio::time::timeout(tls.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            counters.ok.fetch_add(1, Ordering::Relaxed);
+            Some(MaybeTls::Server(Box::new(stream)))
+        }
+        Ok(Err(e)) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(peer = %addr, error = %e, "TLS handshake failed; client disconnected");
+            None
+        }
+        Err(_) => {
+            counters.timeout.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                peer = %addr,
+                timeout = ?tls.handshake_timeout,
+                "TLS handshake timed out; client disconnected"
+            );
+            None
+        }
+    }
+}
+
+async fn accept_loop(listeners: Listeners, ctx: Arc<Context>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(ctx.cfg.server.max_clients));
     let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (accepted, tls) = tokio::select! {
+            a = listeners.accept() => a,
             _ = shutdown.changed() => break,
         };
         // Reap finished sessions so the set does not grow without bound.
@@ -297,6 +415,12 @@ async fn accept_loop(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(peer = %addr, "max_clients reached; refusing client");
             ctx.stats.requests.error(crate::error::ErrorKind::Limit, 1);
+            if tls {
+                // A reply in clear text would mean nothing to a TLS client,
+                // and a handshake just to refuse costs what we are short of.
+                drop(stream);
+                continue;
+            }
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let _ = stream
@@ -312,11 +436,19 @@ async fn accept_loop(
         let ctx = ctx.clone();
         let rx = shutdown.clone();
         sessions.spawn(async move {
+            let stream = if tls {
+                match accept_tls(&ctx, stream, addr).await {
+                    Some(stream) => stream,
+                    None => return,
+                }
+            } else {
+                MaybeTls::Plain(stream)
+            };
             session::serve(stream, peer, ctx, id, rx).await;
             drop(permit);
         });
     }
-    drop(listener);
+    drop(listeners);
     let deadline = ctx.cfg.server.shutdown_timeout.0;
     let drained = tokio::time::timeout(deadline, async {
         while sessions.join_next().await.is_some() {}

@@ -261,8 +261,33 @@ pub struct Stats {
     pub bus: Arc<BusStats>,
     /// Redis tracking.
     pub tracking: Arc<TrackingStats>,
+    /// Client TLS handshakes.
+    pub tls: TlsStats,
     rules: Mutex<HashMap<String, Arc<RuleStats>>>,
     limits: Mutex<HashMap<String, Arc<LimitStats>>>,
+}
+
+/// Client TLS handshakes, by how they ended.
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    /// Handshakes completed.
+    pub ok: AtomicU64,
+    /// Handshakes refused or broken (a plain-text client, an unknown CA, an
+    /// expired certificate…).
+    pub failed: AtomicU64,
+    /// Clients that did not finish within `server.tls.handshake_timeout`.
+    pub timeout: AtomicU64,
+}
+
+impl TlsStats {
+    /// `(outcome, count)` for each outcome, as the metric labels them.
+    pub fn outcomes(&self) -> [(&'static str, u64); 3] {
+        [
+            ("ok", self.ok.load(Relaxed)),
+            ("failed", self.failed.load(Relaxed)),
+            ("timeout", self.timeout.load(Relaxed)),
+        ]
+    }
 }
 
 /// When the registry was made: at the process's start.

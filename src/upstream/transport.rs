@@ -8,17 +8,38 @@ use tokio::net::TcpStream;
 
 use super::UpstreamError;
 use crate::config::RedisUrl;
+use crate::tls::MaybeTls;
 
 /// A connection's byte stream to Redis.
 pub trait UpstreamStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamStream for S {}
 
-/// What [`open`] yields.
-pub type Stream = TcpStream;
+/// What [`open`] yields: TCP, or TLS over it for `rediss://`.
+pub type Stream = MaybeTls<TcpStream>;
 
-/// Opens a stream to `url`'s server: TCP, with Nagle off.
+/// Opens a stream to `url`'s server: TCP, with Nagle off, then TLS for a
+/// `rediss://` URL. Every connection (shared, dedicated, scripts', tracking,
+/// probes) opens here, so each reconnect makes its TLS handshake anew.
 pub async fn open(url: &RedisUrl) -> Result<Stream, UpstreamError> {
+    let tcp = open_tcp(url).await?;
+    match (&url.tls, url.secure) {
+        (Some(tls), _) => tls.connect(tcp).await.map_err(|e| {
+            unavailable(format!(
+                "TLS handshake with {}: {e} (see upstream.tls)",
+                url.addr()
+            ))
+        }),
+        // Never fall back to clear text for a rediss:// URL.
+        (None, true) => Err(unavailable(format!(
+            "{}: rediss:// without TLS settings (a URL not built by Config::upstream_url)",
+            url.addr()
+        ))),
+        (None, false) => Ok(MaybeTls::Plain(tcp)),
+    }
+}
+
+async fn open_tcp(url: &RedisUrl) -> Result<TcpStream, UpstreamError> {
     let addr = url.addr();
     let stream = TcpStream::connect(&addr)
         .await

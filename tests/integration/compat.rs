@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use nearcache::tls::MaybeTls;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncCommands, Value};
 use redis_protocol::resp3::types::OwnedFrame;
@@ -25,7 +26,7 @@ pub(crate) const IO_LIMIT: Duration = Duration::from_secs(10);
 /// A raw RESP connection: writes exactly the bytes given, reads one complete
 /// frame at a time (framed with redis-protocol's RESP2 or RESP3 decoder).
 pub(crate) struct Raw {
-    stream: TcpStream,
+    stream: MaybeTls<TcpStream>,
     buf: BytesMut,
     /// Frame replies as RESP3 (set after `HELLO 3`; RESP2's `$-1` is not RESP3).
     pub(crate) resp3: bool,
@@ -36,7 +37,18 @@ impl Raw {
         let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         stream.set_nodelay(true).unwrap();
         Raw {
-            stream,
+            stream: MaybeTls::Plain(stream),
+            buf: BytesMut::with_capacity(64 * 1024),
+            resp3: false,
+        }
+    }
+
+    /// [`Raw::connect`] over TLS (`tls` knows the CA to trust).
+    pub(crate) async fn connect_tls(port: u16, tls: &nearcache::tls::UpstreamTls) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw {
+            stream: tls.connect(stream).await.unwrap(),
             buf: BytesMut::with_capacity(64 * 1024),
             resp3: false,
         }
@@ -53,7 +65,7 @@ impl Raw {
 
     /// This end's `ip:port`: the client's address as the server sees it.
     pub(crate) fn local_addr(&self) -> String {
-        self.stream.local_addr().unwrap().to_string()
+        self.stream.get_ref().local_addr().unwrap().to_string()
     }
 
     /// Sends one command whose arguments are text.

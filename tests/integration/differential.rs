@@ -23,7 +23,8 @@ use nearcache::config::{AuthMode, Duration as Dur, RuleConfig};
 use nearcache::server::route::{Route, route};
 
 use crate::compat::{Raw, encode_pipeline, encode_text};
-use crate::support::{RedisServer, TestProxy, config_for};
+use crate::support::{RedisServer, TestProxy, config_for, free_port};
+use nearcache::tls::UpstreamTls;
 
 /// SplitMix64: a tiny deterministic generator, so a seed replays a stream.
 struct Rng(u64);
@@ -436,19 +437,29 @@ struct Side {
     sub: Raw,
 }
 
+/// A raw connection, over TLS when `tls` says how, in RESP3 if `resp3`.
+async fn open(port: u16, tls: Option<&UpstreamTls>, resp3: bool) -> Raw {
+    let mut raw = match tls {
+        Some(tls) => Raw::connect_tls(port, tls).await,
+        None => Raw::connect(port).await,
+    };
+    if resp3 {
+        raw.resp3 = true;
+        let hello = raw.cmd(&["HELLO", "3"]).await;
+        assert!(hello.starts_with(b"%"), "HELLO 3: {hello:?}");
+    }
+    raw
+}
+
 impl Side {
-    async fn connect(port: u16, resp3: bool) -> Side {
+    async fn connect(port: u16, resp3: bool, tls: Option<&UpstreamTls>) -> Side {
         Side {
             conns: vec![
-                Raw::connect(port).await,
-                Raw::connect(port).await,
-                Raw::connect_resp3(port).await,
+                open(port, tls, false).await,
+                open(port, tls, false).await,
+                open(port, tls, true).await,
             ],
-            sub: if resp3 {
-                Raw::connect_resp3(port).await
-            } else {
-                Raw::connect(port).await
-            },
+            sub: open(port, tls, resp3).await,
         }
     }
 
@@ -552,13 +563,25 @@ fn cache_everything() -> RuleConfig {
     }
 }
 
-async fn replay(seed: u64, ops: usize) {
+/// Replays seed `seed`; with `tls`, nearcache speaks TLS on both sides (its
+/// clients to it, it to a Redis that also keeps a plain port for the
+/// test's own checks).
+async fn replay(seed: u64, ops: usize, tls: bool) {
     // Blocking commands that time out wait for Redis's timer, which runs hz
     // times a second.
     // (And a script answers -BUSY to others 50 ms in.)
     let args = ["--hz", "500", "--busy-reply-threshold", "50"];
     let oracle = RedisServer::start_with(&args);
-    let behind = RedisServer::start_with(&args);
+    let certs = tls.then(crate::tls::Certs::make);
+    let tls_port = free_port();
+    let behind = match &certs {
+        None => RedisServer::start_with(&args),
+        Some(certs) => {
+            let mut with_tls: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            with_tls.extend(certs.redis_tls_args(tls_port));
+            RedisServer::start_with(&with_tls.iter().map(String::as_str).collect::<Vec<_>>())
+        }
+    };
     for redis in [&oracle, &behind] {
         add_users(redis);
     }
@@ -586,10 +609,16 @@ async fn replay(seed: u64, ops: usize) {
         cfg.upstream.min_idle_dedicated = 0;
         cfg.upstream.pool_size = 1;
     }
+    let client_tls = certs.as_ref().map(|certs| {
+        cfg.upstream.url = format!("rediss://127.0.0.1:{tls_port}");
+        cfg.upstream.tls.ca_file = Some(certs.crt("ca"));
+        cfg.server.tls = Some(crate::tls::server_tls(certs, "server"));
+        certs.client()
+    });
     let proxy = TestProxy::start_with(cfg).await;
     let sub_resp3 = seed % 2 == 1;
-    let mut direct = Side::connect(oracle.port(), sub_resp3).await;
-    let mut proxied = Side::connect(proxy.port(), sub_resp3).await;
+    let mut direct = Side::connect(oracle.port(), sub_resp3, None).await;
+    let mut proxied = Side::connect(proxy.port(), sub_resp3, client_tls.as_ref()).await;
     let subscribe = [vec!["SUBSCRIBE".to_owned(), "c0".to_owned()]];
     assert_eq!(
         proxied.drain(&subscribe).await,
@@ -842,6 +871,18 @@ async fn random_commands_through_a_caching_proxy_answer_as_redis_does() {
         Err(_) => vec![1, 2, 3],
     };
     for seed in seeds {
-        replay(seed, ops).await;
+        replay(seed, ops, false).await;
+    }
+}
+
+/// The same with TLS on both sides: nothing TLS does (record boundaries,
+/// partial reads, the handshake on every dedicated connection) may change a
+/// reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_commands_over_tls_on_both_sides_answer_as_redis_does() {
+    nearcache::tls::install_default_provider();
+    let ops = env_or("NEARCACHE_DIFF_OPS", 2000);
+    for seed in [1, 2] {
+        replay(seed, ops, true).await;
     }
 }

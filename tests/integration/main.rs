@@ -23,6 +23,7 @@ mod logs;
 mod proxy_admin;
 mod reload;
 mod smoke;
+mod tls;
 
 mod cache;
 mod checker;

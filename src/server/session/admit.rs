@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use super::mode::Mode;
 use super::{ClientState, Request, Session};
-use crate::context::Snapshot;
 use crate::acl::{self, Renamed, unknown_command};
+use crate::context::Snapshot;
 use crate::error::{ErrorKind, ProxyError};
 use crate::limits::{Decision, Stage, Who};
 use crate::server::route::Route;
@@ -23,7 +23,10 @@ impl Session {
     /// `server.rename`, `server.deny`, then the user's permissions.
     fn fence(&mut self, req: &Request<'_>) -> Result<(), ProxyError> {
         if req.renamed == Renamed::Hidden {
-            return Err(ProxyError::new(ErrorKind::Denied, unknown_command(&req.argv)));
+            return Err(ProxyError::new(
+                ErrorKind::Denied,
+                unknown_command(&req.argv),
+            ));
         }
         let snapshot = &self.snapshot;
         if snapshot.fence.denied(req.spec) {

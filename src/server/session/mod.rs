@@ -327,7 +327,11 @@ impl Session {
                 }
             };
             let renamed = self.snapshot.fence.rename(&mut argv);
-            let frame = if renamed == Renamed::Alias { None } else { frame };
+            let frame = if renamed == Renamed::Alias {
+                None
+            } else {
+                frame
+            };
             let mut req = Request::new(chunk, frame, argv);
             req.renamed = renamed;
             flow = if self.muting.skip_next {
