@@ -62,6 +62,7 @@ impl std::fmt::Debug for IdSet {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
