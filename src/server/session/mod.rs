@@ -334,6 +334,11 @@ impl Session {
             };
             let mut req = Request::new(chunk, frame, argv);
             req.renamed = renamed;
+            // Without nearcache's users, who the connection is is Redis's
+            // answer (the pool's user, or the client's own in Redis mode).
+            if req.route == Route::AclWhoami && !self.snapshot.users.enforced {
+                req.route = Route::Forward;
+            }
             flow = if self.muting.skip_next {
                 self.handle_skipped(&mut req).await
             } else {
