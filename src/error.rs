@@ -190,6 +190,14 @@ impl ProxyError {
         )
     }
 
+    /// The same refusal of an `EXEC`, as Redis words it: it discards the
+    /// transaction (if any) because of the error.
+    #[must_use]
+    pub fn exec_abort(self) -> Self {
+        let text = format!("EXECABORT Transaction discarded because of: {}", self.text);
+        Self::new(self.kind, text)
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
         self.kind

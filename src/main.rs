@@ -53,6 +53,9 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Read a password from stdin (one line) and print its SHA-256 hex, for a
+    /// `[[users]]` entry's `passwords`.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +116,9 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::HashPassword) = &cli.command {
+        return hash_password();
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         let cfg = Config::from_file(file)?;
         cfg.validate(&file.display().to_string())?;
@@ -196,4 +202,26 @@ impl Signals {
             }
         }
     }
+}
+
+/// `nearcache hash-password`: the password never appears in argv (where
+/// `ps` and shell history would show it), only on stdin.
+fn hash_password() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::BufRead as _;
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!("no password on stdin (echo -n 'secret' | nearcache hash-password)");
+    }
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", nearcache::acl::hash_password(password.as_bytes()));
+    }
+    Ok(())
 }

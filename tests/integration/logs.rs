@@ -34,6 +34,7 @@ fn secrets_are_never_logged_and_stderr_to_a_file_has_no_colour() {
     const CLIENT_PW: &str = "cli-s3cret-pw";
     const ADMIN_TOKEN: &str = "adm-s3cret-token";
     const NATS_PW: &str = "nats-s3cret-pw";
+    const USER_PW: &str = "usr-s3cret-pw";
     let redis = RedisServer::start_with(&["--requirepass", UPSTREAM_PW]);
     let nats = NatsServer::start_with(&["--user", "bus", "--pass", NATS_PW]);
     let dir = tempfile::tempdir().unwrap();
@@ -48,10 +49,12 @@ fn secrets_are_never_logged_and_stderr_to_a_file_has_no_colour() {
              [upstream]\nurl = \"redis://:{UPSTREAM_PW}@127.0.0.1:{}\"\n\
              [admin]\nlisten = \"127.0.0.1:{admin_port}\"\ntoken_file = \"{}\"\n\
              [coherence]\nnats_url = \"nats://bus:{NATS_PW}@127.0.0.1:{}\"\n\
-             [[cache.rules]]\nprefix = \"t:\"\nttl = \"60s\"\n",
+             [[cache.rules]]\nprefix = \"t:\"\nttl = \"60s\"\n\
+             [[users]]\nname = \"bot\"\npasswords = [\"{}\"]\ncommands = \"+@all\"\nkeys = \"~*\"\n",
             redis.port(),
             token_file.display(),
             nats.port(),
+            nearcache::acl::hash_password(USER_PW.as_bytes()),
         ),
     )
     .unwrap();
@@ -68,6 +71,9 @@ fn secrets_are_never_logged_and_stderr_to_a_file_has_no_colour() {
         ["OK", "OK", "v", "v"],
         "{out}"
     );
+    let stdin = format!("AUTH bot {USER_PW}\nSET t:2 v\nAUTH bot not-{USER_PW}\n");
+    let out = redis_cli(port, &[], Some(stdin.as_bytes()));
+    assert!(out.starts_with("OK\nOK\nWRONGPASS"), "{out}");
     let hello = redis_cli(port, &["HELLO", "3", "AUTH", "default", CLIENT_PW], None);
     assert!(hello.contains("proto"), "{hello}");
     wait_until("the admin listener", LIMIT, || {
@@ -128,7 +134,7 @@ fn secrets_are_never_logged_and_stderr_to_a_file_has_no_colour() {
         proxy.log().contains("coherence bus connected")
     });
     let log = proxy.log();
-    for secret in [UPSTREAM_PW, CLIENT_PW, ADMIN_TOKEN, NATS_PW] {
+    for secret in [UPSTREAM_PW, CLIENT_PW, ADMIN_TOKEN, NATS_PW, USER_PW] {
         assert!(!log.contains(secret), "{secret} was logged:\n{log}");
         assert!(
             !answered.contains(secret),

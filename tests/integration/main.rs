@@ -24,6 +24,7 @@ mod proxy_admin;
 mod reload;
 mod smoke;
 mod tls;
+mod users;
 
 mod cache;
 mod checker;

@@ -318,7 +318,7 @@ pub(super) fn subscribed_refusal(req: &Request<'_>) -> Bytes {
 /// Makes Redis fail the transaction open on `conn` at EXEC with EXECABORT,
 /// as for a command it refuses while queuing: a command with the wrong
 /// arity, whose reply nobody reads.
-fn abort_at_exec(conn: &Conn) {
+pub(super) fn abort_at_exec(conn: &Conn) {
     let (poison, _unread) = Op::request(encode_command(&["GET"]), 1, false);
     let _ = conn.send(poison);
 }

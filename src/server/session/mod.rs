@@ -373,6 +373,9 @@ impl Session {
         }
         // Admit.
         if let Err(e) = self.admit(req).await {
+            if req.name() == "exec" {
+                return self.refuse_exec(req, e).await;
+            }
             self.refuse(e).await;
             return Flow::Continue;
         }

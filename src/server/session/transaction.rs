@@ -109,6 +109,24 @@ impl Session {
         Flow::Continue
     }
 
+    /// An `EXEC` refused at admission (NOPERM, NOAUTH, a limit): Redis
+    /// discards the transaction, so nearcache must not leave it open, or the
+    /// client's next commands would be queued in it. Outside MULTI the
+    /// refusal reads as Redis's; inside, the transaction is failed upstream
+    /// (Redis answers its own EXECABORT) and the pin ends as after any EXEC.
+    pub(super) async fn refuse_exec(&mut self, req: &Request<'_>, e: ProxyError) -> Flow {
+        if !matches!(self.mode, Mode::Transaction(..)) {
+            self.refuse(e.exec_abort()).await;
+            return Flow::Continue;
+        }
+        self.ctx.stats.requests.error(e.kind(), 1);
+        self.flush_run().await;
+        if let Mode::Transaction(pin, _) = &self.mode {
+            super::deliver::abort_at_exec(&pin.conn);
+        }
+        self.end_transaction(req).await
+    }
+
     /// Pins a dedicated connection ([`Mode::Pinned`]); on failure the client
     /// has its error reply.
     pub(super) async fn pin_dedicated(&mut self) -> bool {
