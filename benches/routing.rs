@@ -1,5 +1,6 @@
-//! Classification micro-benchmarks: `route` (every command goes through it)
-//! and key extraction, on the commands `scripts/bench.sh` drives.
+//! Classification micro-benchmarks: `route` (every command goes through it),
+//! key extraction, and the permission check of a user (`[[users]]`), on the
+//! commands `scripts/bench.sh` drives.
 //!
 //! Run: `cargo bench --bench routing` (add `-- --quick` for a short run).
 
@@ -58,5 +59,33 @@ fn keys(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, routing, keys);
+/// What admission adds for a user with a dozen key patterns, the one that
+/// matches last (the worst case short of a refusal).
+fn acl(c: &mut Criterion) {
+    let mut g = c.benchmark_group("acl");
+    let keys: String = [
+        "ticker", "book", "candles", "signal", "orders", "fills", "pos", "risk", "funding", "oi",
+        "liq",
+    ]
+    .iter()
+    .map(|p| format!("%R~{p}:* "))
+    .chain(["~key:*".to_owned()])
+    .collect();
+    let Ok(user) = nearcache::acl::Permissions::parse("+@all -@dangerous", &keys, "") else {
+        panic!("the bench's rules parse");
+    };
+    let mut scratch = Vec::with_capacity(16);
+    for (name, args) in [
+        ("get_12_patterns", argv(&["GET", "key:000000012345"])),
+        ("set_12_patterns", argv(&["SET", "key:000000012345", "value"])),
+    ] {
+        let (_, spec) = nearcache::server::route::route_spec(&args);
+        g.bench_function(name, |b| {
+            b.iter(|| user.check(black_box(spec), black_box(&args), &mut scratch))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, routing, keys, acl);
 criterion_main!(benches);

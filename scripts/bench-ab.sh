@@ -11,6 +11,8 @@
 # Env:   T=get  P=16  N=1000000  ROUNDS=4  (redis-benchmark -t, -P, -n; rounds)
 #        CMD='EVAL "return 1" 0'  (instead of -t: one command, as words)
 #        CLIENTS=50 DATA_SIZE=64 KEYSPACE=100000
+#        TLS_CA=ca.crt  (a target whose CONFIG has [server.tls] is spoken to
+#                        over TLS, trusting this CA)
 #
 # Needs redis-server and redis-benchmark; everything on 127.0.0.1, free ports;
 # every process started here is stopped on exit.
@@ -37,10 +39,11 @@ trap cleanup EXIT
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
-wait_ping() { # port
-    local i
+wait_ping() { # port [redis-cli options]
+    local i port=$1
+    shift
     for ((i = 0; i < 100; i++)); do
-        [[ $(redis-cli -h "$HOST" -p "$1" ping 2>/dev/null) == PONG ]] && return 0
+        [[ $(redis-cli -h "$HOST" -p "$port" "$@" ping 2>/dev/null) == PONG ]] && return 0
         sleep 0.1
     done
     echo "nothing answers PING on $HOST:$1" >&2
@@ -56,17 +59,21 @@ wait_ping "$redis_port"
 redis-benchmark -h "$HOST" -p "$redis_port" -c "$CLIENTS" -n $((KEYSPACE * 20)) -P 16 \
     -d "$DATA_SIZE" -r "$KEYSPACE" -t set -q >/dev/null 2>&1
 
-ports=("$redis_port") names=(direct)
+ports=("$redis_port") names=(direct) tls=("")
 for arg in "$@"; do
-    bin=${arg%@*} cfg=
+    bin=${arg%@*} cfg= tls_args=""
     [[ $arg == *@* ]] && cfg=${arg#*@}
+    if [[ -n $cfg ]] && grep -q '^\[server.tls\]' "$cfg"; then
+        tls_args="--tls --cacert ${TLS_CA:?a TLS target needs TLS_CA}"
+    fi
     port=$(free_port)
     args=(--listen "$HOST:$port" --upstream "redis://$HOST:$redis_port")
     [[ -n $cfg ]] && args+=(--config "$cfg")
     NEARCACHE_LOG=warn "$bin" "${args[@]}" >"$work/nc-$port.log" 2>&1 &
     pids+=("$!")
-    wait_ping "$port"
-    ports+=("$port") names+=("$arg")
+    # shellcheck disable=SC2086 # (options, split on purpose)
+    wait_ping "$port" $tls_args
+    ports+=("$port") names+=("$arg") tls+=("$tls_args")
 done
 
 # Busy and idle jiffies of the whole machine.
@@ -82,7 +89,8 @@ for ((round = 0; round < ROUNDS; round++)); do
         else
             what=(-t "$T")
         fi
-        rps=$(redis-benchmark -h "$HOST" -p "${ports[$j]}" -c "$CLIENTS" -n "$N" -P "$P" \
+        # shellcheck disable=SC2086
+        rps=$(redis-benchmark -h "$HOST" -p "${ports[$j]}" ${tls[$j]} -c "$CLIENTS" -n "$N" -P "$P" \
             -r "$KEYSPACE" -d "$DATA_SIZE" -q "${what[@]}" 2>/dev/null | tr '\r' '\n' \
             | grep -a 'requests per second' | tail -1 | sed -E 's/.*: ([0-9]+)[.0-9]* requests per second.*/\1/')
         read -r b1 i1 < <(cpu)

@@ -22,8 +22,31 @@ pub enum Denial {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct KeyPattern {
     glob: Vec<u8>,
+    /// What every match starts with, and whether the glob is just that
+    /// followed by `*` (`ticker:*`, the usual case): then a prefix test is
+    /// the whole match, and a key with another prefix is refused at once.
+    prefix: Vec<u8>,
+    prefix_only: bool,
     read: bool,
     write: bool,
+}
+
+impl KeyPattern {
+    fn new(glob: &str, read: bool, write: bool) -> Self {
+        let prefix = glob::literal_prefix(glob.as_bytes()).to_vec();
+        let prefix_only = glob.len() == prefix.len() + 1 && glob.ends_with('*');
+        Self {
+            glob: glob.as_bytes().to_vec(),
+            prefix,
+            prefix_only,
+            read,
+            write,
+        }
+    }
+
+    fn matches(&self, key: &[u8]) -> bool {
+        key.starts_with(&self.prefix) && (self.prefix_only || glob::matches(&self.glob, key))
+    }
 }
 
 /// A user's permissions.
@@ -169,11 +192,7 @@ impl Permissions {
         if glob == "*" && read && write {
             self.all_keys = true;
         }
-        self.keys.push(KeyPattern {
-            glob: glob.as_bytes().to_vec(),
-            read,
-            write,
-        });
+        self.keys.push(KeyPattern::new(glob, read, write));
         Ok(())
     }
 
@@ -249,7 +268,7 @@ impl Permissions {
         let need_read = flags & key_flag::ACCESS != 0;
         let need_write = flags & (key_flag::INSERT | key_flag::DELETE | key_flag::UPDATE) != 0;
         self.keys.iter().any(|p| {
-            (p.read || !need_read) && (p.write || !need_write) && glob::matches(&p.glob, key)
+            (p.read || !need_read) && (p.write || !need_write) && p.matches(key)
         })
     }
 
@@ -293,6 +312,27 @@ mod tests {
     fn check(p: &Permissions, line: &str) -> Result<(), Denial> {
         let argv = argv(line);
         p.check(command::resolve(&argv), &argv, &mut Vec::new())
+    }
+
+    #[test]
+    fn key_patterns_match_as_globs_with_or_without_a_plain_prefix() {
+        for (glob, key, expected) in [
+            ("ticker:*", b"ticker:btc".as_slice(), true),
+            ("ticker:*", b"tickers", false),
+            ("ticker:?tc", b"ticker:btc", true),
+            ("ticker:[ab]*", b"ticker:cat", false),
+            ("*:btc", b"book:btc", true),
+            ("*:btc", b"book:eth", false),
+            ("exact", b"exact", true),
+            ("exact", b"exactly", false),
+        ] {
+            assert_eq!(
+                KeyPattern::new(glob, true, true).matches(key),
+                expected,
+                "{glob} against {}",
+                String::from_utf8_lossy(key)
+            );
+        }
     }
 
     #[test]
