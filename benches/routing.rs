@@ -77,7 +77,10 @@ fn acl(c: &mut Criterion) {
     let mut scratch = Vec::with_capacity(16);
     for (name, args) in [
         ("get_12_patterns", argv(&["GET", "key:000000012345"])),
-        ("set_12_patterns", argv(&["SET", "key:000000012345", "value"])),
+        (
+            "set_12_patterns",
+            argv(&["SET", "key:000000012345", "value"]),
+        ),
     ] {
         let (_, spec) = nearcache::server::route::route_spec(&args);
         g.bench_function(name, |b| {

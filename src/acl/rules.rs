@@ -267,9 +267,9 @@ impl Permissions {
     fn key_allowed(&self, key: &[u8], flags: u16) -> bool {
         let need_read = flags & key_flag::ACCESS != 0;
         let need_write = flags & (key_flag::INSERT | key_flag::DELETE | key_flag::UPDATE) != 0;
-        self.keys.iter().any(|p| {
-            (p.read || !need_read) && (p.write || !need_write) && p.matches(key)
-        })
+        self.keys
+            .iter()
+            .any(|p| (p.read || !need_read) && (p.write || !need_write) && p.matches(key))
     }
 
     fn check_channels(&self, spec: &CommandSpec, argv: &[Bytes]) -> Result<(), Denial> {
