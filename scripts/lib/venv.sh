@@ -9,7 +9,7 @@
 # packages are installed again whenever requirements.txt differs from the copy
 # kept in .venv after the last successful install.
 
-VENV_DIR=${VENV_DIR:-$PWD/.venv}
+VENV_DIR=${NEARCACHE_VENV:-$PWD/.venv}   # NEARCACHE_VENV: another place
 VENV_PYTHON=$VENV_DIR/bin/python
 
 ensure_venv() {
