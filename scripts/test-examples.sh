@@ -37,12 +37,12 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-fail() {
-  echo "test-examples: FAIL: $*" >&2
+fail() { # the logs' tails, then the reason (last, where a reader looks)
   local log
   for log in "$work"/*.log; do
     [[ -s $log ]] && { echo "--- ${log##*/}" >&2; tail -20 "$log" >&2; }
   done
+  echo "test-examples: FAIL: $*" >&2
   exit 1
 }
 
@@ -78,8 +78,12 @@ echo "== compose and k8s: mounts, sidecar configs (nearcache check-config), port
 "$py" scripts/check-examples.py "$bin" || fail "scripts/check-examples.py"
 
 echo "== examples/bot through nearcache (trading rules) for 3 s"
-free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rport=$(free_port); nport=$(free_port); port=$(free_port); aport=$(free_port)
+# Four distinct free ports (held open together while they are picked).
+read -r rport nport port aport < <("$py" -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
 redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" >"$work/redis.log" 2>&1 &
 pids+=($!)
 nats-server -a 127.0.0.1 -p "$nport" >"$work/nats.log" 2>&1 &
