@@ -77,6 +77,14 @@ done
 echo "== compose and k8s: mounts, sidecar configs (nearcache check-config), ports, probes"
 "$py" scripts/check-examples.py "$bin" || fail "scripts/check-examples.py"
 
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || fail "timed out waiting for $what"
+    sleep 0.1
+  done
+}
+
 echo "== examples/bot through nearcache (trading rules) for 3 s"
 # Four distinct free ports (held open together while they are picked).
 read -r rport nport port aport < <("$py" -c '
@@ -88,6 +96,9 @@ redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$
 pids+=($!)
 nats-server -a 127.0.0.1 -p "$nport" >"$work/nats.log" 2>&1 &
 pids+=($!)
+wait_for 10 "redis-server" redis-cli -p "$rport" PING
+wait_for 10 "nats-server" grep -q 'Server is ready' "$work/nats.log"
+# Both are up before nearcache starts: it logs no "connect failed" warning.
 sed -e "s#redis://redis.internal:6379#redis://127.0.0.1:$rport#" \
     -e "s#nats://nats.internal:4222#nats://127.0.0.1:$nport#" examples/trading.toml >"$work/trading.toml"
 grep -q "127.0.0.1:$rport" "$work/trading.toml" && grep -q "127.0.0.1:$nport" "$work/trading.toml" \
@@ -95,13 +106,6 @@ grep -q "127.0.0.1:$rport" "$work/trading.toml" && grep -q "127.0.0.1:$nport" "$
 "$bin" --config "$work/trading.toml" --listen "127.0.0.1:$port" --admin "127.0.0.1:$aport" \
   >"$work/nearcache.log" 2>&1 &
 pids+=($!)
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local deadline=$((SECONDS + $1)) what=$2; shift 2
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || fail "timed out waiting for $what"
-    sleep 0.1
-  done
-}
 # /readyz (the image's own probe): Redis connected and the bus up.
 wait_for 30 "nearcache /readyz" env NEARCACHE_HEALTH_ADDR="127.0.0.1:$aport" bash deploy/container/healthcheck.sh
 timeout 60 "$py" examples/bot/bot.py --url "redis://127.0.0.1:$port" --seed --seconds 3 \
