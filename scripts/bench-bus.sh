@@ -12,17 +12,18 @@
 #        PHASES="sparse light all load"   PIPELINES="1 16" (load phase)
 #        NATS_GOMAXPROCS=1 GOMAXPROCS for nats-server (default: Go's, all cores)
 #
-# Needs: cargo, python3 with redis-py, redis-server, redis-benchmark and
-# nats-server (installed with apt-get/pip if missing).
+# Needs: cargo, python3, redis-server, redis-benchmark and nats-server
+# (installed with apt-get if missing); redis-py goes into the project's .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/lib/deps.sh
 ensure_commands redis-server:redis-server redis-benchmark:redis-tools nats-server:nats-server
-python3 -c 'import redis' 2>/dev/null || python3 -m pip install -q redis
+source scripts/lib/venv.sh
+ensure_venv
 
 echo "bench-bus.sh: building: cargo build --release" >&2
 cargo build --release --quiet
 target_dir=$(cargo metadata --format-version 1 --no-deps \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-NEARCACHE=$target_dir/release/nearcache exec python3 scripts/bench-bus.py
+NEARCACHE=$target_dir/release/nearcache exec "$VENV_PYTHON" scripts/bench-bus.py

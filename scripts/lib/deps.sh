@@ -30,3 +30,23 @@ ensure_commands() {
     "${sudo[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
 }
+
+# ensure_packages PACKAGE... — Debian packages that provide no command of
+# their own (python3-venv): installed, as above, when dpkg does not list them.
+ensure_packages() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    if [[ $(id -u) -ne 0 ]] && ! need sudo || ! need apt-get; then
+        echo "missing: ${missing[*]} — install with: sudo apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+    local sudo=()
+    [[ $(id -u) -ne 0 ]] && sudo=(sudo)
+    echo "== installing: ${missing[*]}" >&2
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+}

@@ -9,8 +9,8 @@
 //!   `defineCommand` scripts, auto-pipelining against L1, pub/sub, blocking
 //!   pops, SELECT).
 //!
-//! `scripts/test.sh` installs both (`pip install redis`; `npm ci` in
-//! `tests/node`).
+//! `scripts/test.sh` installs both (redis-py into the project's `.venv`,
+//! whose python it passes as `NEARCACHE_PYTHON`; `npm ci` in `tests/node`).
 
 use std::process::Command;
 use std::time::Duration;
@@ -18,6 +18,19 @@ use std::time::Duration;
 use nearcache::config::RuleConfig;
 
 use crate::support::{RedisServer, TestProxy, config_for};
+
+/// The Python that has redis-py: `NEARCACHE_PYTHON` (set by `scripts/test.sh`),
+/// else the project's `.venv` when it exists, else `python3` from `PATH`.
+fn python() -> String {
+    if let Ok(python) = std::env::var("NEARCACHE_PYTHON") {
+        return python;
+    }
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    if std::path::Path::new(venv).exists() {
+        return venv.to_owned();
+    }
+    "python3".to_owned()
+}
 
 /// Runs `program script PROXY_PORT REDIS_PORT` and fails with its output
 /// unless it succeeds.
@@ -50,7 +63,7 @@ async fn redis_py_works_unchanged_through_the_proxy() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/python/redis_py_compat.py"
     );
-    run_checks("python3", script, &proxy, &redis).await;
+    run_checks(&python(), script, &proxy, &redis).await;
     proxy.shutdown().await;
 }
 
