@@ -560,3 +560,46 @@ fn hash_password_prints_the_sha256_of_stdin() {
     assert!(!empty.status.success());
     assert!(String::from_utf8_lossy(&empty.stderr).contains("no password on stdin"));
 }
+
+/// `PROXY …` is for users with `admin = true` only: another user's is
+/// refused as Redis refuses a command it may not run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_commands_need_an_admin_user() {
+    let redis = RedisServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.users = users();
+    cfg.users.push(UserConfig {
+        admin: true,
+        ..user_config(&Spec {
+            name: "ops",
+            password: "ops-pw",
+            commands: "+@all",
+            keys: "~*",
+            channels: "&*",
+            enabled: true,
+        })
+    });
+    let proxy = TestProxy::start_with(cfg).await;
+    let mut c = Raw::connect(proxy.port()).await;
+    assert_eq!(
+        &c.cmd(&["AUTH", "trader", "trader-pw"]).await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        &c.cmd(&["PROXY", "STATS"]).await[..],
+        b"-NOPERM this user has no permissions to run the 'proxy' command\r\n"
+    );
+    // Not even the default user, with every Redis permission.
+    let mut anyone = Raw::connect(proxy.port()).await;
+    assert!(
+        anyone
+            .cmd(&["PROXY", "RULES"])
+            .await
+            .starts_with(b"-NOPERM")
+    );
+    assert_eq!(&c.cmd(&["AUTH", "ops", "ops-pw"]).await[..], b"+OK\r\n");
+    let stats = c.cmd(&["PROXY", "STATS"]).await;
+    assert!(!stats.starts_with(b"-"), "{stats:?}");
+    assert_eq!(&c.cmd(&["ACL", "WHOAMI"]).await[..], b"$3\r\nops\r\n");
+    proxy.shutdown().await;
+}
