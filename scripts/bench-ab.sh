@@ -4,7 +4,9 @@
 # directly and through every nearcache, rotating which goes first, and prints
 # requests/s per run plus the share of the machine left idle during it. For
 # telling a regression from this VM's noise: the builds see the same machine
-# at the same time.
+# at the same time. Each run also reports the CPU time the served process
+# spent per request (all its threads, from schedstat), and the end prints
+# medians per target against the first nearcache target.
 #
 # Usage: scripts/bench-ab.sh BINARY[@CONFIG] BINARY[@CONFIG] ...
 #   e.g. scripts/bench-ab.sh /tmp/nearcache-before target/release/nearcache
@@ -59,7 +61,7 @@ wait_ping "$redis_port"
 redis-benchmark -h "$HOST" -p "$redis_port" -c "$CLIENTS" -n $((KEYSPACE * 20)) -P 16 \
     -d "$DATA_SIZE" -r "$KEYSPACE" -t set -q >/dev/null 2>&1
 
-ports=("$redis_port") names=(direct) tls=("")
+ports=("$redis_port") names=(direct) tls=("") procs=("${pids[0]}")
 for arg in "$@"; do
     bin=${arg%@*} cfg= tls_args=""
     [[ $arg == *@* ]] && cfg=${arg#*@}
@@ -73,17 +75,21 @@ for arg in "$@"; do
     pids+=("$!")
     # shellcheck disable=SC2086 # (options, split on purpose)
     wait_ping "$port" $tls_args
-    ports+=("$port") names+=("$arg") tls+=("$tls_args")
+    ports+=("$port") names+=("$arg") tls+=("$tls_args") procs+=("${pids[-1]}")
 done
 
 # Busy and idle jiffies of the whole machine.
 cpu() { awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
+# Nanoseconds a process's threads have spent on a CPU: the served target's
+# own cost, which this VM's noise moves far less than requests/s.
+oncpu() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
 n=${#ports[@]}
-printf 'round\t%-40s\trps\tidle%%\n' target
+printf 'round\t%-40s\trps\tidle%%\tcpu_ns/req\n' target
 for ((round = 0; round < ROUNDS; round++)); do
     for ((k = 0; k < n; k++)); do
         j=$(((k + round) % n))
         read -r b0 i0 < <(cpu)
+        t0=$(oncpu "${procs[$j]}")
         if [[ -n ${CMD:-} ]]; then
             eval "what=($CMD)"
         else
@@ -93,8 +99,25 @@ for ((round = 0; round < ROUNDS; round++)); do
         rps=$(redis-benchmark -h "$HOST" -p "${ports[$j]}" ${tls[$j]} -c "$CLIENTS" -n "$N" -P "$P" \
             -r "$KEYSPACE" -d "$DATA_SIZE" -q "${what[@]}" 2>/dev/null | tr '\r' '\n' \
             | grep -a 'requests per second' | tail -1 | sed -E 's/.*: ([0-9]+)[.0-9]* requests per second.*/\1/')
+        t1=$(oncpu "${procs[$j]}")
         read -r b1 i1 < <(cpu)
-        printf '%d\t%-40s\t%s\t%d\n' "$round" "${names[$j]}" "$rps" \
-            $((100 * (i1 - i0) / (b1 - b0 + i1 - i0 + 1)))
+        printf '%d\t%-40s\t%s\t%d\t%d\n' "$round" "${names[$j]}" "$rps" \
+            $((100 * (i1 - i0) / (b1 - b0 + i1 - i0 + 1))) $(((t1 - t0) / N)) | tee -a "$work/rows"
     done
 done
+# Medians per target, and each against the first nearcache target.
+python3 - "$work/rows" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    _, name, rps, _, ns = line.split("\t")
+    rows.setdefault(name.strip(), []).append((float(rps or 0), float(ns)))
+names = list(rows)
+med = {n: (statistics.median(r for r, _ in v), statistics.median(c for _, c in v)) for n, v in rows.items()}
+base = names[1] if len(names) > 1 else names[0]
+print(f"\nmedians of {len(rows[base])} rounds; ratios against {base} (rps: higher is better; cpu: lower is better)")
+print(f"{'target':40}\t{'rps':>9}\t{'cpu_ns/req':>10}\trps/base\tcpu/base")
+for n in names:
+    r, c = med[n]
+    print(f"{n:40}\t{r:9.0f}\t{c:10.0f}\t{r / med[base][0]:.3f}\t{c / med[base][1]:.3f}")
+PY

@@ -48,11 +48,13 @@ pub enum ErrorKind {
     UpstreamBacklog,
     /// Refused by `server.deny`, `server.rename` or the user's permissions.
     Denied,
+    /// The upstream's circuit breaker is open: refused at once, not sent.
+    UpstreamCircuitOpen,
 }
 
 impl ErrorKind {
     /// Every kind, in a fixed order (for counters indexed by kind).
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::Protocol,
         ErrorKind::Auth,
         ErrorKind::Arity,
@@ -68,6 +70,7 @@ impl ErrorKind {
         ErrorKind::UpstreamInvalid,
         ErrorKind::UpstreamBacklog,
         ErrorKind::Denied,
+        ErrorKind::UpstreamCircuitOpen,
     ];
 
     /// A short name (`PROXY STATS`, metrics labels).
@@ -88,6 +91,7 @@ impl ErrorKind {
             ErrorKind::UpstreamInvalid => "upstream_invalid",
             ErrorKind::UpstreamBacklog => "upstream_backlog",
             ErrorKind::Denied => "denied",
+            ErrorKind::UpstreamCircuitOpen => "upstream_circuit_open",
         }
     }
 
@@ -114,7 +118,8 @@ impl ErrorKind {
             | ErrorKind::UpstreamRejected
             | ErrorKind::UpstreamBusy
             | ErrorKind::UpstreamInvalid
-            | ErrorKind::UpstreamBacklog => Side::Upstream,
+            | ErrorKind::UpstreamBacklog
+            | ErrorKind::UpstreamCircuitOpen => Side::Upstream,
         }
     }
 }
@@ -248,6 +253,7 @@ impl From<&UpstreamError> for ProxyError {
             UpstreamError::Busy(_) => ErrorKind::UpstreamBusy,
             UpstreamError::InvalidReply => ErrorKind::UpstreamInvalid,
             UpstreamError::Backlog(_) => ErrorKind::UpstreamBacklog,
+            UpstreamError::CircuitOpen { .. } => ErrorKind::UpstreamCircuitOpen,
         };
         match e {
             // Redis's own words (`-WRONGPASS …`, `-BUSY …`), as a client

@@ -172,7 +172,7 @@ pub fn proxy_info(r: &mut Reply, ctx: &Context) {
         ),
         None => ("none".to_owned(), String::new(), 0),
     };
-    let fields: [(&str, String); 9] = [
+    let fields: [(&str, String); 10] = [
         ("version", env!("CARGO_PKG_VERSION").to_owned()),
         (
             "uptime_in_seconds",
@@ -185,6 +185,13 @@ pub fn proxy_info(r: &mut Reply, ctx: &Context) {
         (
             "upstream_up",
             u8::from(ctx.default_pool.any_shared_up()).to_string(),
+        ),
+        (
+            "upstream_run_id",
+            ctx.upstream
+                .identity()
+                .map(|i| i.run_id)
+                .unwrap_or_default(),
         ),
         ("bus", bus),
         ("bus_instance", instance),

@@ -195,6 +195,25 @@ impl Collector for StatsCollector {
             "Upstream outages that ended with a connection back.",
             ctx.upstream.outages.reconnects(),
         )?;
+        gauge(
+            &mut enc,
+            "nearcache_upstream_circuit_state",
+            "The upstream's circuit breaker: 0 closed, 1 open (requests needing a connection refused at once), 2 half-open.",
+            None,
+            ctx.upstream.breaker.state().code(),
+        )?;
+        counter(
+            &mut enc,
+            "nearcache_upstream_circuit_opened",
+            "Times the upstream's circuit breaker opened.",
+            ctx.upstream.breaker.opened(),
+        )?;
+        counter(
+            &mut enc,
+            "nearcache_upstream_identity_changes",
+            "Times a connection reached another upstream server than the one before (restart, failover, restore): L1 was flushed on every instance.",
+            ctx.upstream.identity_changes(),
+        )?;
         let backlog = ctx.upstream.backlog.stats();
         gauge(
             &mut enc,

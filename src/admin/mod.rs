@@ -252,12 +252,17 @@ fn request_stats(r: &mut Reply, ctx: &Context) {
 }
 
 /// The `upstream` entry of `PROXY STATS`: whether a shared connection is
-/// up, and what waits for Redis against its caps.
+/// up, how often it turned out to be another server, and what waits for
+/// Redis against its caps.
 fn upstream_stats(r: &mut Reply, ctx: &Context) {
     let b = ctx.upstream.backlog.stats();
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let fields: [(&str, i64); 7] = [
+    let breaker = &ctx.upstream.breaker;
+    let fields: [(&str, i64); 10] = [
         ("up", i64::from(ctx.default_pool.any_shared_up())),
+        ("identity_changes", n(ctx.upstream.identity_changes())),
+        ("circuit_state", breaker.state().code()),
+        ("circuit_opened", n(breaker.opened())),
         ("in_flight", n(b.commands)),
         ("in_flight_bytes", n(b.bytes)),
         ("max_in_flight", n(b.max_commands)),
@@ -321,6 +326,8 @@ pub struct Readiness {
     pub bus: &'static str,
     /// Graceful shutdown has begun.
     pub draining: bool,
+    /// The upstream's circuit breaker: "closed", "open" or "half_open".
+    pub circuit: &'static str,
 }
 
 impl Readiness {
@@ -336,9 +343,13 @@ impl Readiness {
         if self.draining {
             why.push("draining");
         }
+        if self.circuit == "open" {
+            why.push("upstream circuit open");
+        }
         json!({
             "ready": self.ready,
             "upstream": if self.upstream { "up" } else { "down" },
+            "circuit": self.circuit,
             "bus": self.bus,
             "draining": self.draining,
             "why": why,
@@ -356,11 +367,13 @@ pub fn readiness(ctx: &Context, draining: bool) -> Readiness {
         Some(bus) if bus.l1_usable() => "lost, policy serves L1",
         Some(_) => "lost",
     };
+    let circuit = ctx.upstream.breaker.state().name();
     Readiness {
-        ready: upstream && bus != "lost" && !draining,
+        ready: upstream && bus != "lost" && !draining && circuit != "open",
         upstream,
         bus,
         draining,
+        circuit,
     }
 }
 
@@ -483,6 +496,11 @@ pub fn stats_json(ctx: &Context) -> Value {
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "upstream": if ctx.default_pool.any_shared_up() { "up" } else { "down" },
+        "upstream_identity_changes": ctx.upstream.identity_changes(),
+        "upstream_circuit": {
+            "state": ctx.upstream.breaker.state().name(),
+            "opened": ctx.upstream.breaker.opened(),
+        },
         "upstream_backlog": {
             "in_flight": backlog.commands,
             "in_flight_bytes": backlog.bytes,

@@ -258,6 +258,15 @@ pub struct UpstreamConfig {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// Consecutive failed rounds of connection attempts that open the
+    /// circuit breaker (0: never open it).
+    pub breaker_failures: u32,
+    /// How long the open circuit refuses requests that need a connection
+    /// before one attempt is let through.
+    pub breaker_cool_down: Duration,
+    /// What a client gets for a command whose outcome is unknown (sent, and
+    /// the connection was lost or no reply came within `command_timeout`).
+    pub on_lost: OnLost,
     /// Commands sent or queued to Redis and not yet answered, over every
     /// connection: beyond it a request waits (its client's pipeline only)
     /// up to `command_timeout`, then is refused unsent. Bounds nearcache's
@@ -285,12 +294,28 @@ impl Default for UpstreamConfig {
             command_timeout: Duration(std::time::Duration::from_secs(10)),
             reconnect_min: Duration(std::time::Duration::from_millis(50)),
             reconnect_max: Duration(std::time::Duration::from_secs(2)),
+            breaker_failures: 5,
+            breaker_cool_down: Duration(std::time::Duration::from_millis(500)),
+            on_lost: OnLost::Close,
             max_in_flight: 100_000,
             max_in_flight_bytes: ByteSize(256 << 20),
             max_in_flight_per_connection: 10_000,
             tls: UpstreamTlsConfig::default(),
         }
     }
+}
+
+/// What a client gets for a command whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLost {
+    /// Its connection closes after the replies before that command, as its
+    /// own connection to a Redis that went away would: client libraries
+    /// reconnect and retry as they are configured to.
+    Close,
+    /// `-ERR upstream connection lost` / `-ERR upstream timeout …`, and the
+    /// connection stays.
+    Error,
 }
 
 /// The L1 cache: a memory budget and the rules that decide what is cached.

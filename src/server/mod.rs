@@ -230,6 +230,18 @@ impl Proxy {
             tls,
         });
         if let Some(l1) = &ctx.l1 {
+            // A restarted, failed-over or restored Redis may not hold what L1
+            // does: drop it here and on every peer (whose own connections
+            // may not have noticed yet) before the new server serves a read.
+            let (l1, bus) = (l1.clone(), ctx.bus.clone());
+            ctx.upstream.on_new_identity(Box::new(move |_, _| {
+                l1.flush();
+                if let Some(bus) = &bus {
+                    bus.publish_flush();
+                }
+            }));
+        }
+        if let Some(l1) = &ctx.l1 {
             // Hits bypass moka, so its expiry and eviction run on a tick.
             let l1 = Arc::downgrade(l1);
             tokio::spawn(async move {

@@ -61,6 +61,9 @@ pub struct Outbox {
     replies: usize,
     /// Replies are dropped, not written (as of the head of the queue).
     muted: bool,
+    /// A command whose outcome is unknown closes the connection instead of
+    /// being answered with an error (`upstream.on_lost = "close"`).
+    close_on_lost: bool,
     /// Bytes ready for the next write.
     pub buf: BytesMut,
 }
@@ -75,9 +78,19 @@ impl Outbox {
             scratch: Vec::new(),
             replies: 0,
             muted: false,
+            close_on_lost: false,
             slots: VecDeque::with_capacity(16),
             buf: BytesMut::with_capacity(16 * 1024),
         }
+    }
+
+    /// The same, closing the connection at a command whose outcome is
+    /// unknown (the upstream connection lost, or timed out, with it in
+    /// flight) when `on` (`upstream.on_lost = "close"`).
+    #[must_use]
+    pub fn closing_on_lost(mut self, on: bool) -> Self {
+        self.close_on_lost = on;
+        self
     }
 
     /// Queues a slot after every other.
@@ -315,6 +328,21 @@ impl Outbox {
                 self.stats.requests.error(e.kind(), u64::from(missing));
                 if !self.muted {
                     self.buf.extend_from_slice(&failed.partial);
+                }
+                let unknown = matches!(
+                    failed.error,
+                    UpstreamError::ConnectionLost | UpstreamError::Timeout(_)
+                );
+                if unknown && self.close_on_lost {
+                    // What the client's own connection to a Redis that went
+                    // away would show: the replies so far, then the end.
+                    // What follows is let go (its writes still published).
+                    for slot in std::mem::take(&mut self.slots) {
+                        self.orphan(slot);
+                    }
+                    self.replies = 0;
+                    self.slots.push_back(Slot::Close);
+                } else if !self.muted {
                     self.buf.extend_from_slice(&e.to_replies(missing as usize));
                 }
             }

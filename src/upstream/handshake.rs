@@ -1,5 +1,6 @@
 //! Opening an upstream connection: the stream ([`super::transport`]), then `HELLO <proto> [AUTH …]
-//! SETNAME nearcache` and `SELECT <db>` in one round trip.
+//! SETNAME nearcache`, `SELECT <db>` and `INFO server` / `INFO replication`
+//! (the server's [identity](Identity)) in one round trip.
 //!
 //! HELLO both authenticates and fixes the reply protocol of the connection,
 //! which must match the clients it serves: RESP2 and RESP3 replies differ, so
@@ -30,6 +31,46 @@ pub struct Handshaken<S = Stream> {
     pub server_version: String,
     /// Redis's id for this connection (`id` in the HELLO reply; 0 if absent).
     pub client_id: u64,
+    /// Which server process and dataset answered; None when `INFO` is not
+    /// allowed to the upstream user (or renamed away).
+    pub identity: Option<Identity>,
+}
+
+/// Which Redis process, serving which replication history, a connection
+/// reached: `run_id` changes with every start of the server (a restart, a
+/// failover to another one, a restore), `master_replid` when its dataset's
+/// history does (a replica promoted, a master made a replica of another).
+/// Either changing means L1 may hold values that server never had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `run_id` of `INFO server`.
+    pub run_id: String,
+    /// `master_replid` of `INFO replication` ("" if absent).
+    pub replid: String,
+}
+
+impl Identity {
+    /// The identity in `INFO server` and `INFO replication` text; None
+    /// without a `run_id`.
+    fn parse(server: &str, replication: &str) -> Option<Self> {
+        let value = |text: &str, name: &str| {
+            text.lines().find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .map(|v| v.trim().to_string())
+            })
+        };
+        Some(Self {
+            run_id: value(server, "run_id").filter(|v| !v.is_empty())?,
+            replid: value(replication, "master_replid").unwrap_or_default(),
+        })
+    }
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "run_id {}, replid {}", self.run_id, self.replid)
+    }
 }
 
 /// Connects to `url` and prepares the connection for `db` and `proto`, as
@@ -101,6 +142,10 @@ async fn handshake<S: UpstreamStream>(
     if db != 0 {
         out.extend_from_slice(&encode_command(&[&b"SELECT"[..], db_arg.as_bytes()]));
     }
+    // Two commands, not `INFO server replication`: Redis before 7 takes one
+    // section.
+    out.extend_from_slice(&encode_command(&[&b"INFO"[..], b"server"]));
+    out.extend_from_slice(&encode_command(&[&b"INFO"[..], b"replication"]));
     stream
         .write_all(&out)
         .await
@@ -124,11 +169,18 @@ async fn handshake<S: UpstreamStream>(
             return Err(rejected(&data));
         }
     }
+    let server = read_frame(&mut stream, &mut buf, &addr).await?;
+    let replication = read_frame(&mut stream, &mut buf, &addr).await?;
+    let identity = match (text(&server), text(&replication)) {
+        (Some(server), Some(replication)) => Identity::parse(&server, &replication),
+        _ => None,
+    };
     Ok(Handshaken {
         stream,
         leftover: buf,
         server_version,
         client_id,
+        identity,
     })
 }
 
@@ -184,7 +236,9 @@ fn lookup<'a>(frame: &'a OwnedFrame, key: &str) -> Option<&'a OwnedFrame> {
 
 fn text(f: &OwnedFrame) -> Option<String> {
     match f {
-        OwnedFrame::BlobString { data, .. } | OwnedFrame::SimpleString { data, .. } => {
+        OwnedFrame::BlobString { data, .. }
+        | OwnedFrame::SimpleString { data, .. }
+        | OwnedFrame::VerbatimString { data, .. } => {
             Some(String::from_utf8_lossy(data).into_owned())
         }
         _ => None,
@@ -202,4 +256,31 @@ fn rejected(msg: &str) -> UpstreamError {
         return UpstreamError::Busy(msg.into());
     }
     UpstreamError::Rejected(msg.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Identity;
+
+    #[test]
+    fn identity_is_read_from_info_text_and_needs_a_run_id() {
+        let server = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\ntcp_port:6379\r\n";
+        let replication =
+            "# Replication\r\nrole:master\r\nmaster_replid:def456\r\nmaster_replid2:000\r\n";
+        assert_eq!(
+            Identity::parse(server, replication),
+            Some(Identity {
+                run_id: "abc123".into(),
+                replid: "def456".into()
+            })
+        );
+        assert_eq!(
+            Identity::parse("# Server\r\nrun_id:\r\n", replication),
+            None
+        );
+        assert_eq!(
+            Identity::parse(server, "").map(|i| i.replid),
+            Some(String::new())
+        );
+    }
 }

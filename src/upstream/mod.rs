@@ -9,6 +9,7 @@
 //!   backoff, plus dedicated connections for stateful commands.
 
 pub mod backlog;
+pub mod breaker;
 pub mod connection;
 pub mod handshake;
 pub mod lane;
@@ -52,6 +53,16 @@ pub enum UpstreamError {
     /// it is; the setup is tried again.
     #[error("upstream busy: {0}")]
     Busy(Arc<str>),
+    /// The circuit breaker is open: connection attempts failed
+    /// `upstream.breaker_failures` times in a row, the last with `cause`;
+    /// the next is made in `retry_in`. Answered at once, not sent.
+    #[error("upstream unavailable: {cause} (circuit open, next attempt in {} ms)", retry_in.as_millis().max(1))]
+    CircuitOpen {
+        /// The last attempt's error.
+        cause: Arc<str>,
+        /// Until the half-open attempt.
+        retry_in: std::time::Duration,
+    },
     /// Upstream sent bytes that are not RESP.
     #[error("upstream sent an invalid reply")]
     InvalidReply,
@@ -63,6 +74,27 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What went wrong, without the `upstream …:` prefix the variant adds
+    /// (for an error that quotes another).
+    pub fn cause(&self) -> String {
+        match self {
+            UpstreamError::Unavailable(m) => m.to_string(),
+            UpstreamError::CircuitOpen { cause, .. } => cause.to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Whether a failed connection attempt with this error means the
+    /// upstream is gone (so the circuit breaker counts it): a refused setup
+    /// (a bad password, a database out of range) or a busy one (a script
+    /// past its threshold, a dataset loading) is Redis answering.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Unavailable(_) | UpstreamError::Timeout(_)
+        )
+    }
+
     /// The RESP error reply for this failure.
     pub fn to_reply(&self) -> Bytes {
         crate::error::ProxyError::from(self).to_reply()

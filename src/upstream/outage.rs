@@ -37,6 +37,11 @@ impl Outages {
         Some(began.elapsed())
     }
 
+    /// When the outage going on began, if one is.
+    pub fn since(&self) -> Option<Instant> {
+        *self.since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Outages so far.
     pub fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)

@@ -3,9 +3,11 @@
 //!
 //! Each shared connection has a supervisor task that connects, waits for the
 //! connection to die, and reconnects with exponential backoff and jitter. While
-//! no shared connection is up, requests fail at once with the last connect
-//! error (the pool acts as its own circuit breaker) instead of queueing behind
-//! a dead server.
+//! no shared connection is up, a request waits for the reconnect it sets off
+//! (up to the connect timeout), so a restart or failover shorter than that
+//! costs latency, not errors; once the upstream's [circuit
+//! breaker](super::breaker) opens, requests fail at once instead of queueing
+//! behind a dead server.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -22,8 +24,9 @@ use tokio::task::JoinHandle;
 
 use super::UpstreamError;
 use super::backlog::Backlog;
+use super::breaker::{Breaker, State};
 use super::connection::{self, Conn, ConnOptions, IdleList};
-use super::handshake;
+use super::handshake::{self, Identity};
 use super::outage::Outages;
 use super::probe::Probe;
 use crate::config::{RedisUrl, UpstreamConfig};
@@ -88,6 +91,26 @@ pub struct Upstream {
     epoch_now: AtomicU64,
     /// Outages of the shared connections, for the log and the metrics.
     pub outages: Outages,
+    /// Opens after repeated failed connection attempts (see [`super::breaker`]).
+    pub breaker: Breaker,
+    /// The server the last connection reached, and what to do when a new
+    /// one reaches another.
+    identity: Mutex<Option<Identity>>,
+    on_new_identity: std::sync::OnceLock<HookCell>,
+    identity_changes: AtomicU64,
+}
+
+/// Called (with the old and the new identity) when a connection reaches a
+/// server other than the one before: L1 is flushed here and on every peer
+/// before that connection serves anything.
+pub type IdentityHook = Box<dyn Fn(&Identity, &Identity) + Send + Sync>;
+
+struct HookCell(IdentityHook);
+
+impl std::fmt::Debug for HookCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityHook")
+    }
 }
 
 impl Upstream {
@@ -103,6 +126,14 @@ impl Upstream {
             epoch: watch::Sender::new(1),
             epoch_now: AtomicU64::new(1),
             outages: Outages::default(),
+            breaker: Breaker::new(
+                cfg.breaker_failures,
+                cfg.breaker_cool_down.0,
+                cfg.reconnect_min.0,
+            ),
+            identity: Mutex::new(None),
+            on_new_identity: std::sync::OnceLock::new(),
+            identity_changes: AtomicU64::new(0),
             backlog: Backlog::new(
                 cfg.max_in_flight,
                 cfg.max_in_flight_bytes.as_usize(),
@@ -155,14 +186,78 @@ impl Upstream {
         }
         next.password = password;
         self.url.store(Arc::new(next));
+        self.renew_connections();
+    }
+
+    /// Makes every connection made so far one to replace (shared ones at
+    /// once, the others when next used); returns the new epoch.
+    fn renew_connections(&self) -> u64 {
         let epoch = self.epoch_now.fetch_add(1, Ordering::AcqRel) + 1;
         self.epoch.send_replace(epoch);
+        epoch
+    }
+
+    /// Sets what happens when the upstream turns out to be another server
+    /// (once; later calls are ignored).
+    pub fn on_new_identity(&self, hook: IdentityHook) {
+        let _ = self.on_new_identity.set(HookCell(hook));
+    }
+
+    /// The identity of the server the last connection reached (None before
+    /// any, or when `INFO` is not allowed).
+    pub fn identity(&self) -> Option<Identity> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many times a connection reached another server than the one
+    /// before (restarts, failovers).
+    pub fn identity_changes(&self) -> u64 {
+        self.identity_changes.load(Ordering::Relaxed)
+    }
+
+    /// Notes the server a new connection reached. When it is another one,
+    /// runs the hook (under the lock, so no second connection to the new
+    /// server is handed out before L1 is flushed) and renews every older
+    /// connection, which may still reach the old server (a failover whose
+    /// old master lives on). Returns the new epoch then.
+    fn observe(&self, seen: &Option<Identity>) -> Option<u64> {
+        let seen = seen.as_ref()?;
+        let mut known = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        let old = match known.as_ref() {
+            None => {
+                *known = Some(seen.clone());
+                return None;
+            }
+            Some(old) if old == seen => return None,
+            Some(old) => old.clone(),
+        };
+        self.identity_changes.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(old = %old, new = %seen, "the upstream is another server now (restart, failover or restore): L1 flushed here and on every peer");
+        if let Some(HookCell(hook)) = self.on_new_identity.get() {
+            hook(&old, seen);
+        }
+        *known = Some(seen.clone());
+        Some(self.renew_connections())
     }
 
     /// Whether `conn` was made with the credentials in use now.
     #[inline]
     pub fn is_current(&self, conn: &Conn) -> bool {
         conn.epoch() == self.epoch_now.load(Ordering::Acquire)
+    }
+
+    /// The refusal while the circuit is open, if it is.
+    pub fn circuit_open(&self) -> Option<UpstreamError> {
+        match self.breaker.state() {
+            State::Open(retry_in) => Some(UpstreamError::CircuitOpen {
+                cause: self.breaker.cause().into(),
+                retry_in,
+            }),
+            _ => None,
+        }
     }
 
     /// The URL new connections use.
@@ -297,19 +392,36 @@ impl Upstream {
         // this connection one to replace.
         let epoch = self.epoch_now.load(Ordering::Acquire);
         let as_user = key.user.as_ref().map(|c| (&c.user[..], &c.password[..]));
-        let h = handshake::connect_as(
+        let h = match handshake::connect_as(
             &self.url.load_full(),
             as_user,
             key.db,
             key.proto,
             self.cfg.connect_timeout.0,
         )
-        .await?;
+        .await
+        {
+            Ok(h) => h,
+            Err(e) => {
+                if e.is_outage() {
+                    self.breaker.failure(&e.cause());
+                }
+                return Err(e);
+            }
+        };
+        self.breaker.success();
         if !h.server_version.is_empty() {
             if let Ok(mut v) = self.version.lock() {
                 v.clone_from(&h.server_version);
             }
         }
+        // A connection to a server other than before: it is the first of
+        // the new generation, not one to replace (unless the password also
+        // rotated during its handshake).
+        let epoch = match self.observe(&h.identity) {
+            Some(renewed) if renewed == epoch + 1 => renewed,
+            _ => epoch,
+        };
         Ok(connection::spawn(
             h.stream,
             h.leftover,
@@ -340,6 +452,9 @@ pub struct Pool {
     /// Cuts the supervisors' backoff short: a request finding every slot
     /// down means someone wants Redis now, and it may be back.
     wake: Arc<Notify>,
+    /// Woken by the supervisors at every change of a slot's state (for
+    /// requests waiting on a connection).
+    changed: Arc<Notify>,
     /// Dedicated connections being opened to keep the idle list warm.
     warming: Arc<AtomicUsize>,
 }
@@ -349,15 +464,18 @@ impl Pool {
         let mut slots = Vec::new();
         let mut supervisors = Vec::new();
         let wake = Arc::new(Notify::new());
+        let changed = Arc::new(Notify::new());
         // The shared connections, then as many for scripts.
         for _ in 0..upstream.cfg.pool_size * 2 {
             let (tx, rx) = watch::channel(SlotState::Connecting);
-            let wake = wake.clone();
             supervisors.push(tokio::spawn(supervise(
                 upstream.clone(),
                 key.clone(),
-                tx,
-                wake,
+                Slot {
+                    state: tx,
+                    changed: changed.clone(),
+                },
+                wake.clone(),
             )));
             slots.push(rx);
         }
@@ -369,6 +487,7 @@ impl Pool {
             idle,
             supervisors,
             wake,
+            changed,
             warming: Arc::default(),
         }
     }
@@ -385,12 +504,13 @@ impl Pool {
             .any(|slot| matches!(&*slot.borrow(), SlotState::Up(conn) if !conn.is_closed()))
     }
 
-    /// A live shared connection (round-robin). Waits for a connection being
-    /// established, up to the connect timeout; fails at once when every slot
-    /// is down.
+    /// A live shared connection (round-robin). While none is up, waits for
+    /// the reconnect this sets off, until the outage is a connect timeout
+    /// old, unless the circuit is open (then fails at once).
     pub async fn shared(&self) -> Result<Conn, UpstreamError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        self.pick(&self.slots[..self.slots.len() / 2], start).await
+        self.pick(&self.slots[..self.slots.len() / 2], start, true)
+            .await
     }
 
     /// One of the pool's connections for scripts and functions (`EVAL`,
@@ -401,42 +521,82 @@ impl Pool {
     /// `SCRIPT KILL` reaches it. While they are down, a shared one.
     pub async fn scripts(&self) -> Result<Conn, UpstreamError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        match self.pick(&self.slots[self.slots.len() / 2..], start).await {
+        match self
+            .pick(&self.slots[self.slots.len() / 2..], start, false)
+            .await
+        {
             Ok(conn) => Ok(conn),
             Err(_) => self.shared().await,
         }
     }
 
-    /// A live connection of `slots`, round-robin from `start`.
+    /// A live connection of `slots`, round-robin from `start`; with `wait`,
+    /// waits for one as [`Pool::shared`] does.
     async fn pick(
         &self,
         slots: &[watch::Receiver<SlotState>],
         start: usize,
+        wait: bool,
     ) -> Result<Conn, UpstreamError> {
         let n = slots.len();
-        let mut waited = false;
-        loop {
-            let mut connecting = None;
-            let mut last_error: Option<UpstreamError> = None;
-            for i in 0..n {
-                let slot = &slots[(start + i) % n];
-                match &*slot.borrow() {
-                    SlotState::Up(conn) if !conn.is_closed() => return Ok(conn.clone()),
-                    SlotState::Up(_) | SlotState::Connecting => connecting = Some(slot.clone()),
-                    SlotState::Down(e) => last_error = Some(e.clone()),
+        for i in 0..n {
+            if let SlotState::Up(conn) = &*slots[(start + i) % n].borrow() {
+                if !conn.is_closed() {
+                    return Ok(conn.clone());
                 }
             }
-            match connecting {
-                Some(mut rx) if !waited => {
-                    waited = true;
-                    let _ = tokio::time::timeout(self.upstream.cfg.connect_timeout.0, rx.changed())
-                        .await;
+        }
+        // None is up: the slow path, which a live connection never takes.
+        let breaker = &self.upstream.breaker;
+        let limit = self.upstream.cfg.connect_timeout.0;
+        // Requests wait within the first connect timeout of an outage, not
+        // each for its own: past it, a pipeline behind a dead server fails
+        // fast instead of waiting a timeout per command.
+        let began = self
+            .upstream
+            .outages
+            .since()
+            .unwrap_or_else(std::time::Instant::now);
+        let deadline = tokio::time::Instant::from_std(began + limit);
+        loop {
+            // Registered before the states are read, so no change between
+            // the two is missed.
+            let slot_changed = self.changed.notified();
+            let circuit_changed = breaker.changed();
+            tokio::pin!(slot_changed, circuit_changed);
+            slot_changed.as_mut().enable();
+            circuit_changed.as_mut().enable();
+            let mut last_error: Option<UpstreamError> = None;
+            for i in 0..n {
+                match &*slots[(start + i) % n].borrow() {
+                    SlotState::Up(conn) if !conn.is_closed() => return Ok(conn.clone()),
+                    SlotState::Down(e) => last_error = Some(e.clone()),
+                    SlotState::Up(_) | SlotState::Connecting => {}
                 }
-                _ => {
-                    self.wake.notify_waiters();
-                    return Err(last_error
-                        .unwrap_or_else(|| UpstreamError::Unavailable("still connecting".into())));
+            }
+            if let Some(refusal) = self.upstream.circuit_open() {
+                return Err(refusal);
+            }
+            let unavailable = || {
+                last_error.clone().unwrap_or_else(|| {
+                    UpstreamError::Unavailable(
+                        format!("no connection within {limit:?} (still connecting)").into(),
+                    )
+                })
+            };
+            // Someone wants Redis now: the supervisors try at once.
+            self.wake.notify_waiters();
+            if !wait || tokio::time::Instant::now() >= deadline {
+                return Err(unavailable());
+            }
+            let changed = async {
+                tokio::select! {
+                    _ = slot_changed => {}
+                    _ = circuit_changed => {}
                 }
+            };
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(unavailable());
             }
         }
     }
@@ -456,6 +616,9 @@ impl Pool {
         match taken {
             Some(conn) => Ok(conn),
             None => {
+                if let Some(refusal) = self.upstream.circuit_open() {
+                    return Err(refusal);
+                }
                 self.upstream
                     .connect(
                         self.key.clone(),
@@ -504,13 +667,21 @@ impl Drop for Pool {
     }
 }
 
-/// Keeps one shared slot connected for the life of the pool.
-async fn supervise(
-    upstream: Arc<Upstream>,
-    key: PoolKey,
+/// One shared slot's state, and who to tell when it changes.
+struct Slot {
     state: watch::Sender<SlotState>,
-    wake: Arc<Notify>,
-) {
+    changed: Arc<Notify>,
+}
+
+impl Slot {
+    fn set(&self, state: SlotState) {
+        self.state.send_replace(state);
+        self.changed.notify_waiters();
+    }
+}
+
+/// Keeps one shared slot connected for the life of the pool.
+async fn supervise(upstream: Arc<Upstream>, key: PoolKey, slot: Slot, wake: Arc<Notify>) {
     let min = upstream.cfg.reconnect_min.0;
     let max = upstream.cfg.reconnect_max.0;
     let mut delay = min;
@@ -529,7 +700,7 @@ async fn supervise(
                         tracing::debug!(db = key.db, proto = ?key.proto, "upstream connection up")
                     }
                 }
-                state.send_replace(SlotState::Up(conn.clone()));
+                slot.set(SlotState::Up(conn.clone()));
                 delay = min;
                 let mut conn = conn;
                 let mut epoch = upstream.epoch.subscribe();
@@ -548,7 +719,7 @@ async fn supervise(
                             match upstream.connect(key.clone(), opts.clone()).await {
                                 Ok(fresh) => {
                                     tracing::info!(db = key.db, "upstream connection renewed with the rotated credentials");
-                                    state.send_replace(SlotState::Up(fresh.clone()));
+                                    slot.set(SlotState::Up(fresh.clone()));
                                     conn = fresh;
                                 }
                                 Err(e) => tracing::warn!(db = key.db, error = %e, "renewing an upstream connection with the rotated credentials failed; keeping the old one"),
@@ -561,7 +732,7 @@ async fn supervise(
                 } else {
                     tracing::debug!(db = key.db, "upstream connection lost; reconnecting");
                 }
-                state.send_replace(SlotState::Connecting);
+                slot.set(SlotState::Connecting);
                 // Reconnect at once the first time: a lost connection is often
                 // a single event (a killed client, a failover), not an outage.
                 continue;
@@ -573,19 +744,26 @@ async fn supervise(
                 } else {
                     tracing::debug!(db = key.db, error = %e, retry_in = ?delay, "upstream connect failed");
                 }
-                state.send_replace(SlotState::Down(e));
+                slot.set(SlotState::Down(e));
+                let wait = jitter(delay);
+                delay = (delay * 2).min(max);
+                // While the circuit is open, the next attempt is the
+                // half-open one, when the cool-down ends; requests do not
+                // wake it (they are refused meanwhile).
+                if let State::Open(left) = upstream.breaker.state() {
+                    tokio::time::sleep(left).await;
+                    continue;
+                }
                 // Back off, but try at once when a request wants Redis
                 // (after a short floor, so a flood of requests during an
                 // outage is not a flood of connection attempts): service
                 // resumes the moment Redis can serve.
-                let wait = jitter(delay);
                 let floor = WAKE_FLOOR.min(wait);
                 tokio::time::sleep(floor).await;
                 tokio::select! {
                     _ = tokio::time::sleep(wait - floor) => {}
                     _ = wake.notified() => {}
                 }
-                delay = (delay * 2).min(max);
             }
         }
     }

@@ -103,7 +103,10 @@ async fn a_stopped_redis_under_200_clients_keeps_memory_bounded_and_everything_a
         &config,
         format!(
             "[upstream]\nurl = \"{}\"\ncommand_timeout = \"{}s\"\nconnect_timeout = \"{}s\"\n\
-             max_in_flight_bytes = \"{CAP_MIB}MiB\"\n",
+             max_in_flight_bytes = \"{CAP_MIB}MiB\"\n\
+             # (every command's error reply is counted; the default closes\n\
+             # the client of a command whose outcome is unknown)\n\
+             on_lost = \"error\"\n",
             redis.url(),
             COMMAND_TIMEOUT.as_secs(),
             CONNECT_TIMEOUT.as_secs(),

@@ -165,6 +165,9 @@ async fn service_resumes_as_soon_as_redis_is_back_whatever_the_backoff() {
     let mut cfg = config_for(&redis);
     cfg.upstream.reconnect_min = Dur(Duration::from_secs(20));
     cfg.upstream.reconnect_max = Dur(Duration::from_secs(20));
+    // (One client polls throughout: a GET meeting the dying connection is
+    // answered, not closed.)
+    cfg.upstream.on_lost = nearcache::config::OnLost::Error;
     let proxy = TestProxy::start_with(cfg).await;
     proxy
         .expect_log(UPSTREAM_LOST)

@@ -8,11 +8,14 @@
 //!   check and connection name, pipelines, SCAN streams, MULTI/WATCH,
 //!   `defineCommand` scripts, auto-pipelining against L1, pub/sub, blocking
 //!   pops, SELECT).
+//! - Both across a Redis restart, with redis-py's `Retry` and ioredis's
+//!   defaults: `tests/python/redis_py_restart.py`, `tests/node/ioredis_restart.js`.
 //!
 //! `scripts/test.sh` installs both (redis-py into the project's `.venv`,
 //! whose python it passes as `NEARCACHE_PYTHON`; `npm ci` in `tests/node`).
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nearcache::config::RuleConfig;
@@ -78,4 +81,61 @@ async fn ioredis_works_unchanged_through_the_proxy() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/ioredis_compat.js");
     run_checks("node", script, &proxy, &redis).await;
     proxy.shutdown().await;
+}
+
+/// Runs `program script PROXY_PORT`, restarts Redis once it prints
+/// `ready`, and fails unless the script (which checks every command
+/// succeeded, and that INFO shows the new server) succeeds.
+async fn across_a_restart(program: &str, script: &str) {
+    let mut redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    proxy
+        .expect_log("upstream connection lost")
+        .expect_log("upstream connect failed");
+    let port = proxy.port();
+    tokio::task::block_in_place(|| {
+        let mut child = Command::new(program)
+            .arg(script)
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} {script}: {e} (scripts/test.sh installs it)"));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = lines.next().and_then(Result::ok);
+        if ready.as_deref() == Some("ready") {
+            redis.restart();
+        }
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            ready.as_deref() == Some("ready") && out.status.success(),
+            "{script} failed ({:?}):\n{ready:?}\n{}\n{}",
+            out.status,
+            rest.join("\n"),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(rest.iter().any(|l| l.starts_with("ok:")), "{rest:?}");
+    });
+    proxy.shutdown().await;
+}
+
+/// redis-py's `Retry` recovers through nearcache across a Redis restart with
+/// no error reaching the application: a command in flight when Redis went
+/// closes the client's connection (`upstream.on_lost = "close"`), which
+/// redis-py retries; the retried command waits for the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_retry_recovers_across_a_redis_restart() {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/redis_py_restart.py"
+    );
+    across_a_restart(&python(), script).await;
+}
+
+/// The same with ioredis's defaults (reconnect, resend what was unanswered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ioredis_defaults_recover_across_a_redis_restart() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/node/ioredis_restart.js");
+    across_a_restart("node", script).await;
 }

@@ -10,6 +10,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -1732,4 +1734,256 @@ async fn redis_tracking_drops_values_written_directly_to_redis() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     proxy.shutdown().await;
+}
+
+// ------------------------------------------------ the upstream is reborn
+
+/// What Redis holds after it restarts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Reborn {
+    /// Nothing (no persistence, or a lost disk).
+    Empty,
+    /// Another dataset (a restore, or a failover to a server behind): the
+    /// even keys with other values, the odd ones absent.
+    Other,
+}
+
+/// How many keys the restart tests cache.
+const REBORN_KEYS: usize = 40;
+
+impl Reborn {
+    /// What key `i` holds after the restart.
+    fn value(self, i: usize) -> Option<String> {
+        (self == Reborn::Other && i % 2 == 0).then(|| format!("new-{i}"))
+    }
+}
+
+/// The integer `field` of `PROXY STATS`'s `upstream` map.
+async fn upstream_stat(c: &mut MultiplexedConnection, field: &str) -> i64 {
+    let v: Value = redis::cmd("PROXY")
+        .arg("STATS")
+        .query_async(c)
+        .await
+        .unwrap();
+    let upstream = pairs(&v)
+        .into_iter()
+        .find_map(|(k, v)| (k == "upstream").then_some(v))
+        .expect("PROXY STATS has upstream");
+    match pairs(&upstream)
+        .into_iter()
+        .find_map(|(k, v)| (k == field).then_some(v))
+    {
+        Some(Value::Int(n)) => n,
+        other => panic!("upstream.{field} is {other:?}"),
+    }
+}
+
+/// One read of the load: when it was sent, which key, what came back
+/// (None: an error, which an outage may give).
+type Read = (Instant, usize, Option<Option<String>>);
+
+/// Reads every key in turn through `client` until `stop`, reconnecting
+/// after an error (bounded: at most 100 000 reads), counting them in
+/// `done`.
+async fn read_load(
+    client: redis::Client,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) -> Vec<Read> {
+    let mut reads = Vec::new();
+    let mut conn: Option<MultiplexedConnection> = None;
+    for n in 0..100_000 {
+        if stop.load(SeqCst) {
+            break;
+        }
+        if conn.is_none() {
+            conn = client.get_multiplexed_async_connection().await.ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            continue;
+        };
+        let i = n % REBORN_KEYS;
+        let sent = Instant::now();
+        let got: redis::RedisResult<Option<String>> = c.get(format!("t:{i}")).await;
+        if got.is_err() {
+            conn = None;
+        }
+        reads.push((sent, i, got.ok()));
+        done.fetch_add(1, SeqCst);
+    }
+    reads
+}
+
+/// Waits (bounded) until every counter of `done` is at least `want`'s.
+async fn until_read(done: &[Arc<AtomicUsize>], want: &[usize]) {
+    let deadline = Instant::now() + POLL_LIMIT;
+    while done.iter().zip(want).any(|(d, w)| d.load(SeqCst) < *w) {
+        assert!(
+            Instant::now() < deadline,
+            "the load stalled: {done:?} of {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Guards `Upstream::observe` (the identity each new connection learns
+/// from `INFO`) and the hook that flushes L1 and publishes a flush:
+/// under load through two instances, Redis is killed and restarted
+/// `reborn`; once an instance has a reply from the new server, no read
+/// through it may return a value the old one held. Without the check, L1
+/// would serve every key's old value for the rule's 60 s.
+async fn an_upstream_reborn_is_never_read_through_old_l1_entries(reborn: Reborn) {
+    let mut c = Cluster::start(2).await;
+    c.expect_log("upstream connection lost")
+        .expect_log("upstream connect failed")
+        .expect_log("the upstream is another server now");
+    for i in 0..REBORN_KEYS {
+        set_direct(&c.redis, &format!("t:{i}"), &format!("old-{i}"));
+    }
+    // The other dataset, made by a server of its own and saved to a file.
+    let other = (reborn == Reborn::Other).then(|| {
+        let other = RedisServer::start();
+        for i in 0..REBORN_KEYS {
+            if let Some(v) = reborn.value(i) {
+                set_direct(&other, &format!("t:{i}"), &v);
+            }
+        }
+        (other.save(), other)
+    });
+    for conn in &mut c.conns {
+        for i in 0..REBORN_KEYS {
+            assert_eq!(
+                cache_it(conn, &c.redis, &format!("t:{i}")).await,
+                format!("old-{i}")
+            );
+        }
+    }
+    let flushes_before = [c.bus(0).await.get("flushes"), c.bus(1).await.get("flushes")];
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::default()).collect();
+    let load: Vec<_> = c
+        .proxies
+        .iter()
+        .zip(&done)
+        .map(|(p, d)| tokio::spawn(read_load(p.client(), stop.clone(), d.clone())))
+        .collect();
+    until_read(&done, &[REBORN_KEYS; 2]).await;
+    match &other {
+        None => c.redis.restart(),
+        Some((rdb, _)) => c.redis.restart_with_dataset(rdb),
+    }
+    // When each instance first has a reply from the new server: the
+    // connection that carried it was checked, so L1 was flushed before.
+    let mut knew = Vec::new();
+    for conn in &mut c.conns {
+        let deadline = Instant::now() + POLL_LIMIT;
+        loop {
+            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(conn).await;
+            if pong.is_ok_and(|p| p == "PONG") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no PONG from the restarted Redis"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        knew.push(Instant::now());
+    }
+    let now: Vec<usize> = done
+        .iter()
+        .map(|d| d.load(SeqCst) + 2 * REBORN_KEYS)
+        .collect();
+    until_read(&done, &now).await;
+    stop.store(true, SeqCst);
+
+    for (who, task) in load.into_iter().enumerate() {
+        let reads = task.await.unwrap();
+        let after: Vec<_> = reads
+            .iter()
+            .filter(|(sent, ..)| *sent > knew[who])
+            .collect();
+        assert!(
+            after.len() >= REBORN_KEYS,
+            "inst-{who}: only {} reads after the restart",
+            after.len()
+        );
+        for (_, i, got) in &after {
+            if let Some(got) = got {
+                assert_eq!(
+                    *got,
+                    reborn.value(*i),
+                    "inst-{who}: t:{i} read a value the restarted Redis ({reborn:?}) does not hold"
+                );
+            }
+        }
+        let old = reads
+            .iter()
+            .filter(|(_, i, got)| matches!(got, Some(Some(v)) if *v == format!("old-{i}")))
+            .count();
+        assert!(old > 0, "inst-{who}: no read before the restart was served");
+    }
+    for (i, (conn, before)) in c.conns.iter_mut().zip(flushes_before).enumerate() {
+        assert!(
+            upstream_stat(conn, "identity_changes").await >= 1,
+            "inst-{i} counts the new server"
+        );
+        // Each published a flush, which the other applied.
+        until_bus(conn, "the peer's flush", POLL_LIMIT, |s| {
+            s.get("flushes") > before
+        })
+        .await;
+        for k in 0..REBORN_KEYS {
+            assert_eq!(get(conn, &format!("t:{k}")).await, reborn.value(k));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_is_never_read_through_old_l1_entries() {
+    an_upstream_reborn_is_never_read_through_old_l1_entries(Reborn::Empty).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_with_another_dataset_is_never_read_through_old_l1_entries() {
+    an_upstream_reborn_is_never_read_through_old_l1_entries(Reborn::Other).await;
+}
+
+/// The same on one instance without a bus: its own check flushes L1 (no
+/// peer's flush can).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_instance_flushes_l1_when_redis_restarts_empty() {
+    let mut redis = RedisServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.cache.rules = vec![rule("t:", Duration::from_secs(60))];
+    let proxy = TestProxy::start_with(cfg).await;
+    proxy
+        .expect_log("upstream connection lost")
+        .expect_log("upstream connect failed")
+        .must_log("the upstream is another server now");
+    let mut conn = proxy.conn().await;
+    set_direct(&redis, "t:1", "old");
+    assert_eq!(cache_it(&mut conn, &redis, "t:1").await, "old");
+    redis.restart();
+    let mut fresh = proxy.conn().await;
+    let deadline = Instant::now() + POLL_LIMIT;
+    while redis::cmd("PING")
+        .query_async::<String>(&mut fresh)
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no PONG from the restarted Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        get(&mut fresh, "t:1").await,
+        None,
+        "L1 kept the old server's value"
+    );
+    assert_eq!(upstream_stat(&mut fresh, "identity_changes").await, 1);
 }

@@ -907,12 +907,12 @@ async fn hung_upstream_requests_time_out_in_bounded_time_and_recover_after_sigco
     redis.signal("STOP");
     let resume = Resume(&redis);
     let started = Instant::now();
-    let reply = client.cmd(&["GET", "k"]).await;
+    // Sent, never answered: its outcome is unknown, so the client's
+    // connection closes (upstream.on_lost = "close"), in bounded time.
+    client.send(&encode(&["GET", "k"])).await;
     assert!(
-        reply
-            .error()
-            .is_some_and(|e| e.starts_with("ERR upstream timeout")),
-        "{reply:?}"
+        client.closed_within(Duration::from_secs(2)).await,
+        "the client of a timed-out request is closed"
     );
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -921,16 +921,22 @@ async fn hung_upstream_requests_time_out_in_bounded_time_and_recover_after_sigco
     );
     // While Redis stays hung, every request fails in bounded time (a timeout,
     // or "unavailable" while reconnecting cannot complete its handshake).
+    // (A request sent on a connection not yet found hung closes its client
+    // too.)
+    let mut client = Client::connect(proxy.port()).await;
     for _ in 0..3 {
         let started = Instant::now();
-        let reply = client.cmd(&["GET", "k"]).await;
-        assert!(
-            reply
-                .error()
-                .is_some_and(|e| e.starts_with("ERR upstream timeout")
-                    || e.starts_with("ERR upstream unavailable")),
-            "{reply:?}"
-        );
+        client.send(&encode(&["GET", "k"])).await;
+        match client.next(Duration::from_secs(2)).await {
+            Ok(reply) => assert!(
+                reply
+                    .error()
+                    .is_some_and(|e| e.starts_with("ERR upstream unavailable")),
+                "{reply:?}"
+            ),
+            Err(Ended::Closed) => client = Client::connect(proxy.port()).await,
+            Err(Ended::TimedOut) => panic!("no answer within 2 s"),
+        }
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 
@@ -944,6 +950,8 @@ async fn hung_upstream_requests_time_out_in_bounded_time_and_recover_after_sigco
 async fn hung_upstream_transaction_gets_an_error_in_bounded_time() {
     let redis = RedisServer::start();
     let mut cfg = config_for(&redis);
+    // (The error replies; the default closes the client instead.)
+    cfg.upstream.on_lost = nearcache::config::OnLost::Error;
     cfg.upstream.command_timeout = ConfigDuration(Duration::from_millis(300));
     cfg.upstream.connect_timeout = ConfigDuration(Duration::from_millis(500));
     let proxy = TestProxy::start_with(cfg).await;
@@ -1054,5 +1062,72 @@ async fn select_out_of_range_is_redis_error_and_client_stays_on_its_db() {
         Reply::Error("ERR DB index is out of range".into())
     );
     assert_eq!(client.cmd(&["GET", "k"]).await, Reply::bulk("db1"));
+    proxy.shutdown().await;
+}
+
+/// `circuit_state` of `PROXY STATS`'s `upstream` map, asked on `client`.
+async fn circuit_state(client: &mut Client) -> i64 {
+    let Reply::Array(Some(top)) = client.cmd(&["PROXY", "STATS"]).await else {
+        panic!("PROXY STATS is an array in RESP2");
+    };
+    let at = |items: &[Reply], name: &str| {
+        items
+            .chunks(2)
+            .find(|kv| kv[0] == Reply::bulk(name))
+            .map(|kv| kv[1].clone())
+    };
+    let Some(Reply::Array(Some(upstream))) = at(&top, "upstream") else {
+        panic!("PROXY STATS has an upstream map");
+    };
+    match at(&upstream, "circuit_state") {
+        Some(Reply::Int(n)) => n,
+        other => panic!("circuit_state is {other:?}"),
+    }
+}
+
+/// Guards `upstream::breaker` and `Pool::pick`: with Redis gone, commands
+/// are refused with one clear error (no doubled prefix); after the
+/// configured failed rounds the circuit opens (the refusal says so, and
+/// `PROXY STATS` shows it); once Redis is back, the half-open attempt
+/// closes it and commands run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_opens_after_failed_rounds_refuses_clearly_and_closes_when_redis_is_back() {
+    let mut redis = RedisServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.upstream.breaker_failures = 3;
+    cfg.upstream.breaker_cool_down = ConfigDuration(Duration::from_millis(300));
+    cfg.upstream.connect_timeout = ConfigDuration(Duration::from_millis(300));
+    let proxy = TestProxy::start_with(cfg).await;
+    proxy
+        .expect_log(UPSTREAM_LOST)
+        .expect_log(UPSTREAM_CONNECT_FAILED);
+    let mut client = Client::connect(proxy.port()).await;
+    assert_eq!(client.cmd(&["SET", "k", "v"]).await, Reply::status("OK"));
+    assert_eq!(circuit_state(&mut client).await, 0);
+    redis.kill();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusal = loop {
+        client.send(&encode(&["GET", "k"])).await;
+        match client.next(Duration::from_secs(5)).await {
+            Ok(Reply::Error(e)) if e.contains("(circuit open, next attempt in") => break e,
+            Ok(Reply::Error(e)) => assert!(e.starts_with("ERR upstream unavailable: "), "{e}"),
+            Err(Ended::Closed) => client = Client::connect(proxy.port()).await,
+            other => panic!("GET with Redis gone: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the circuit never opened");
+    };
+    assert!(
+        refusal.starts_with("ERR upstream unavailable: connect to 127.0.0.1:")
+            && refusal.matches("upstream unavailable").count() == 1,
+        "one clear error: {refusal}"
+    );
+    assert_eq!(circuit_state(&mut client).await, 1, "open");
+
+    redis.restart();
+    wait_for_pong(&mut client, Duration::from_secs(10)).await;
+    assert_eq!(circuit_state(&mut client).await, 0, "closed again");
+    // (Redis restarted empty.)
+    assert_eq!(client.cmd(&["GET", "k"]).await, Reply::Bulk(None));
     proxy.shutdown().await;
 }

@@ -287,7 +287,8 @@ impl Session {
             },
             lane: Lane::new(ctx.upstream.clone(), ctx.default_pool.clone()),
             mode: Mode::Shared,
-            out: Outbox::new(ctx.ack.clone(), ctx.stats.clone()),
+            out: Outbox::new(ctx.ack.clone(), ctx.stats.clone())
+                .closing_on_lost(ctx.cfg.upstream.on_lost == crate::config::OnLost::Close),
             batch: Batch::default(),
             muting: Muting::default(),
             scratch: Scratch::default(),

@@ -268,15 +268,20 @@ impl Session {
 /// Keeps nearcache's own commands out of a `MONITOR` client's view where
 /// they can be told apart: the handshake of every connection it opens
 /// (`HELLO … SETNAME nearcache`) and what that connection sends right after
-/// it (its `SELECT`, a probe's `CLIENT LIST ID`, tracking's `CLIENT
+/// it (its `SELECT`, the `INFO server` and `INFO replication` that tell the
+/// server's identity, a probe's `CLIENT LIST ID`, tracking's `CLIENT
 /// TRACKING`), and the commands that carry a `__nearcache:` marker (the
 /// stand-ins' `PING`s, `WAIT`'s `PUBLISH`). What stays visible is in the
 /// README (a miss's `PTTL`, the commands L1 answers not showing at all).
 #[derive(Default)]
 struct MonitorFilter {
-    /// The `[db addr]` of a handshake just hidden.
-    after_handshake: Option<Vec<u8>>,
+    /// The addresses of connections whose handshake was just hidden (and
+    /// whose follow-ups still are), oldest first.
+    handshaken: Vec<Vec<u8>>,
 }
+
+/// Connections handshaking at once that the filter tells apart.
+const HANDSHAKES_TRACKED: usize = 32;
 
 impl MonitorFilter {
     fn keeps(&mut self, frame: &[u8]) -> bool {
@@ -291,26 +296,35 @@ impl MonitorFilter {
             return true;
         };
         let (whence, line) = (&frame[open..=close], &frame[close..]);
+        // (The database in `whence` moves with a SELECT: the address is
+        // what names the connection.)
+        let addr = whence
+            .iter()
+            .position(|&b| b == b' ')
+            .map_or(whence, |i| &whence[i..]);
         let contains = |needle: &[u8]| line.windows(needle.len()).any(|w| w == needle);
         let handshake = line.starts_with(b"] \"HELLO\"") && contains(b"\"SETNAME\" \"nearcache\"");
         if handshake {
-            self.after_handshake = Some(whence.to_vec());
+            if self.handshaken.len() == HANDSHAKES_TRACKED {
+                self.handshaken.remove(0);
+            }
+            self.handshaken.push(addr.to_vec());
             return false;
         }
-        // (The database in `whence` moves with a SELECT: compare the address.)
-        let same_conn = self.after_handshake.take().is_some_and(|w| {
-            w.iter().position(|&b| b == b' ').map(|i| &w[i..])
-                == whence.iter().position(|&b| b == b' ').map(|i| &whence[i..])
-        });
-        let follow_up = [
-            &b"] \"SELECT\""[..],
-            b"] \"CLIENT\" \"LIST\" \"ID\"",
-            b"] \"CLIENT\" \"TRACKING\"",
-        ]
-        .iter()
-        .any(|c| line.starts_with(c));
-        if same_conn && follow_up {
-            return false;
+        if let Some(i) = self.handshaken.iter().position(|a| a == addr) {
+            let follow_up = [
+                &b"] \"SELECT\""[..],
+                b"] \"INFO\" \"server\"",
+                b"] \"INFO\" \"replication\"",
+                b"] \"CLIENT\" \"LIST\" \"ID\"",
+                b"] \"CLIENT\" \"TRACKING\"",
+            ]
+            .iter()
+            .any(|c| line.starts_with(c));
+            if follow_up {
+                return false;
+            }
+            self.handshaken.remove(i);
         }
         !contains(b"\"__nearcache:")
     }

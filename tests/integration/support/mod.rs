@@ -171,6 +171,25 @@ impl RedisServer {
         );
     }
 
+    /// Starts the server again on the same port holding `rdb`'s dataset
+    /// instead of nothing (a restore, or a failover to a server with other
+    /// data).
+    pub fn restart_with_dataset(&mut self, rdb: &Path) {
+        self.kill();
+        std::fs::copy(rdb, self.dir.path().join("dump.rdb")).expect("copy the dataset");
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
+    /// `SAVE`s the dataset and returns the file it went to.
+    pub fn save(&self) -> PathBuf {
+        let _: () = redis::cmd("SAVE").query(&mut self.direct()).unwrap();
+        self.dir.path().join("dump.rdb")
+    }
+
     /// Sends SIGSTOP / SIGCONT (a hung server).
     pub fn signal(&self, sig: &str) {
         if let Some(child) = &self.child {
