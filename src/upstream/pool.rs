@@ -509,8 +509,7 @@ impl Pool {
     /// old, unless the circuit is open (then fails at once).
     pub async fn shared(&self) -> Result<Conn, UpstreamError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        self.pick(&self.slots[..self.slots.len() / 2], start, true)
-            .await
+        self.pick(&self.slots[..self.slots.len() / 2], start).await
     }
 
     /// One of the pool's connections for scripts and functions (`EVAL`,
@@ -521,22 +520,20 @@ impl Pool {
     /// `SCRIPT KILL` reaches it. While they are down, a shared one.
     pub async fn scripts(&self) -> Result<Conn, UpstreamError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        match self
-            .pick(&self.slots[self.slots.len() / 2..], start, false)
-            .await
-        {
+        // (Both waits end with the outage's first connect timeout: no
+        // double wait.)
+        match self.pick(&self.slots[self.slots.len() / 2..], start).await {
             Ok(conn) => Ok(conn),
             Err(_) => self.shared().await,
         }
     }
 
-    /// A live connection of `slots`, round-robin from `start`; with `wait`,
-    /// waits for one as [`Pool::shared`] does.
+    /// A live connection of `slots`, round-robin from `start`, waited for
+    /// as [`Pool::shared`] says.
     async fn pick(
         &self,
         slots: &[watch::Receiver<SlotState>],
         start: usize,
-        wait: bool,
     ) -> Result<Conn, UpstreamError> {
         let n = slots.len();
         for i in 0..n {
@@ -586,7 +583,7 @@ impl Pool {
             };
             // Someone wants Redis now: the supervisors try at once.
             self.wake.notify_waiters();
-            if !wait || tokio::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(unavailable());
             }
             let changed = async {

@@ -759,7 +759,13 @@ fn load_worker(
 async fn upstream_killed_mid_load_every_request_answered_and_proxy_recovers_on_restart() {
     let mut redis = RedisServer::start();
     let mut dir = RestartDir::of(&redis);
-    let proxy = TestProxy::start(&redis).await;
+    let mut cfg = config_for(&redis);
+    // Every request answered: the in-flight ones with an error, not a
+    // close (the default, tested with real clients in `clients`); and a
+    // short wait for the reconnect, so "fast" below is well under 1 s.
+    cfg.upstream.on_lost = nearcache::config::OnLost::Error;
+    cfg.upstream.connect_timeout = ConfigDuration(Duration::from_millis(300));
+    let proxy = TestProxy::start_with(cfg).await;
     proxy
         .expect_log(UPSTREAM_LOST)
         .expect_log(UPSTREAM_CONNECT_FAILED);
