@@ -82,7 +82,7 @@ done
 cpu() { awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
 # Nanoseconds a process's threads have spent on a CPU: the served target's
 # own cost, which this VM's noise moves far less than requests/s.
-oncpu() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {print s + 0}'; }
+oncpu() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d\n", s}'; }
 n=${#ports[@]}
 printf 'round\t%-40s\trps\tidle%%\tcpu_ns/req\n' target
 for ((round = 0; round < ROUNDS; round++)); do
@@ -119,5 +119,6 @@ print(f"\nmedians of {len(rows[base])} rounds; ratios against {base} (rps: highe
 print(f"{'target':40}\t{'rps':>9}\t{'cpu_ns/req':>10}\trps/base\tcpu/base")
 for n in names:
     r, c = med[n]
-    print(f"{n:40}\t{r:9.0f}\t{c:10.0f}\t{r / med[base][0]:.3f}\t{c / med[base][1]:.3f}")
+    ratio = lambda a, b: f"{a / b:.3f}" if b else "-"
+    print(f"{n:40}\t{r:9.0f}\t{c:10.0f}\t{ratio(r, med[base][0])}\t{ratio(c, med[base][1])}")
 PY
