@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use nearcache::cache::{L1, Now, Rules};
+use nearcache::cache::{L1, Lifetime, Now, Rules};
 use nearcache::config::RuleConfig;
 use nearcache::protocol::Protocol;
 use nearcache::stats::{RuleStats, Stats};
@@ -35,8 +35,11 @@ fn l1(keys: usize) -> std::sync::Arc<L1> {
             Protocol::Resp2.into(),
             &req,
             &reply,
-            Duration::from_secs(3600),
-            None,
+            Lifetime {
+                ttl: Duration::from_secs(3600),
+                stale_for: Duration::ZERO,
+                refresh_ahead: None,
+            },
         );
     }
     cache

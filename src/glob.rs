@@ -64,6 +64,19 @@ pub fn literal_prefix(pattern: &[u8]) -> &[u8] {
     &pattern[..end]
 }
 
+/// `literal` as a pattern matching only itself (`*`, `?`, `[`, `]` and `\\`
+/// escaped), e.g. to `SCAN MATCH` a prefix: `escape(p) + "*"`.
+pub fn escape(literal: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(literal.len() + 4);
+    for &c in literal {
+        if matches!(c, b'*' | b'?' | b'[' | b']' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Matches `c` against the class starting at `pattern[at] == b'['`; returns
 /// (matched, index after the class), or None if the class is unterminated.
 fn class(pattern: &[u8], at: usize, c: u8) -> Option<(bool, usize)> {
@@ -113,6 +126,17 @@ mod tests {
         assert!(matches(b"*:1m", b"candles:BTC:1m"));
         assert!(!matches(b"*:1m", b"candles:BTC:1h"));
         assert!(matches(b"a*b*c", b"aXXbYYc"));
+    }
+
+    #[test]
+    fn an_escaped_literal_matches_only_itself() {
+        for literal in [&b"ticker:"[..], b"a*b", b"q?[x]\\"] {
+            let mut p = super::escape(literal);
+            assert!(matches(&p, literal), "{p:?}");
+            p.push(b'*');
+            assert!(matches(&p, &[literal, b":rest"].concat()));
+        }
+        assert!(!matches(&super::escape(b"a*b"), b"axxb"));
     }
 
     #[test]

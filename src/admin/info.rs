@@ -88,6 +88,14 @@ pub fn section(ctx: &Context) -> String {
         total => hits as f64 / total as f64,
     };
     line("l1_hit_ratio", &format_args!("{ratio:.4}"));
+    let stale: u64 = ctx
+        .snapshot
+        .load()
+        .rules
+        .iter()
+        .map(|r| r.stats.stale_hits.load(Relaxed))
+        .sum();
+    line("l1_stale_hits", &stale);
     line("upstream_up", &u8::from(ctx.default_pool.any_shared_up()));
     line("bus", &super::readiness(ctx, false).bus);
     let peers = match &ctx.bus {

@@ -210,6 +210,25 @@ impl Collector for StatsCollector {
         )?;
         counter(
             &mut enc,
+            "nearcache_warm_keys",
+            "Keys warming filled L1 with (cache.warm), over every pass.",
+            ctx.stats.warm.keys.load(Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "nearcache_warm_passes",
+            "Warming passes finished (at start and after every full flush).",
+            ctx.stats.warm.passes.load(Relaxed),
+        )?;
+        gauge(
+            &mut enc,
+            "nearcache_warm_running",
+            "1 while a warming pass runs.",
+            None,
+            i64::from(ctx.stats.warm.running.load(Relaxed)),
+        )?;
+        counter(
+            &mut enc,
             "nearcache_upstream_identity_changes",
             "Times a connection reached another upstream server than the one before (restart, failover, restore): L1 was flushed on every instance.",
             ctx.upstream.identity_changes(),
@@ -297,6 +316,11 @@ impl Collector for StatsCollector {
                 "nearcache_l1_fills",
                 "Replies stored in L1, by rule.",
                 |s| s.fills.load(Relaxed),
+            ),
+            (
+                "nearcache_l1_stale_hits",
+                "Reads answered from L1 past their TTL while Redis was unreachable (stale_if_error), by rule.",
+                |s| s.stale_hits.load(Relaxed),
             ),
             (
                 "nearcache_l1_stale_fills_rejected",

@@ -13,6 +13,8 @@ mod inspect;
 mod limits;
 mod metrics;
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -166,8 +168,9 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     let (entries, bytes) = l1.usage();
     let snapshot = ctx.snapshot.load();
     let rules: Vec<_> = snapshot.rules.iter().collect();
-    r.map(11);
+    r.map(12);
     bus_stats(&mut r, ctx);
+    warm_stats(&mut r, ctx);
     upstream_stats(&mut r, ctx);
     request_stats(&mut r, ctx);
     limits::stats(&mut r, ctx);
@@ -276,6 +279,36 @@ fn upstream_stats(r: &mut Reply, ctx: &Context) {
     }
 }
 
+/// The `warm` entry of `PROXY STATS`: warming L1 (`fill::warm`).
+fn warm_stats(r: &mut Reply, ctx: &Context) {
+    let w = &ctx.stats.warm;
+    let n = |v: &std::sync::atomic::AtomicU64| i64::try_from(v.load(Relaxed)).unwrap_or(i64::MAX);
+    let fields: [(&str, i64); 6] = [
+        ("running", i64::from(w.running.load(Relaxed))),
+        ("passes", n(&w.passes)),
+        ("failed", n(&w.failed)),
+        ("keys", n(&w.keys)),
+        ("last_keys", n(&w.last_keys)),
+        ("last_ms", n(&w.last_ms)),
+    ];
+    r.bulk(b"warm").map(fields.len());
+    for (name, value) in fields {
+        r.bulk(name.as_bytes()).int(value);
+    }
+}
+
+/// Whether `cache.warm.ready_after_warm` still holds readiness back: no
+/// pass finished yet, within `cache.warm.timeout` of the start, while some
+/// rule warms.
+fn warming(ctx: &Context) -> bool {
+    let cfg = &ctx.cfg.cache.warm;
+    cfg.ready_after_warm
+        && ctx.l1.is_some()
+        && ctx.stats.warm.passes.load(Relaxed) == 0
+        && ctx.stats.started.0.elapsed() < cfg.timeout.0
+        && ctx.snapshot.load().rules.iter().any(|r| r.warm)
+}
+
 /// The `bus` entry of `PROXY STATS`.
 fn bus_stats(r: &mut Reply, ctx: &Context) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -328,6 +361,8 @@ pub struct Readiness {
     pub draining: bool,
     /// The upstream's circuit breaker: "closed", "open" or "half_open".
     pub circuit: &'static str,
+    /// The first warming pass is still running (`ready_after_warm`).
+    pub warming: bool,
 }
 
 impl Readiness {
@@ -346,12 +381,16 @@ impl Readiness {
         if self.circuit == "open" {
             why.push("upstream circuit open");
         }
+        if self.warming {
+            why.push("warming L1 (cache.warm.ready_after_warm)");
+        }
         json!({
             "ready": self.ready,
             "upstream": if self.upstream { "up" } else { "down" },
             "circuit": self.circuit,
             "bus": self.bus,
             "draining": self.draining,
+            "warming": self.warming,
             "why": why,
         })
     }
@@ -368,12 +407,14 @@ pub fn readiness(ctx: &Context, draining: bool) -> Readiness {
         Some(_) => "lost",
     };
     let circuit = ctx.upstream.breaker.state().name();
+    let warming = warming(ctx);
     Readiness {
-        ready: upstream && bus != "lost" && !draining && circuit != "open",
+        ready: upstream && bus != "lost" && !draining && circuit != "open" && !warming,
         upstream,
         bus,
         draining,
         circuit,
+        warming,
     }
 }
 

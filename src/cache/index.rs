@@ -25,14 +25,16 @@ use crate::stats::RuleStats;
 const SHARDS: usize = 32;
 
 // Header layout: expiry, refresh-ahead time (u64 ns on `clock()`, MAX for
-// none), id length, request length (u32), the viewer: protocol version (u8)
-// and user namespace (u16).
+// none), the end of its stale-if-error window (u64 ns, = expiry for none),
+// id length, request length (u32), the viewer: protocol version (u8) and
+// user namespace (u16).
 const EXPIRES: usize = 0;
 const REFRESH: usize = 8;
-const ID_LEN: usize = 16;
-const REQUEST_LEN: usize = 20;
-const VIEWER: usize = 24;
-const HEADER: usize = 27;
+const STALE_UNTIL: usize = 16;
+const ID_LEN: usize = 24;
+const REQUEST_LEN: usize = 28;
+const VIEWER: usize = 32;
+const HEADER: usize = 35;
 
 /// Nanoseconds since a process-wide base: expiries in 8 bytes instead of an
 /// `Instant`'s 16, and compared as integers.
@@ -68,12 +70,14 @@ impl Variant {
         reply: &[u8],
         expires: Instant,
         refresh_at: Option<Instant>,
+        stale_until: Instant,
     ) -> Option<Self> {
         let id_len = u32::try_from(id.len()).ok()?;
         let request_len = u32::try_from(request.len()).ok()?;
         let mut buf = Vec::with_capacity(HEADER + id.len() + request.len() + reply.len());
         buf.extend_from_slice(&clock(expires).to_le_bytes());
         buf.extend_from_slice(&refresh_at.map_or(u64::MAX, clock).to_le_bytes());
+        buf.extend_from_slice(&clock(stale_until.max(expires)).to_le_bytes());
         buf.extend_from_slice(&id_len.to_le_bytes());
         buf.extend_from_slice(&request_len.to_le_bytes());
         buf.extend_from_slice(&viewer_bytes(viewer));
@@ -133,6 +137,13 @@ impl Variant {
         self.u64_at(EXPIRES)
     }
 
+    /// Until when it may be served past its expiry while Redis is
+    /// unreachable (stale-if-error), on [`clock`]; its expiry if not at all.
+    #[inline]
+    pub(super) fn stale_until(&self) -> u64 {
+        self.u64_at(STALE_UNTIL)
+    }
+
     /// Whether a hit at `now` (on [`clock`]) should refresh it ahead.
     #[inline]
     pub(super) fn refresh_due(&self, now: u64) -> bool {
@@ -148,8 +159,41 @@ impl Variant {
     /// Whether this is the reply to `request` on (db, key) for `viewer`.
     #[inline]
     fn answers(&self, db: u32, key: &[u8], viewer: Viewer, request: &[u8]) -> bool {
-        self.is_for(viewer) && is_id(self.id(), db, key) && self.request() == request
+        self.is_for(viewer) && is_id(self.id(), db, key) && same_request(self.request(), request)
     }
+}
+
+/// Whether two requests are the same command: byte for byte, but for the
+/// command name's case (`GET` from redis-py, `get` from ioredis, and a
+/// warmed entry's `GET` are one request; keys and arguments stay exact).
+#[inline]
+pub(super) fn same_request(a: &[u8], b: &[u8]) -> bool {
+    a == b || (a.len() == b.len() && names_differ_only_in_case(a, b))
+}
+
+#[cold]
+fn names_differ_only_in_case(a: &[u8], b: &[u8]) -> bool {
+    // `*N\r\n$L\r\n<name>\r\n…`: the name starts after the second newline.
+    let newline = |from: usize| a[from..].iter().position(|&c| c == b'\n').map(|p| from + p);
+    let Some(first) = newline(0) else {
+        return false;
+    };
+    let Some(second) = newline(first + 1) else {
+        return false;
+    };
+    let start = second + 1;
+    let Some(len) = a
+        .get(first + 2..second - 1)
+        .and_then(crate::protocol::parser::parse_i64)
+        .and_then(|l| usize::try_from(l).ok())
+    else {
+        return false;
+    };
+    let end = start + len;
+    end <= a.len()
+        && a[..start] == b[..start]
+        && a[start..end].eq_ignore_ascii_case(&b[start..end])
+        && a[end..] == b[end..]
 }
 
 /// Whether `id` is the id of (db, key) (see `key_id` in the parent module).
@@ -201,9 +245,10 @@ impl KeyEntry {
         }
     }
 
-    /// When its last variant expires, on [`clock`].
+    /// When its last variant may no longer be served, not even stale, on
+    /// [`clock`]: moka keeps the entry until then.
     pub(super) fn last_expiry(&self) -> Option<u64> {
-        self.variants.iter().map(Variant::expires).max()
+        self.variants.iter().map(Variant::stale_until).max()
     }
 }
 
@@ -342,11 +387,31 @@ mod tests {
     use crate::protocol::Protocol;
 
     #[test]
+    fn requests_match_whatever_the_case_of_the_command_name() {
+        let get = b"*2\r\n$3\r\nGET\r\n$3\r\nt:a\r\n";
+        assert!(same_request(get, b"*2\r\n$3\r\nget\r\n$3\r\nt:a\r\n"));
+        assert!(same_request(get, b"*2\r\n$3\r\ngEt\r\n$3\r\nt:a\r\n"));
+        assert!(!same_request(get, b"*2\r\n$3\r\nGET\r\n$3\r\nT:A\r\n"));
+        assert!(!same_request(get, b"*2\r\n$3\r\nget\r\n$3\r\nt:b\r\n"));
+        assert!(!same_request(get, b"*2\r\n$3\r\nSET\r\n$3\r\nt:a\r\n"));
+        assert!(!same_request(b"*1\r\n", b"*2\r\n"));
+        assert!(!same_request(b"*1\r\n$9\r\nA\r\n", b"*1\r\n$9\r\na\r\n"));
+    }
+
+    #[test]
     fn a_variant_keeps_its_parts_apart() {
         // Later than the clock's base, whenever that was set.
         let now = Instant::now() + std::time::Duration::from_secs(1);
-        let v = Variant::new(Protocol::Resp3.into(), b"id", b"req", b"reply", now, None)
-            .expect("small parts");
+        let v = Variant::new(
+            Protocol::Resp3.into(),
+            b"id",
+            b"req",
+            b"reply",
+            now,
+            None,
+            now,
+        )
+        .expect("small parts");
         assert_eq!(v.id(), b"id");
         assert_eq!(v.request(), b"req");
         assert_eq!(v.reply(), b"reply");
@@ -355,7 +420,7 @@ mod tests {
             proto: Protocol::Resp3,
             user: 7,
         };
-        let w = Variant::new(alice, b"id", b"req", b"reply", now, None).expect("small parts");
+        let w = Variant::new(alice, b"id", b"req", b"reply", now, None, now).expect("small parts");
         assert!(w.is_for(alice) && !w.is_for(Protocol::Resp3.into()));
         assert_eq!(
             (w.id(), w.request(), w.reply()),
@@ -363,9 +428,18 @@ mod tests {
         );
         assert_eq!(v.expires(), clock(now));
         assert!(!v.refresh_due(u64::MAX - 1));
-        let r = Variant::new(Protocol::Resp2.into(), b"", b"", b"", now, Some(now))
+        let r = Variant::new(Protocol::Resp2.into(), b"", b"", b"", now, Some(now), now)
             .expect("empty parts");
         assert!(r.refresh_due(clock(now)) && !r.refresh_due(clock(now) - 1));
+        // The stale window ends at the expiry at the earliest.
+        assert_eq!(r.stale_until(), clock(now));
+        let later = now + std::time::Duration::from_secs(5);
+        let s = Variant::new(Protocol::Resp2.into(), b"", b"", b"", now, None, later)
+            .expect("empty parts");
+        assert_eq!((s.expires(), s.stale_until()), (clock(now), clock(later)));
+        let early = Variant::new(Protocol::Resp2.into(), b"", b"", b"", later, None, now)
+            .expect("empty parts");
+        assert_eq!(early.stale_until(), clock(later));
         assert_eq!(
             (r.id(), r.request(), r.reply()),
             (&b""[..], &b""[..], &b""[..])
@@ -378,7 +452,8 @@ mod tests {
         let now = Instant::now();
         let id = [&0u32.to_le_bytes()[..], b"k"].concat();
         let variant = |req: &[u8]| {
-            Variant::new(Protocol::Resp2.into(), &id, req, b"r", now, None).expect("small parts")
+            Variant::new(Protocol::Resp2.into(), &id, req, b"r", now, None, now)
+                .expect("small parts")
         };
         let entry = KeyEntry::new(
             index.hash(0, b"k"),

@@ -101,6 +101,18 @@ impl Now {
     }
 }
 
+/// How long a filled reply lives.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lifetime {
+    /// Served from L1 for this long.
+    pub ttl: Duration,
+    /// Then kept this much longer, served only while Redis is unreachable
+    /// (stale-if-error; zero for none).
+    pub stale_for: Duration,
+    /// The fraction of `ttl` after which a hit refreshes it ahead.
+    pub refresh_ahead: Option<f64>,
+}
+
 /// Proof of where the generation stood when a miss began.
 #[derive(Debug, Clone, Copy)]
 pub struct FillToken {
@@ -127,6 +139,8 @@ pub struct L1 {
     /// Databases that have had fills (bit n = db n, db ≥ 63 share bit 63), so
     /// an invalidation that names no database visits only those.
     dbs_seen: AtomicU64,
+    /// See [`L1::flushed`].
+    flushed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for L1 {
@@ -170,6 +184,7 @@ impl L1 {
             epoch: AtomicU64::new(0),
             epoch_lock: RwLock::new(()),
             dbs_seen: AtomicU64::new(0),
+            flushed: tokio::sync::Notify::new(),
         })
     }
 
@@ -238,6 +253,26 @@ impl L1 {
         self.stripes[t.stripe].load(SeqCst) != t.generation || self.epoch.load(SeqCst) != t.epoch
     }
 
+    /// The reply for `request` on `key` past its expiry but within its
+    /// stale-if-error window at `now` and within `max_stale` of its expiry,
+    /// for a read Redis could not answer. Invalidations and flushes remove
+    /// entries, so nothing written or flushed since its fill is found.
+    pub fn get_stale(
+        &self,
+        db: u32,
+        key: &[u8],
+        viewer: Viewer,
+        request: &[u8],
+        max_stale: Duration,
+    ) -> Option<Bytes> {
+        let now = Now::current().0;
+        let max_stale = u64::try_from(max_stale.as_nanos()).unwrap_or(u64::MAX);
+        self.index.with((db, key), viewer, request, |v| {
+            let until = v.stale_until().min(v.expires().saturating_add(max_stale));
+            (now < until).then(|| Bytes::copy_from_slice(v.reply()))
+        })
+    }
+
     /// Stores `reply` unless the key was invalidated since `token` was taken.
     /// Returns whether it was stored.
     #[allow(clippy::too_many_arguments)]
@@ -250,8 +285,7 @@ impl L1 {
         viewer: Viewer,
         request: &[u8],
         reply: &[u8],
-        ttl: Duration,
-        refresh_ahead: Option<f64>,
+        life: Lifetime,
     ) -> bool {
         let _epoch = self.epoch_lock.read().unwrap_or_else(|e| e.into_inner());
         let _stripe = self.lock_stripe(token.stripe);
@@ -262,9 +296,18 @@ impl L1 {
         let mut id = Vec::new();
         key_id(db, key, &mut id);
         let now = Instant::now();
-        let expires = now + ttl;
-        let refresh_at = refresh_ahead.map(|f| now + ttl.mul_f64(f));
-        let Some(variant) = Variant::new(viewer, &id, request, reply, expires, refresh_at) else {
+        let expires = now + life.ttl;
+        let refresh_at = life.refresh_ahead.map(|f| now + life.ttl.mul_f64(f));
+        let stale_until = expires + life.stale_for;
+        let Some(variant) = Variant::new(
+            viewer,
+            &id,
+            request,
+            reply,
+            expires,
+            refresh_at,
+            stale_until,
+        ) else {
             return false;
         };
         let hash = token.hash;
@@ -279,7 +322,8 @@ impl L1 {
                 .variants
                 .iter()
                 .filter(|v| {
-                    v.expires() > index::clock(now) && !(v.is_for(viewer) && v.request() == request)
+                    v.stale_until() > index::clock(now)
+                        && !(v.is_for(viewer) && index::same_request(v.request(), request))
                 })
                 .cloned()
                 .collect(),
@@ -374,12 +418,22 @@ impl L1 {
         ids.len()
     }
 
-    /// Drops everything (FLUSHDB, FLUSHALL, SWAPDB, scripts with undeclared keys).
+    /// Drops everything (FLUSHDB, FLUSHALL, SWAPDB, scripts with undeclared
+    /// keys, a bus gap, another upstream server), and tells the warmer.
     pub fn flush(&self) {
-        let _epoch = self.epoch_lock.write().unwrap_or_else(|e| e.into_inner());
-        self.epoch.fetch_add(1, SeqCst);
-        self.index.clear();
-        self.entries.invalidate_all();
+        {
+            let _epoch = self.epoch_lock.write().unwrap_or_else(|e| e.into_inner());
+            self.epoch.fetch_add(1, SeqCst);
+            self.index.clear();
+            self.entries.invalidate_all();
+        }
+        self.flushed.notify_one();
+    }
+
+    /// Notified after every [`L1::flush`] (one permit kept while nobody
+    /// waits): when warming starts again.
+    pub fn flushed(&self) -> &tokio::sync::Notify {
+        &self.flushed
     }
 
     /// The id of a single-flight fetch: db, protocol, the key's generation

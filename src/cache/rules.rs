@@ -31,6 +31,11 @@ pub struct Rule {
     pub upstream_ttl: Option<Duration>,
     /// Fraction of the TTL after which a hit refreshes the entry.
     pub refresh_ahead: Option<f64>,
+    /// How long past its TTL an entry may be served while Redis is
+    /// unreachable; `None` = never.
+    pub stale_if_error: Option<Duration>,
+    /// Whether warming fills L1 with matching keys.
+    pub warm: bool,
     /// Its counters, kept in the registry by selector.
     pub stats: Arc<RuleStats>,
 }
@@ -82,6 +87,8 @@ impl Rules {
                 max_value_size: c.max_value_size.as_usize(),
                 upstream_ttl: c.upstream_ttl.map(|d| d.0),
                 refresh_ahead: c.refresh_ahead,
+                stale_if_error: c.stale_if_error.map(|d| d.0),
+                warm: c.warm && c.cache,
             })
             .collect();
         // Stable: patterns keep their file order, ahead of every prefix.

@@ -33,6 +33,15 @@ fn lookup(c: &L1, db: u32, key: &[u8], proto: Protocol, req: &[u8]) -> Option<(V
     Some((reply, refresh))
 }
 
+/// A lifetime of `ttl` with no stale-if-error window.
+fn life(ttl: Duration, refresh_ahead: Option<f64>) -> Lifetime {
+    Lifetime {
+        ttl,
+        stale_for: Duration::ZERO,
+        refresh_ahead,
+    }
+}
+
 const REQ: &[u8] = b"*2\r\n$3\r\nGET\r\n$3\r\nt:a\r\n";
 
 #[test]
@@ -47,8 +56,7 @@ fn a_fill_is_served_for_the_same_request_and_protocol_only() {
         Protocol::Resp2.into(),
         REQ,
         b"$1\r\nx\r\n",
-        Duration::from_secs(5),
-        None
+        life(Duration::from_secs(5), None),
     ));
     let (hit, refresh) = lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).unwrap();
     assert_eq!(&hit[..], b"$1\r\nx\r\n");
@@ -83,8 +91,7 @@ fn no_stale_fill_after_an_invalidation_during_the_miss() {
         Protocol::Resp2.into(),
         REQ,
         b"$3\r\nold\r\n",
-        Duration::from_secs(5),
-        None
+        life(Duration::from_secs(5), None),
     ));
     assert_eq!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ), None);
     assert_eq!(c.rule_stats.stale_fills_rejected.load(SeqCst), 1);
@@ -99,8 +106,7 @@ fn no_stale_fill_after_an_invalidation_during_the_miss() {
         Protocol::Resp2.into(),
         REQ,
         b"$3\r\nold\r\n",
-        Duration::from_secs(5),
-        None
+        life(Duration::from_secs(5), None),
     ));
 }
 
@@ -126,8 +132,7 @@ fn no_stale_first_fill_in_a_database_after_an_invalidation_in_every_one() {
             Protocol::Resp2.into(),
             REQ,
             b"$3\r\nold\r\n",
-            Duration::from_secs(5),
-            None,
+            life(Duration::from_secs(5), None),
         )
     };
     assert!(!fill(t), "a fill begun before the invalidation is stale");
@@ -163,8 +168,7 @@ fn a_fill_never_carries_over_variants_from_an_older_generation() {
             proto.into(),
             REQ,
             reply,
-            Duration::from_secs(5),
-            None,
+            life(Duration::from_secs(5), None),
         )
     };
     assert!(fill(
@@ -216,8 +220,7 @@ fn concurrent_fills_never_serve_a_value_older_than_an_invalidation() {
                         Protocol::Resp2.into(),
                         REQ,
                         v.as_bytes(),
-                        Duration::from_secs(60),
-                        None,
+                        life(Duration::from_secs(60), None),
                     );
                 }
             });
@@ -255,8 +258,7 @@ fn invalidation_drops_every_variant_of_the_key() {
             proto.into(),
             REQ,
             b":1\r\n",
-            Duration::from_secs(5),
-            None
+            life(Duration::from_secs(5), None),
         ));
     }
     assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_some());
@@ -280,8 +282,7 @@ fn a_hit_past_the_refresh_point_asks_for_a_refresh() {
         Protocol::Resp2.into(),
         REQ,
         b":1\r\n",
-        ttl,
-        Some(0.000_001)
+        life(ttl, Some(0.000_001))
     ));
     // 60 s × 1e-6 = 60 µs: due almost at once, long before expiry.
     std::thread::sleep(Duration::from_millis(1));
@@ -303,8 +304,7 @@ fn expired_variants_are_not_served() {
         Protocol::Resp2.into(),
         REQ,
         b":1\r\n",
-        Duration::ZERO,
-        None
+        life(Duration::ZERO, None)
     ));
     assert_eq!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ), None);
 }
@@ -325,8 +325,7 @@ fn memory_stays_within_the_budget() {
             Protocol::Resp2.into(),
             REQ,
             &value,
-            Duration::from_secs(60),
-            None,
+            life(Duration::from_secs(60), None),
         );
     }
     let (entries, bytes) = c.usage();
@@ -353,8 +352,7 @@ fn each_viewer_sees_only_its_own_replies() {
         alice,
         REQ,
         b"$1\r\nx\r\n",
-        Duration::from_secs(5),
-        None
+        life(Duration::from_secs(5), None),
     ));
     assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_none());
     let mut hit = None;

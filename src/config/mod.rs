@@ -328,6 +328,8 @@ pub struct CacheConfig {
     /// prefix `""` is the default for every other key; without one, keys no
     /// rule names are not cached.
     pub rules: Vec<RuleConfig>,
+    /// Warming L1 from Redis for the rules with `warm = true`.
+    pub warm: WarmConfig,
 }
 
 impl Default for CacheConfig {
@@ -335,6 +337,41 @@ impl Default for CacheConfig {
         Self {
             max_memory: ByteSize(256 << 20),
             rules: Vec::new(),
+            warm: WarmConfig::default(),
+        }
+    }
+}
+
+/// How L1 is warmed (`[cache.warm]`): at start, and after every full flush
+/// (an upstream identity change, a bus gap, `FLUSHALL`), nearcache walks
+/// Redis with `SCAN` for the keys of rules with `warm = true` and fills L1.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WarmConfig {
+    /// Keys fetched per second at most.
+    pub rate: u32,
+    /// Keys warmed per pass at most.
+    pub max_keys: u64,
+    /// `SCAN … COUNT`: keys Redis looks at per SCAN call.
+    pub scan_count: u32,
+    /// Fill RESP3 replies too (doubling what warmed keys weigh); RESP2 only
+    /// by default, which most client libraries speak.
+    pub resp3: bool,
+    /// `/readyz` is not ready until the first pass is done (or `timeout`).
+    pub ready_after_warm: bool,
+    /// How long `ready_after_warm` may hold readiness back.
+    pub timeout: Duration,
+}
+
+impl Default for WarmConfig {
+    fn default() -> Self {
+        Self {
+            rate: 5000,
+            max_keys: 100_000,
+            scan_count: 100,
+            resp3: false,
+            ready_after_warm: false,
+            timeout: Duration(std::time::Duration::from_secs(30)),
         }
     }
 }
@@ -371,6 +408,15 @@ pub struct RuleConfig {
     /// key read continuously never misses. Unset = off.
     #[serde(default)]
     pub refresh_ahead: Option<f64>,
+    /// While Redis is unreachable (circuit open, connection refused or lost,
+    /// timeout), an entry may be served this long past its TTL (never past
+    /// the key's own expiry in Redis). Unset = off.
+    #[serde(default)]
+    pub stale_if_error: Option<Duration>,
+    /// Warm L1 with matching keys from Redis (strings with `GET`, hashes with
+    /// `HGETALL`) at start and after every full flush (see `[cache.warm]`).
+    #[serde(default)]
+    pub warm: bool,
 }
 
 impl RuleConfig {
@@ -386,6 +432,8 @@ impl RuleConfig {
             max_value_size: default_max_value_size(),
             upstream_ttl: None,
             refresh_ahead: None,
+            stale_if_error: None,
+            warm: false,
         }
     }
 

@@ -290,6 +290,22 @@ impl Config {
                 ),
             );
         }
+        let warm = &self.cache.warm;
+        if warm.rate == 0 {
+            bad(
+                "cache.warm.rate",
+                "must be at least 1 (keys per second)".into(),
+            );
+        }
+        if warm.scan_count == 0 {
+            bad("cache.warm.scan_count", "must be at least 1".into());
+        }
+        if warm.ready_after_warm && warm.timeout.0.is_zero() {
+            bad(
+                "cache.warm.timeout",
+                "must be more than 0 with ready_after_warm".into(),
+            );
+        }
         if self.cache.max_memory.0 < 1024 {
             bad(
                 "cache.max_memory",
@@ -331,6 +347,12 @@ impl Config {
                 bad(
                     &field("upstream_ttl"),
                     "must be at least 1ms (remove it to disable)".into(),
+                );
+            }
+            if rule.stale_if_error.is_some_and(|d| d.0.is_zero()) {
+                bad(
+                    &field("stale_if_error"),
+                    "must be more than 0 (remove it to disable)".into(),
                 );
             }
             if rule.negative_ttl.is_some_and(|d| d.0.is_zero()) {

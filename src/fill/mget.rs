@@ -8,7 +8,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use super::{Fetch, FillPolicy, Flight, Upstream, integer};
+use super::{Fetch, FillPolicy, Flight, Upstream, bus_allows, integer};
 use crate::cache::{FillToken, L1, Now, Rules, Viewer};
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
@@ -121,6 +121,10 @@ impl<U: Upstream> Fetch<'_, U> {
         let sent = self.upstream.request(frames.freeze(), count).await;
         let (client_tx, client_rx) = oneshot::channel();
         let (db, viewer, l1) = (self.db, self.viewer, self.l1.clone());
+        let stale_allowed = missing
+            .iter()
+            .any(|(_, f)| f.as_ref().is_some_and(|(p, _)| p.stale_if_error.is_some()));
+        let bus = self.bus.filter(|_| stale_allowed).cloned();
         tokio::spawn(async move {
             let reply = match sent.replies().await {
                 Ok(frames) => match split(&frames, missing.len(), pttls) {
@@ -147,7 +151,37 @@ impl<U: Upstream> Fetch<'_, U> {
                         _ => Err(Failed::nothing(UpstreamError::InvalidReply)),
                     },
                 },
-                Err(failed) => Err(Failed::nothing(failed.error)),
+                // Redis unreachable: whole only if L1 still holds every
+                // missing key within its rule's stale-if-error window.
+                Err(failed) => {
+                    let stale: Option<Vec<(usize, Bytes, &FillPolicy)>> = missing
+                        .iter()
+                        .map(|(i, fill)| {
+                            let (policy, _) = fill.as_ref()?;
+                            let at = (db, &keys[*i][..]);
+                            let reply = policy.stale(
+                                &l1,
+                                at,
+                                viewer,
+                                MGET_ELEMENT,
+                                &failed.error,
+                                || bus_allows(bus.as_ref()),
+                            )?;
+                            Some((*i, reply, policy))
+                        })
+                        .collect();
+                    match stale {
+                        Some(elements) => {
+                            for (_, _, policy) in &elements {
+                                RuleStats::inc(&policy.stats.stale_hits);
+                            }
+                            let fetched: Vec<(usize, &[u8])> =
+                                elements.iter().map(|(i, e, _)| (*i, &e[..])).collect();
+                            Ok(stitch(&parts, &fetched))
+                        }
+                        None => Err(Failed::nothing(failed.error)),
+                    }
+                }
             };
             let _ = client_tx.send(reply);
         });

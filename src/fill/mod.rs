@@ -16,6 +16,7 @@
 //! - **Never outlive Redis.** An entry lives for min(rule ttl, the key's PTTL).
 
 mod mget;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,7 +28,8 @@ use tokio::sync::oneshot;
 
 pub use mget::mget;
 
-use crate::cache::{FillToken, L1, Rule, Viewer};
+use crate::cache::{FillToken, L1, Lifetime, Rule, Viewer};
+use crate::coherence::Bus;
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
 use crate::stats::RuleStats;
@@ -101,6 +103,7 @@ pub struct FillPolicy {
     negative_ttl: Option<Duration>,
     max_value_size: usize,
     refresh_ahead: Option<f64>,
+    stale_if_error: Option<Duration>,
 }
 
 impl FillPolicy {
@@ -112,7 +115,29 @@ impl FillPolicy {
             negative_ttl: rule.negative_ttl,
             max_value_size: rule.max_value_size,
             refresh_ahead: rule.refresh_ahead,
+            stale_if_error: rule.stale_if_error,
         }
+    }
+
+    /// The reply L1 still holds for `request` on (db, key) within the rule's
+    /// stale-if-error window, for a read that failed with `error`: only
+    /// when Redis is unreachable (`error`), the rule allows it, and L1 may
+    /// be served at all (`l1_usable`: the bus is up or its loss policy
+    /// allows serving). The caller counts it as a stale hit if it serves it.
+    fn stale(
+        &self,
+        l1: &L1,
+        (db, key): (u32, &[u8]),
+        viewer: Viewer,
+        request: &[u8],
+        error: &UpstreamError,
+        l1_usable: impl FnOnce() -> bool,
+    ) -> Option<Bytes> {
+        let window = self.stale_if_error?;
+        if !unreachable(error) || !l1_usable() {
+            return None;
+        }
+        l1.get_stale(db, key, viewer, request, window)
     }
 
     /// Caches `value` as the reply to `request` on (db, key), for as long as
@@ -127,20 +152,9 @@ impl FillPolicy {
         request: &[u8],
         value: &[u8],
         pttl: Option<i64>,
-    ) {
-        if let Some(ttl) = fill_ttl(self, value, pttl) {
-            l1.fill(
-                token,
-                db,
-                key,
-                &self.stats,
-                viewer,
-                request,
-                value,
-                ttl,
-                self.refresh_ahead,
-            );
-        }
+    ) -> bool {
+        lifetime(self, value, pttl)
+            .is_some_and(|life| l1.fill(token, db, key, &self.stats, viewer, request, value, life))
     }
 }
 
@@ -159,6 +173,13 @@ pub struct Fetch<'a, U> {
     pub viewer: Viewer,
     /// A reused buffer for flight ids.
     pub scratch: &'a mut Vec<u8>,
+    /// The coherence bus, whose loss policy a stale-if-error reply obeys.
+    pub bus: Option<&'a Arc<Bus>>,
+}
+
+/// Whether L1 may be served now as far as the bus is concerned (no bus: yes).
+fn bus_allows(bus: Option<&Arc<Bus>>) -> bool {
+    bus.is_none_or(|b| b.l1_usable())
 }
 
 impl<U: Upstream> Fetch<'_, U> {
@@ -212,10 +233,20 @@ impl<U: Upstream> Fetch<'_, U> {
         let (client_tx, client_rx) = oneshot::channel();
         let (db, viewer) = (self.db, self.viewer);
         let (l1, flights) = (self.l1.clone(), self.flights.clone());
+        let bus = policy.stale_if_error.and(self.bus.cloned());
         tokio::spawn(async move {
             let replies = sent.replies().await;
             let reply = complete(replies, |value, pttl| {
                 policy.fill(&l1, token, (db, &key), viewer, &request, value, pttl);
+            });
+            // Redis unreachable: what L1 still holds, if the rule allows.
+            let reply = reply.or_else(|failed| {
+                policy
+                    .stale(&l1, (db, &key), viewer, &request, &failed.error, || {
+                        bus_allows(bus.as_ref())
+                    })
+                    .inspect(|_| RuleStats::inc(&policy.stats.stale_hits))
+                    .ok_or(failed)
             });
             // Land only after the fill, so a request arriving now hits.
             for waiter in flights.land(&flight) {
@@ -254,20 +285,42 @@ fn integer(frame: Option<&[u8]>) -> Option<i64> {
         .and_then(parse_i64)
 }
 
+/// Whether `error` says Redis could not be reached or did not answer (the
+/// failures stale-if-error covers), as opposed to a refusal or a reply.
+fn unreachable(error: &UpstreamError) -> bool {
+    error.is_outage()
+        || matches!(
+            error,
+            UpstreamError::CircuitOpen { .. } | UpstreamError::ConnectionLost
+        )
+}
+
 /// How long to keep `value`, given the key's PTTL; `None` = don't cache.
-fn fill_ttl(policy: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Duration> {
+/// The stale-if-error window never reaches past the key's own expiry in
+/// Redis: a key Redis expired is gone, not stale.
+fn lifetime(policy: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Lifetime> {
     if value.len() > policy.max_value_size || matches!(value.first(), Some(b'-' | b'!')) {
         return None;
     }
-    match pttl? {
+    let stale = policy.stale_if_error.unwrap_or(Duration::ZERO);
+    let (ttl, retain) = match pttl? {
         // The key does not exist: a "not found" answer, cached only if asked.
-        -2 => policy.negative_ttl,
+        -2 => (policy.negative_ttl?, None),
         // No expiry in Redis.
-        -1 => Some(policy.ttl),
+        -1 => (policy.ttl, None),
         // Never outlive Redis's own expiry.
-        ms if ms > 0 => Some(policy.ttl.min(Duration::from_millis(ms.unsigned_abs()))),
-        _ => None,
-    }
+        ms if ms > 0 => {
+            let left = Duration::from_millis(ms.unsigned_abs());
+            (policy.ttl.min(left), Some(left))
+        }
+        _ => return None,
+    };
+    let stale_for = retain.map_or(stale, |left| stale.min(left.saturating_sub(ttl)));
+    Some(Lifetime {
+        ttl,
+        stale_for,
+        refresh_ahead: policy.refresh_ahead,
+    })
 }
 
 #[cfg(test)]
@@ -281,7 +334,48 @@ mod tests {
             negative_ttl: None,
             max_value_size: 16,
             refresh_ahead: None,
+            stale_if_error: None,
         }
+    }
+
+    fn fill_ttl(p: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Duration> {
+        lifetime(p, value, pttl).map(|l| l.ttl)
+    }
+
+    #[test]
+    fn the_stale_window_never_reaches_past_the_key_s_expiry_in_redis() {
+        let p = FillPolicy {
+            stale_if_error: Some(Duration::from_secs(30)),
+            negative_ttl: Some(Duration::from_secs(1)),
+            ..policy()
+        };
+        let stale = |pttl| lifetime(&p, b"$1\r\nx\r\n", Some(pttl)).map(|l| l.stale_for);
+        assert_eq!(stale(-1), Some(Duration::from_secs(30)));
+        assert_eq!(stale(5000), Some(Duration::from_secs(3)));
+        assert_eq!(stale(60_000), Some(Duration::from_secs(30)));
+        assert_eq!(stale(500), Some(Duration::ZERO));
+        assert_eq!(
+            lifetime(&p, b"$-1\r\n", Some(-2)).map(|l| (l.ttl, l.stale_for)),
+            Some((Duration::from_secs(1), Duration::from_secs(30)))
+        );
+        assert_eq!(
+            lifetime(&policy(), b"$1\r\nx\r\n", Some(-1)).map(|l| l.stale_for),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn only_an_unreachable_redis_lets_a_stale_reply_through() {
+        assert!(unreachable(&UpstreamError::ConnectionLost));
+        assert!(unreachable(&UpstreamError::Timeout(Duration::from_secs(1))));
+        assert!(unreachable(&UpstreamError::Unavailable("refused".into())));
+        assert!(unreachable(&UpstreamError::CircuitOpen {
+            cause: "refused".into(),
+            retry_in: Duration::from_millis(5)
+        }));
+        assert!(!unreachable(&UpstreamError::Rejected("-WRONGPASS".into())));
+        assert!(!unreachable(&UpstreamError::Busy("-BUSY".into())));
+        assert!(!unreachable(&UpstreamError::InvalidReply));
     }
 
     #[test]

@@ -253,6 +253,10 @@ impl Proxy {
                 }
             });
         }
+        if ctx.l1.is_some() {
+            // A pass now (if a rule warms), then after every full flush.
+            tokio::spawn(crate::fill::warm::run(Arc::downgrade(&ctx)));
+        }
         if ctx.bus.is_some() {
             // Fleet-scoped limits follow the instances the bus sees, at the
             // bus's own cadence.

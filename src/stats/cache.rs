@@ -17,6 +17,9 @@ pub struct RuleStats {
     pub misses: AtomicU64,
     /// Replies stored in L1.
     pub fills: AtomicU64,
+    /// Reads answered from L1 past their TTL because Redis was unreachable
+    /// (the rule's `stale_if_error`).
+    pub stale_hits: AtomicU64,
     /// Fills discarded because the key was invalidated while they were in flight.
     pub stale_fills_rejected: AtomicU64,
     /// Entries evicted for space.
@@ -107,12 +110,13 @@ impl RuleStats {
     }
 
     /// A consistent-enough snapshot: (name, value) pairs.
-    pub fn snapshot(&self) -> [(&'static str, i64); 8] {
+    pub fn snapshot(&self) -> [(&'static str, i64); 9] {
         let g = |c: &AtomicU64| i64::try_from(c.load(Relaxed)).unwrap_or(i64::MAX);
         [
             ("hits", g(&self.hits)),
             ("misses", g(&self.misses)),
             ("fills", g(&self.fills)),
+            ("stale_hits", g(&self.stale_hits)),
             ("stale_fills_rejected", g(&self.stale_fills_rejected)),
             ("evictions", g(&self.evictions)),
             ("invalidations", g(&self.invalidations)),

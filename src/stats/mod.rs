@@ -16,7 +16,7 @@ mod hotkeys;
 mod slowlog;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -263,8 +263,27 @@ pub struct Stats {
     pub tracking: Arc<TrackingStats>,
     /// Client TLS handshakes.
     pub tls: TlsStats,
+    /// Warming L1.
+    pub warm: WarmStats,
     rules: Mutex<HashMap<String, Arc<RuleStats>>>,
     limits: Mutex<HashMap<String, Arc<LimitStats>>>,
+}
+
+/// Warming L1 (`fill::warm`).
+#[derive(Debug, Default)]
+pub struct WarmStats {
+    /// A pass is running.
+    pub running: AtomicBool,
+    /// Passes finished (walked every warmed rule, or stopped at a bound).
+    pub passes: AtomicU64,
+    /// Passes given up (Redis unreachable, an error reply).
+    pub failed: AtomicU64,
+    /// Keys filled, over every pass.
+    pub keys: AtomicU64,
+    /// Keys the current (or last) pass filled.
+    pub last_keys: AtomicU64,
+    /// How long the last finished pass took, in ms.
+    pub last_ms: AtomicU64,
 }
 
 /// Client TLS handshakes, by how they ended.

@@ -24,8 +24,8 @@ use tokio::time::Instant;
 
 use crate::compat::Raw;
 use crate::support::{
-    BUS_LOST, GAP, NatsServer, PEER_SILENT, RedisServer, TcpRelay, TestProxy, config_for, pairs,
-    text, tls_certificates,
+    BUS_LOST, GAP, NatsServer, PEER_SILENT, RedisServer, TcpRelay, TestProxy,
+    UPSTREAM_CONNECT_FAILED, UPSTREAM_LOST, config_for, pairs, proxy_stats, text, tls_certificates,
 };
 
 /// How long a bounded poll may wait for a proxy (or the bus) to reach a state.
@@ -1438,6 +1438,47 @@ async fn while_nats_is_down_l1_is_bypassed_and_flushed_on_return() {
     );
 }
 
+/// Guards `session/cached.rs` (L1 follows the loss policy) and
+/// `fill::FillPolicy::stale` for stale-if-error: with the bus down under
+/// `bypass` and then Redis gone, an entry well within its rule's
+/// `stale_if_error` window is not served (a peer's writes may have been
+/// missed), as no L1 entry is then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_is_never_served_while_the_bus_is_down_under_bypass() {
+    let ttl = Duration::from_millis(300);
+    let mut c = Cluster::start_with(1, |cfg| {
+        cfg.cache.rules = vec![RuleConfig {
+            stale_if_error: Some(Dur(Duration::from_secs(60))),
+            ..rule("t:", ttl)
+        }];
+        cfg.upstream.connect_timeout = Dur(Duration::from_millis(200));
+    })
+    .await;
+    c.expect_log(BUS_LOST)
+        .expect_log(UPSTREAM_LOST)
+        .expect_log(UPSTREAM_CONNECT_FAILED);
+    set_direct(&c.redis, "t:k", "v");
+    cache_it(&mut c.conns[0], &c.redis, "t:k").await;
+    let filled = Instant::now();
+    c.nats.kill();
+    until_bus(
+        &mut c.conns[0],
+        "the bus to be seen down",
+        POLL_LIMIT,
+        |s| s.get("healthy") == 0,
+    )
+    .await;
+    c.redis.kill();
+    // Past the TTL, deep inside the stale window (no event to wait for: it
+    // is time itself that must pass).
+    tokio::time::sleep(ttl.saturating_sub(filled.elapsed()) + Duration::from_millis(50)).await;
+    let read: redis::RedisResult<Option<String>> = c.conns[0].get("t:k").await;
+    assert!(read.is_err(), "served with the bus down: {read:?}");
+    let mut fresh = c.proxies[0].conn().await;
+    let stats = proxy_stats(&mut fresh).await;
+    assert_eq!(stats["rules.prefix:t:.stale_hits"], 0, "{stats:?}");
+}
+
 /// Guards `Bus::l1_usable` (serve-stale): L1 is served for `max_staleness`
 /// after the bus goes down, then bypassed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1758,26 +1799,6 @@ impl Reborn {
     }
 }
 
-/// The integer `field` of `PROXY STATS`'s `upstream` map.
-async fn upstream_stat(c: &mut MultiplexedConnection, field: &str) -> i64 {
-    let v: Value = redis::cmd("PROXY")
-        .arg("STATS")
-        .query_async(c)
-        .await
-        .unwrap();
-    let upstream = pairs(&v)
-        .into_iter()
-        .find_map(|(k, v)| (k == "upstream").then_some(v))
-        .expect("PROXY STATS has upstream");
-    match pairs(&upstream)
-        .into_iter()
-        .find_map(|(k, v)| (k == field).then_some(v))
-    {
-        Some(Value::Int(n)) => n,
-        other => panic!("upstream.{field} is {other:?}"),
-    }
-}
-
 /// One read of the load: when it was sent, which key, what came back
 /// (None: an error, which an outage may give).
 type Read = (Instant, usize, Option<Option<String>>);
@@ -1927,7 +1948,7 @@ async fn an_upstream_reborn_is_never_read_through_old_l1_entries(reborn: Reborn)
     }
     for (i, (conn, before)) in c.conns.iter_mut().zip(flushes_before).enumerate() {
         assert!(
-            upstream_stat(conn, "identity_changes").await >= 1,
+            proxy_stats(conn).await["upstream.identity_changes"] >= 1,
             "inst-{i} counts the new server"
         );
         // Each published a flush, which the other applied.
@@ -1985,5 +2006,8 @@ async fn a_lone_instance_flushes_l1_when_redis_restarts_empty() {
         None,
         "L1 kept the old server's value"
     );
-    assert_eq!(upstream_stat(&mut fresh, "identity_changes").await, 1);
+    assert_eq!(
+        proxy_stats(&mut fresh).await["upstream.identity_changes"],
+        1
+    );
 }

@@ -23,8 +23,10 @@ mod logs;
 mod proxy_admin;
 mod reload;
 mod smoke;
+mod stale;
 mod tls;
 mod users;
+mod warm;
 
 mod cache;
 mod checker;

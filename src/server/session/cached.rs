@@ -56,6 +56,7 @@ macro_rules! fetch {
             db: $s.client.db,
             viewer: $s.client.viewer(),
             scratch: &mut $s.scratch.ids,
+            bus: $s.ctx.bus.as_ref(),
         }
     };
 }

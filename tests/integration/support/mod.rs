@@ -28,7 +28,7 @@ pub use log::{
     BUS_LOST, Capture, Expectations, GAP, LogLine, PEER_SILENT, UPSTREAM_CONNECT_FAILED,
     UPSTREAM_LOST,
 };
-pub use query::{pairs, q, text};
+pub use query::{pairs, proxy_stats, q, text};
 
 /// A free loopback port. Bind-and-release: the window before the server binds
 /// it is tiny, and a clash shows up as a failed start, which is retried.
@@ -475,10 +475,18 @@ impl TestProxy {
         redis::Client::open(format!("{}?protocol=resp3", self.url())).unwrap()
     }
 
-    /// An async multiplexed connection to the proxy.
+    /// An async multiplexed connection to the proxy. With longer timeouts
+    /// than redis-rs's defaults (1 s to connect, 500 ms a reply): its
+    /// connection setup (`CLIENT SETINFO`) goes to Redis, which a test may
+    /// have made unreachable, and nearcache then waits up to the outage's
+    /// first `connect_timeout` before it answers.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         self.client()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(10)))
+                    .set_response_timeout(Some(Duration::from_secs(10))),
+            )
             .await
             .unwrap()
     }
