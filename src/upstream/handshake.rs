@@ -74,18 +74,21 @@ impl std::fmt::Display for Identity {
 }
 
 /// Connects to `url` and prepares the connection for `db` and `proto`, as
-/// the URL's user.
+/// the URL's user, for a control path (probe, credentials check, tracking):
+/// without asking the server's identity, which only connections that serve
+/// clients need.
 pub async fn connect(
     url: &RedisUrl,
     db: u32,
     proto: Protocol,
     timeout: Duration,
 ) -> Result<Handshaken, UpstreamError> {
-    connect_as(url, None, db, proto, timeout).await
+    connect_with(url, None, false, db, proto, timeout).await
 }
 
-/// [`connect`], authenticating as `as_user` (user, password) instead of the
-/// URL's user when given.
+/// A connection that serves clients: [`connect`], authenticating as
+/// `as_user` (user, password) instead of the URL's user when given, and
+/// reading the server's [`Identity`] in the same round trip.
 pub async fn connect_as(
     url: &RedisUrl,
     as_user: Option<(&str, &str)>,
@@ -93,7 +96,18 @@ pub async fn connect_as(
     proto: Protocol,
     timeout: Duration,
 ) -> Result<Handshaken, UpstreamError> {
-    tokio::time::timeout(timeout, connect_inner(url, as_user, db, proto))
+    connect_with(url, as_user, true, db, proto, timeout).await
+}
+
+async fn connect_with(
+    url: &RedisUrl,
+    as_user: Option<(&str, &str)>,
+    identify: bool,
+    db: u32,
+    proto: Protocol,
+    timeout: Duration,
+) -> Result<Handshaken, UpstreamError> {
+    tokio::time::timeout(timeout, connect_inner(url, as_user, identify, db, proto))
         .await
         .map_err(|_| {
             unavailable(format!(
@@ -106,18 +120,21 @@ pub async fn connect_as(
 async fn connect_inner(
     url: &RedisUrl,
     as_user: Option<(&str, &str)>,
+    identify: bool,
     db: u32,
     proto: Protocol,
 ) -> Result<Handshaken, UpstreamError> {
     let stream = transport::open(url).await?;
-    handshake(stream, url, as_user, db, proto).await
+    handshake(stream, url, as_user, identify, db, proto).await
 }
 
-/// Prepares an open stream for `db` and `proto`.
+/// Prepares an open stream for `db` and `proto` (and reads the server's
+/// identity if `identify`).
 async fn handshake<S: UpstreamStream>(
     mut stream: S,
     url: &RedisUrl,
     as_user: Option<(&str, &str)>,
+    identify: bool,
     db: u32,
     proto: Protocol,
 ) -> Result<Handshaken<S>, UpstreamError> {
@@ -144,8 +161,10 @@ async fn handshake<S: UpstreamStream>(
     }
     // Two commands, not `INFO server replication`: Redis before 7 takes one
     // section.
-    out.extend_from_slice(&encode_command(&[&b"INFO"[..], b"server"]));
-    out.extend_from_slice(&encode_command(&[&b"INFO"[..], b"replication"]));
+    if identify {
+        out.extend_from_slice(&encode_command(&[&b"INFO"[..], b"server"]));
+        out.extend_from_slice(&encode_command(&[&b"INFO"[..], b"replication"]));
+    }
     stream
         .write_all(&out)
         .await
@@ -169,11 +188,15 @@ async fn handshake<S: UpstreamStream>(
             return Err(rejected(&data));
         }
     }
-    let server = read_frame(&mut stream, &mut buf, &addr).await?;
-    let replication = read_frame(&mut stream, &mut buf, &addr).await?;
-    let identity = match (text(&server), text(&replication)) {
-        (Some(server), Some(replication)) => Identity::parse(&server, &replication),
-        _ => None,
+    let identity = if identify {
+        let server = read_frame(&mut stream, &mut buf, &addr).await?;
+        let replication = read_frame(&mut stream, &mut buf, &addr).await?;
+        match (text(&server), text(&replication)) {
+            (Some(server), Some(replication)) => Identity::parse(&server, &replication),
+            _ => None,
+        }
+    } else {
+        None
     };
     Ok(Handshaken {
         stream,
