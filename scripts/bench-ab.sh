@@ -82,7 +82,8 @@ done
 cpu() { awk '/^cpu /{print $2+$3+$4+$7+$8, $5+$6}' /proc/stat; }
 # Nanoseconds a process's threads have spent on a CPU: the served target's
 # own cost, which this VM's noise moves far less than requests/s.
-oncpu() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d\n", s}'; }
+# (%.0f, not %d: mawk clamps %d at 2^31, about 2 s of CPU.)
+oncpu() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'; }
 n=${#ports[@]}
 printf 'round\t%-40s\trps\tidle%%\tcpu_ns/req\n' target
 for ((round = 0; round < ROUNDS; round++)); do
