@@ -283,11 +283,12 @@ fn upstream_stats(r: &mut Reply, ctx: &Context) {
 fn warm_stats(r: &mut Reply, ctx: &Context) {
     let w = &ctx.stats.warm;
     let n = |v: &std::sync::atomic::AtomicU64| i64::try_from(v.load(Relaxed)).unwrap_or(i64::MAX);
-    let fields: [(&str, i64); 6] = [
+    let fields: [(&str, i64); 7] = [
         ("running", i64::from(w.running.load(Relaxed))),
         ("passes", n(&w.passes)),
         ("failed", n(&w.failed)),
         ("keys", n(&w.keys)),
+        ("peer_keys", n(&w.peer_keys)),
         ("last_keys", n(&w.last_keys)),
         ("last_ms", n(&w.last_ms)),
     ];

@@ -52,6 +52,49 @@ use receiver::{Missing, Receiver, receive};
 /// bounds how long a peer still cut off can go unheard without being dead.
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 
+/// Answers peers' requests for this instance's hot keys (not its own: a
+/// request reaches every subscriber, the asker too).
+async fn answer_hot_keys(
+    client: async_nats::Client,
+    mut asked: async_nats::Subscriber,
+    me: String,
+    hot: Arc<crate::stats::Stats>,
+) {
+    use futures_util::StreamExt as _;
+    while let Some(msg) = asked.next().await {
+        let Some(reply) = msg.reply else { continue };
+        if msg.payload[..] == *me.as_bytes() {
+            continue;
+        }
+        let payload = encode_hot_keys(&hot.hot_keys.top(PEER_HOT_KEYS));
+        let _ = client.publish(reply, payload).await;
+    }
+}
+
+/// Hot keys as `db (u32 LE), length (u32 LE), key` records.
+fn encode_hot_keys(keys: &[crate::stats::HotKey]) -> Bytes {
+    let mut out = Vec::new();
+    for k in keys {
+        out.extend_from_slice(&k.db.to_le_bytes());
+        out.extend_from_slice(&u32::try_from(k.key.len()).unwrap_or(0).to_le_bytes());
+        out.extend_from_slice(&k.key);
+    }
+    out.into()
+}
+
+/// The records of [`encode_hot_keys`]; stops at the first malformed one.
+fn decode_hot_keys(mut b: &[u8]) -> Vec<(u32, Bytes)> {
+    let mut keys = Vec::new();
+    while b.len() >= 8 {
+        let db = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]) as usize;
+        let Some(key) = b.get(8..8 + len) else { break };
+        keys.push((db, Bytes::copy_from_slice(key)));
+        b = &b[8 + len..];
+    }
+    keys
+}
+
 /// A running bus.
 #[derive(Debug)]
 pub struct Bus {
@@ -70,7 +113,14 @@ pub struct Bus {
     bypass_until_ms: Arc<AtomicU64>,
     /// This instance's id on the bus.
     pub instance: String,
+    /// For asking peers their hot keys.
+    client: async_nats::Client,
+    /// Where they answer.
+    hot_subject: String,
 }
+
+/// How many hot keys a peer is asked for.
+pub const PEER_HOT_KEYS: usize = 1000;
 
 /// Why the bus could not start.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +145,7 @@ impl Bus {
         cfg: &CoherenceConfig,
         l1: Arc<L1>,
         stats: Arc<BusStats>,
+        hot: Arc<crate::stats::Stats>,
     ) -> Result<Arc<Bus>, BusError> {
         let name = if cfg.instance_id.is_empty() {
             let host =
@@ -180,6 +231,20 @@ impl Bus {
                     url: crate::config::redact_url(&cfg.nats_url).into_owned(),
                     reason: format!("subscribe to {subject}: {e}"),
                 })?;
+        let hot_subject = format!("{subject}.hotkeys");
+        let asked = client
+            .subscribe(hot_subject.clone())
+            .await
+            .map_err(|e| BusError::Connect {
+                url: crate::config::redact_url(&cfg.nats_url).into_owned(),
+                reason: format!("subscribe to {hot_subject}: {e}"),
+            })?;
+        tokio::spawn(answer_hot_keys(
+            client.clone(),
+            asked,
+            instance.clone(),
+            hot,
+        ));
         let last_echo_us = Arc::new(AtomicU64::new(0));
         tokio::spawn(receive(
             subscriber,
@@ -197,7 +262,7 @@ impl Bus {
             },
         ));
         tokio::spawn(publish(
-            client,
+            client.clone(),
             subject,
             rx,
             Publisher {
@@ -228,7 +293,21 @@ impl Bus {
             peer_timeout_us: cfg.peer_timeout.0.as_micros() as u64,
             bypass_until_ms,
             instance,
+            client,
+            hot_subject,
         }))
+    }
+
+    /// The hot keys of one live peer (the first to answer within a second),
+    /// most read first, as (database, key); empty when no peer answers.
+    pub async fn peer_hot_keys(&self) -> Vec<(u32, Bytes)> {
+        let ask = self
+            .client
+            .request(self.hot_subject.clone(), Bytes::from(self.instance.clone()));
+        match tokio::time::timeout(Duration::from_secs(1), ask).await {
+            Ok(Ok(reply)) => decode_hot_keys(&reply.payload),
+            _ => Vec::new(),
+        }
     }
 
     /// Whether L1 may be served now, under the bus-loss policy.
@@ -369,4 +448,32 @@ fn now_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod hot_key_tests {
+    use super::*;
+
+    #[test]
+    fn hot_key_lists_round_trip_and_stop_at_a_torn_record() {
+        let keys = [(0, &b"ticker:BTC"[..]), (3, b""), (1, b"k\0\xff")];
+        let list: Vec<crate::stats::HotKey> = keys
+            .iter()
+            .map(|&(db, key)| crate::stats::HotKey {
+                db,
+                key: key.to_vec(),
+                count: 1,
+                error: 0,
+            })
+            .collect();
+        let wire = encode_hot_keys(&list);
+        let back = decode_hot_keys(&wire);
+        assert_eq!(back.len(), 3);
+        assert!(
+            back.iter()
+                .zip(keys)
+                .all(|((db, k), (d, key))| *db == d && &k[..] == key)
+        );
+        assert_eq!(decode_hot_keys(&wire[..wire.len() - 1]).len(), 2);
+    }
 }

@@ -144,6 +144,38 @@ async fn pass(ctx: &Context, l1: &Arc<L1>, start: Instant) -> Result<Pass, WarmE
     );
     let mut done = Pass::default();
     let mut progress = Instant::now();
+    // The keys the fleet reads first: one peer's hot keys, by type.
+    let mut from_peer = std::collections::HashSet::new();
+    if let Some(bus) = &ctx.bus {
+        wait_for_bus(bus, start + cfg.timeout.0).await?;
+        let hot: Vec<Bytes> = bus
+            .peer_hot_keys()
+            .await
+            .into_iter()
+            .filter(|(d, k)| *d == db && snapshot.rules.caching(k).is_some_and(|r| r.warm))
+            .map(|(_, k)| k)
+            .take(usize::try_from(cfg.max_keys).unwrap_or(usize::MAX))
+            .collect();
+        for batch in hot.chunks(cfg.scan_count as usize) {
+            for (read, keys) in by_type(ctx, batch).await? {
+                for (policy, keys) in by_rule(&snapshot.rules, &keys) {
+                    done.filled += fetch(ctx, l1, &policy, db, read, &keys).await?;
+                    ctx.stats
+                        .warm
+                        .peer_keys
+                        .fetch_add(keys.len() as u64, Relaxed);
+                    ctx.stats.warm.keys.fetch_add(keys.len() as u64, Relaxed);
+                }
+            }
+            from_peer.extend(batch.iter().cloned());
+            ctx.stats.warm.last_keys.store(done.filled, Relaxed);
+            let due = start + Duration::from_secs_f64(done.filled as f64 / f64::from(cfg.rate));
+            tokio::time::sleep_until(due.into()).await;
+            if done.filled >= cfg.max_keys || l1.usage().1 >= budget {
+                return Ok(done);
+            }
+        }
+    }
     for rule in rules {
         let pattern = match &rule.pattern {
             Some(p) => p.to_vec(),
@@ -175,6 +207,7 @@ async fn pass(ctx: &Context, l1: &Arc<L1>, start: Instant) -> Result<Pass, WarmE
                             .rules
                             .caching(k)
                             .is_some_and(|r| std::ptr::eq(r, rule))
+                            && !from_peer.contains(k)
                     })
                     .take(usize::try_from(cfg.max_keys - done.filled).unwrap_or(usize::MAX))
                     .collect();
@@ -204,6 +237,84 @@ async fn pass(ctx: &Context, l1: &Arc<L1>, start: Instant) -> Result<Pass, WarmE
     Ok(done)
 }
 
+/// Waits until L1 may be served as far as the bus is concerned (it is
+/// connected, or its loss policy serves), until `deadline`.
+async fn wait_for_bus(
+    bus: &Arc<crate::coherence::Bus>,
+    deadline: Instant,
+) -> Result<(), WarmError> {
+    while !bus.l1_usable() {
+        if Instant::now() >= deadline {
+            return Err(WarmError::BusDown);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The keys warmed with each read: strings with `GET`, hashes with
+/// `HGETALL`, by the `TYPE` of each (one pipeline); other types left out.
+type ByType = Vec<(&'static [u8], Vec<Bytes>)>;
+
+/// `keys` split by how they are warmed (see [`ByType`]).
+async fn by_type(ctx: &Context, keys: &[Bytes]) -> Result<ByType, WarmError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut frames = BytesMut::new();
+    for key in keys {
+        frames.extend_from_slice(&encode_command(&[&b"TYPE"[..], key]));
+    }
+    let replies = pipeline(ctx, frames.freeze(), keys.len()).await?;
+    let (mut strings, mut hashes) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    for key in keys {
+        let len = ReplyScanner::new()
+            .scan(&replies[at..])
+            .ok()
+            .flatten()
+            .ok_or(WarmError::Reply("TYPE"))?;
+        match &replies[at..at + len] {
+            b"+string\r\n" => strings.push(key.clone()),
+            b"+hash\r\n" => hashes.push(key.clone()),
+            _ => {}
+        }
+        at += len;
+    }
+    Ok(vec![(&b"GET"[..], strings), (&b"HGETALL"[..], hashes)])
+}
+
+/// Sends `frames` (`replies` commands) on a shared connection and returns
+/// the replies, all of them or an error.
+async fn pipeline(ctx: &Context, frames: Bytes, replies: usize) -> Result<Bytes, WarmError> {
+    let count = u32::try_from(replies).unwrap_or(u32::MAX);
+    let (op, rx) = Op::request(frames, count, false);
+    let conn = ctx.default_pool.shared().await?;
+    conn.send(op).map_err(|_| UpstreamError::ConnectionLost)?;
+    Ok(rx
+        .await
+        .map_err(|_| UpstreamError::ConnectionLost)?
+        .map_err(|f| f.error)?)
+}
+
+/// `keys` grouped by the rule that caches each, with its fill policy.
+fn by_rule(rules: &crate::cache::Rules, keys: &[Bytes]) -> Vec<(FillPolicy, Vec<Bytes>)> {
+    let mut groups: Vec<(&Rule, Vec<Bytes>)> = Vec::new();
+    for key in keys {
+        let Some(rule) = rules.caching(key) else {
+            continue;
+        };
+        match groups.iter_mut().find(|(r, _)| std::ptr::eq(*r, rule)) {
+            Some((_, keys)) => keys.push(key.clone()),
+            None => groups.push((rule, vec![key.clone()])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(r, k)| (FillPolicy::of(r), k))
+        .collect()
+}
+
 /// Fetches `read key` and `PTTL key` for every key in one pipeline and fills
 /// L1 with what came back; returns how many were filled.
 async fn fetch(
@@ -223,14 +334,7 @@ async fn fetch(
         frames.extend_from_slice(&encode_command(&[read, key]));
         frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], key]));
     }
-    let count = u32::try_from(keys.len() * 2).unwrap_or(u32::MAX);
-    let (op, rx) = Op::request(frames.freeze(), count, false);
-    let conn = ctx.default_pool.shared().await?;
-    conn.send(op).map_err(|_| UpstreamError::ConnectionLost)?;
-    let replies = rx
-        .await
-        .map_err(|_| UpstreamError::ConnectionLost)?
-        .map_err(|f| f.error)?;
+    let replies = pipeline(ctx, frames.freeze(), keys.len() * 2).await?;
     let resp3 = ctx.cfg.cache.warm.resp3;
     let mut filled = 0;
     let mut at = 0;

@@ -180,9 +180,9 @@ impl Proxy {
         let limits = crate::limits::Limits::new(&cfg.limits, &stats, None, 1);
         let l1 = (!rules.caches_nothing()).then(|| L1::new(cfg.cache.max_memory.0));
         let bus = match (&l1, cfg.coherence.nats_url.is_empty()) {
-            (Some(l1), false) => {
-                Some(Bus::start(&cfg.coherence, l1.clone(), stats.bus.clone()).await?)
-            }
+            (Some(l1), false) => Some(
+                Bus::start(&cfg.coherence, l1.clone(), stats.bus.clone(), stats.clone()).await?,
+            ),
             (None, false) => {
                 tracing::warn!(
                     "coherence.nats_url is set but no rule caches anything: the bus is not started"

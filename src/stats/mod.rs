@@ -280,6 +280,8 @@ pub struct WarmStats {
     pub failed: AtomicU64,
     /// Keys filled, over every pass.
     pub keys: AtomicU64,
+    /// Keys fetched because a peer named them among its hot keys.
+    pub peer_keys: AtomicU64,
     /// Keys the current (or last) pass filled.
     pub last_keys: AtomicU64,
     /// How long the last finished pass took, in ms.

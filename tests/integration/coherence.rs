@@ -1438,6 +1438,105 @@ async fn while_nats_is_down_l1_is_bypassed_and_flushed_on_return() {
     );
 }
 
+/// Guards `fill::warm` (a peer's hot keys first) and `Bus::peer_hot_keys`:
+/// an instance starting beside one that has been reading ten keys of 500
+/// asks it over NATS and, allowed ten keys, warms exactly those (a SCAN
+/// would pick ten of 500 at random): reading them through it reaches
+/// Redis not once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_instance_warms_the_keys_its_peer_reads_first() {
+    let nats = NatsServer::start();
+    let redis = RedisServer::start();
+    let mut d = redis.direct();
+    for i in 0..500 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("w:{i}"))
+            .arg(i)
+            .query(&mut d)
+            .unwrap();
+    }
+    let mut base = config_for(&redis);
+    base.cache.rules = vec![RuleConfig {
+        warm: true,
+        ..rule("w:", Duration::from_secs(60))
+    }];
+    base.coherence.nats_url = nats.url();
+    let mut a_cfg = base.clone();
+    a_cfg.coherence.instance_id = "inst-a".into();
+    let a = TestProxy::start_with(a_cfg).await;
+    let mut ca = a.conn().await;
+    let hot: Vec<String> = (0..10).map(|i| format!("w:{}", i * 37 + 11)).collect();
+    let deadline = Instant::now() + POLL_LIMIT;
+    loop {
+        // (Rotated each round: one read in eight is sampled, and a fixed
+        // cycle of ten would only ever sample five of them.)
+        for round in 0..50 {
+            for k in hot.iter().cycle().skip(round % 10).take(10) {
+                let _: String = ca.get(k).await.unwrap();
+            }
+        }
+        let top: Value = redis::cmd("PROXY")
+            .arg("HOTKEYS")
+            .arg(10)
+            .query_async(&mut ca)
+            .await
+            .unwrap();
+        let Value::Array(top) = top else {
+            panic!("HOTKEYS: {top:?}")
+        };
+        let named: Vec<String> = top
+            .iter()
+            .filter_map(|e| {
+                pairs(e)
+                    .into_iter()
+                    .find(|(k, _)| k == "key")
+                    .map(|(_, v)| text(&v))
+            })
+            .collect();
+        if hot.iter().all(|k| named.contains(k)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's hot keys never showed: {named:?}"
+        );
+    }
+
+    let mut b_cfg = base.clone();
+    b_cfg.coherence.instance_id = "inst-b".into();
+    b_cfg.cache.warm.max_keys = 10;
+    let b = TestProxy::start_with(b_cfg).await;
+    let mut cb = b.conn().await;
+    // B's first messages from A may show it a gap, which flushes L1 and
+    // warms again: a check that a flush interrupted is made again.
+    let deadline = Instant::now() + POLL_LIMIT;
+    loop {
+        let stats = proxy_stats(&mut cb).await;
+        if stats["warm.passes"] == 0 || stats["warm.running"] == 1 {
+            assert!(Instant::now() < deadline, "B never warmed: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        // Every pass took A's ten, and nothing else (max_keys = 10).
+        assert_eq!(
+            stats["warm.peer_keys"],
+            10 * stats["warm.passes"],
+            "{stats:?}"
+        );
+        assert_eq!(stats["rules.prefix:w:.entries"], 10, "{stats:?}");
+        redis.reset_stats();
+        for k in &hot {
+            let v: String = cb.get(k).await.unwrap();
+            assert_eq!(format!("w:{v}"), *k);
+        }
+        if proxy_stats(&mut cb).await["bus.flushes"] != stats["bus.flushes"] {
+            continue;
+        }
+        assert_eq!(redis.calls("get"), 0, "B held every key A reads");
+        break;
+    }
+}
+
 /// Guards `session/cached.rs` (L1 follows the loss policy) and
 /// `fill::FillPolicy::stale` for stale-if-error: with the bus down under
 /// `bypass` and then Redis gone, an entry well within its rule's
