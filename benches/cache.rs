@@ -1,4 +1,5 @@
-//! The L1 hit path: the cost of answering a GET from memory.
+//! The L1 hit path: the cost of answering a GET from memory, and of one
+//! held compressed (`compress_min_size`).
 //!
 //! `cargo bench --bench cache`
 
@@ -6,7 +7,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use nearcache::cache::{L1, Lifetime, Now, Rules};
+use nearcache::cache::{Keep, L1, Now, Rules};
 use nearcache::config::RuleConfig;
 use nearcache::protocol::Protocol;
 use nearcache::stats::{RuleStats, Stats};
@@ -35,10 +36,11 @@ fn l1(keys: usize) -> std::sync::Arc<L1> {
             Protocol::Resp2.into(),
             &req,
             &reply,
-            Lifetime {
+            Keep {
                 ttl: Duration::from_secs(3600),
                 stale_for: Duration::ZERO,
                 refresh_ahead: None,
+                compress_min_size: None,
             },
         );
     }
@@ -64,7 +66,7 @@ fn bench(c: &mut Criterion) {
                 Protocol::Resp2.into(),
                 black_box(&req),
                 Now::current(),
-                |reply| out.extend_from_slice(reply),
+                |reply| reply.append_to(&mut out),
             );
             black_box(hit)
         })
@@ -91,7 +93,7 @@ fn bench(c: &mut Criterion) {
                 Protocol::Resp2.into(),
                 req,
                 Now::current(),
-                |reply| out.extend_from_slice(reply),
+                |reply| reply.append_to(&mut out),
             );
             black_box(hit)
         })
@@ -106,7 +108,7 @@ fn bench(c: &mut Criterion) {
                 Protocol::Resp2.into(),
                 &absent_req,
                 Now::current(),
-                |_| {},
+                |_| true,
             ))
         })
     });
@@ -126,5 +128,89 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// A 20-level order book as JSON, the kind of reply `compress_min_size` is
+/// for (about 1.3 KB).
+fn order_book() -> Vec<u8> {
+    let side = |base: f64, step: f64| {
+        (0..20)
+            .map(|i| {
+                let price = base + step * f64::from(i);
+                let size = 0.013 * f64::from((i * 37) % 101 + 1);
+                format!("[\"{price:.2}\",\"{size:.4}\"]")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let json = format!(
+        "{{\"symbol\":\"BTCUSDT\",\"lastUpdateId\":91238475612,\"bids\":[{}],\"asks\":[{}]}}",
+        side(64_250.10, -0.10),
+        side(64_250.20, 0.10)
+    );
+    [
+        format!("${}\r\n", json.len()).as_bytes(),
+        json.as_bytes(),
+        b"\r\n",
+    ]
+    .concat()
+}
+
+/// A hit on an order book held as it is against one held compressed.
+fn bench_compressed(c: &mut Criterion) {
+    let cache = L1::new(256 << 20);
+    let stats = std::sync::Arc::new(RuleStats::default());
+    let reply = order_book();
+    for (key, compress_min_size) in [("book:plain", None), ("book:lz4", Some(256))] {
+        let token = cache.begin_fill(0, key.as_bytes());
+        cache.fill(
+            token,
+            0,
+            key.as_bytes(),
+            &stats,
+            Protocol::Resp2.into(),
+            &request(key),
+            &reply,
+            Keep {
+                ttl: Duration::from_secs(3600),
+                stale_for: Duration::ZERO,
+                refresh_ahead: None,
+                compress_min_size,
+            },
+        );
+    }
+    let saved = stats
+        .compression_saved
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(saved > 0, "the order book was not held compressed");
+    #[allow(clippy::print_stderr)]
+    let () = eprintln!(
+        "order book: {} bytes, held compressed in {} ({:.0} % saved)",
+        reply.len(),
+        reply.len() as i64 - saved,
+        100.0 * saved as f64 / reply.len() as f64
+    );
+    let mut out = Vec::with_capacity(1 << 16);
+    for (name, key) in [
+        ("l1/hit_orderbook_plain", "book:plain"),
+        ("l1/hit_orderbook_lz4", "book:lz4"),
+    ] {
+        let req = request(key);
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                let hit = cache.get(
+                    0,
+                    black_box(key.as_bytes()),
+                    Protocol::Resp2.into(),
+                    black_box(&req),
+                    Now::current(),
+                    |reply| reply.append_to(&mut out),
+                );
+                assert_eq!(out.len(), reply.len());
+                black_box(hit)
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench, bench_compressed);
 criterion_main!(benches);

@@ -19,7 +19,8 @@
 //! | [`server::session`] | the request path: classify → admit → note writes → dispatch by mode (shared, pinned, transaction, relay) → respond → record |
 //! | [`upstream`] | connections to Redis: the session's lane (pool, sticky connection, ordering), pools, connection tasks, handshake, transport |
 //! | [`cache`] | L1: generation-checked fills, invalidation, key-prefix rules |
-//! | [`fill`] | fetching missed reads: single flight, PTTL, refresh-ahead, MGET split and stitch |
+//! | [`fill`] | fetching missed reads: single flight, PTTL, refresh-ahead, MGET split and stitch, stale-if-error; warming (`fill/warm.rs`) |
+//! | [`stored`] | values Redis stores compressed (`store_compressed`): the format, which commands, decoding replies |
 //! | [`coherence`] | the one acknowledgement path, the NATS invalidation bus, Redis tracking |
 //! | [`stats`] | one registry of counters: requests by class, latency by path, errors by kind, per-rule cache counters and big keys, bus and its peers, tracking; hot keys (sampled per session), the slow log |
 //! | [`reload`] | SIGHUP and `PROXY RELOAD`: the file read again, what can change swapped, what cannot reported |
@@ -53,6 +54,7 @@ pub mod protocol;
 pub mod reload;
 pub mod server;
 pub mod stats;
+pub(crate) mod stored;
 pub mod tls;
 pub(crate) mod upstream;
 

@@ -34,7 +34,7 @@ pub fn rules(r: &mut Reply, ctx: &Context) {
     for rule in rules {
         let s = &rule.stats;
         let (kind, selector) = rule.selector();
-        r.map(13);
+        r.map(14);
         r.bulk(kind.as_bytes()).bulk(selector);
         r.bulk(b"ttl_ms").int(ms(rule.ttl));
         r.bulk(b"cache").int(i64::from(rule.cache));
@@ -50,6 +50,8 @@ pub fn rules(r: &mut Reply, ctx: &Context) {
         };
         r.bulk(b"stale_if_error_ms")
             .int(rule.stale_if_error.map_or(-1, ms));
+        r.bulk(b"compress_min_size")
+            .int(rule.compress_min_size.map_or(-1, |s| n(s as u64)));
         r.bulk(b"entries").int(s.entries.load(Relaxed).max(0));
         r.bulk(b"bytes").int(s.bytes.load(Relaxed).max(0));
         let (hits, misses) = (s.hits.load(Relaxed), s.misses.load(Relaxed));

@@ -364,6 +364,19 @@ impl Collector for StatsCollector {
                 ConstGauge::new(s.entries.load(Relaxed)).encode(m.encode_family(&labels)?)?;
             }
         }
+        {
+            let mut m = enc.encode_descriptor(
+                "nearcache_l1_compression_saved",
+                "Bytes compression saves on the entries L1 holds (compress_min_size), by rule: their uncompressed size is nearcache_l1_rule_bytes plus this.",
+                Some(&Unit::Bytes),
+                MetricType::Gauge,
+            )?;
+            for (name, s) in &rules {
+                let labels = [("rule", name.clone())];
+                ConstGauge::new(s.compression_saved.load(Relaxed))
+                    .encode(m.encode_family(&labels)?)?;
+            }
+        }
         if let Some(l1) = &ctx.l1 {
             let (entries, bytes) = l1.usage();
             gauge(

@@ -204,7 +204,7 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
     r.bulk(b"rules").array(rules.len());
     for rule in rules {
         let counters = rule.stats.snapshot();
-        r.map(4 + counters.len());
+        r.map(5 + counters.len());
         let (kind, selector) = rule.selector();
         r.bulk(kind.as_bytes()).bulk(selector);
         r.bulk(b"ttl_ms")
@@ -218,6 +218,13 @@ fn stats(ctx: &Context, proto: Protocol) -> Bytes {
             s.hits.load(std::sync::atomic::Ordering::Relaxed),
             s.misses.load(std::sync::atomic::Ordering::Relaxed),
         );
+        // Held / uncompressed (null while nothing is held compressed).
+        let (held, saved) = compression(s);
+        r.bulk(b"compression_ratio");
+        match saved {
+            0 => r.null(),
+            _ => r.ratio(held, saved),
+        };
     }
     r.finish()
 }
@@ -481,6 +488,15 @@ pub fn stats_json(ctx: &Context) -> Value {
             all_hits += hits;
             all_misses += misses;
             m.insert("hit_ratio".into(), ratio(hits, misses));
+            let (held, saved) = compression(&rule.stats);
+            m.insert(
+                "compression_ratio".into(),
+                if saved == 0 {
+                    Value::Null
+                } else {
+                    ratio(held, saved)
+                },
+            );
             Value::Object(m)
         })
         .collect();
@@ -605,4 +621,11 @@ pub fn dashboard_stats(ctx: &Context, body: &mut serde_json::Map<String, Value>)
             "left_total": left,
         }),
     );
+}
+
+/// A rule's bytes held in L1 and the bytes compression saves on them.
+fn compression(s: &crate::stats::RuleStats) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let get = |v: &std::sync::atomic::AtomicI64| u64::try_from(v.load(Relaxed)).unwrap_or(0);
+    (get(&s.bytes), get(&s.compression_saved))
 }

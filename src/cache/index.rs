@@ -19,6 +19,7 @@ use bytes::Bytes;
 use hashbrown::HashTable;
 
 use super::Viewer;
+use super::held::Held;
 use crate::stats::RuleStats;
 
 /// Shards: enough that concurrent hits rarely share a lock.
@@ -27,14 +28,16 @@ const SHARDS: usize = 32;
 // Header layout: expiry, refresh-ahead time (u64 ns on `clock()`, MAX for
 // none), the end of its stale-if-error window (u64 ns, = expiry for none),
 // id length, request length (u32), the viewer: protocol version (u8) and
-// user namespace (u16).
+// user namespace (u16), the reply's decompressed length (u32, 0 when it is
+// held as it is).
 const EXPIRES: usize = 0;
 const REFRESH: usize = 8;
 const STALE_UNTIL: usize = 16;
 const ID_LEN: usize = 24;
 const REQUEST_LEN: usize = 28;
 const VIEWER: usize = 32;
-const HEADER: usize = 35;
+const RAW_LEN: usize = 35;
+const HEADER: usize = 39;
 
 /// Nanoseconds since a process-wide base: expiries in 8 bytes instead of an
 /// `Instant`'s 16, and compared as integers.
@@ -56,24 +59,27 @@ impl std::fmt::Debug for Variant {
             .field("id", &String::from_utf8_lossy(self.id()))
             .field("request", &String::from_utf8_lossy(self.request()))
             .field("reply_len", &self.reply().len())
+            .field("stored_len", &self.reply().stored().len())
             .finish()
     }
 }
 
 impl Variant {
-    /// The variant for these parts; None if the id or request is over
-    /// 4 GiB, which no cacheable read is.
+    /// The variant for these parts; None if the id, request or reply is
+    /// over 4 GiB, which no cacheable read is.
     pub(super) fn new(
         viewer: Viewer,
         id: &[u8],
         request: &[u8],
-        reply: &[u8],
+        reply: Held<'_>,
         expires: Instant,
         refresh_at: Option<Instant>,
         stale_until: Instant,
     ) -> Option<Self> {
         let id_len = u32::try_from(id.len()).ok()?;
         let request_len = u32::try_from(request.len()).ok()?;
+        let raw_len = u32::try_from(reply.raw_len()).ok()?;
+        let reply = reply.stored();
         let mut buf = Vec::with_capacity(HEADER + id.len() + request.len() + reply.len());
         buf.extend_from_slice(&clock(expires).to_le_bytes());
         buf.extend_from_slice(&refresh_at.map_or(u64::MAX, clock).to_le_bytes());
@@ -81,6 +87,7 @@ impl Variant {
         buf.extend_from_slice(&id_len.to_le_bytes());
         buf.extend_from_slice(&request_len.to_le_bytes());
         buf.extend_from_slice(&viewer_bytes(viewer));
+        buf.extend_from_slice(&raw_len.to_le_bytes());
         buf.extend_from_slice(id);
         buf.extend_from_slice(request);
         buf.extend_from_slice(reply);
@@ -116,7 +123,7 @@ impl Variant {
     /// Whether it is for `viewer` (its protocol and user).
     #[inline]
     pub(super) fn is_for(&self, viewer: Viewer) -> bool {
-        self.0[VIEWER..HEADER] == viewer_bytes(viewer)
+        self.0[VIEWER..RAW_LEN] == viewer_bytes(viewer)
     }
 
     /// The exact request this reply answers.
@@ -125,10 +132,20 @@ impl Variant {
         &self.0[self.request_start()..self.request_end()]
     }
 
-    /// The encoded reply.
+    /// The encoded reply, as held.
     #[inline]
-    pub(super) fn reply(&self) -> &[u8] {
-        &self.0[self.request_end()..]
+    pub(super) fn reply(&self) -> Held<'_> {
+        let stored = &self.0[self.request_end()..];
+        match self.u32_at(RAW_LEN) {
+            0 => Held::plain(stored),
+            raw_len => Held::compressed(stored, raw_len),
+        }
+    }
+
+    /// Bytes compression saves on this variant.
+    pub(super) fn saved(&self) -> usize {
+        let reply = self.reply();
+        reply.len().saturating_sub(reply.stored().len())
     }
 
     /// When it expires, on [`clock`].
@@ -226,6 +243,9 @@ pub(super) struct KeyEntry {
     /// Its rule's counters (bytes held, evictions, invalidations).
     pub(super) stats: Arc<RuleStats>,
     pub(super) weight: u32,
+    /// Bytes compression saves on its variants (out of the rule's
+    /// `compression_saved` while it is held).
+    pub(super) saved: u32,
     pub(super) variants: Variants,
     /// The key's generation (stripe, flush epoch) its last fill began at.
     pub(super) generation: (u64, u64),
@@ -236,11 +256,14 @@ impl KeyEntry {
     pub(super) fn new(hash: u64, stats: Arc<RuleStats>, variants: Variants) -> Self {
         let bytes =
             std::mem::size_of::<Self>() + 32 + variants.iter().map(Variant::size).sum::<usize>();
+        let saved = variants.iter().map(Variant::saved).sum::<usize>();
+        let saved = u32::try_from(saved).unwrap_or(u32::MAX);
         Self {
             hash,
             stats,
             variants,
             weight: u32::try_from(bytes).unwrap_or(u32::MAX),
+            saved,
             generation: (0, 0),
         }
     }
@@ -406,7 +429,7 @@ mod tests {
             Protocol::Resp3.into(),
             b"id",
             b"req",
-            b"reply",
+            Held::plain(b"reply"),
             now,
             None,
             now,
@@ -414,35 +437,60 @@ mod tests {
         .expect("small parts");
         assert_eq!(v.id(), b"id");
         assert_eq!(v.request(), b"req");
-        assert_eq!(v.reply(), b"reply");
+        assert_eq!(v.reply().as_plain(), Some(&b"reply"[..]));
         assert!(v.is_for(Protocol::Resp3.into()) && !v.is_for(Protocol::Resp2.into()));
         let alice = Viewer {
             proto: Protocol::Resp3,
             user: 7,
         };
-        let w = Variant::new(alice, b"id", b"req", b"reply", now, None, now).expect("small parts");
+        let w = Variant::new(alice, b"id", b"req", Held::plain(b"reply"), now, None, now)
+            .expect("small parts");
         assert!(w.is_for(alice) && !w.is_for(Protocol::Resp3.into()));
         assert_eq!(
-            (w.id(), w.request(), w.reply()),
-            (&b"id"[..], &b"req"[..], &b"reply"[..])
+            (w.id(), w.request(), w.reply().as_plain()),
+            (&b"id"[..], &b"req"[..], Some(&b"reply"[..]))
         );
         assert_eq!(v.expires(), clock(now));
         assert!(!v.refresh_due(u64::MAX - 1));
-        let r = Variant::new(Protocol::Resp2.into(), b"", b"", b"", now, Some(now), now)
-            .expect("empty parts");
+        let r = Variant::new(
+            Protocol::Resp2.into(),
+            b"",
+            b"",
+            Held::plain(b""),
+            now,
+            Some(now),
+            now,
+        )
+        .expect("empty parts");
         assert!(r.refresh_due(clock(now)) && !r.refresh_due(clock(now) - 1));
         // The stale window ends at the expiry at the earliest.
         assert_eq!(r.stale_until(), clock(now));
         let later = now + std::time::Duration::from_secs(5);
-        let s = Variant::new(Protocol::Resp2.into(), b"", b"", b"", now, None, later)
-            .expect("empty parts");
+        let s = Variant::new(
+            Protocol::Resp2.into(),
+            b"",
+            b"",
+            Held::plain(b""),
+            now,
+            None,
+            later,
+        )
+        .expect("empty parts");
         assert_eq!((s.expires(), s.stale_until()), (clock(now), clock(later)));
-        let early = Variant::new(Protocol::Resp2.into(), b"", b"", b"", later, None, now)
-            .expect("empty parts");
+        let early = Variant::new(
+            Protocol::Resp2.into(),
+            b"",
+            b"",
+            Held::plain(b""),
+            later,
+            None,
+            now,
+        )
+        .expect("empty parts");
         assert_eq!(early.stale_until(), clock(later));
         assert_eq!(
-            (r.id(), r.request(), r.reply()),
-            (&b""[..], &b""[..], &b""[..])
+            (r.id(), r.request(), r.reply().as_plain()),
+            (&b""[..], &b""[..], Some(&b""[..]))
         );
     }
 
@@ -452,8 +500,16 @@ mod tests {
         let now = Instant::now();
         let id = [&0u32.to_le_bytes()[..], b"k"].concat();
         let variant = |req: &[u8]| {
-            Variant::new(Protocol::Resp2.into(), &id, req, b"r", now, None, now)
-                .expect("small parts")
+            Variant::new(
+                Protocol::Resp2.into(),
+                &id,
+                req,
+                Held::plain(b"r"),
+                now,
+                None,
+                now,
+            )
+            .expect("small parts")
         };
         let entry = KeyEntry::new(
             index.hash(0, b"k"),

@@ -8,7 +8,8 @@
 //!   once, and RESP2 and RESP3 replies are never confused.
 //! - **Lifetime.** A variant lives for min(rule ttl, the key's remaining TTL in
 //!   Redis), so L1 never outlives Redis's own expiry; memory is bounded by
-//!   weight (`cache.max_memory`).
+//!   weight (`cache.max_memory`), and a rule's `compress_min_size` has larger
+//!   replies held lz4-compressed (`held.rs`), weighed as stored.
 //! - **No stale fill.** Invalidations bump a generation (a stripe of atomic
 //!   counters hashed by key, plus an epoch for whole flushes). A miss records
 //!   the generation when it starts; its fill is discarded if the generation
@@ -26,6 +27,7 @@
 //!   Every path that removes from moka (invalidation, flush, eviction,
 //!   expiry) removes from the index too, and fills go to both.
 
+mod held;
 mod index;
 pub mod rules;
 
@@ -37,6 +39,7 @@ use bytes::Bytes;
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
 
+pub use held::{Held, ReplyBuf, compression_pays};
 use index::{Index, KeyEntry, Variant, Variants};
 pub use rules::{Rule, Rules};
 
@@ -101,9 +104,9 @@ impl Now {
     }
 }
 
-/// How long a filled reply lives.
+/// How a filled reply is kept: how long, and whether compressed.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Lifetime {
+pub struct Keep {
     /// Served from L1 for this long.
     pub ttl: Duration,
     /// Then kept this much longer, served only while Redis is unreachable
@@ -111,6 +114,8 @@ pub struct Lifetime {
     pub stale_for: Duration,
     /// The fraction of `ttl` after which a hit refreshes it ahead.
     pub refresh_ahead: Option<f64>,
+    /// Held compressed if at least this large (and compression pays).
+    pub compress_min_size: Option<usize>,
 }
 
 /// Proof of where the generation stood when a miss began.
@@ -171,6 +176,9 @@ impl L1 {
                 }
                 v.stats.bytes.fetch_sub(i64::from(v.weight), SeqCst);
                 v.stats.entries.fetch_sub(1, SeqCst);
+                v.stats
+                    .compression_saved
+                    .fetch_sub(i64::from(v.saved), SeqCst);
                 if cause == RemovalCause::Size {
                     RuleStats::inc(&v.stats.evictions);
                 }
@@ -201,9 +209,10 @@ impl L1 {
     }
 
     /// Hands the cached reply for `request` on `key`, if fresh at `now`, to
-    /// `sink` (under the index's read lock: copy it, do not wait), and
-    /// returns whether it is due for a refresh-ahead; None on a miss. The hot
-    /// path: no allocation, no copy of the key.
+    /// `sink` (under the index's read lock: copy or decompress it, do not
+    /// wait), and returns whether it is due for a refresh-ahead; None on a
+    /// miss, or when `sink` returns false (a reply it could not take). The
+    /// hot path: no allocation, no copy of the key.
     #[inline]
     pub fn get(
         &self,
@@ -212,13 +221,12 @@ impl L1 {
         viewer: Viewer,
         request: &[u8],
         now: Now,
-        sink: impl FnOnce(&[u8]),
+        sink: impl FnOnce(Held<'_>) -> bool,
     ) -> Option<bool> {
         self.index.with((db, key), viewer, request, |v| {
-            if v.expires() <= now.0 {
+            if v.expires() <= now.0 || !sink(v.reply()) {
                 return None;
             }
-            sink(v.reply());
             Some(v.refresh_due(now.0))
         })
     }
@@ -269,7 +277,11 @@ impl L1 {
         let max_stale = u64::try_from(max_stale.as_nanos()).unwrap_or(u64::MAX);
         self.index.with((db, key), viewer, request, |v| {
             let until = v.stale_until().min(v.expires().saturating_add(max_stale));
-            (now < until).then(|| Bytes::copy_from_slice(v.reply()))
+            if now < until {
+                v.reply().to_bytes()
+            } else {
+                None
+            }
         })
     }
 
@@ -285,8 +297,10 @@ impl L1 {
         viewer: Viewer,
         request: &[u8],
         reply: &[u8],
-        life: Lifetime,
+        keep: Keep,
     ) -> bool {
+        // Compressed before the locks are taken: it is the slow part.
+        let packed = held::compress(reply, keep.compress_min_size);
         let _epoch = self.epoch_lock.read().unwrap_or_else(|e| e.into_inner());
         let _stripe = self.lock_stripe(token.stripe);
         if self.moved(&token) {
@@ -296,18 +310,16 @@ impl L1 {
         let mut id = Vec::new();
         key_id(db, key, &mut id);
         let now = Instant::now();
-        let expires = now + life.ttl;
-        let refresh_at = life.refresh_ahead.map(|f| now + life.ttl.mul_f64(f));
-        let stale_until = expires + life.stale_for;
-        let Some(variant) = Variant::new(
-            viewer,
-            &id,
-            request,
-            reply,
-            expires,
-            refresh_at,
-            stale_until,
-        ) else {
+        let expires = now + keep.ttl;
+        let refresh_at = keep.refresh_ahead.map(|f| now + keep.ttl.mul_f64(f));
+        let stale_until = expires + keep.stale_for;
+        let held = match &packed {
+            Some(packed) => Held::compressed(packed, reply.len()),
+            None => Held::plain(reply),
+        };
+        let Some(variant) =
+            Variant::new(viewer, &id, request, held, expires, refresh_at, stale_until)
+        else {
             return false;
         };
         let hash = token.hash;
@@ -335,6 +347,9 @@ impl L1 {
         let entry = Arc::new(entry);
         stats.bytes.fetch_add(i64::from(entry.weight), SeqCst);
         stats.entries.fetch_add(1, SeqCst);
+        stats
+            .compression_saved
+            .fetch_add(i64::from(entry.saved), SeqCst);
         // Index first: if moka evicts the entry at once, its listener then
         // finds it in the index and removes it there too.
         self.index.insert(&entry);

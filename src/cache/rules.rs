@@ -23,7 +23,7 @@ pub struct Rule {
     pub cache: bool,
     /// Longest L1 lifetime of a reply.
     pub ttl: Duration,
-    /// Lifetime of a "key does not exist" reply; `None` = not cached.
+    /// Keep of a "key does not exist" reply; `None` = not cached.
     pub negative_ttl: Option<Duration>,
     /// Larger replies are not cached.
     pub max_value_size: usize,
@@ -36,6 +36,11 @@ pub struct Rule {
     pub stale_if_error: Option<Duration>,
     /// Whether warming fills L1 with matching keys.
     pub warm: bool,
+    /// Replies at least this large are held compressed in L1.
+    pub compress_min_size: Option<usize>,
+    /// String values at least `compress_min_size` are stored compressed in
+    /// Redis (see [`crate::stored`]).
+    pub store_compressed: bool,
     /// Its counters, kept in the registry by selector.
     pub stats: Arc<RuleStats>,
 }
@@ -64,6 +69,9 @@ impl Rule {
 #[derive(Debug, Clone, Default)]
 pub struct Rules {
     rules: Vec<Rule>,
+    /// Some rule has Redis store values compressed (else the request path
+    /// skips that phase with one test).
+    store_compressed: bool,
 }
 
 impl Rules {
@@ -89,6 +97,8 @@ impl Rules {
                 refresh_ahead: c.refresh_ahead,
                 stale_if_error: c.stale_if_error.map(|d| d.0),
                 warm: c.warm && c.cache,
+                compress_min_size: c.compress_min_size.map(|s| s.as_usize()),
+                store_compressed: c.store_compressed,
             })
             .collect();
         // Stable: patterns keep their file order, ahead of every prefix.
@@ -96,7 +106,17 @@ impl Rules {
             Some(_) => (false, 0),
             None => (true, usize::MAX - r.prefix.len()),
         });
-        Self { rules }
+        let store_compressed = rules.iter().any(crate::stored::stores_compressed);
+        Self {
+            rules,
+            store_compressed,
+        }
+    }
+
+    /// Whether some rule has Redis store values compressed.
+    #[inline]
+    pub fn any_store_compressed(&self) -> bool {
+        self.store_compressed
     }
 
     /// True when no rule caches anything or adds an upstream TTL (then L1

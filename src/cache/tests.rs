@@ -28,17 +28,18 @@ fn l1(max: u64) -> Cache {
 fn lookup(c: &L1, db: u32, key: &[u8], proto: Protocol, req: &[u8]) -> Option<(Vec<u8>, bool)> {
     let mut reply = Vec::new();
     let refresh = c.get(db, key, proto.into(), req, Now::current(), |r| {
-        reply.extend_from_slice(r)
+        r.append_to(&mut reply)
     })?;
     Some((reply, refresh))
 }
 
 /// A lifetime of `ttl` with no stale-if-error window.
-fn life(ttl: Duration, refresh_ahead: Option<f64>) -> Lifetime {
-    Lifetime {
+fn life(ttl: Duration, refresh_ahead: Option<f64>) -> Keep {
+    Keep {
         ttl,
         stale_for: Duration::ZERO,
         refresh_ahead,
+        compress_min_size: None,
     }
 }
 
@@ -357,7 +358,65 @@ fn each_viewer_sees_only_its_own_replies() {
     assert!(lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).is_none());
     let mut hit = None;
     c.get(0, b"t:a", alice, REQ, Now::current(), |r| {
-        hit = Some(r.to_vec())
+        hit = r.to_bytes();
+        true
     });
     assert_eq!(hit.as_deref(), Some(&b"$1\r\nx\r\n"[..]));
+}
+
+#[test]
+fn a_compressed_fill_is_served_whole_weighed_as_stored_and_its_saving_counted() {
+    let c = l1(1 << 20);
+    let json = br#"{"t":1733500000,"o":"64250.1","h":"64301.9","l":"64190.0","c":"64288.4"}"#;
+    let value = json.repeat(30);
+    let reply = [format!("${}\r\n", value.len()).as_bytes(), &value, b"\r\n"].concat();
+    let fill = |key: &[u8], compress_min_size| {
+        let t = c.begin_fill(0, key);
+        assert!(c.fill(
+            t,
+            0,
+            key,
+            &c.rule_stats,
+            Protocol::Resp2.into(),
+            REQ,
+            &reply,
+            Keep {
+                compress_min_size,
+                ..life(Duration::from_secs(5), None)
+            },
+        ));
+    };
+    fill(b"t:a", Some(256));
+    let saved = c.rule_stats.compression_saved.load(SeqCst);
+    let held = c.rule_stats.bytes.load(SeqCst);
+    assert!(
+        saved > reply.len() as i64 / 2,
+        "saved {saved} of {}",
+        reply.len()
+    );
+    assert!(
+        held < reply.len() as i64 - saved + 256,
+        "weighed {held}: as stored"
+    );
+    let (hit, _) = lookup(&c, 0, b"t:a", Protocol::Resp2, REQ).unwrap();
+    assert_eq!(hit, reply);
+    // A stale read decompresses too.
+    assert_eq!(
+        c.get_stale(0, b"t:a", Protocol::Resp2.into(), REQ, Duration::ZERO)
+            .as_deref(),
+        Some(&reply[..])
+    );
+
+    // Below the threshold, or with none: held as it is.
+    fill(b"t:b", Some(reply.len() + 1));
+    fill(b"t:c", None);
+    assert_eq!(c.rule_stats.compression_saved.load(SeqCst), saved);
+
+    // The saving leaves with the entry.
+    c.invalidate(0, b"t:a", &mut Vec::new());
+    c.maintain();
+    assert_eq!(c.rule_stats.compression_saved.load(SeqCst), 0);
+    c.flush();
+    c.maintain();
+    assert_eq!(c.rule_stats.bytes.load(SeqCst), 0);
 }

@@ -417,6 +417,16 @@ pub struct RuleConfig {
     /// `HGETALL`) at start and after every full flush (see `[cache.warm]`).
     #[serde(default)]
     pub warm: bool,
+    /// Replies at least this large are held in L1 lz4-compressed (when that
+    /// saves at least an eighth), and decompressed on every hit. Unset = off.
+    #[serde(default)]
+    pub compress_min_size: Option<ByteSize>,
+    /// String values of at least `compress_min_size` written through
+    /// nearcache are stored compressed in Redis, and decompressed on every
+    /// read through nearcache (clients reading Redis directly see the
+    /// compressed bytes). Off by default.
+    #[serde(default)]
+    pub store_compressed: bool,
 }
 
 impl RuleConfig {
@@ -434,6 +444,8 @@ impl RuleConfig {
             refresh_ahead: None,
             stale_if_error: None,
             warm: false,
+            compress_min_size: None,
+            store_compressed: false,
         }
     }
 

@@ -152,6 +152,34 @@ fn cache_rules_parse_and_bad_rules_are_named() {
 }
 
 #[test]
+fn compression_and_warming_bounds_are_named_by_field() {
+    let bad = Config::from_toml(
+        "[cache.warm]\nmax_keys = 0\n\
+         [[cache.rules]]\nprefix = \"a:\"\nttl = \"1s\"\nstore_compressed = true\n\
+         [[cache.rules]]\nprefix = \"b:\"\nttl = \"1s\"\ncompress_min_size = 0\n",
+        Path::new("c.toml"),
+    )
+    .unwrap();
+    let err = bad.validate("c.toml").unwrap_err().to_string();
+    assert!(err.contains("cache.warm.max_keys"), "{err}");
+    assert!(
+        err.contains("cache.rules[0] (prefix \"a:\").store_compressed: needs compress_min_size"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cache.rules[1] (prefix \"b:\").compress_min_size"),
+        "{err}"
+    );
+    let good = Config::from_toml(
+        "[[cache.rules]]\nprefix = \"a:\"\nttl = \"1s\"\nstore_compressed = true\ncompress_min_size = \"1KiB\"\n",
+        Path::new("c.toml"),
+    )
+    .unwrap();
+    good.validate("c.toml").unwrap();
+    assert_eq!(good.cache.rules[0].compress_min_size, Some(ByteSize(1024)));
+}
+
+#[test]
 fn pattern_rules_are_named_by_their_pattern_and_checked() {
     let ok = Config::from_toml(
         "[[cache.rules]]\npattern = \"candles:*:1m\"\nttl = \"5s\"\n",

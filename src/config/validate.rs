@@ -297,6 +297,13 @@ impl Config {
                 "must be at least 1 (keys per second)".into(),
             );
         }
+        if warm.max_keys == 0 {
+            bad(
+                "cache.warm.max_keys",
+                "must be at least 1 (to turn warming off, remove warm = true from the rules)"
+                    .into(),
+            );
+        }
         if warm.scan_count == 0 {
             bad("cache.warm.scan_count", "must be at least 1".into());
         }
@@ -353,6 +360,19 @@ impl Config {
                 bad(
                     &field("stale_if_error"),
                     "must be more than 0 (remove it to disable)".into(),
+                );
+            }
+            if rule.compress_min_size.is_some_and(|s| s.0 == 0) {
+                bad(
+                    &field("compress_min_size"),
+                    "must be at least 1 byte (remove it to disable)".into(),
+                );
+            }
+            if rule.store_compressed && rule.compress_min_size.is_none() {
+                bad(
+                    &field("store_compressed"),
+                    "needs compress_min_size, the size from which values are stored compressed"
+                        .into(),
                 );
             }
             if rule.negative_ttl.is_some_and(|d| d.0.is_zero()) {

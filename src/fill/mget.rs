@@ -59,9 +59,7 @@ pub fn mget(
         };
         any_rule = true;
         let start = buf.len();
-        let hit = l1.get(db, key, viewer, MGET_ELEMENT, now, |e| {
-            buf.extend_from_slice(e)
-        });
+        let hit = l1.get(db, key, viewer, MGET_ELEMENT, now, |e| e.append_to(buf));
         match hit {
             Some(due) => {
                 RuleStats::inc(&rule.stats.hits);
@@ -90,12 +88,14 @@ impl Mget {
 
 impl<U: Upstream> Fetch<'_, U> {
     /// Fetches the keys `m` missed (`hits` holds the others' elements) and
-    /// returns where the stitched reply arrives.
+    /// returns where the stitched reply arrives; `decode`: some key's value
+    /// may be stored compressed (`store_compressed`).
     pub async fn mget_rest(
         &mut self,
         m: &mut Mget,
         keys: &[Bytes],
         hits: &[u8],
+        decode: bool,
     ) -> oneshot::Receiver<Replies> {
         let cached = Bytes::copy_from_slice(hits);
         let parts: Vec<Option<Bytes>> = m
@@ -126,7 +126,11 @@ impl<U: Upstream> Fetch<'_, U> {
             .any(|(_, f)| f.as_ref().is_some_and(|(p, _)| p.stale_if_error.is_some()));
         let bus = self.bus.filter(|_| stale_allowed).cloned();
         tokio::spawn(async move {
-            let reply = match sent.replies().await {
+            let mut replies = sent.replies().await;
+            if decode {
+                replies = crate::stored::decode_replies(replies);
+            }
+            let reply = match replies {
                 Ok(frames) => match split(&frames, missing.len(), pttls) {
                     Some((elements, pttls)) => {
                         let mut pttls = pttls.iter();
@@ -207,7 +211,11 @@ impl<U: Upstream> Fetch<'_, U> {
             let (db, viewer) = (self.db, self.viewer);
             let (l1, flights) = (self.l1.clone(), self.flights.clone());
             tokio::spawn(async move {
-                if let Ok(frames) = sent.replies().await {
+                let mut replies = sent.replies().await;
+                if policy.decode {
+                    replies = crate::stored::decode_replies(replies);
+                }
+                if let Ok(frames) = replies {
                     if let Some((elements, pttls)) = split(&frames, 1, 1) {
                         let (element, pttl) = (elements[0], pttls[0]);
                         policy.fill(&l1, token, (db, &key), viewer, MGET_ELEMENT, element, pttl);

@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 
 pub use mget::mget;
 
-use crate::cache::{FillToken, L1, Lifetime, Rule, Viewer};
+use crate::cache::{FillToken, Keep, L1, Rule, Viewer};
 use crate::coherence::Bus;
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
@@ -104,6 +104,10 @@ pub struct FillPolicy {
     max_value_size: usize,
     refresh_ahead: Option<f64>,
     stale_if_error: Option<Duration>,
+    compress_min_size: Option<usize>,
+    /// The reply's values may be stored compressed: decompressed before
+    /// they are filled or answered (`store_compressed`).
+    decode: bool,
 }
 
 impl FillPolicy {
@@ -116,7 +120,17 @@ impl FillPolicy {
             max_value_size: rule.max_value_size,
             refresh_ahead: rule.refresh_ahead,
             stale_if_error: rule.stale_if_error,
+            compress_min_size: rule.compress_min_size,
+            decode: crate::stored::stores_compressed(rule),
         }
+    }
+
+    /// The policy for a read whose reply is (`true`) or is not one to
+    /// decompress: the rule's is right for `GET` and `MGET`, not for the
+    /// other reads it caches.
+    pub fn decoding(mut self, decode: bool) -> Self {
+        self.decode = decode;
+        self
     }
 
     /// The reply L1 still holds for `request` on (db, key) within the rule's
@@ -235,7 +249,10 @@ impl<U: Upstream> Fetch<'_, U> {
         let (l1, flights) = (self.l1.clone(), self.flights.clone());
         let bus = policy.stale_if_error.and(self.bus.cloned());
         tokio::spawn(async move {
-            let replies = sent.replies().await;
+            let mut replies = sent.replies().await;
+            if policy.decode {
+                replies = crate::stored::decode_replies(replies);
+            }
             let reply = complete(replies, |value, pttl| {
                 policy.fill(&l1, token, (db, &key), viewer, &request, value, pttl);
             });
@@ -298,7 +315,7 @@ fn unreachable(error: &UpstreamError) -> bool {
 /// How long to keep `value`, given the key's PTTL; `None` = don't cache.
 /// The stale-if-error window never reaches past the key's own expiry in
 /// Redis: a key Redis expired is gone, not stale.
-fn lifetime(policy: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Lifetime> {
+fn lifetime(policy: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Keep> {
     if value.len() > policy.max_value_size || matches!(value.first(), Some(b'-' | b'!')) {
         return None;
     }
@@ -316,10 +333,11 @@ fn lifetime(policy: &FillPolicy, value: &[u8], pttl: Option<i64>) -> Option<Life
         _ => return None,
     };
     let stale_for = retain.map_or(stale, |left| stale.min(left.saturating_sub(ttl)));
-    Some(Lifetime {
+    Some(Keep {
         ttl,
         stale_for,
         refresh_ahead: policy.refresh_ahead,
+        compress_min_size: policy.compress_min_size,
     })
 }
 
@@ -335,6 +353,8 @@ mod tests {
             max_value_size: 16,
             refresh_ahead: None,
             stale_if_error: None,
+            compress_min_size: None,
+            decode: false,
         }
     }
 

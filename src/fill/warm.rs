@@ -334,7 +334,12 @@ async fn fetch(
         frames.extend_from_slice(&encode_command(&[read, key]));
         frames.extend_from_slice(&encode_command(&[&b"PTTL"[..], key]));
     }
-    let replies = pipeline(ctx, frames.freeze(), keys.len() * 2).await?;
+    let mut replies = pipeline(ctx, frames.freeze(), keys.len() * 2).await?;
+    if policy.decode && read == b"GET" {
+        if let Ok(decoded) = crate::stored::decode_replies(Ok(replies.clone())) {
+            replies = decoded;
+        }
+    }
     let resp3 = ctx.cfg.cache.warm.resp3;
     let mut filled = 0;
     let mut at = 0;

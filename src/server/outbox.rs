@@ -33,6 +33,9 @@ pub enum Slot {
         count: u32,
         /// A blocking command: abandoned, not awaited, when the client leaves.
         blocking: bool,
+        /// Values Redis stores compressed are decompressed in the replies
+        /// (`store_compressed`).
+        decode: bool,
         /// Keys the commands wrote: dropped from L1 when the replies arrive,
         /// before the client can see them.
         inv: Invalidation,
@@ -117,6 +120,25 @@ impl Outbox {
         }
     }
 
+    /// Like [`Outbox::put`], for an L1 reply (which may be held compressed:
+    /// decompressed straight into the write buffer). False if it could not
+    /// be decompressed (nothing was queued).
+    #[inline]
+    pub fn put_held(&mut self, reply: crate::cache::Held<'_>) -> bool {
+        if let Some(plain) = reply.as_plain() {
+            self.put(plain);
+            return true;
+        }
+        if !self.slots.is_empty() {
+            let Some(bytes) = reply.to_bytes() else {
+                return false;
+            };
+            self.push(Slot::Ready(bytes));
+            return true;
+        }
+        self.muted || reply.append_to(&mut self.buf)
+    }
+
     /// Like [`Outbox::put`], for a reply already in a buffer of its own.
     #[inline]
     pub fn put_bytes(&mut self, reply: Bytes) {
@@ -171,6 +193,14 @@ impl Outbox {
                 let replies = (&mut *rx).await.unwrap_or_else(|_| Err(lost()));
                 *rx = answered(replies);
             }
+        }
+    }
+
+    /// Has the replies of the slot queued last, if it is a request to Redis,
+    /// decompressed (`store_compressed`; see [`crate::stored`]).
+    pub fn decode_last(&mut self) {
+        if let Some(Slot::Upstream { decode, .. }) = self.slots.back_mut() {
+            *decode = true;
         }
     }
 
@@ -304,12 +334,21 @@ impl Outbox {
     /// take its replies.
     fn answered(&mut self, replies: Replies) {
         let Some(Slot::Upstream {
-            count, inv, timing, ..
+            count,
+            inv,
+            timing,
+            decode,
+            ..
         }) = self.slots.front()
         else {
             return;
         };
         let count = *count;
+        let replies = if *decode {
+            crate::stored::decode_replies(replies)
+        } else {
+            replies
+        };
         let us = self.stats.requests.replied(*timing, u64::from(count));
         self.stats.slowlog.note(timing, count, us);
         self.ack.acknowledged(inv, &mut self.scratch);
@@ -400,6 +439,7 @@ mod tests {
         let (tx2, rx2) = oneshot::channel();
         out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
         out.push(Slot::Upstream {
+            decode: false,
             rx: rx1,
             count: 1,
             blocking: false,
@@ -407,6 +447,7 @@ mod tests {
             timing: timing(),
         });
         out.push(Slot::Upstream {
+            decode: false,
             rx: rx2,
             count: 1,
             blocking: false,
@@ -430,6 +471,7 @@ mod tests {
         let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
+            decode: false,
             rx,
             count: 1,
             blocking: false,
@@ -457,6 +499,7 @@ mod tests {
         let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
+            decode: false,
             rx,
             count: 3,
             blocking: false,
@@ -481,6 +524,7 @@ mod tests {
         let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel::<Replies>();
         out.push(Slot::Upstream {
+            decode: false,
             rx,
             count: 1,
             blocking: false,

@@ -28,6 +28,9 @@ pub struct Request<'c> {
     pub spec: Option<&'static CommandSpec>,
     /// What `server.rename` made of its name.
     pub renamed: Renamed,
+    /// Its reply carries values Redis stores compressed, to decompress
+    /// (`store_compressed`).
+    pub decode: bool,
 }
 
 impl<'c> Request<'c> {
@@ -43,6 +46,7 @@ impl<'c> Request<'c> {
             route,
             spec,
             renamed: Renamed::No,
+            decode: false,
         }
     }
 

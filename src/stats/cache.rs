@@ -30,6 +30,9 @@ pub struct RuleStats {
     pub bytes: AtomicI64,
     /// Keys currently held (entries; updated with `bytes`).
     pub entries: AtomicI64,
+    /// Bytes compression saves on the entries currently held (their
+    /// uncompressed size is `bytes` plus this).
+    pub compression_saved: AtomicI64,
     /// The largest replies filled under the rule.
     pub big_keys: BigKeys,
 }
@@ -110,7 +113,7 @@ impl RuleStats {
     }
 
     /// A consistent-enough snapshot: (name, value) pairs.
-    pub fn snapshot(&self) -> [(&'static str, i64); 9] {
+    pub fn snapshot(&self) -> [(&'static str, i64); 10] {
         let g = |c: &AtomicU64| i64::try_from(c.load(Relaxed)).unwrap_or(i64::MAX);
         [
             ("hits", g(&self.hits)),
@@ -122,6 +125,10 @@ impl RuleStats {
             ("invalidations", g(&self.invalidations)),
             ("bytes", self.bytes.load(Relaxed)),
             ("entries", self.entries.load(Relaxed)),
+            (
+                "compression_saved_bytes",
+                self.compression_saved.load(Relaxed),
+            ),
         ]
     }
 }

@@ -13,6 +13,7 @@ mod backpressure;
 mod busy;
 mod clients;
 mod command_keys;
+mod compress;
 mod dashboard;
 mod deploy;
 mod faults;

@@ -100,14 +100,17 @@ impl Session {
         // (Hit or miss; a plain counter, a copy one read in eight.)
         self.hot.read(db, key, &self.ctx.stats.hot_keys);
         let out = &mut self.out;
-        let hit = req
-            .with_bytes(|request| l1.get(db, key, viewer, request, Now::current(), |r| out.put(r)));
+        let hit = req.with_bytes(|request| {
+            l1.get(db, key, viewer, request, Now::current(), |r| {
+                out.put_held(r)
+            })
+        });
         match hit {
             Some(due) => {
                 RuleStats::inc(&rule.stats.hits);
                 self.tally.hits += 1;
                 if due {
-                    let policy = FillPolicy::of(rule);
+                    let policy = FillPolicy::of(rule).decoding(req.decode);
                     fetch!(self, l1)
                         .refresh(key.clone(), req.bytes(), policy)
                         .await;
@@ -123,7 +126,7 @@ impl Session {
                 else {
                     return false;
                 };
-                let policy = FillPolicy::of(rule);
+                let policy = FillPolicy::of(rule).decoding(req.decode);
                 let rx = fetch!(self, l1)
                     .miss(key.clone(), req.bytes(), policy)
                     .await;
@@ -152,7 +155,9 @@ impl Session {
             self.refuse(e).await;
             return true;
         } else {
-            let rx = fetch!(self, l1).mget_rest(&mut m, keys, &buf).await;
+            let rx = fetch!(self, l1)
+                .mget_rest(&mut m, keys, &buf, req.decode)
+                .await;
             self.push_fetched(rx, req.name());
         }
         self.keep_mget_buf(buf);
@@ -176,6 +181,7 @@ impl Session {
         command: &'static str,
     ) {
         self.out.push(Slot::Upstream {
+            decode: false,
             rx,
             count: 1,
             blocking: false,

@@ -63,14 +63,22 @@ impl Session {
         } else {
             Target::Shared
         };
+        let mut decode = req.decode;
         if let Mode::Transaction(_, txn) = &mut self.mode {
             txn.queued += 1;
+            // (Answered +QUEUED now; the values come in EXEC's reply.)
+            txn.decode |= std::mem::take(&mut decode);
         }
-        let Some(frame) = req.frame() else {
+        // A reply to decompress has a slot of its own.
+        let frame = req.frame().filter(|_| !decode);
+        let Some(frame) = frame else {
             self.flush_run().await;
             let inv = std::mem::take(&mut self.batch.pending_inv);
             self.send_upstream(req.bytes(), 1, to, inv, req.name())
                 .await;
+            if decode {
+                self.out.decode_last();
+            }
             return;
         };
         let batch = &mut self.batch;
@@ -129,6 +137,7 @@ impl Session {
         };
         match sent {
             Ok(()) => self.out.push(Slot::Upstream {
+                decode: false,
                 rx,
                 count,
                 blocking: false,
@@ -184,6 +193,7 @@ impl Session {
                     Path::Pinned
                 };
                 self.out.push(Slot::Upstream {
+                    decode: false,
                     rx,
                     count,
                     blocking,

@@ -5,6 +5,8 @@
 //!    the command is and what the proxy does with it ([`Request::new`]);
 //! 2. **admit** — authentication and rate limits (`admit.rs`); a
 //!    refusal is delivered by [`Session::refuse`] wherever the mode needs it;
+//!    then `store_compressed` (`stored.rs`): values compressed, reads
+//!    marked for decompression, raw-byte commands refused;
 //! 3. **note writes** — a write's keys leave L1 now, and again on its reply
 //!    (`cached.rs`);
 //! 4. **dispatch by mode** ([`mode`]) — shared connections and
@@ -40,6 +42,7 @@ mod local;
 mod mode;
 mod paired;
 mod relay;
+mod stored;
 mod transaction;
 
 use crate::acl::Renamed;
@@ -377,6 +380,10 @@ impl Session {
             if req.name() == "exec" {
                 return self.refuse_exec(req, e).await;
             }
+            self.refuse(e).await;
+            return Flow::Continue;
+        }
+        if let Err(e) = self.store_compressed(req) {
             self.refuse(e).await;
             return Flow::Continue;
         }

@@ -90,6 +90,9 @@ pub(super) struct Txn {
     /// Commands nearcache answers itself that Redis would queue: answered
     /// at EXEC, spliced into its reply.
     pub(super) local: Vec<Queued>,
+    /// Some queued command reads values Redis stores compressed: EXEC's
+    /// reply is decompressed.
+    pub(super) decode: bool,
 }
 
 /// A command nearcache answers itself, queued in a transaction.

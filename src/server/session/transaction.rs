@@ -73,6 +73,7 @@ impl Session {
     /// error.
     pub(super) async fn end_transaction(&mut self, req: &Request<'_>) -> Flow {
         let mut local = Vec::new();
+        let mut decode = false;
         let ends = match (std::mem::replace(&mut self.mode, Mode::Shared), req.route) {
             // The transaction and its watches end (and EXEC itself is not
             // queued).
@@ -80,6 +81,7 @@ impl Session {
                 if req.name() == "exec" {
                     self.exec_writes(txn.inv);
                     local = txn.local;
+                    decode = txn.decode;
                 }
                 self.mode = Mode::Pinned(pin);
                 true
@@ -96,6 +98,12 @@ impl Session {
             }
         };
         self.forward(req).await;
+        if decode {
+            // EXEC's slot is the last one (with whatever was pipelined
+            // before it in its run, where only compressed values change).
+            self.flush_run().await;
+            self.out.decode_last();
+        }
         if !local.is_empty() {
             self.flush_run().await;
             self.exec_local(local).await;
