@@ -88,14 +88,19 @@ pub fn section(ctx: &Context) -> String {
         total => hits as f64 / total as f64,
     };
     line("l1_hit_ratio", &format_args!("{ratio:.4}"));
-    let stale: u64 = ctx
-        .snapshot
-        .load()
+    let snapshot = ctx.snapshot.load();
+    let stale: u64 = snapshot
         .rules
         .iter()
         .map(|r| r.stats.stale_hits.load(Relaxed))
         .sum();
     line("l1_stale_hits", &stale);
+    let saved: i64 = snapshot
+        .rules
+        .iter()
+        .map(|r| r.stats.compression_saved.load(Relaxed))
+        .sum();
+    line("l1_compression_saved_bytes", &saved.max(0));
     line("upstream_up", &u8::from(ctx.default_pool.any_shared_up()));
     line("bus", &super::readiness(ctx, false).bus);
     let peers = match &ctx.bus {

@@ -121,6 +121,15 @@ async fn large_replies_are_held_compressed_and_every_hit_answers_them_whole() {
         "held {held}, saved {saved}: over 60 %"
     );
     assert_eq!(stats["rules.prefix:plain:.compression_saved_bytes"], 0);
+    let info: String = redis::cmd("INFO")
+        .arg("nearcache")
+        .query_async(&mut resp2)
+        .await
+        .unwrap();
+    assert!(
+        info.contains(&format!("nearcache_l1_compression_saved_bytes:{saved}\r\n")),
+        "{info}"
+    );
 
     // A write drops the compressed entry like any other.
     let () = resp2.set("book:0", "new").await.unwrap();
