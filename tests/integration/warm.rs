@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nearcache::config::RuleConfig;
 use redis::aio::MultiplexedConnection;
 
-use crate::support::{RedisServer, TestProxy, config_for, http_get, proxy_stats, q};
+use crate::support::{RedisServer, TcpRelay, TestProxy, config_for, http_get, proxy_stats, q};
 
 const STRINGS: usize = 300;
 const HASHES: usize = 20;
@@ -147,9 +147,8 @@ async fn warming_fills_the_warmed_rules_keys_at_start_and_after_a_flush() {
 /// writer rewriting every key through nearcache for as long as a slow pass
 /// (25 keys/s, 5 a batch) walks them, no key is left in L1 with a value a
 /// later write replaced: once both are done, every read through nearcache
-/// equals Redis's value. (Values of 200 kB make each batch's reply take
-/// long enough for writes to land while it is on its way: with the tokens
-/// taken after the fetch, this fails.)
+/// equals Redis's value. (Each write's own acknowledgement drops the key
+/// again, so this cannot see a late token; the slow-link test below does.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warming_never_installs_a_value_a_write_replaced() {
     const KEYS: usize = 50;
@@ -227,5 +226,63 @@ async fn readyz_waits_for_the_first_warming_pass_when_asked_to() {
     until_warmed(&mut admin, 1).await;
     let (status, body) = http_get(proxy.admin_addr(), "/readyz", "");
     assert_eq!(status, 200, "{body}");
+    proxy.shutdown().await;
+}
+
+/// Guards the fill tokens `fill::warm` takes before each batch is sent,
+/// where the race is wide: nearcache's link to Redis holds every reply back
+/// 400 ms. As soon as Redis has run the pass's first batch of GETs, every
+/// key is rewritten in Redis directly and `PROXY INVALIDATE r:*` is sent
+/// (what a peer's invalidation or Redis tracking does), all while the
+/// batch's reply is still on the link. That batch's fills must be
+/// discarded: kept, they would serve the replaced values for the rule's
+/// whole 60 s. After the pass, every key reads as Redis holds it.
+/// (Mutation-checked: with the tokens taken when the replies arrive, the
+/// raced keys stay stale.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_over_a_slow_link_never_keeps_a_value_invalidated_meanwhile() {
+    const KEYS: usize = 20;
+    let redis = RedisServer::start();
+    let mut d = redis.direct();
+    let set_all = |d: &mut redis::Connection, v: u64| {
+        for i in 0..KEYS {
+            let _: () = redis::cmd("SET")
+                .arg(format!("r:{i}"))
+                .arg(v)
+                .query(d)
+                .unwrap();
+        }
+    };
+    set_all(&mut d, 0);
+    let slow = TcpRelay::start_delayed(redis.port(), Duration::from_millis(400)).await;
+    let mut cfg = config_for(&redis);
+    cfg.upstream.url = format!("redis://127.0.0.1:{}", slow.port());
+    cfg.cache.rules = vec![rule("r:", true)];
+    cfg.cache.warm.scan_count = 5;
+    let proxy = TestProxy::start_with(cfg).await;
+    let mut c = proxy.conn().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.calls("get") == 0 {
+        assert!(Instant::now() < deadline, "the pass sent no GET");
+    }
+    set_all(&mut d, 1);
+    let _: i64 = q(&mut c, &["PROXY", "INVALIDATE", "r:*"]).await;
+    let stats = loop {
+        let stats = proxy_stats(&mut c).await;
+        if stats["warm.passes"] == 1 {
+            break stats;
+        }
+        assert!(Instant::now() < deadline, "the pass never ended: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for i in 0..KEYS {
+        let key = format!("r:{i}");
+        let through: u64 = q(&mut c, &["GET", &key]).await;
+        assert_eq!(through, 1, "{key}: a fill that raced the invalidation was kept");
+    }
+    assert!(
+        stats["rules.prefix:r:.stale_fills_rejected"] > 0,
+        "no fill raced the invalidation: nothing was checked ({stats:?})"
+    );
     proxy.shutdown().await;
 }

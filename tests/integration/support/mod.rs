@@ -725,6 +725,17 @@ pub struct TcpRelay {
 impl TcpRelay {
     /// Starts relaying 127.0.0.1:`port` → 127.0.0.1:`target`.
     pub async fn start(target: u16) -> Self {
+        Self::start_with(target, None).await
+    }
+
+    /// Like [`TcpRelay::start`], with everything the server sends held back
+    /// `delay` (in order) before the client gets it: a slow link's replies,
+    /// so that a reply is still on its way while other things happen.
+    pub async fn start_delayed(target: u16, delay: Duration) -> Self {
+        Self::start_with(target, Some(delay)).await
+    }
+
+    async fn start_with(target: u16, delay: Option<Duration>) -> Self {
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind the relay");
@@ -744,7 +755,13 @@ impl TcpRelay {
                         continue;
                     };
                     let link = tokio::spawn(async move {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        match delay {
+                            None => {
+                                let _ =
+                                    tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            }
+                            Some(delay) => relay_delayed(client, server, delay).await,
+                        }
                     });
                     let abort = link.abort_handle();
                     links.lock().unwrap().push(link);
@@ -780,6 +797,47 @@ impl TcpRelay {
     /// Lets connections through again.
     pub fn restore(&self) {
         self.cut.store(false, SeqCst);
+    }
+}
+
+/// Client → server as it comes; server → client each chunk `delay` after it
+/// was read, in order. Ends when either side closes.
+async fn relay_delayed(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let upstream = async {
+        let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+    };
+    let read = async move {
+        let mut buf = vec![0; 64 * 1024];
+        while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
+            if tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let write = async {
+        while let Some((at, chunk)) = rx.recv().await {
+            // The delay is the point of this relay: the link is slow.
+            tokio::time::sleep_until(at).await;
+            if client_tx.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+    };
+    // (The writer drains what was read before the server closed.)
+    tokio::select! {
+        () = upstream => {}
+        ((), ()) = async { tokio::join!(read, write) } => {}
     }
 }
 
