@@ -3,7 +3,8 @@
 //!
 //! - redis-py, the client most Python trading bots use:
 //!   `tests/python/redis_py_compat.py` (pipelines, MULTI with WATCH
-//!   conflicts, scripts, pub/sub, blocking pops, RESP3, SELECT);
+//!   conflicts, scripts, pub/sub, blocking pops, RESP3, SELECT), and with
+//!   `store_compressed`: `tests/python/redis_py_compressed.py`;
 //! - ioredis, the Node.js one: `tests/node/ioredis_compat.js` (the ready
 //!   check and connection name, pipelines, SCAN streams, MULTI/WATCH,
 //!   `defineCommand` scripts, auto-pipelining against L1, pub/sub, blocking
@@ -65,6 +66,27 @@ async fn redis_py_works_unchanged_through_the_proxy() {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/python/redis_py_compat.py"
+    );
+    run_checks(&python(), script, &proxy, &redis).await;
+    proxy.shutdown().await;
+}
+
+/// redis-py with `store_compressed` on `cz:` (cached in L1 too): values
+/// read back as written through pipelines, MULTI, GETSET/GETEX/GETDEL,
+/// while Redis holds them compressed; APPEND is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_reads_back_values_stored_compressed() {
+    let redis = RedisServer::start();
+    let mut cfg = config_for(&redis);
+    cfg.cache.rules = vec![RuleConfig {
+        store_compressed: true,
+        compress_min_size: Some(nearcache::config::ByteSize(256)),
+        ..RuleConfig::caching("cz:", Duration::from_secs(60))
+    }];
+    let proxy = TestProxy::start_with(cfg).await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/redis_py_compressed.py"
     );
     run_checks(&python(), script, &proxy, &redis).await;
     proxy.shutdown().await;

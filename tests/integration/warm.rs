@@ -278,7 +278,10 @@ async fn warming_over_a_slow_link_never_keeps_a_value_invalidated_meanwhile() {
     for i in 0..KEYS {
         let key = format!("r:{i}");
         let through: u64 = q(&mut c, &["GET", &key]).await;
-        assert_eq!(through, 1, "{key}: a fill that raced the invalidation was kept");
+        assert_eq!(
+            through, 1,
+            "{key}: a fill that raced the invalidation was kept"
+        );
     }
     assert!(
         stats["rules.prefix:r:.stale_fills_rejected"] > 0,
