@@ -375,11 +375,13 @@ async def fault(servers, minute):
     elif what == "nats restart":
         await loop.run_in_executor(None, servers.restart_nats)
     else:
-        p = servers.proxies[minute % INSTANCES]
+        # Every third minute: a different instance each time.
+        i = minute // 3 % INSTANCES
+        p = servers.proxies[i]
         p.send_signal(signal.SIGSTOP)
         await asyncio.sleep(1)
         p.send_signal(signal.SIGCONT)
-        what = f"p{minute % INSTANCES + 1} paused 1 s"
+        what = f"p{i + 1} paused 1 s"
     return what
 
 
