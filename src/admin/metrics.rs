@@ -520,6 +520,17 @@ impl Collector for StatsCollector {
                 n(fds.count() as u64),
             )?;
         }
+        // A task per connection (and per pending fill, relay, timer) that never
+        // ends shows here long before it shows in RSS: the soak test watches it.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            gauge(
+                &mut enc,
+                "nearcache_runtime_alive_tasks",
+                "Tokio tasks alive in the runtime.",
+                None,
+                n(rt.metrics().num_alive_tasks() as u64),
+            )?;
+        }
         Ok(())
     }
 }

@@ -269,6 +269,7 @@ async fn metrics_parse_and_move_with_traffic() {
     assert!(a["nearcache_reply_latency_seconds_count{path=\"l1_hit\"}"] >= 2.0);
     assert!(a["nearcache_process_resident_memory_bytes"] > 0.0);
     assert!(a["nearcache_process_open_fds"] > 0.0);
+    assert!(a["nearcache_runtime_alive_tasks"] > 0.0);
     assert!(after.contains("nearcache_build_info{version=\""));
     drop(c);
     proxy.shutdown().await;

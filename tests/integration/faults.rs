@@ -1132,3 +1132,52 @@ async fn the_circuit_opens_after_failed_rounds_refuses_clearly_and_closes_when_r
     assert_eq!(client.cmd(&["GET", "k"]).await, Reply::Bulk(None));
     proxy.shutdown().await;
 }
+
+/// A subscriber whose relay connection dies with Redis must learn of it, as
+/// Redis's own subscribers do (their connection closes at once, and client
+/// libraries subscribe again on reconnect). Fails today: nearcache leaves the
+/// client connected but no longer subscribed (a PUBLISH after Redis is back
+/// reaches 0 subscribers), and its next command gets no reply at all (the
+/// session leaves relay mode without answering it; see
+/// `checker::relayed_writers_survive_a_redis_restart` for a `CLIENT TRACKING`
+/// client, which loses its tracking the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: a relayed client is left connected and deaf when Redis goes away"]
+async fn a_subscriber_learns_that_redis_went_away() {
+    let mut redis = RedisServer::start();
+    let proxy = TestProxy::start(&redis).await;
+    proxy
+        .expect_log(UPSTREAM_LOST)
+        .expect_log(UPSTREAM_CONNECT_FAILED);
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port()))
+        .await
+        .unwrap();
+    s.write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$2\r\nch\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b":1\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("SUBSCRIBE answered")
+            .unwrap();
+        assert!(n > 0, "closed before SUBSCRIBE was answered");
+        got.extend_from_slice(&buf[..n]);
+    }
+    block_in_place(|| redis.kill());
+    // Closed, or told with an error: either is what a client can act on.
+    let told = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+    match told {
+        Ok(Ok(0) | Err(_)) => {}
+        Ok(Ok(n)) => assert!(
+            buf[..n].starts_with(b"-"),
+            "the subscriber got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(_) => panic!(
+            "5 s after Redis died the subscriber's connection is still open and silent: \
+             it will never hear a PUBLISH again"
+        ),
+    }
+}

@@ -171,6 +171,20 @@ impl RedisServer {
         );
     }
 
+    /// Starts the server again on the same port with its data files (AOF
+    /// directory, RDB) removed first: a restart that lost its disk, so the
+    /// new server holds nothing even with `--appendonly yes`.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.dir.path().join("appendonlydir"));
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+
     /// Starts the server again on the same port holding `rdb`'s dataset
     /// instead of nothing (a restore, or a failover to a server with other
     /// data).
