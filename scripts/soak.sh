@@ -22,7 +22,9 @@
 # task or one fd per connection grows by 300 a minute and fails even a
 # one-minute run, while the noise of in-flight requests, fills and
 # reconnects after a fault (tens) does not. It also fails if a kind of load
-# made no progress in a whole minute (a hang), or if a nearcache exits.
+# made no progress in a whole minute (a hang), if a nearcache exits, or if a
+# subscriber is left deaf (silent for 3 s while publishes succeed: its
+# subscription ended without its connection closing).
 #
 #   scripts/soak.sh MINUTES
 #   NEARCACHE_BIN=target/debug/nearcache scripts/soak.sh 1   # skip the build (CI)

@@ -221,6 +221,11 @@ impl Outbox {
         }
     }
 
+    /// True while some slot is a relay that has not ended.
+    pub fn has_relay(&self) -> bool {
+        self.slots.iter().any(|s| matches!(s, Slot::Relay(_)))
+    }
+
     /// True while the head slot is a relay (the client is subscribed or
     /// monitoring), which exempts it from the idle timeout.
     pub fn relaying(&self) -> bool {

@@ -1584,16 +1584,14 @@ async fn coherence_check_long() {
     check(&PHASES, Duration::from_secs(secs), BOUND).await;
 }
 
-/// Redis killed and restarted (AOF) under writers half of which are relayed
-/// (`CLIENT TRACKING on`). Fails today: a relayed client whose relay
-/// connection died gets no reply at all to its next command (not an error,
-/// not a close: the session quietly leaves relay mode, dropping the command
-/// and the client's tracking), so its writer waits `OP_LIMIT` and misses
-/// [`RECOVERY_LIMIT`]. Kept apart so the bug stays visible until it is fixed
-/// in `server/session` (the command should be answered, or the client's
-/// connection closed as Redis's going away would close it).
+/// Guards `Session::relay_lost`: Redis killed and restarted (AOF) under
+/// writers half of which are relayed (`CLIENT TRACKING on`). A relayed
+/// client whose relay connection died is closed, as Redis's going away
+/// would close it; its writer reconnects (tracking on again) within
+/// [`RECOVERY_LIMIT`]. Before the fix, its next command got no reply at all
+/// (the session quietly left relay mode, dropping the command and the
+/// client's tracking), so its writer waited `OP_LIMIT`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: a relayed command is dropped when the relay connection died"]
 async fn relayed_writers_survive_a_redis_restart() {
     let phase = Phase {
         name: "redis killed, AOF, relayed writers",

@@ -1133,16 +1133,15 @@ async fn the_circuit_opens_after_failed_rounds_refuses_clearly_and_closes_when_r
     proxy.shutdown().await;
 }
 
-/// A subscriber whose relay connection dies with Redis must learn of it, as
-/// Redis's own subscribers do (their connection closes at once, and client
-/// libraries subscribe again on reconnect). Fails today: nearcache leaves the
-/// client connected but no longer subscribed (a PUBLISH after Redis is back
-/// reaches 0 subscribers), and its next command gets no reply at all (the
-/// session leaves relay mode without answering it; see
-/// `checker::relayed_writers_survive_a_redis_restart` for a `CLIENT TRACKING`
-/// client, which loses its tracking the same way).
+/// Guards `Session::relay_lost`: a subscriber whose relay connection dies
+/// with Redis learns of it, as Redis's own subscribers do (their connection
+/// closes at once, and client libraries subscribe again on reconnect).
+/// Without it, nearcache left the client connected but no longer subscribed
+/// (a PUBLISH after Redis was back reached 0 subscribers), and its next
+/// command got no reply at all (found by `scripts/soak.sh`; see
+/// `checker::relayed_writers_survive_a_redis_restart` for a `CLIENT
+/// TRACKING` client, which lost its tracking the same way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: a relayed client is left connected and deaf when Redis goes away"]
 async fn a_subscriber_learns_that_redis_went_away() {
     let mut redis = RedisServer::start();
     let proxy = TestProxy::start(&redis).await;

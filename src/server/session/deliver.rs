@@ -166,9 +166,9 @@ impl Session {
             Mode::Shared => self.fail(&UpstreamError::ConnectionLost, count),
             Mode::Relay(pin, book) => {
                 let replies = book.countable.then(|| std::mem::take(&mut book.due));
-                if pin.conn.send(Op::Write { frames, replies }).is_err() {
-                    self.end_relay();
-                }
+                // A dead relay connection closes the client (see
+                // `Session::relay_lost`): the command's fate is unknown.
+                let _ = pin.conn.send(Op::Write { frames, replies });
             }
             Mode::Pinned(pin) | Mode::Transaction(pin, _) => {
                 let (mut op, rx) = Op::request(frames, count, blocking);

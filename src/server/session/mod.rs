@@ -211,6 +211,12 @@ pub async fn serve<S: ClientStream>(
             }
             session.out.buf.clear();
         }
+        if reading && session.relay_lost() {
+            // (A subscriber may send nothing for hours: noticed here.)
+            session.close_lost_relay();
+            reading = false;
+            continue;
+        }
         let room = max_pending.saturating_sub(session.out.pending_replies());
         // Redis runs one command of a client at a time, and one that blocks
         // holds back the rest; nearcache runs it on another connection, so
@@ -366,6 +372,9 @@ impl Session {
 
     /// The request path for one command, phase by phase.
     async fn handle(&mut self, req: &mut Request<'_>) -> Flow {
+        if self.relay_lost() {
+            return self.close_lost_relay();
+        }
         self.tally.command(req.class());
         // Only forwarded commands join the run of commands waiting to go
         // upstream together. Anything else is answered here or changes the

@@ -196,6 +196,30 @@ impl Session {
         self.note_subscribe(req);
     }
 
+    /// Whether the relay's connection to Redis died under it (Redis went
+    /// away or restarted): the relay's slot has ended, or its connection is
+    /// closed, while the session still relays. Redis's own connection to
+    /// the client would close then, and with it the subscriptions or the
+    /// tracking, so the client's library reconnects and sets them up again.
+    pub(super) fn relay_lost(&self) -> bool {
+        match &self.mode {
+            Mode::Relay(pin, _) => pin.conn.is_closed() || !self.out.has_relay(),
+            _ => false,
+        }
+    }
+
+    /// Closes the client after [`Session::relay_lost`]: what it was told so
+    /// far is written, then the connection closes. Its relayed writes are
+    /// still published (their outcome is unknown).
+    pub(super) fn close_lost_relay(&mut self) -> Flow {
+        tracing::info!(
+            client = self.client.id,
+            "relayed connection to Redis lost; closing the client (subscriptions and tracking end with it, as with Redis directly)"
+        );
+        self.end_relay();
+        self.close()
+    }
+
     /// Leaves relay mode without Redis's say (the relay connection died, the
     /// client left, the server shuts down): the writes not yet acknowledged
     /// are published now, as they may have run.
