@@ -30,10 +30,10 @@ pub const MAGIC: [u8; 4] = [0x00, b'N', b'Z', 0x01];
 /// The magic and the length.
 const HEADER: usize = MAGIC.len() + 4;
 
-/// The largest value decompressed: Redis's own largest string
-/// (`proto-max-bulk-len`'s default), so a forged header cannot make
-/// nearcache allocate more.
-const MAX_VALUE: usize = 512 << 20;
+/// The largest value stored compressed, and so the most a stored value may
+/// decompress to: larger values are stored as they are, and a forged header
+/// claiming more is not believed (no allocation beyond this per value).
+const MAX_VALUE: usize = 64 << 20;
 
 /// Commands refused on a key whose rule stores values compressed: they read
 /// or change a string's raw bytes, which are the compressed ones in Redis.
@@ -93,15 +93,74 @@ pub fn decode(stored: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Replies with every compressed bulk string in them decompressed (at the
-/// top level and up to two arrays deep: `MGET`'s elements, and inside
-/// `EXEC`'s); what is not a whole reply, or holds nothing compressed, is
-/// left as it is.
-pub fn decode_replies(replies: Replies) -> Replies {
+/// Which values of a reply are the rule's, to decompress: only those (a
+/// value of another key that happens to look compressed is left alone).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decode {
+    /// The reply is the value (`GET`, `GETEX`, `GETDEL`, `GETSET`,
+    /// `SET … GET`).
+    Value,
+    /// The reply is an array of values (`MGET`): those marked.
+    Elements(Box<[bool]>),
+}
+
+/// `replies` with their first reply decoded as `how` says (the rest, such
+/// as a fill's `PTTL`, left as it is).
+pub fn decode_replies(replies: Replies, how: &Decode) -> Replies {
+    map_replies(replies, |frames| {
+        let mut out = BytesMut::with_capacity(frames.len());
+        let len = decode_into(frames, how, &mut out)?;
+        out.extend_from_slice(&frames[len..]);
+        Some(out.freeze())
+    })
+}
+
+/// `EXEC`'s reply with its elements decoded as `each` says, by position
+/// among the commands Redis queued.
+pub fn decode_exec_replies(replies: Replies, each: &[(usize, Decode)]) -> Replies {
+    map_replies(replies, |frames| {
+        let mut out = BytesMut::with_capacity(frames.len());
+        let n = array_header(frames, &mut out)?;
+        let mut at = header_len(frames)?;
+        for i in 0..n {
+            let rest = frames.get(at..)?;
+            at += match each.iter().find(|(j, _)| *j == i) {
+                Some((_, how)) => decode_into(rest, how, &mut out)?,
+                None => copy_frame(rest, &mut out)?,
+            };
+        }
+        out.extend_from_slice(&frames[at..]);
+        Some(out.freeze())
+    })
+}
+
+/// `replies` with every top-level bulk string decoded: a warming batch of
+/// the rule's `GET`s and their `PTTL`s.
+pub fn decode_values(replies: Replies) -> Replies {
+    map_replies(replies, |frames| {
+        let mut out = BytesMut::with_capacity(frames.len());
+        let mut at = 0;
+        while at < frames.len() {
+            at += decode_into(&frames[at..], &Decode::Value, &mut out)?;
+        }
+        Some(out.freeze())
+    })
+}
+
+/// Applies `f` to the frames that arrived (a failure's partial ones too),
+/// unless nothing in them looks compressed or `f` finds them not whole.
+fn map_replies(replies: Replies, f: impl Fn(&[u8]) -> Option<Bytes>) -> Replies {
+    let apply = |frames: &Bytes| {
+        if frames.windows(MAGIC.len()).any(|w| w == MAGIC) {
+            f(frames)
+        } else {
+            None
+        }
+    };
     match replies {
-        Ok(frames) => Ok(decode_frames(&frames).unwrap_or(frames)),
+        Ok(frames) => Ok(apply(&frames).unwrap_or(frames)),
         Err(mut failed) => {
-            if let Some(partial) = decode_frames(&failed.partial) {
+            if let Some(partial) = apply(&failed.partial) {
                 failed.partial = partial;
             }
             Err(failed)
@@ -109,64 +168,74 @@ pub fn decode_replies(replies: Replies) -> Replies {
     }
 }
 
-/// [`decode_replies`] of one buffer; None when nothing changes.
-fn decode_frames(frames: &[u8]) -> Option<Bytes> {
-    if !frames.windows(MAGIC.len()).any(|w| w == MAGIC) {
-        return None;
-    }
-    let mut out = BytesMut::with_capacity(frames.len() * 2);
-    let mut at = 0;
-    while at < frames.len() {
-        at += rewrite(&frames[at..], 2, &mut out)?;
-    }
-    Some(out.freeze())
-}
-
-/// Copies the reply at the start of `buf` into `out`, its compressed bulk
-/// strings decompressed (arrays followed `depth` levels down); returns its
-/// length in `buf`, None if it is not whole.
-fn rewrite(buf: &[u8], depth: u8, out: &mut BytesMut) -> Option<usize> {
-    let line_end = || buf.windows(2).position(|w| w == b"\r\n");
-    match buf.first()? {
-        b'$' => {
-            let nl = line_end()?;
-            let Ok(len) = usize::try_from(parse_i64(&buf[1..nl])?) else {
-                // A null bulk string.
-                out.extend_from_slice(&buf[..nl + 2]);
-                return Some(nl + 2);
-            };
-            let start = nl + 2;
-            let data = buf.get(start..start + len)?;
-            let total = start + len + 2;
-            if buf.len() < total {
-                return None;
-            }
-            match decode(data) {
-                Some(value) => {
-                    out.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
-                    out.extend_from_slice(&value);
-                    out.extend_from_slice(b"\r\n");
-                }
-                None => out.extend_from_slice(&buf[..total]),
-            }
-            Some(total)
-        }
-        b'*' if depth > 0 => {
-            let nl = line_end()?;
-            let n = parse_i64(&buf[1..nl])?;
-            out.extend_from_slice(&buf[..nl + 2]);
-            let mut at = nl + 2;
-            for _ in 0..n.max(0) {
-                at += rewrite(buf.get(at..)?, depth - 1, out)?;
+/// Copies the reply at the start of `buf` into `out`, decoded as `how`
+/// says; returns its length in `buf`, None if it is not whole.
+fn decode_into(buf: &[u8], how: &Decode, out: &mut BytesMut) -> Option<usize> {
+    match (how, buf.first()?) {
+        (Decode::Value, b'$') => bulk(buf, out),
+        (Decode::Elements(mask), b'*') => {
+            let n = array_header(buf, out)?;
+            let mut at = header_len(buf)?;
+            for i in 0..n {
+                let rest = buf.get(at..)?;
+                at += if mask.get(i) == Some(&true) {
+                    decode_into(rest, &Decode::Value, out)?
+                } else {
+                    copy_frame(rest, out)?
+                };
             }
             Some(at)
         }
-        _ => {
-            let len = ReplyScanner::new().scan(buf).ok()??;
-            out.extend_from_slice(&buf[..len]);
-            Some(len)
-        }
+        _ => copy_frame(buf, out),
     }
+}
+
+/// The length of the line `*n\r\n` (or `$n\r\n`) at the start of `buf`.
+fn header_len(buf: &[u8]) -> Option<usize> {
+    Some(buf.windows(2).position(|w| w == b"\r\n")? + 2)
+}
+
+/// Copies an array's header into `out`; its element count (0 for a null
+/// array), None if `buf` does not start with one.
+fn array_header(buf: &[u8], out: &mut BytesMut) -> Option<usize> {
+    if buf.first() != Some(&b'*') {
+        return None;
+    }
+    let len = header_len(buf)?;
+    let n = parse_i64(&buf[1..len - 2])?;
+    out.extend_from_slice(&buf[..len]);
+    Some(usize::try_from(n).unwrap_or(0))
+}
+
+/// Copies one bulk string, decompressed if it is a stored value.
+fn bulk(buf: &[u8], out: &mut BytesMut) -> Option<usize> {
+    let start = header_len(buf)?;
+    let Ok(len) = usize::try_from(parse_i64(&buf[1..start - 2])?) else {
+        // A null bulk string.
+        out.extend_from_slice(&buf[..start]);
+        return Some(start);
+    };
+    let data = buf.get(start..start + len)?;
+    let total = start + len + 2;
+    if buf.len() < total {
+        return None;
+    }
+    match decode(data) {
+        Some(value) => {
+            out.extend_from_slice(format!("${}\r\n", value.len()).as_bytes());
+            out.extend_from_slice(&value);
+            out.extend_from_slice(b"\r\n");
+        }
+        None => out.extend_from_slice(&buf[..total]),
+    }
+    Some(total)
+}
+
+/// Copies one reply of any kind.
+fn copy_frame(buf: &[u8], out: &mut BytesMut) -> Option<usize> {
+    let len = ReplyScanner::new().scan(buf).ok()??;
+    out.extend_from_slice(&buf[..len]);
+    Some(len)
 }
 
 /// What `store_compressed` does to one command.
@@ -174,8 +243,8 @@ fn rewrite(buf: &[u8], depth: u8, out: &mut BytesMut) -> Option<usize> {
 pub struct Plan {
     /// Arguments to send compressed instead: (position, stored form).
     pub values: Vec<(usize, Bytes)>,
-    /// Its reply carries values to decompress.
-    pub decode: bool,
+    /// Which values of its reply to decompress.
+    pub decode: Option<Decode>,
 }
 
 /// The plan for command `name` (as the command table names it) with
@@ -197,12 +266,16 @@ pub fn plan(name: &str, argv: &[Bytes], rules: &Rules) -> Result<Plan, String> {
         "set" => {
             value_at(&mut plan, 1, 2);
             let get = argv.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"get"));
-            plan.decode = get && argv.get(1).is_some_and(|k| rule(k).is_some());
+            if get && argv.get(1).is_some_and(|k| rule(k).is_some()) {
+                plan.decode = Some(Decode::Value);
+            }
         }
         "setnx" => value_at(&mut plan, 1, 2),
         "getset" => {
             value_at(&mut plan, 1, 2);
-            plan.decode = argv.get(1).is_some_and(|k| rule(k).is_some());
+            if argv.get(1).is_some_and(|k| rule(k).is_some()) {
+                plan.decode = Some(Decode::Value);
+            }
         }
         "setex" | "psetex" => value_at(&mut plan, 1, 3),
         "mset" | "msetnx" => {
@@ -210,8 +283,29 @@ pub fn plan(name: &str, argv: &[Bytes], rules: &Rules) -> Result<Plan, String> {
                 value_at(&mut plan, key, key + 1);
             }
         }
-        "get" | "getex" | "getdel" => plan.decode = argv.get(1).is_some_and(|k| rule(k).is_some()),
-        "mget" => plan.decode = argv.iter().skip(1).any(|k| rule(k).is_some()),
+        "get" | "getex" | "getdel" if argv.get(1).is_some_and(|k| rule(k).is_some()) => {
+            plan.decode = Some(Decode::Value);
+        }
+        "mget" => {
+            let mask: Box<[bool]> = argv.iter().skip(1).map(|k| rule(k).is_some()).collect();
+            if mask.contains(&true) {
+                plan.decode = Some(Decode::Elements(mask));
+            }
+        }
+        // Stored bytes moved to a key read without decompressing (or the
+        // other way round) would read as bytes no one wrote.
+        "copy" | "rename" | "renamenx" => {
+            if let (Some(from), Some(to)) = (argv.get(1), argv.get(2)) {
+                if rule(from).is_some() != rule(to).is_some() {
+                    return Err(format!(
+                        "ERR {} from '{}' to '{}' is refused: exactly one of them has a rule with store_compressed = true, so the value would read as compressed bytes (or be decompressed) there",
+                        name.to_ascii_uppercase(),
+                        String::from_utf8_lossy(from),
+                        String::from_utf8_lossy(to),
+                    ));
+                }
+            }
+        }
         raw if RAW_BYTES.contains(&raw) => {
             let keys = match raw {
                 "bitop" => argv.get(2..).unwrap_or_default(),
@@ -266,7 +360,7 @@ mod tests {
 
     const JSON: &[u8] = br#"{"bids":[["64250.10","0.5"],["64250.00","1.2"],["64249.90","0.7"]],"asks":[["64250.20","0.3"],["64250.30","2.0"]]}"#;
 
-    fn bulk(v: &[u8]) -> Vec<u8> {
+    fn resp_bulk(v: &[u8]) -> Vec<u8> {
         [format!("${}\r\n", v.len()).as_bytes(), v, b"\r\n"].concat()
     }
 
@@ -289,35 +383,74 @@ mod tests {
     }
 
     #[test]
-    fn replies_are_decoded_at_the_top_in_arrays_and_in_exec_s() {
+    fn only_the_values_named_are_decoded() {
         let big = JSON.repeat(4);
         let stored = encode(&big, 64).unwrap();
-        let get = bulk(&stored);
+        let get = resp_bulk(&stored);
+        let ok = |r: Replies| r.unwrap().to_vec();
         assert_eq!(
-            decode_replies(Ok(Bytes::from(get.clone()))).unwrap(),
-            bulk(&big)
+            ok(decode_replies(Ok(get.clone().into()), &Decode::Value)),
+            resp_bulk(&big)
         );
         // GET's reply then PTTL's, as a miss fetches them.
         let pair = [&get[..], b":-1\r\n"].concat();
         assert_eq!(
-            decode_replies(Ok(pair.into())).unwrap(),
-            [&bulk(&big)[..], b":-1\r\n"].concat()
+            ok(decode_replies(Ok(pair.into()), &Decode::Value)),
+            [&resp_bulk(&big)[..], b":-1\r\n"].concat()
         );
-        let mget = [&b"*3\r\n"[..], &get, b"$-1\r\n", &bulk(b"raw")].concat();
+        // MGET: only the marked elements, though the last looks compressed too.
+        let mget = [&b"*4\r\n"[..], &get, b"$-1\r\n", &resp_bulk(b"raw"), &get].concat();
+        let mask: Box<[bool]> = [true, true, true, false].into();
         assert_eq!(
-            decode_replies(Ok(mget.into())).unwrap(),
-            [&b"*3\r\n"[..], &bulk(&big), b"$-1\r\n", &bulk(b"raw")].concat()
+            ok(decode_replies(Ok(mget.into()), &Decode::Elements(mask))),
+            [
+                &b"*4\r\n"[..],
+                &resp_bulk(&big),
+                b"$-1\r\n",
+                &resp_bulk(b"raw"),
+                &get
+            ]
+            .concat()
         );
-        let exec = [&b"*2\r\n+OK\r\n*1\r\n"[..], &get].concat();
+        // EXEC: by position; an unnamed GET and an HGETALL stay as they are.
+        let hash = [&b"*2\r\n$1\r\nf\r\n"[..], &get].concat();
+        let exec = [&b"*5\r\n+OK\r\n"[..], &get, &get, &hash, b"*1\r\n", &get].concat();
+        let each = [(1, Decode::Value), (4, Decode::Elements([true].into()))];
         assert_eq!(
-            decode_replies(Ok(exec.into())).unwrap(),
-            [&b"*2\r\n+OK\r\n*1\r\n"[..], &bulk(&big)].concat()
+            ok(decode_exec_replies(Ok(exec.into()), &each)),
+            [
+                &b"*5\r\n+OK\r\n"[..],
+                &resp_bulk(&big),
+                &get,
+                &hash,
+                b"*1\r\n",
+                &resp_bulk(&big)
+            ]
+            .concat()
+        );
+        // A warming batch: every GET's value, PTTLs untouched.
+        let batch = [&get[..], b":-1\r\n", &resp_bulk(b"raw"), b":5\r\n"].concat();
+        assert_eq!(
+            ok(decode_values(Ok(batch.into()))),
+            [
+                &resp_bulk(&big)[..],
+                b":-1\r\n",
+                &resp_bulk(b"raw"),
+                b":5\r\n"
+            ]
+            .concat()
         );
         // Nothing compressed, or not whole: unchanged.
-        let plain = Bytes::from(bulk(b"hello"));
-        assert_eq!(decode_replies(Ok(plain.clone())).unwrap(), plain);
+        let plain = Bytes::from(resp_bulk(b"hello"));
+        assert_eq!(
+            decode_replies(Ok(plain.clone()), &Decode::Value).unwrap(),
+            plain
+        );
         let cut = Bytes::from(get[..get.len() - 3].to_vec());
-        assert_eq!(decode_replies(Ok(cut.clone())).unwrap(), cut);
+        assert_eq!(
+            decode_replies(Ok(cut.clone()), &Decode::Value).unwrap(),
+            cut
+        );
     }
 
     #[test]
@@ -333,11 +466,19 @@ mod tests {
         assert_eq!(p.values.len(), 1);
         assert_eq!(p.values[0].0, 2);
         assert_eq!(decode(&p.values[0].1).as_deref(), Some(&big[..]));
-        assert!(!p.decode);
-        assert!(
-            plan("set", &argv(&[b"SET", b"book:1", &big, b"GET"]), &rules)
-                .unwrap()
-                .decode
+        assert_eq!(p.decode, None);
+        let decode = |args: &[&[u8]]| {
+            plan(
+                &String::from_utf8_lossy(args[0]).to_lowercase(),
+                &argv(args),
+                &rules,
+            )
+            .unwrap()
+            .decode
+        };
+        assert_eq!(
+            decode(&[b"SET", b"book:1", &big, b"GET"]),
+            Some(Decode::Value)
         );
         let p = plan(
             "mset",
@@ -353,21 +494,20 @@ mod tests {
                 .0,
             3
         );
-        assert!(
-            plan("get", &argv(&[b"GET", b"book:1"]), &rules)
-                .unwrap()
-                .decode
+        assert_eq!(decode(&[b"GET", b"book:1"]), Some(Decode::Value));
+        assert_eq!(decode(&[b"GET", b"tick:1"]), None);
+        assert_eq!(
+            decode(&[b"MGET", b"tick:1", b"book:1"]),
+            Some(Decode::Elements([false, true].into()))
         );
+        assert_eq!(decode(&[b"MGET", b"tick:1", b"tick:2"]), None);
+        let e = plan("copy", &argv(&[b"COPY", b"book:1", b"tick:1"]), &rules).unwrap_err();
         assert!(
-            !plan("get", &argv(&[b"GET", b"tick:1"]), &rules)
-                .unwrap()
-                .decode
+            e.starts_with("ERR COPY from 'book:1' to 'tick:1' is refused"),
+            "{e}"
         );
-        assert!(
-            plan("mget", &argv(&[b"MGET", b"tick:1", b"book:1"]), &rules)
-                .unwrap()
-                .decode
-        );
+        assert!(plan("rename", &argv(&[b"RENAME", b"tick:1", b"book:9"]), &rules).is_err());
+        assert!(plan("rename", &argv(&[b"RENAME", b"book:1", b"book:9"]), &rules).is_ok());
         assert_eq!(
             plan("set", &argv(&[b"SET", b"tick:1", &big]), &rules),
             Ok(Plan::default())

@@ -176,9 +176,11 @@ impl L1 {
                 }
                 v.stats.bytes.fetch_sub(i64::from(v.weight), SeqCst);
                 v.stats.entries.fetch_sub(1, SeqCst);
-                v.stats
-                    .compression_saved
-                    .fetch_sub(i64::from(v.saved), SeqCst);
+                if v.saved != 0 {
+                    v.stats
+                        .compression_saved
+                        .fetch_sub(i64::from(v.saved), SeqCst);
+                }
                 if cause == RemovalCause::Size {
                     RuleStats::inc(&v.stats.evictions);
                 }
@@ -347,9 +349,11 @@ impl L1 {
         let entry = Arc::new(entry);
         stats.bytes.fetch_add(i64::from(entry.weight), SeqCst);
         stats.entries.fetch_add(1, SeqCst);
-        stats
-            .compression_saved
-            .fetch_add(i64::from(entry.saved), SeqCst);
+        if entry.saved != 0 {
+            stats
+                .compression_saved
+                .fetch_add(i64::from(entry.saved), SeqCst);
+        }
         // Index first: if moka evicts the entry at once, its listener then
         // finds it in the index and removes it there too.
         self.index.insert(&entry);

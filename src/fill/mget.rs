@@ -13,6 +13,7 @@ use crate::cache::{FillToken, L1, Now, Rules, Viewer};
 use crate::protocol::ReplyScanner;
 use crate::protocol::parser::parse_i64;
 use crate::stats::RuleStats;
+use crate::stored::Decode;
 use crate::upstream::connection::Failed;
 use crate::upstream::{Replies, UpstreamError, encode_command};
 
@@ -88,14 +89,14 @@ impl Mget {
 
 impl<U: Upstream> Fetch<'_, U> {
     /// Fetches the keys `m` missed (`hits` holds the others' elements) and
-    /// returns where the stitched reply arrives; `decode`: some key's value
-    /// may be stored compressed (`store_compressed`).
+    /// returns where the stitched reply arrives; `decode`: which of `keys`
+    /// have values stored compressed (`store_compressed`).
     pub async fn mget_rest(
         &mut self,
         m: &mut Mget,
         keys: &[Bytes],
         hits: &[u8],
-        decode: bool,
+        decode: Option<&Decode>,
     ) -> oneshot::Receiver<Replies> {
         let cached = Bytes::copy_from_slice(hits);
         let parts: Vec<Option<Bytes>> = m
@@ -104,6 +105,16 @@ impl<U: Upstream> Fetch<'_, U> {
             .map(|span| span.map(|r| cached.slice(r)))
             .collect();
         let missing = std::mem::take(&mut m.missing);
+        // The mask of the keys fetched, out of the client's.
+        let decode = decode.map(|how| match how {
+            Decode::Elements(mask) => Decode::Elements(
+                missing
+                    .iter()
+                    .map(|(i, _)| mask.get(*i).copied().unwrap_or(false))
+                    .collect(),
+            ),
+            Decode::Value => Decode::Value,
+        });
         let keys: Vec<Bytes> = keys.to_vec();
         // One pipeline: MGET of the missing keys, then PTTL of each that a
         // rule caches (the others are only passed through).
@@ -127,8 +138,8 @@ impl<U: Upstream> Fetch<'_, U> {
         let bus = self.bus.filter(|_| stale_allowed).cloned();
         tokio::spawn(async move {
             let mut replies = sent.replies().await;
-            if decode {
-                replies = crate::stored::decode_replies(replies);
+            if let Some(how) = &decode {
+                replies = crate::stored::decode_replies(replies, how);
             }
             let reply = match replies {
                 Ok(frames) => match split(&frames, missing.len(), pttls) {
@@ -213,7 +224,8 @@ impl<U: Upstream> Fetch<'_, U> {
             tokio::spawn(async move {
                 let mut replies = sent.replies().await;
                 if policy.decode {
-                    replies = crate::stored::decode_replies(replies);
+                    let one = Decode::Elements([true].into());
+                    replies = crate::stored::decode_replies(replies, &one);
                 }
                 if let Ok(frames) = replies {
                     if let Some((elements, pttls)) = split(&frames, 1, 1) {

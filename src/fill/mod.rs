@@ -251,7 +251,7 @@ impl<U: Upstream> Fetch<'_, U> {
         tokio::spawn(async move {
             let mut replies = sent.replies().await;
             if policy.decode {
-                replies = crate::stored::decode_replies(replies);
+                replies = crate::stored::decode_replies(replies, &crate::stored::Decode::Value);
             }
             let reply = complete(replies, |value, pttl| {
                 policy.fill(&l1, token, (db, &key), viewer, &request, value, pttl);

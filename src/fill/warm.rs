@@ -336,7 +336,7 @@ async fn fetch(
     }
     let mut replies = pipeline(ctx, frames.freeze(), keys.len() * 2).await?;
     if policy.decode && read == b"GET" {
-        if let Ok(decoded) = crate::stored::decode_replies(Ok(replies.clone())) {
+        if let Ok(decoded) = crate::stored::decode_values(Ok(replies.clone())) {
             replies = decoded;
         }
     }

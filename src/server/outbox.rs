@@ -33,9 +33,9 @@ pub enum Slot {
         count: u32,
         /// A blocking command: abandoned, not awaited, when the client leaves.
         blocking: bool,
-        /// Values Redis stores compressed are decompressed in the replies
-        /// (`store_compressed`).
-        decode: bool,
+        /// Values Redis stores compressed to decompress in the reply
+        /// (`store_compressed`; a slot of one command).
+        decode: Option<Box<crate::stored::Decode>>,
         /// Keys the commands wrote: dropped from L1 when the replies arrive,
         /// before the client can see them.
         inv: Invalidation,
@@ -198,9 +198,9 @@ impl Outbox {
 
     /// Has the replies of the slot queued last, if it is a request to Redis,
     /// decompressed (`store_compressed`; see [`crate::stored`]).
-    pub fn decode_last(&mut self) {
+    pub fn decode_last(&mut self, how: crate::stored::Decode) {
         if let Some(Slot::Upstream { decode, .. }) = self.slots.back_mut() {
-            *decode = true;
+            *decode = Some(Box::new(how));
         }
     }
 
@@ -349,10 +349,9 @@ impl Outbox {
             return;
         };
         let count = *count;
-        let replies = if *decode {
-            crate::stored::decode_replies(replies)
-        } else {
-            replies
+        let replies = match decode {
+            Some(how) => crate::stored::decode_replies(replies, how),
+            None => replies,
         };
         let us = self.stats.requests.replied(*timing, u64::from(count));
         self.stats.slowlog.note(timing, count, us);
@@ -444,7 +443,7 @@ mod tests {
         let (tx2, rx2) = oneshot::channel();
         out.push(Slot::Ready(Bytes::from_static(b"+A\r\n")));
         out.push(Slot::Upstream {
-            decode: false,
+            decode: None,
             rx: rx1,
             count: 1,
             blocking: false,
@@ -452,7 +451,7 @@ mod tests {
             timing: timing(),
         });
         out.push(Slot::Upstream {
-            decode: false,
+            decode: None,
             rx: rx2,
             count: 1,
             blocking: false,
@@ -476,7 +475,7 @@ mod tests {
         let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
-            decode: false,
+            decode: None,
             rx,
             count: 1,
             blocking: false,
@@ -504,7 +503,7 @@ mod tests {
         let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel();
         out.push(Slot::Upstream {
-            decode: false,
+            decode: None,
             rx,
             count: 3,
             blocking: false,
@@ -529,7 +528,7 @@ mod tests {
         let mut out = Outbox::new(Ack::default(), Arc::default());
         let (tx, rx) = oneshot::channel::<Replies>();
         out.push(Slot::Upstream {
-            decode: false,
+            decode: None,
             rx,
             count: 1,
             blocking: false,

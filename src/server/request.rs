@@ -28,9 +28,9 @@ pub struct Request<'c> {
     pub spec: Option<&'static CommandSpec>,
     /// What `server.rename` made of its name.
     pub renamed: Renamed,
-    /// Its reply carries values Redis stores compressed, to decompress
+    /// Values in its reply that Redis stores compressed, to decompress
     /// (`store_compressed`).
-    pub decode: bool,
+    pub decode: Option<crate::stored::Decode>,
 }
 
 impl<'c> Request<'c> {
@@ -46,7 +46,7 @@ impl<'c> Request<'c> {
             route,
             spec,
             renamed: Renamed::No,
-            decode: false,
+            decode: None,
         }
     }
 

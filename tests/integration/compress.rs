@@ -259,6 +259,14 @@ async fn values_stored_compressed_read_back_whole_through_every_read() {
         .await
         .unwrap();
     assert_eq!((a, b, m), (book(12), book(6), vec![book(2), book(5)]));
+    // Another rule's value that merely looks stored (a raw copy of one) is
+    // read as it is, in MGET as in GET.
+    let copied = in_redis(&redis, "book:2");
+    let () = redis::Commands::set(&mut redis.direct(), "tick:copy", &copied).unwrap();
+    let got: Vec<Vec<u8>> = c.mget(&["tick:copy", "book:2"]).await.unwrap();
+    assert_eq!(got, [copied.clone(), book(2).into_bytes()]);
+    let got: Vec<u8> = c.get("tick:copy").await.unwrap();
+    assert_eq!(got, copied);
     let mut pinned = proxy
         .client()
         .get_multiplexed_async_connection()
@@ -316,6 +324,13 @@ async fn raw_byte_commands_on_values_stored_compressed_are_refused_naming_the_ru
         );
     }
     assert_eq!(in_redis(&redis, "book:1"), before, "nothing changed");
+    let reply = c.cmd(&["COPY", "book:1", "tick:9"]).await;
+    assert!(
+        reply
+            .error()
+            .is_some_and(|e| e.starts_with("ERR COPY from 'book:1' to 'tick:9' is refused")),
+        "{reply:?}"
+    );
     assert_eq!(
         c.cmd(&["APPEND", "tick:1", "ab"]).await,
         crate::faults::Reply::Int(2)

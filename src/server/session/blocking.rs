@@ -25,7 +25,7 @@ impl Session {
     fn push_blocking(&mut self, rx: oneshot::Receiver<Replies>) {
         let inv = std::mem::take(&mut self.batch.pending_inv);
         self.out.push(Slot::Upstream {
-            decode: false,
+            decode: None,
             rx,
             count: 1,
             blocking: true,

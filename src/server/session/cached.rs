@@ -110,7 +110,7 @@ impl Session {
                 RuleStats::inc(&rule.stats.hits);
                 self.tally.hits += 1;
                 if due {
-                    let policy = FillPolicy::of(rule).decoding(req.decode);
+                    let policy = FillPolicy::of(rule).decoding(req.decode.is_some());
                     fetch!(self, l1)
                         .refresh(key.clone(), req.bytes(), policy)
                         .await;
@@ -126,7 +126,7 @@ impl Session {
                 else {
                     return false;
                 };
-                let policy = FillPolicy::of(rule).decoding(req.decode);
+                let policy = FillPolicy::of(rule).decoding(req.decode.is_some());
                 let rx = fetch!(self, l1)
                     .miss(key.clone(), req.bytes(), policy)
                     .await;
@@ -156,7 +156,7 @@ impl Session {
             return true;
         } else {
             let rx = fetch!(self, l1)
-                .mget_rest(&mut m, keys, &buf, req.decode)
+                .mget_rest(&mut m, keys, &buf, req.decode.as_ref())
                 .await;
             self.push_fetched(rx, req.name());
         }
@@ -181,7 +181,7 @@ impl Session {
         command: &'static str,
     ) {
         self.out.push(Slot::Upstream {
-            decode: false,
+            decode: None,
             rx,
             count: 1,
             blocking: false,

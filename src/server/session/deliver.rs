@@ -63,21 +63,24 @@ impl Session {
         } else {
             Target::Shared
         };
-        let mut decode = req.decode;
+        let mut decode = req.decode.clone();
         if let Mode::Transaction(_, txn) = &mut self.mode {
             txn.queued += 1;
-            // (Answered +QUEUED now; the values come in EXEC's reply.)
-            txn.decode |= std::mem::take(&mut decode);
+            // (Answered +QUEUED now; the values come in EXEC's reply, at
+            // this command's place among those Redis queued.)
+            if let Some(how) = decode.take() {
+                txn.decode.push((txn.queued as usize - 1, how));
+            }
         }
         // A reply to decompress has a slot of its own.
-        let frame = req.frame().filter(|_| !decode);
+        let frame = req.frame().filter(|_| decode.is_none());
         let Some(frame) = frame else {
             self.flush_run().await;
             let inv = std::mem::take(&mut self.batch.pending_inv);
             self.send_upstream(req.bytes(), 1, to, inv, req.name())
                 .await;
-            if decode {
-                self.out.decode_last();
+            if let Some(how) = decode {
+                self.out.decode_last(how);
             }
             return;
         };
@@ -137,7 +140,7 @@ impl Session {
         };
         match sent {
             Ok(()) => self.out.push(Slot::Upstream {
-                decode: false,
+                decode: None,
                 rx,
                 count,
                 blocking: false,
@@ -193,7 +196,7 @@ impl Session {
                     Path::Pinned
                 };
                 self.out.push(Slot::Upstream {
-                    decode: false,
+                    decode: None,
                     rx,
                     count,
                     blocking,

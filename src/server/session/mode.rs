@@ -90,9 +90,9 @@ pub(super) struct Txn {
     /// Commands nearcache answers itself that Redis would queue: answered
     /// at EXEC, spliced into its reply.
     pub(super) local: Vec<Queued>,
-    /// Some queued command reads values Redis stores compressed: EXEC's
-    /// reply is decompressed.
-    pub(super) decode: bool,
+    /// Queued commands that read values Redis stores compressed, by their
+    /// place among those Redis queued: decompressed in EXEC's reply.
+    pub(super) decode: Vec<(usize, crate::stored::Decode)>,
 }
 
 /// A command nearcache answers itself, queued in a transaction.

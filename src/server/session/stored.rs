@@ -19,7 +19,7 @@ impl Session {
         let plan = stored::plan(spec.name, &req.argv, rules).map_err(ProxyError::unsupported)?;
         // A relay's replies are passed on as Redis sends them, interleaved
         // with pushes: nearcache cannot pick the values out to decompress.
-        if plan.decode && matches!(self.mode, Mode::Relay(..)) {
+        if plan.decode.is_some() && matches!(self.mode, Mode::Relay(..)) {
             return Err(ProxyError::unsupported(format!(
                 "ERR {} of a key stored compressed (store_compressed) is not supported while subscribed or tracking (CLIENT TRACKING); read it on another connection",
                 spec.name.to_ascii_uppercase()

@@ -73,7 +73,7 @@ impl Session {
     /// error.
     pub(super) async fn end_transaction(&mut self, req: &Request<'_>) -> Flow {
         let mut local = Vec::new();
-        let mut decode = false;
+        let mut decode = Vec::new();
         let ends = match (std::mem::replace(&mut self.mode, Mode::Shared), req.route) {
             // The transaction and its watches end (and EXEC itself is not
             // queued).
@@ -98,11 +98,16 @@ impl Session {
             }
         };
         self.forward(req).await;
-        if decode {
-            // EXEC's slot is the last one (with whatever was pipelined
-            // before it in its run, where only compressed values change).
+        if !decode.is_empty() {
+            // EXEC goes alone (it is not one of the commands that join a
+            // run): its slot is the last one. Decoded before the commands
+            // nearcache queued itself are spliced in, where the positions
+            // are still Redis's.
             self.flush_run().await;
-            self.out.decode_last();
+            if let Some(replies) = self.out.last_replies().await {
+                self.out
+                    .answer_last(crate::stored::decode_exec_replies(replies, &decode));
+            }
         }
         if !local.is_empty() {
             self.flush_run().await;
